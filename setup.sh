@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Sets up qemubox in this checkout: Debian packages (when root), .venv with qemubox
+# installed editable. Idempotent; fast when everything is already in place.
+#   ./setup.sh          runtime only
+#   ./setup.sh --dev    also test tools and the extra kernel sources the tests use
+set -euo pipefail
+cd "$(dirname "$0")"
+
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option: $arg" >&2; exit 2 ;;
+  esac
+done
+
+# Debian packages qemubox drives: QEMU, the guest userland, disk images, kernel sources
+# and what it takes to build a kernel.
+pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd
+      linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev
+      python3-venv ca-certificates)
+if [ "$dev" = 1 ]; then
+  # The --explain tests run against a second kernel generation too.
+  pkgs+=(linux-source-6.1)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages; run as root:" >&2
+    echo "  apt-get install --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+py=${PYTHON:-python3}
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: qemubox needs Python >= 3.11 (found: $("$py" --version 2>&1))" >&2
+  exit 1
+fi
+
+extras=""
+[ "$dev" = 1 ] && extras="[dev]"
+stamp_want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+if [ "$(cat .venv/.qemubox-stamp 2>/dev/null || true)" != "$stamp_want" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+  echo "$stamp_want" > .venv/.qemubox-stamp
+fi

@@ -1,0 +1,3 @@
+from qemubox.cli import main
+
+main()
