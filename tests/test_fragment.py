@@ -286,7 +286,7 @@ def test_n_is_written_as_not_set(tmp_path):
 
 
 def test_config_text_rejects_include():
-    with pytest.raises(FragmentError, match="include is not allowed in a .config file"):
+    with pytest.raises(FragmentError, match=r"include is not allowed in a \.config file"):
         parse_config_text('include "x"\n', ".config")
 
 

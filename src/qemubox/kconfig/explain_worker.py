@@ -150,9 +150,7 @@ def _explain_raise(sym: Symbol, wanted: int) -> list[str]:
 def _explain_lower(sym: Symbol, wanted: int) -> list[str]:
     """Why a bool/tristate went above the wanted value."""
     reasons = []
-    if sym.type == BOOL and wanted == 1:
-        reasons.append(f"CONFIG_{sym.name} is a bool option: it cannot be m ({_loc(sym)})")
-    elif wanted == 1 and sym.kconfig.modules.tri_value == 0:
+    if wanted == 1 and sym.kconfig.modules.tri_value == 0:
         reasons.append("CONFIG_MODULES is n, so m turns into y")
     selectors = _active_terms(sym.rev_dep, wanted)
     if selectors:
@@ -224,6 +222,8 @@ def explain(kconf: Kconfig, name: str, wanted: str, arch: str = "?") -> list[str
                 f"{wanted} is not y, m or n"
             ]
         want = kconfiglib.STR_TO_TRI[wanted]
+        if sym.type == BOOL and want == 1:
+            return [f"CONFIG_{name} is a bool option: it cannot be m, only y or n ({_loc(sym)})"]
         if want > sym.tri_value:
             return _explain_raise(sym, want)
         return _explain_lower(sym, want)

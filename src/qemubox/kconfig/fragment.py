@@ -121,7 +121,7 @@ def parse_value(raw: str, loc: Location, name: str) -> str:
         value, rest = _scan_string(raw, loc)
         _check_trailer(rest, loc, f"the value of CONFIG_{name}")
         return value
-    value, _, comment = raw.partition("#")
+    value = raw.partition("#")[0]
     parts = value.split()
     if not parts:
         raise FragmentError(loc, f"CONFIG_{name} has no value")
