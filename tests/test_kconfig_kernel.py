@@ -39,8 +39,15 @@ def test_sandbox_on_tinyconfig_verifies_clean(src, tmp_path):
     assert r.code == 0, r.out + r.err
     assert r.out == ""
     config = (build / ".config").read_text()
-    for line in ("CONFIG_64BIT=y", "CONFIG_VIRTIO_MMIO=y", "CONFIG_9P_FS=y", "CONFIG_SMP=y",
-                 "CONFIG_VIRTIO_BALLOON=y", "CONFIG_EXT4_FS=y", "CONFIG_VIRTIO_FS=y"):
+    for line in (
+        "CONFIG_64BIT=y",
+        "CONFIG_VIRTIO_MMIO=y",
+        "CONFIG_9P_FS=y",
+        "CONFIG_SMP=y",
+        "CONFIG_VIRTIO_BALLOON=y",
+        "CONFIG_EXT4_FS=y",
+        "CONFIG_VIRTIO_FS=y",
+    ):
         assert line + "\n" in config
     # The same .config checks clean without touching it.
     before = (build / ".config").stat().st_mtime_ns
@@ -64,19 +71,26 @@ def test_sandbox_on_defconfig_and_without_base(src612, tmp_path):
             "tinyconfig",
             [
                 "CONFIG_VIRTIO_PCI: wanted y, got n",
-                "unmet dependency: depends on PCI && VIRTIO_MENU [PCI=n, VIRTIO_MENU=y], which is n",
+                "unmet dependency: depends on PCI && VIRTIO_MENU [PCI=n, VIRTIO_MENU=y], "
+                "which is n",
             ],
         ),
         (
             "# CONFIG_DEBUG_KERNEL is not set\n",
             "tinyconfig",
-            ["CONFIG_DEBUG_KERNEL: wanted n, got y", "forced by select from: EXPERT [EXPERT=y] = y"],
+            [
+                "CONFIG_DEBUG_KERNEL: wanted n, got y",
+                "forced by select from: EXPERT [EXPERT=y] = y",
+            ],
         ),
         (
             "CONFIG_VIRTIO_BLOK=y\n",
             "tinyconfig",
-            ["CONFIG_VIRTIO_BLOK: wanted y, got n", "does not exist in this kernel",
-             "did you mean CONFIG_VIRTIO_BLK"],
+            [
+                "CONFIG_VIRTIO_BLOK: wanted y, got n",
+                "does not exist in this kernel",
+                "did you mean CONFIG_VIRTIO_BLK",
+            ],
         ),
         (
             "CONFIG_VIRTIO=y\n",
@@ -91,8 +105,11 @@ def test_sandbox_on_defconfig_and_without_base(src612, tmp_path):
         (
             "CONFIG_PREEMPT=y\nCONFIG_PREEMPT_VOLUNTARY=y\n",
             "defconfig",
-            ["CONFIG_PREEMPT: wanted y, got n", "lost the choice",
-             "CONFIG_PREEMPT_VOLUNTARY was chosen"],
+            [
+                "CONFIG_PREEMPT: wanted y, got n",
+                "lost the choice",
+                "CONFIG_PREEMPT_VOLUNTARY was chosen",
+            ],
         ),
         (
             "CONFIG_LOG_BUF_SHIFT=40\n",
@@ -111,8 +128,16 @@ def test_explain(src, tmp_path, fragment, base, expected):
         assert text in r.out, r.out
     assert "Traceback" not in r.err
     # check --explain says the same about the same .config.
-    c = qemubox("kconfig", "check", "--config", tmp_path / "build" / ".config", frag,
-                "--kernel-dir", src, "--explain")
+    c = qemubox(
+        "kconfig",
+        "check",
+        "--config",
+        tmp_path / "build" / ".config",
+        frag,
+        "--kernel-dir",
+        src,
+        "--explain",
+    )
     assert c.code == 1
     assert c.out == r.out
 
@@ -135,7 +160,9 @@ def test_base_tinyconfig_matches_merge_config_sh(src612, tmp_path, fragments):
     paths = [str(src612 / f) for f in fragments]
     subprocess.run(
         ["bash", str(src612 / "scripts/kconfig/merge_config.sh"), "-m", ".config", *paths],
-        cwd=ref, check=True, capture_output=True,
+        cwd=ref,
+        check=True,
+        capture_output=True,
     )
     subprocess.run([*make, "olddefconfig"], check=True, capture_output=True)
 
