@@ -152,10 +152,11 @@ def apply_fragments(tree: KernelTree, merged: MergedConfig, base: str | None = N
     as ``merge_config.sh -m`` and ``make olddefconfig`` do; without it, the config holds only
     the fragment values before ``olddefconfig`` fills in the rest.
     """
+    to_apply = merged
     if base is not None:
         fragments = [merged[name] for name in merged.last_order]
-        merged = merge([*_silenced(_base_assignments(tree, base)), *fragments])
-    result = olddefconfig(tree, merged.kernel_input_text())
+        to_apply = merge([*_silenced(_base_assignments(tree, base)), *fragments])
+    result = olddefconfig(tree, to_apply.kernel_input_text())
     changed, backup = install_config(tree, result)
     actual = merge(parse_config_text(result, str(tree.config_path))).values()
     return ApplyResult(tree.config_path, changed, backup, verify(merged, actual))
