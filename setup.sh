@@ -18,11 +18,12 @@ done
 # Debian packages qemubox drives: QEMU, the guest userland, disk images, kernel sources
 # and what it takes to build a kernel.
 pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd
-      linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev
+      linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev libncurses-dev
       python3-venv ca-certificates)
 if [ "$dev" = 1 ]; then
-  # The --explain tests run against a second kernel generation too.
-  pkgs+=(linux-source-6.1)
+  # The --explain tests run against a second kernel generation too; the arm64 cross build
+  # is booted on QEMU's virt machine.
+  pkgs+=(linux-source-6.1 gcc-aarch64-linux-gnu qemu-system-arm)
 fi
 
 missing=()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -27,3 +28,64 @@ def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600) -> Resu
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def busybox_initramfs(path, script: str) -> None:
+    """A tiny initramfs: static busybox, /dev/console, and /init running ``script``."""
+    from qemubox.initramfs import CpioWriter
+
+    with open(path, "wb") as fh:
+        cpio = CpioWriter(fh)
+        cpio.add_host_file("bin/busybox", Path("/bin/busybox"), 0o755)
+        for d in ("proc", "sys", "dev", "tmp"):
+            cpio.add_dir(d)
+        cpio.add_char_device("dev/console", 5, 1)
+        cpio.add_file("init", ("#!/bin/busybox sh\n" + script).encode(), 0o755)
+        cpio.close()
+
+
+def static_init_initramfs(path, init_binary) -> None:
+    """A tiny initramfs whose /init is one static binary (for guests of another arch)."""
+    from qemubox.initramfs import CpioWriter
+
+    with open(path, "wb") as fh:
+        cpio = CpioWriter(fh)
+        cpio.add_char_device("dev/console", 5, 1)
+        cpio.add_host_file("init", Path(init_binary), 0o755)
+        cpio.close()
+
+
+QEMU_BOOT = {
+    "x86_64": ["qemu-system-x86_64", "-M", "microvm", "-cpu", "max"],
+    "arm64": ["qemu-system-aarch64", "-M", "virt", "-cpu", "max"],
+}
+CONSOLE = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
+
+
+def boot_bare(arch, kernel, initrd=None, append="", timeout=120, extra=()) -> str:
+    """Boot a kernel under TCG with nothing but a serial console; returns the console text."""
+    args = [
+        *QEMU_BOOT[arch],
+        "-accel",
+        "tcg",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-append",
+        f"console={CONSOLE[arch]} panic=-1 {append}".strip(),
+        *extra,
+    ]
+    if initrd:
+        args += ["-initrd", str(initrd)]
+    proc = subprocess.run(
+        args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+    )
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")

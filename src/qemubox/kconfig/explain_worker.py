@@ -209,7 +209,8 @@ def _explain_value(sym: Symbol, wanted: str) -> list[str]:
 def explain(kconf: Kconfig, name: str, wanted: str, arch: str = "?") -> list[str]:
     sym = kconf.syms.get(name)
     if sym is None or not sym.nodes:
-        close = difflib.get_close_matches(name, list(kconf.syms), n=3, cutoff=0.8)
+        defined = [n for n, s in kconf.syms.items() if s.nodes and n != name]
+        close = difflib.get_close_matches(name, defined, n=3, cutoff=0.8)
         hint = f"; did you mean {', '.join('CONFIG_' + c for c in close)}?" if close else ""
         return [
             f"CONFIG_{name} does not exist in this kernel (for ARCH={arch}): "

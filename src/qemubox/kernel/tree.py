@@ -49,6 +49,11 @@ def cross_compile_prefix(arch: str) -> str | None:
     return _CROSS_PREFIX.get(arch)
 
 
+def make_program() -> str:
+    """The make to run (``QEMUBOX_MAKE`` overrides it, e.g. with a wrapper)."""
+    return os.environ.get("QEMUBOX_MAKE", "make")
+
+
 def makefile_version(src: Path) -> str:
     """``VERSION.PATCHLEVEL.SUBLEVEL`` from a source tree's top Makefile."""
     head = (src / "Makefile").read_text(encoding="utf-8", errors="replace")[:2000]
@@ -94,7 +99,7 @@ class KernelTree:
         return makefile_version(self.src)
 
     def make_args(self, targets: Sequence[str], jobs: int | None = None) -> list[str]:
-        args = ["make", "-C", str(self.src), f"ARCH={self.arch}"]
+        args = [make_program(), "-C", str(self.src), f"ARCH={self.arch}"]
         if self.build != self.src:
             args.append(f"O={self.build}")
         prefix = cross_compile_prefix(self.arch)
@@ -111,7 +116,7 @@ class KernelTree:
         jobs: int | None = None,
     ) -> str:
         """Run make quietly; returns its output, raises ToolError with the tail on failure."""
-        if shutil.which("make") is None:
+        if shutil.which(make_program()) is None:
             raise InputError("make is not installed (apt-get install build-essential)")
         self.build.mkdir(parents=True, exist_ok=True)
         args = self.make_args(targets, jobs)

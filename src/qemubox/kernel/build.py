@@ -1,0 +1,402 @@
+"""``qemubox kernel build``: sources, configuration, cached out-of-tree builds.
+
+Layout under ``<cache>/kernel-build/``:
+
+- ``<src>-<arch>-kconfig/``: where the configuration is resolved (olddefconfig);
+- ``<src>-<arch>-<config sha256>/``: a build directory per final configuration, seeded from
+  the newest build of the same source and arch so that a small change rebuilds incrementally;
+  ``.qemubox-build.json`` in it marks a finished build and describes it;
+- ``index.json``: the inputs of each build (source, arch, fragments) to its directory, so that
+  a build with nothing changed is found without running make at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemubox import __version__
+from qemubox.errors import InputError, ToolError, VerifyError
+from qemubox.kconfig.catalog import resolve_fragment
+from qemubox.kconfig.engine import apply_fragments, install_config
+from qemubox.kconfig.explain import explain_mismatches
+from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
+from qemubox.kconfig.merge import MergedConfig, merge
+from qemubox.kernel.progress import run_make
+from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
+from qemubox.kernel.tree import KernelTree, cross_compile_prefix, normalize_arch
+from qemubox.paths import cache_dir
+
+# profile: (base config, shipped fragments applied on top of it)
+PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "minimal": ("tinyconfig", ("sandbox",)),
+    "default": ("defconfig", ("sandbox",)),
+    "small": ("tinyconfig", ("sandbox", "small")),
+    "fastboot": ("tinyconfig", ("sandbox", "fastboot")),
+    "debug": ("tinyconfig", ("sandbox", "debug")),
+}
+# Per-architecture fragments applied after the profile's (the guest's console, PCI host...).
+ARCH_FRAGMENTS = {"arm64": ("arm64",)}
+# What make builds, and where the boot image lands, per ARCH.
+IMAGES = {
+    "x86_64": ("bzImage", "arch/x86/boot/bzImage"),
+    "i386": ("bzImage", "arch/x86/boot/bzImage"),
+    "arm64": ("Image", "arch/arm64/boot/Image"),
+}
+CROSS_PACKAGES = {"arm64": "gcc-aarch64-linux-gnu"}
+KERNEL_ORG = "https://cdn.kernel.org/pub/linux/kernel"
+BUILD_MARK = ".qemubox-build.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    key: str  # short, filesystem-safe identity of the source
+    description: str
+    fingerprint: str | None  # identity of its content; None: unknown, always run make
+
+
+@dataclass
+class BuildRequest:
+    kernel_version: str | None = None
+    source: str | None = None
+    sha256: str | None = None
+    arch: str | None = None
+    profile: str = "minimal"
+    fragments: Sequence[str] = ()
+    config_items: Sequence[str] = ()
+    jobs: int | None = None
+    output: Path = Path("build/kernel")
+
+
+@dataclass
+class BuildResult:
+    manifest: dict
+    build_dir: Path
+    output: Path
+    ran_make: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class ConfigMismatchError(VerifyError):
+    """The configuration did not come out as asked; nothing was compiled."""
+
+    def __init__(self, lines: list[str], count: int) -> None:
+        super().__init__(f"{count} option(s) did not get their wanted values; nothing was compiled")
+        self.lines = lines
+
+
+def build_root() -> Path:
+    path = cache_dir() / "kernel-build"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def _git_fingerprint(path: Path) -> str | None:
+    """HEAD plus uncommitted changes of a git checkout; None when not a git checkout."""
+
+    def git(*args: str) -> str | None:
+        proc = subprocess.run(["git", "-C", str(path), *args], capture_output=True, check=False)
+        return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    digest = hashlib.sha256(head.encode())
+    for args in (("diff", "HEAD"), ("status", "--porcelain", "--untracked-files=all")):
+        digest.update((git(*args) or "").encode())
+    return digest.hexdigest()
+
+
+def download_kernel(version: str) -> Path:
+    """linux-<version>.tar.xz from kernel.org (or $QEMUBOX_KERNEL_MIRROR), cached."""
+    major = version.split(".")[0]
+    mirror = os.environ.get("QEMUBOX_KERNEL_MIRROR", KERNEL_ORG).rstrip("/")
+    url = f"{mirror}/v{major}.x/linux-{version}.tar.xz"
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    target = downloads / f"linux-{version}.tar.xz"
+    if target.is_file():
+        return target
+    tmp = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except (urllib.error.URLError, OSError) as err:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(err, "reason", err)
+        raise InputError(
+            f"cannot download {url} ({reason}); offline? Give a local tarball with --source"
+        ) from None
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_source(
+    kernel_version: str | None, source: str | None, sha256: str | None = None
+) -> Source:
+    if kernel_version and source:
+        raise InputError("give --kernel-version or --source, not both")
+    if source:
+        path = Path(source)
+        if path.is_dir():
+            real = path.resolve()
+            key = "dir-" + hashlib.sha256(str(real).encode()).hexdigest()[:10]
+            return Source(real, key, str(real), _git_fingerprint(real))
+        if path.is_file():
+            digest = file_sha256(path)
+            tree = extract_tarball(path, sha256)
+            return Source(tree, digest[:12], str(path.resolve()), digest)
+        raise InputError(f"--source {source}: no such directory or tarball")
+    version = kernel_version or "6.12"
+    parts = version.split(".")
+    if not all(p.isdigit() for p in parts) or len(parts) not in (2, 3):
+        raise InputError(f"--kernel-version must look like 6.12 or 6.6.30, got {version!r}")
+    if len(parts) == 2:
+        tree = debian_source(version)
+        tarball = Path(f"/usr/src/linux-source-{version}.tar.xz")
+        digest = file_sha256(tarball)
+        return Source(tree, digest[:12], f"Debian linux-source-{version}", digest)
+    tarball = download_kernel(version)
+    digest = file_sha256(tarball)
+    return Source(extract_tarball(tarball, sha256), digest[:12], f"linux-{version}", digest)
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def config_items(items: Sequence[str]) -> list[Assignment]:
+    out = []
+    for i, item in enumerate(items, start=1):
+        parsed = parse_config_text(item, f"--config-item {i}")
+        if len(parsed) != 1:
+            raise InputError(f"--config-item {item!r}: expected one CONFIG_NAME=value")
+        out.append(parsed[0])
+    return out
+
+
+def request_fragments(req: BuildRequest, arch: str) -> tuple[str, MergedConfig, list[str]]:
+    """The base target, the merged fragments, and the fragment names for the manifest."""
+    if req.profile not in PROFILES:
+        raise InputError(f"unknown profile {req.profile!r} (one of: {', '.join(PROFILES)})")
+    base, shipped = PROFILES[req.profile]
+    names = [*shipped, *ARCH_FRAGMENTS.get(arch, ()), *req.fragments]
+    assignments = read_fragments(names, resolve=resolve_fragment)
+    merged = merge([*assignments, *config_items(req.config_items)])
+    return base, merged, [*names, *req.config_items]
+
+
+def _cc_version(arch: str) -> str:
+    prefix = cross_compile_prefix(arch) or ""
+    if prefix and not shutil.which(prefix + "gcc"):
+        package = CROSS_PACKAGES.get(arch)
+        if package and os.geteuid() == 0:
+            _apt_install(package)
+        else:
+            raise InputError(
+                f"no cross compiler {prefix}gcc for ARCH={arch}"
+                + (f" (apt-get install {package})" if package else "")
+            )
+    proc = subprocess.run([prefix + "gcc", "--version"], capture_output=True, text=True)
+    return (proc.stdout.splitlines() or [""])[0]
+
+
+def _apt_install(package: str) -> None:
+    proc = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        check=False,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ToolError(f"apt-get install {package} failed: {last}")
+
+
+def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: str) -> str:
+    blob = json.dumps(
+        {
+            "source": source.key,
+            "fingerprint": source.fingerprint,
+            "arch": arch,
+            "base": base,
+            "config": merged.kernel_input_text(),
+            "silent": sorted(a.name for a in merged.entries.values() if a.silent),
+            "cc": cc,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- build ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _seed_build_dir(root: Path, prefix: str, profile: str, target: Path) -> str | None:
+    """Start ``target`` as a copy of the newest finished build of the same source and arch
+    (of the same profile, if there is one), so that make rebuilds only what changed."""
+    done = [d for d in root.glob(prefix + "*") if (d / BUILD_MARK).is_file()]
+    if not done:
+        target.mkdir(parents=True)
+        return None
+
+    def rank(d: Path) -> tuple[bool, float]:
+        mark = d / BUILD_MARK
+        return _read_json(mark).get("profile") == profile, mark.stat().st_mtime
+
+    newest = max(done, key=rank)
+    tmp = root / f".seed-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run(
+        ["cp", "-a", "--reflink=auto", f"{newest}/.", str(tmp)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        target.mkdir(parents=True)
+        return None
+    for stale in (BUILD_MARK, ".qemubox-modules", "build.log"):
+        path = tmp / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    os.replace(tmp, target)
+    return newest.name
+
+
+def _has_modules(config_text: str) -> bool:
+    return "\nCONFIG_MODULES=y\n" in "\n" + config_text
+
+
+def _compile(tree: KernelTree, jobs: int, label: str) -> float:
+    image_target, _ = IMAGES[tree.arch]
+    config_text = tree.config_path.read_text()
+    targets = [image_target, "vmlinux"]
+    if _has_modules(config_text):
+        targets.append("modules")
+    seconds = run_make(tree.make_args(targets, jobs), tree.build / "build.log", label=label)
+    staging = tree.build / ".qemubox-modules"
+    shutil.rmtree(staging, ignore_errors=True)
+    if _has_modules(config_text):
+        tree.make("modules_install", env={"INSTALL_MOD_PATH": str(staging)})
+    return seconds
+
+
+def build_kernel(req: BuildRequest) -> BuildResult:
+    """Configure, verify, build (or find the finished build) and install into req.output."""
+    from qemubox.kernel.install import install_build
+
+    arch = normalize_arch(req.arch)
+    if arch not in IMAGES:
+        raise InputError(f"--arch {arch}: qemubox builds {', '.join(IMAGES)}")
+    base, merged, fragment_names = request_fragments(req, arch)
+    source = resolve_source(req.kernel_version, req.source, req.sha256)
+    cc = _cc_version(arch)
+    jobs = req.jobs or os.cpu_count() or 1
+    root = build_root()
+    prefix = f"{source.key}-{arch}-"
+    input_key = _input_key(source, arch, base, merged, cc)
+    with _locked(root / f".{source.key}-{arch}.lock"):
+        index_path = root / "index.json"
+        index = _read_json(index_path)
+        known = index.get(input_key)
+        if source.fingerprint and known and (root / known / BUILD_MARK).is_file():
+            build_dir = root / known
+            manifest = _read_json(build_dir / BUILD_MARK)
+            notes = install_build(manifest, build_dir, req.output)
+            return BuildResult(manifest, build_dir, req.output, False, notes)
+
+        kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", arch)
+        result = apply_fragments(kconf, merged, base)
+        if result.mismatches:
+            reasons = explain_mismatches(kconf, result.config, result.mismatches)
+            lines = []
+            for m in result.mismatches:
+                lines.append(str(m))
+                lines += [f"    {r}" for r in reasons.get(m.name, [])]
+            raise ConfigMismatchError(lines, len(result.mismatches))
+        config_text = kconf.config_path.read_text()
+        config_sha = hashlib.sha256(config_text.encode()).hexdigest()
+        build_dir = root / f"{prefix}{config_sha[:16]}"
+        finished = (build_dir / BUILD_MARK).is_file()
+        ran_make = False
+        if not (finished and source.fingerprint):
+            seeded = None
+            if not build_dir.exists():
+                seeded = _seed_build_dir(root, prefix, req.profile, build_dir)
+            tree = KernelTree(source.path, build_dir, arch)
+            install_config(tree, config_text)
+            label = f"building {source.description} ({req.profile}, {arch})"
+            if seeded:
+                label += f", from {seeded}"
+            seconds = _compile(tree, jobs, label)
+            ran_make = True
+            release = (build_dir / "include/config/kernel.release").read_text().strip()
+            manifest = {
+                "version": release,
+                "arch": arch,
+                "profile": req.profile,
+                "fragments": fragment_names,
+                "config_sha256": config_sha,
+                "source": source.description,
+                "source_key": source.key,
+                "build_seconds": round(seconds, 1),
+                "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "image": IMAGES[arch][1],
+                "modules": _has_modules(config_text),
+                "jobs": jobs,
+                "compiler": cc,
+                "qemubox": __version__,
+                "build_dir": str(build_dir),
+            }
+            _write_json(build_dir / BUILD_MARK, manifest)
+        manifest = _read_json(build_dir / BUILD_MARK)
+        index[input_key] = build_dir.name
+        _write_json(index_path, index)
+        notes = install_build(manifest, build_dir, req.output)
+        return BuildResult(manifest, build_dir, req.output, ran_make, notes)
+
+
+def list_builds() -> list[dict]:
+    """Finished builds, newest first."""
+    root = build_root()
+    builds = [_read_json(d / BUILD_MARK) for d in root.iterdir() if (d / BUILD_MARK).is_file()]
+    return sorted(builds, key=lambda m: m.get("built_at", ""), reverse=True)

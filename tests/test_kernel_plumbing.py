@@ -1,0 +1,315 @@
+"""Kernel builder plumbing: profiles, sources, make runs, installs, check and doctor.
+
+These use no compiler; the real build and boot are in test_kernel_build.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import textwrap
+
+import pytest
+
+from helpers import qemubox
+from qemubox.errors import InputError
+from qemubox.kernel.build import BuildRequest, config_items, request_fragments, resolve_source
+from qemubox.kernel.doctor import diagnose
+from qemubox.kernel.install import install_build
+from qemubox.kernel.menuconfig import config_changes
+from qemubox.kernel.progress import BuildFailed, run_make
+from qemubox.kernel.requirements import REQUIRED, check_requirements
+
+
+def fake(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text("#!/bin/bash\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("profile", "arch", "base", "names"),
+    [
+        ("minimal", "x86_64", "tinyconfig", ["sandbox"]),
+        ("default", "x86_64", "defconfig", ["sandbox"]),
+        ("small", "x86_64", "tinyconfig", ["sandbox", "small"]),
+        ("fastboot", "x86_64", "tinyconfig", ["sandbox", "fastboot"]),
+        ("debug", "x86_64", "tinyconfig", ["sandbox", "debug"]),
+        ("minimal", "arm64", "tinyconfig", ["sandbox", "arm64"]),
+    ],
+)
+def test_profiles(profile, arch, base, names):
+    got_base, merged, got_names = request_fragments(BuildRequest(profile=profile), arch)
+    assert got_base == base
+    assert got_names == names
+    assert merged["VIRTIO_BLK"].value == "y"
+
+
+def test_fragments_and_items_go_on_top(tmp_path):
+    frag = tmp_path / "mine.config"
+    frag.write_text("# CONFIG_IPV6 is not set\n")
+    req = BuildRequest(
+        profile="small",
+        fragments=[str(frag)],
+        config_items=["CONFIG_LOG_BUF_SHIFT=16", "CONFIG_IPV6=y"],
+    )
+    _, merged, names = request_fragments(req, "x86_64")
+    assert merged["MODULES"].value == "n"  # from small
+    assert merged["LOG_BUF_SHIFT"].value == "16"  # the item beats the profile
+    assert merged["IPV6"].value == "y"  # the item beats the user's fragment
+    assert names[-2:] == ["CONFIG_LOG_BUF_SHIFT=16", "CONFIG_IPV6=y"]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("CONFIG_X=maybe", "--config-item 1:1: invalid value 'maybe'"),
+        ("X=y", "--config-item 1:1: expected CONFIG_NAME=value"),
+        ("# just a comment", "expected one CONFIG_NAME=value"),
+    ],
+)
+def test_bad_config_items(item, message):
+    with pytest.raises(InputError, match=message):
+        config_items([item])
+
+
+def test_unknown_profile():
+    with pytest.raises(InputError, match="unknown profile 'huge'"):
+        request_fragments(BuildRequest(profile="huge"), "x86_64")
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"kernel_version": "6.12", "source": "/x"}, "not both"),
+        ({"kernel_version": "six"}, "must look like 6.12 or 6.6.30"),
+        ({"kernel_version": "6.12.1.4"}, "must look like"),
+        ({"source": "/nonexistent/linux"}, "no such directory or tarball"),
+    ],
+)
+def test_bad_sources(kw, message):
+    with pytest.raises(InputError, match=message):
+        resolve_source(kw.get("kernel_version"), kw.get("source"))
+
+
+def test_download_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QEMUBOX_KERNEL_MIRROR", "http://127.0.0.1:9/pub")
+    with pytest.raises(
+        InputError,
+        match=r"cannot download http://127.0.0.1:9/pub/v6.x/"
+        r"linux-6.6.30.tar.xz .*offline\? Give a local",
+    ):
+        resolve_source("6.6.30", None)
+    assert not list((tmp_path / "downloads").iterdir())
+
+
+def test_tarball_sha256_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path / "cache"))
+    tarball = tmp_path / "linux-9.9.9.tar.xz"
+    tarball.write_bytes(b"not really a tarball")
+    with pytest.raises(InputError, match=r"sha256 is .*, expected 00ff"):
+        resolve_source(None, str(tarball), sha256="00ff")
+
+
+def test_cli_build_errors_are_one_line(tmp_path):
+    r = qemubox("kernel", "build", "--source", tmp_path / "none", "-o", tmp_path / "out")
+    assert r.code == 2 and r.err.count("\n") == 1
+    r = qemubox("kernel", "build", "--profile", "huge")
+    assert r.code == 2
+    r = qemubox("kernel", "build", "--config-item", "CONFIG_A=what", "-o", tmp_path / "o")
+    assert r.code == 2 and "--config-item 1:1: invalid value 'what'" in r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_make_counts_objects_and_logs(tmp_path):
+    make = fake(
+        tmp_path,
+        "make",
+        """\
+        echo "  CC      init/main.o"
+        echo "  CC [M]  fs/9p/vfs_super.o"
+        echo "  AS      arch/x86/entry/entry_64.o"
+        echo "  LD      vmlinux"
+        echo "args: $*"
+    """,
+    )
+    seconds = run_make([str(make), "-j3", "bzImage"], tmp_path / "b" / "build.log")
+    log = (tmp_path / "b" / "build.log").read_text()
+    assert "args: -j3 bzImage" in log and "CC [M]" in log
+    assert seconds >= 0
+
+
+def test_run_make_failure_shows_the_last_40_lines(tmp_path):
+    make = fake(
+        tmp_path,
+        "make",
+        """\
+        for i in $(seq 1 100); do echo "line $i"; done
+        echo "fs/ext4/inode.c:12: error: expected ';'" ; exit 2
+    """,
+    )
+    with pytest.raises(BuildFailed) as err:
+        run_make([str(make)], tmp_path / "build.log")
+    tail = err.value.log_tail.splitlines()
+    assert len(tail) == 40
+    assert tail[0] == "line 62" and tail[-1].endswith("error: expected ';'")
+    assert f"full log: {tmp_path / 'build.log'}" in str(err.value)
+
+
+def fake_build(tmp_path, release="6.12.0-test", modules=True):
+    build = tmp_path / "builddir"
+    (build / "arch/x86/boot").mkdir(parents=True)
+    (build / "arch/x86/boot/bzImage").write_bytes(b"kernel image")
+    (build / ".config").write_text("CONFIG_MODULES=y\n")
+    (build / "System.map").write_text("ffffffff81000000 T _text\n")
+    (build / "vmlinux").write_bytes(b"\x7fELF")
+    mods = build / ".qemubox-modules/lib/modules" / release
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text("")
+    manifest = {
+        "version": release,
+        "arch": "x86_64",
+        "image": "arch/x86/boot/bzImage",
+        "config_sha256": "abc",
+        "modules": modules,
+        "build_dir": str(build),
+        "profile": "minimal",
+    }
+    return build, manifest
+
+
+def test_install_layout(tmp_path):
+    build, manifest = fake_build(tmp_path)
+    out = tmp_path / "out"
+    assert install_build(manifest, build, out) == []
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "System.map-6.12.0-test",
+        "config",
+        "config-6.12.0-test",
+        "lib",
+        "manifest.json",
+        "vmlinux",
+        "vmlinuz",
+        "vmlinuz-6.12.0-test",
+    ]
+    assert os.readlink(out / "vmlinuz") == "vmlinuz-6.12.0-test"
+    assert (out / "vmlinuz").read_bytes() == b"kernel image"
+    assert (out / "lib/modules/6.12.0-test/modules.dep").exists()
+    assert json.loads((out / "manifest.json").read_text())["installed_to"] == str(out)
+    # Installing the same build again touches nothing.
+    stamp = (out / "vmlinux").stat().st_mtime_ns
+    assert install_build(manifest, build, out) == []
+    assert (out / "vmlinux").stat().st_mtime_ns == stamp
+
+
+def test_install_keeps_what_the_user_had(tmp_path):
+    build, manifest = fake_build(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vmlinux").write_bytes(b"my own vmlinux")
+    (out / "vmlinuz").write_bytes(b"my own kernel, not a link")
+    notes = install_build(manifest, build, out)
+    assert (out / "vmlinux.old").read_bytes() == b"my own vmlinux"
+    assert (out / "vmlinuz.old").read_bytes() == b"my own kernel, not a link"
+    assert len(notes) == 2 and all("kept the previous" in n for n in notes)
+
+
+def test_install_into_a_file_is_refused(tmp_path):
+    build, manifest = fake_build(tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        install_build(manifest, build, tmp_path / "f")
+
+
+def all_required(value="y"):
+    return {name: value for names in REQUIRED.values() for name in names}
+
+
+def test_check_requirements():
+    values = all_required()
+    assert all(r.ok for r in check_requirements(values))
+    values.update(VIRTIO_NET="m", VIRTIO_BLK="m", TMPFS="n")
+    del values["9P_FS"]
+    bad = {r.name: r.line() for r in check_requirements(values) if not r.ok}
+    assert set(bad) == {"VIRTIO_BLK", "TMPFS", "9P_FS"}
+    assert bad["TMPFS"] == "✗ CONFIG_TMPFS is NOT enabled"
+    assert bad["VIRTIO_BLK"].startswith(
+        "✗ CONFIG_VIRTIO_BLK is NOT enabled (=m, but must be built in: the root disk"
+    )
+
+
+def test_check_command(tmp_path):
+    config = tmp_path / ".config"
+    config.write_text("".join(f"CONFIG_{n}=y\n" for n in all_required()))
+    r = qemubox("kernel", "check", tmp_path)
+    assert r.code == 0, r.out
+    assert "  ✓ CONFIG_VIRTIO_BALLOON is enabled" in r.out.splitlines()
+    config.write_text(config.read_text().replace("CONFIG_VIRTIO_BLK=y", "CONFIG_VIRTIO_BLK=m"))
+    r = qemubox("kernel", "check", config)
+    assert r.code == 1
+    assert "✗ CONFIG_VIRTIO_BLK is NOT enabled (=m, but must be built in" in r.out
+    assert "1 required option(s) missing" in r.err
+    r = qemubox("kernel", "check", tmp_path / "nope")
+    assert r.code == 2
+
+
+SEED_ISSUES = [
+    '"modprobe: FATAL: Module not found"',
+    '"Cannot mount 9p filesystem"',
+    '"No virtio block device detected"',
+    '"Kernel doesn\'t boot"',
+]
+
+
+def test_doctor_from_config():
+    assert diagnose(all_required(), None) == []
+    values = all_required()
+    values.update({"9P_FS": "n", "NET_9P_VIRTIO": "n"})
+    (finding,) = diagnose(values, None)
+    assert finding.title == SEED_ISSUES[1]
+    assert "CONFIG_NET_9P_VIRTIO=y" in finding.fix and "CONFIG_9P_FS=y" in finding.fix
+    values = all_required()
+    values.update(VIRTIO_BLK="n", DEVTMPFS="n")
+    titles = [f.title for f in diagnose(values, None)]
+    assert titles == [SEED_ISSUES[2], SEED_ISSUES[3]]
+
+
+def test_doctor_from_logs():
+    log = (
+        "Linux version 6.12.0\nRun /init as init process\n"
+        "modprobe: FATAL: Module 9pnet_virtio not found in directory /lib/modules/6.12.0\n"
+        "mount: mounting host on /mnt failed: No such device (unknown filesystem type '9p')\n"
+    )
+    findings = {f.title: f for f in diagnose(None, log)}
+    assert set(findings) == {SEED_ISSUES[0], SEED_ISSUES[1]}
+    assert findings[SEED_ISSUES[0]].fix == ["CONFIG_NET_9P_VIRTIO=m"]
+    silent = diagnose(None, "")
+    assert [f.title for f in silent] == [SEED_ISSUES[3]]
+    assert "no 'Linux version' line" in silent[0].evidence[0]
+
+
+def test_doctor_command(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("".join(f"CONFIG_{n}=y\n" for n in all_required()))
+    assert qemubox("kernel", "doctor", config).code == 0
+    log = tmp_path / "boot.log"
+    log.write_text(
+        "Linux version 6.12\nKernel panic - not syncing: VFS: Unable to mount root fs "
+        "on unknown-block(0,0)\n"
+    )
+    r = qemubox("kernel", "doctor", "--boot-log", log)
+    assert r.code == 1
+    assert SEED_ISSUES[2] in r.out and "fix (add to a fragment):" in r.out
+    assert qemubox("kernel", "doctor", "--boot-log", tmp_path / "none").code == 2
+
+
+def test_config_changes():
+    assert config_changes({"A": "y", "B": "m", "C": "y"}, {"A": "y", "B": "y", "D": "y"}) == {
+        "B": "y",
+        "D": "y",
+        "C": "n",
+    }
