@@ -313,3 +313,115 @@ def test_config_changes():
         "D": "y",
         "C": "n",
     }
+
+
+FAKE_COMPILE = """\
+#!/bin/bash
+# Configuration goes to the real make; the compile step is faked.
+for a in "$@"; do [[ $a == O=* ]] && out=${a#O=}; done
+case " $* " in
+  *" bzImage "*)
+    echo "$*" >> "$LOG"
+    [ -n "$STALL" ] && { trap 'echo got-sigint >> "$LOG"; exit 130' INT; touch "$STALL"; sleep 60; }
+    mkdir -p "$out/arch/x86/boot" "$out/include/config"
+    echo image > "$out/arch/x86/boot/bzImage"; echo elf > "$out/vmlinux"
+    echo map > "$out/System.map"; echo 6.12.0-fake > "$out/include/config/kernel.release"
+    echo "  CC      init/main.o"; exit 0;;
+  *" modules_install "*)
+    mkdir -p "$INSTALL_MOD_PATH/lib/modules/6.12.0-fake"; exit 0;;
+esac
+exec make "$@"
+"""
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A scratch cache that borrows the extracted 6.12 source from the user cache."""
+    from qemubox.kernel.source import debian_source, source_cache
+
+    src = debian_source("6.12")
+    cache = tmp_path / "cache"
+    (cache / "kernel-source").mkdir(parents=True)
+    (cache / "kernel-source" / src.name).symlink_to(src)
+    (cache / "kernel-source" / "hashes.json").write_text(
+        (source_cache() / "hashes.json").read_text())
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(cache))
+    make = fake(tmp_path, "make", FAKE_COMPILE)
+    monkeypatch.setenv("QEMUBOX_MAKE", str(make))
+    monkeypatch.setenv("LOG", str(tmp_path / "make.log"))
+    return src
+
+
+@pytest.mark.kernel
+def test_directory_source_is_built_out_of_tree(private_cache, tmp_path):
+    src = private_cache
+    before = sorted(p.name for p in src.iterdir())
+    r = qemubox("kernel", "build", "--source", src, "-j", "3", "-o", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing written into the source
+    calls = (tmp_path / "make.log").read_text().splitlines()
+    assert len(calls) == 1
+    assert "-j3" in calls[0].split() and "ARCH=x86_64" in calls[0].split()
+    assert calls[0].split()[-3:] == ["bzImage", "vmlinux", "modules"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"] == str(src.resolve())
+    assert manifest["source_key"].startswith("dir-")
+    assert manifest["version"] == "6.12.0-fake"
+    # A plain directory's content cannot be fingerprinted: make runs again (incrementally).
+    r = qemubox("kernel", "build", "--source", src, "-o", tmp_path / "out")
+    assert r.code == 0 and "built:" in r.err
+    assert len((tmp_path / "make.log").read_text().splitlines()) == 2
+
+
+@pytest.mark.kernel
+def test_ctrl_c_stops_make_and_keeps_the_build_dir(private_cache, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stall = tmp_path / "compiling"
+    monkeypatch.setenv("STALL", str(stall))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "kernel", "build", "-o", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not stall.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "build interrupted" in err and "Traceback" not in err
+    assert "got-sigint" in (tmp_path / "make.log").read_text()
+    build_dirs = [d for d in (tmp_path / "cache" / "kernel-build").iterdir()
+                  if d.is_dir() and not d.name.endswith("-kconfig")]
+    assert len(build_dirs) == 1
+    assert (build_dirs[0] / ".config").is_file()
+    assert not (build_dirs[0] / ".qemubox-build.json").exists()
+    assert not (tmp_path / "out").exists()
+    # The next build continues in the same directory.
+    monkeypatch.delenv("STALL")
+    r = qemubox("kernel", "build", "-o", tmp_path / "out")
+    assert r.code == 0, r.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["build_dir"] == str(build_dirs[0])
+
+
+def test_git_fingerprint_follows_changes(tmp_path):
+    import subprocess
+
+    from qemubox.kernel.build import _git_fingerprint
+
+    assert _git_fingerprint(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.c").write_text("int a;\n")
+    subprocess.run([*git, "add", "a.c"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    first = _git_fingerprint(tmp_path)
+    assert first and _git_fingerprint(tmp_path) == first
+    (tmp_path / "a.c").write_text("int b;\n")
+    assert _git_fingerprint(tmp_path) != first
