@@ -397,11 +397,233 @@ def kernel_menuconfig(save, **kw):
     return 0
 
 
+# --- run --------------------------------------------------------------------------------------
+
+
+def _split_guest(spec: str, what: str) -> tuple[str, str]:
+    """``HOST:/guest/path`` split at the last ':' that starts an absolute guest path."""
+    at = spec.rfind(":/")
+    if at <= 0:
+        raise InputError(f"{what} {spec!r}: expected HOST:GUEST with an absolute GUEST path")
+    return spec[:at], spec[at + 1 :]
+
+
+def _ro_suffix(spec: str) -> tuple[str, bool]:
+    for suffix, ro in ((":ro", True), (":rw", False)):
+        if spec.endswith(suffix):
+            return spec[: -len(suffix)], ro
+    return spec, False
+
+
+def _parse_volume(spec: str):
+    from qemubox.sandbox.spec import FSShare
+
+    body, ro = _ro_suffix(spec)
+    host, guest = _split_guest(body, "--volume")
+    return FSShare(host_path=host, mount_point=guest, read_only=ro)
+
+
+def _parse_share(spec: str):
+    from qemubox.sandbox.spec import FSShare
+
+    body, ro = _ro_suffix(spec)
+    rest, guest = _split_guest(body, "--share")
+    host, sep, tag = rest.rpartition(":")
+    if not sep or not host or not tag:
+        raise InputError(f"--share {spec!r}: expected HOST:TAG:GUEST[:ro]")
+    return FSShare(host_path=host, mount_point=guest, mount_tag=tag, read_only=ro)
+
+
+def _parse_disk(spec: str):
+    from qemubox.sandbox.spec import Disk
+
+    size, sep, rest = spec.partition(":")
+    if not sep or not rest.startswith("/"):
+        raise InputError(f"--disk {spec!r}: expected SIZE:GUEST[:PATH]")
+    guest, sep, path = rest.partition(":")
+    return Disk(size=size, mount_point=guest, path=path or None)
+
+
+def _parse_publish(spec: str) -> tuple[int, int]:
+    host, sep, guest = spec.partition(":")
+    if not sep or not host.isdigit() or not guest.isdigit():
+        raise InputError(f"--publish {spec!r}: expected HOST_PORT:GUEST_PORT (numbers)")
+    return int(host), int(guest)
+
+
+def _parse_env(specs) -> dict[str, str]:
+    env = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not key or any(c in key for c in " \0"):
+            raise InputError(f"--env {spec!r}: expected KEY=VALUE")
+        if not sep:
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+@cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
+@click.option("-m", "--memory", default="512M", show_default=True, help="Guest memory.")
+@click.option("-c", "--cpus", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--balloon", is_flag=True, help="Add a virtio-balloon device.")
+@click.option(
+    "-v",
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="HOST:GUEST[:ro]",
+    help="Share a host directory (9p); repeatable.",
+)
+@click.option(
+    "--share",
+    "shares",
+    multiple=True,
+    metavar="HOST:TAG:GUEST[:ro]",
+    help="Share a host directory under a mount tag of your choice; repeatable.",
+)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="SIZE:GUEST[:PATH]",
+    help="An ext4 disk: ephemeral, or persistent at PATH (never reformatted).",
+)
+@click.option(
+    "--net", default="none", show_default=True, type=click.Choice(["none", "restricted", "user"])
+)
+@click.option(
+    "-p",
+    "--publish",
+    "publish",
+    multiple=True,
+    metavar="HOST:GUEST",
+    help="Forward 127.0.0.1:HOST to the guest's GUEST port (HOST 0: any free).",
+)
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--workdir", default="/", show_default=True, metavar="DIR")
+@click.option(
+    "--kernel",
+    metavar="PATH|debian",
+    help="Kernel image (default: the newest qemubox build, else Debian's).",
+)
+@click.option("--modules", metavar="DIR", help="Modules of --kernel (lib/modules/VERSION).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Kill the command after S seconds (exit status 124).",
+)
+@click.option(
+    "--boot-timeout",
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    type=click.FloatRange(min=0, min_open=True),
+)
+@click.option(
+    "--accel", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
+)
+@click.option("--console-log", metavar="FILE", help="Keep the guest console log here.")
+@click.option("--dry-run", is_flag=True, help="Print the QEMU command line; run nothing.")
+@click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
+@click.argument("command", nargs=-1, required=True)
+def run(
+    command,
+    memory,
+    cpus,
+    balloon,
+    volumes,
+    shares,
+    disks,
+    net,
+    publish,
+    env,
+    workdir,
+    kernel,
+    modules,
+    timeout,
+    boot_timeout,
+    accel,
+    console_log,
+    dry_run,
+    interactive,
+):
+    """Boot a sandbox, run COMMAND in it, and exit with its exit status.
+
+    Its stdout and stderr stream to ours as they come. Exit status: the command's, 128+N
+    when a signal N killed it, 124 on --timeout; 121 boot failure, 122 kernel panic,
+    123 VM died, 125 the kernel or QEMU could not start (the console tail is printed).
+    """
+    import shlex
+
+    from qemubox.sandbox.sandbox import Sandbox
+    from qemubox.sandbox.spec import Session
+
+    session = Session(
+        memory=memory,
+        cpus=cpus,
+        balloon=balloon,
+        shares=[*map(_parse_volume, volumes), *map(_parse_share, shares)],
+        disks=[_parse_disk(d) for d in disks],
+        network=net,
+        ports=[_parse_publish(p) for p in publish],
+        kernel=kernel,
+        modules=modules,
+        timeout=timeout,
+        boot_timeout=boot_timeout,
+        accel=accel,
+        console_log=console_log,
+    )
+    sandbox = Sandbox(session)
+    if dry_run:
+        try:
+            cfg = sandbox.prepare(dry_run=True)
+            from qemubox.sandbox import qemu
+
+            click.echo(shlex.join(qemu.qemu_args(cfg)))
+        finally:
+            sandbox.close()
+        return 0
+
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def to(stream):
+        def write(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+
+        return write
+
+    with sandbox:
+        result = sandbox.exec(
+            list(command),
+            env=_parse_env(env),
+            cwd=workdir,
+            on_stdout=to(out),
+            on_stderr=to(err),
+            stdin_stream=sys.stdin.buffer if interactive else None,
+        )
+    if result.timed_out:
+        _err(f"qemubox: the command timed out after {timeout:g} s and was killed")
+        return 124
+    return result.exit_code
+
+
 # --- entry point ------------------------------------------------------------------------------
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f"qemubox: warning: {message}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: errors become one line on stderr and an exit status, never a traceback."""
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         code = cli.main(args=argv, prog_name="qemubox", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -419,6 +641,9 @@ def main(argv: list[str] | None = None) -> None:
         tail = getattr(exc, "log_tail", "") if getattr(exc, "show_tail", False) else ""
         if tail:
             _err(tail)
+        console = getattr(exc, "console_tail", "")
+        if console:
+            _err("--- guest console (last lines) ---\n" + console + "\n---")
         _err(f"qemubox: error: {exc}")
         code = exc.exit_code
     except BrokenPipeError:

@@ -1,0 +1,737 @@
+/*
+ * qemubox guest agent: the sandbox guest's /init.
+ *
+ * As PID 1 it mounts the kernel file systems, loads the modules listed in
+ * /etc/qemubox/modules, brings up the loopback interface, then serves the host over the
+ * virtio-serial port named "qemubox.agent": it runs commands (argv, env, cwd, stdin),
+ * streams their stdout and stderr separately, reports exit status or signal, signals
+ * process groups, mounts file systems, and powers off. It reaps every orphan.
+ *
+ * Frames in both directions: u32 length (of what follows), u8 type, u32 id, payload.
+ * Integers are little-endian; strings are u32 length + bytes.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+enum {
+	H_EXEC = 1, H_STDIN = 2, H_SIGNAL = 3, H_MOUNT = 4, H_PING = 5, H_POWEROFF = 6,
+	G_READY = 20, G_STDOUT = 21, G_STDERR = 22, G_EXIT = 23, G_ERROR = 24, G_OK = 25,
+	G_PONG = 26,
+};
+
+#define MAX_EXECS 64
+#define CHUNK 65536
+#define DRAIN_GRACE_MS 100
+
+struct exec {
+	int used;
+	uint32_t id;
+	pid_t pid;
+	int out, err, in;       /* our ends; -1 when closed */
+	int exited, status;
+	long long exited_at;    /* ms, when the process ended */
+	char *inbuf;            /* pending stdin */
+	size_t inlen;
+	int in_eof;             /* host closed stdin: close after the buffer drains */
+};
+
+static struct exec execs[MAX_EXECS];
+static int port = -1;
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+static void die(const char *what)
+{
+	fprintf(stderr, "qemubox-agent: %s: %s\n", what, strerror(errno));
+	sync();
+	reboot(RB_POWER_OFF);
+	_exit(1);
+}
+
+static void write_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+	while (len) {
+		ssize_t n = write(fd, p, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+				poll(&pfd, 1, -1);
+				continue;
+			}
+			die("write to host");
+		}
+		p += n;
+		len -= n;
+	}
+}
+
+static void send_frame(uint8_t type, uint32_t id, const void *payload, uint32_t len)
+{
+	unsigned char head[9];
+	uint32_t total = len + 5;
+	memcpy(head, &total, 4);
+	head[4] = type;
+	memcpy(head + 5, &id, 4);
+	write_all(port, head, 9);
+	if (len)
+		write_all(port, payload, len);
+}
+
+static void send_error(uint32_t id, int err, const char *message)
+{
+	char buf[1024];
+	uint32_t e = err;
+	size_t n = strlen(message);
+	if (n > sizeof(buf) - 4)
+		n = sizeof(buf) - 4;
+	memcpy(buf, &e, 4);
+	memcpy(buf + 4, message, n);
+	send_frame(G_ERROR, id, buf, 4 + n);
+}
+
+/* --- reading frames from the host ------------------------------------------------------ */
+
+static unsigned char *rbuf;
+static size_t rlen, rcap;
+
+struct reader {
+	const unsigned char *p, *end;
+	int bad;
+};
+
+static uint32_t get_u32(struct reader *r)
+{
+	uint32_t v = 0;
+	if (r->end - r->p < 4) {
+		r->bad = 1;
+		return 0;
+	}
+	memcpy(&v, r->p, 4);
+	r->p += 4;
+	return v;
+}
+
+/* A string from the frame, NUL-terminated in a fresh allocation. */
+static char *get_str(struct reader *r)
+{
+	uint32_t n = get_u32(r);
+	char *s;
+	if (r->bad || (size_t)(r->end - r->p) < n) {
+		r->bad = 1;
+		return NULL;
+	}
+	s = malloc(n + 1);
+	memcpy(s, r->p, n);
+	s[n] = 0;
+	r->p += n;
+	return s;
+}
+
+static struct exec *find_exec(uint32_t id)
+{
+	for (int i = 0; i < MAX_EXECS; i++)
+		if (execs[i].used && execs[i].id == id)
+			return &execs[i];
+	return NULL;
+}
+
+static void set_nonblock(int fd)
+{
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+static void do_exec(uint32_t id, struct reader *r)
+{
+	uint32_t flags = get_u32(r), argc = get_u32(r);
+	char **argv, **envp;
+	char *cwd;
+	uint32_t envc;
+	int out[2], err[2], in[2] = { -1, -1 }, report[2];
+	struct exec *e = NULL;
+	pid_t pid;
+
+	if (r->bad || argc == 0 || argc > 65536) {
+		send_error(id, EINVAL, "bad exec request");
+		return;
+	}
+	argv = calloc(argc + 1, sizeof(char *));
+	for (uint32_t i = 0; i < argc; i++)
+		argv[i] = get_str(r);
+	envc = get_u32(r);
+	if (r->bad || envc > 65536) {
+		send_error(id, EINVAL, "bad exec request");
+		return;
+	}
+	envp = calloc(envc + 1, sizeof(char *));
+	for (uint32_t i = 0; i < envc; i++)
+		envp[i] = get_str(r);
+	cwd = get_str(r);
+	if (r->bad) {
+		send_error(id, EINVAL, "bad exec request");
+		return;
+	}
+	for (int i = 0; i < MAX_EXECS; i++)
+		if (!execs[i].used) {
+			e = &execs[i];
+			break;
+		}
+	if (!e) {
+		send_error(id, EAGAIN, "too many commands running at once");
+		return;
+	}
+	if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(report, O_CLOEXEC) ||
+	    ((flags & 1) && pipe2(in, O_CLOEXEC))) {
+		send_error(id, errno, "pipe");
+		return;
+	}
+	pid = fork();
+	if (pid < 0) {
+		send_error(id, errno, "fork");
+		return;
+	}
+	if (pid == 0) {
+		unsigned char note[1 + sizeof(int)];
+		int saved;
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		setsid();
+		if (flags & 1)
+			dup2(in[0], 0);
+		else
+			dup2(open("/dev/null", O_RDONLY), 0);
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		note[0] = 'c';
+		if (chdir(cwd) == 0) {
+			execvpe(argv[0], argv, envp);
+			note[0] = 'x';
+		}
+		saved = errno;
+		memcpy(note + 1, &saved, sizeof(saved));
+		write(report[1], note, sizeof(note));
+		_exit(127);
+	}
+	close(out[1]);
+	close(err[1]);
+	close(report[1]);
+	if (flags & 1)
+		close(in[0]);
+	{
+		unsigned char note[1 + sizeof(int)];
+		ssize_t n;
+		do
+			n = read(report[0], note, sizeof(note));
+		while (n < 0 && errno == EINTR);
+		close(report[0]);
+		if (n == (ssize_t)sizeof(note)) {
+			int saved, status;
+			char msg[1024];
+			memcpy(&saved, note + 1, sizeof(saved));
+			waitpid(pid, &status, 0);
+			snprintf(msg, sizeof(msg), "%s %s: %s",
+				 note[0] == 'c' ? "cannot change directory to" : "cannot run",
+				 note[0] == 'c' ? cwd : argv[0], strerror(saved));
+			send_error(id, saved, msg);
+			close(out[0]);
+			close(err[0]);
+			if (flags & 1)
+				close(in[1]);
+			goto done;
+		}
+	}
+	e->used = 1;
+	e->id = id;
+	e->pid = pid;
+	e->out = out[0];
+	e->err = err[0];
+	e->in = (flags & 1) ? in[1] : -1;
+	e->exited = 0;
+	e->exited_at = 0;
+	e->inbuf = NULL;
+	e->inlen = 0;
+	e->in_eof = 0;
+	set_nonblock(e->out);
+	set_nonblock(e->err);
+	if (e->in >= 0)
+		set_nonblock(e->in);
+done:
+	for (uint32_t i = 0; i < argc; i++)
+		free(argv[i]);
+	for (uint32_t i = 0; i < envc; i++)
+		free(envp[i]);
+	free(argv);
+	free(envp);
+	free(cwd);
+}
+
+static void close_stdin(struct exec *e)
+{
+	if (e->in >= 0)
+		close(e->in);
+	e->in = -1;
+	free(e->inbuf);
+	e->inbuf = NULL;
+	e->inlen = 0;
+}
+
+static void flush_stdin(struct exec *e)
+{
+	while (e->in >= 0 && e->inlen) {
+		ssize_t n = write(e->in, e->inbuf, e->inlen);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				return;
+			close_stdin(e); /* EPIPE: the command stopped reading */
+			return;
+		}
+		memmove(e->inbuf, e->inbuf + n, e->inlen - n);
+		e->inlen -= n;
+	}
+	if (e->in >= 0 && e->in_eof && !e->inlen)
+		close_stdin(e);
+}
+
+static void do_stdin(uint32_t id, const unsigned char *data, size_t len)
+{
+	struct exec *e = find_exec(id);
+	if (!e || e->in < 0)
+		return;
+	if (!len) {
+		e->in_eof = 1;
+	} else {
+		e->inbuf = realloc(e->inbuf, e->inlen + len);
+		memcpy(e->inbuf + e->inlen, data, len);
+		e->inlen += len;
+	}
+	flush_stdin(e);
+}
+
+static void mkdir_p(const char *path)
+{
+	char buf[4096];
+	snprintf(buf, sizeof(buf), "%s", path);
+	for (char *p = buf + 1; *p; p++)
+		if (*p == '/') {
+			*p = 0;
+			mkdir(buf, 0755);
+			*p = '/';
+		}
+	mkdir(buf, 0755);
+}
+
+/* "serial:NAME" names the virtio disk whose serial is NAME. */
+static int resolve_source(const char *source, char *out, size_t outlen)
+{
+	DIR *d;
+	struct dirent *de;
+	if (strncmp(source, "serial:", 7)) {
+		snprintf(out, outlen, "%s", source);
+		return 0;
+	}
+	d = opendir("/sys/block");
+	if (!d)
+		return -1;
+	while ((de = readdir(d))) {
+		char path[512], serial[256] = "";
+		FILE *f;
+		snprintf(path, sizeof(path), "/sys/block/%s/serial", de->d_name);
+		f = fopen(path, "r");
+		if (!f)
+			continue;
+		if (fgets(serial, sizeof(serial), f))
+			serial[strcspn(serial, "\n")] = 0;
+		fclose(f);
+		if (!strcmp(serial, source + 7)) {
+			snprintf(out, outlen, "/dev/%s", de->d_name);
+			closedir(d);
+			return 0;
+		}
+	}
+	closedir(d);
+	errno = ENODEV;
+	return -1;
+}
+
+static void do_mount(uint32_t id, struct reader *r)
+{
+	char *source = get_str(r), *target = get_str(r), *fstype = get_str(r), *data = get_str(r);
+	uint32_t flags = get_u32(r);
+	char dev[512], msg[1024];
+	if (r->bad) {
+		send_error(id, EINVAL, "bad mount request");
+	} else if (resolve_source(source, dev, sizeof(dev)) < 0) {
+		snprintf(msg, sizeof(msg), "mount %s: no such device", source);
+		send_error(id, errno, msg);
+	} else {
+		mkdir_p(target);
+		if (mount(dev, target, fstype, flags, *data ? data : NULL) < 0) {
+			snprintf(msg, sizeof(msg), "mount %s on %s (%s): %s", dev, target, fstype,
+				 strerror(errno));
+			send_error(id, errno, msg);
+		} else {
+			send_frame(G_OK, id, NULL, 0);
+		}
+	}
+	free(source);
+	free(target);
+	free(fstype);
+	free(data);
+}
+
+static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, size_t len)
+{
+	struct reader r = { p, p + len, 0 };
+	struct exec *e;
+	switch (type) {
+	case H_EXEC:
+		do_exec(id, &r);
+		break;
+	case H_STDIN:
+		do_stdin(id, p, len);
+		break;
+	case H_SIGNAL:
+		e = find_exec(id);
+		if (e && !e->exited)
+			kill(-e->pid, (int)get_u32(&r));
+		break;
+	case H_MOUNT:
+		do_mount(id, &r);
+		break;
+	case H_PING:
+		send_frame(G_PONG, id, p, len);
+		break;
+	case H_POWEROFF:
+		sync();
+		send_frame(G_OK, id, NULL, 0);
+		reboot(RB_POWER_OFF);
+		break;
+	default:
+		send_error(id, EINVAL, "unknown request");
+	}
+}
+
+/* Read what the port has; handle every complete frame. Returns 0 when the host hung up. */
+static int read_port(void)
+{
+	size_t off = 0;
+	ssize_t n;
+	if (rcap - rlen < CHUNK) {
+		rcap = rcap ? rcap * 2 : 4 * CHUNK;
+		rbuf = realloc(rbuf, rcap);
+	}
+	n = read(port, rbuf + rlen, rcap - rlen);
+	if (n < 0)
+		return errno == EINTR || errno == EAGAIN;
+	if (n == 0)
+		return 0;
+	rlen += n;
+	while (rlen - off >= 9) {
+		uint32_t total, id;
+		memcpy(&total, rbuf + off, 4);
+		if (total < 5)
+			die("bad frame from host");
+		if (rlen - off < 4 + (size_t)total) {
+			if (4 + (size_t)total > rcap) {
+				rcap = 4 + (size_t)total + CHUNK;
+				rbuf = realloc(rbuf, rcap);
+			}
+			break;
+		}
+		memcpy(&id, rbuf + off + 5, 4);
+		handle_frame(rbuf[off + 4], id, rbuf + off + 9, total - 5);
+		off += 4 + total;
+	}
+	memmove(rbuf, rbuf + off, rlen - off);
+	rlen -= off;
+	return 1;
+}
+
+/* Forward what a command's stdout or stderr has; closes the fd at EOF. */
+static void pump(struct exec *e, int *fd, uint8_t type)
+{
+	static char buf[CHUNK];
+	for (;;) {
+		ssize_t n = read(*fd, buf, sizeof(buf));
+		if (n > 0) {
+			send_frame(type, e->id, buf, n);
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return;
+		close(*fd);
+		*fd = -1;
+		return;
+	}
+}
+
+static void finish_if_done(struct exec *e, long long now)
+{
+	int32_t result[2];
+	if (!e->exited)
+		return;
+	/* Background processes may keep the pipes open: do not wait for them for long. */
+	if ((e->out >= 0 || e->err >= 0) && now - e->exited_at < DRAIN_GRACE_MS)
+		return;
+	if (e->out >= 0)
+		pump(e, &e->out, G_STDOUT);
+	if (e->err >= 0)
+		pump(e, &e->err, G_STDERR);
+	if (e->out >= 0)
+		close(e->out);
+	if (e->err >= 0)
+		close(e->err);
+	close_stdin(e);
+	if (WIFSIGNALED(e->status)) {
+		result[0] = 1;
+		result[1] = WTERMSIG(e->status);
+	} else {
+		result[0] = 0;
+		result[1] = WEXITSTATUS(e->status);
+	}
+	send_frame(G_EXIT, e->id, result, sizeof(result));
+	memset(e, 0, sizeof(*e));
+}
+
+static void reap(long long now)
+{
+	for (;;) {
+		int status;
+		pid_t pid = waitpid(-1, &status, WNOHANG);
+		if (pid <= 0)
+			return;
+		for (int i = 0; i < MAX_EXECS; i++)
+			if (execs[i].used && execs[i].pid == pid) {
+				execs[i].exited = 1;
+				execs[i].status = status;
+				execs[i].exited_at = now;
+			}
+	}
+}
+
+/* --- boot ------------------------------------------------------------------------------ */
+
+static void early_mounts(void)
+{
+	mkdir("/proc", 0755);
+	mkdir("/sys", 0755);
+	mkdir("/dev", 0755);
+	mkdir("/tmp", 01777);
+	mkdir("/run", 0755);
+	mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	mkdir("/dev/pts", 0755);
+	mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+	mkdir("/dev/shm", 01777);
+	mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	symlink("/proc/self/fd", "/dev/fd");
+	symlink("/proc/self/fd/0", "/dev/stdin");
+	symlink("/proc/self/fd/1", "/dev/stdout");
+	symlink("/proc/self/fd/2", "/dev/stderr");
+}
+
+static void load_modules(void)
+{
+	FILE *f = fopen("/etc/qemubox/modules", "r");
+	char line[4096];
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f)) {
+		int fd;
+		line[strcspn(line, "\n")] = 0;
+		if (!*line)
+			continue;
+		fd = open(line, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || syscall(SYS_finit_module, fd, "", 0) < 0) {
+			if (errno != EEXIST)
+				fprintf(stderr, "qemubox-agent: loading %s: %s\n", line, strerror(errno));
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	fclose(f);
+}
+
+static void loopback_up(void)
+{
+	struct ifreq ifr;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return;
+	memset(&ifr, 0, sizeof(ifr));
+	strcpy(ifr.ifr_name, "lo");
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+		ioctl(s, SIOCSIFFLAGS, &ifr);
+	}
+	close(s);
+}
+
+static int open_port(void)
+{
+	for (int tries = 0; tries < 1000; tries++) {
+		DIR *d = opendir("/sys/class/virtio-ports");
+		struct dirent *de;
+		while (d && (de = readdir(d))) {
+			char path[512], name[128] = "";
+			FILE *f;
+			snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", de->d_name);
+			f = fopen(path, "r");
+			if (!f)
+				continue;
+			if (fgets(name, sizeof(name), f))
+				name[strcspn(name, "\n")] = 0;
+			fclose(f);
+			if (!strcmp(name, "qemubox.agent")) {
+				int fd;
+				snprintf(path, sizeof(path), "/dev/%s", de->d_name);
+				closedir(d);
+				fd = open(path, O_RDWR | O_CLOEXEC);
+				if (fd >= 0)
+					return fd;
+				d = NULL;
+				break;
+			}
+		}
+		if (d)
+			closedir(d);
+		usleep(10000);
+	}
+	errno = ENODEV;
+	return -1;
+}
+
+int main(void)
+{
+	sigset_t mask;
+	int sfd;
+	struct utsname_buf { char text[256]; } release = { "" };
+	FILE *f;
+
+	if (getpid() == 1) {
+		early_mounts();
+		load_modules();
+		loopback_up();
+		sethostname("qemubox", 7);
+	}
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGPIPE);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+	sigdelset(&mask, SIGPIPE);
+	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	port = open_port();
+	if (port < 0)
+		die("cannot find the virtio port qemubox.agent");
+	f = fopen("/proc/sys/kernel/osrelease", "r");
+	if (f) {
+		if (fgets(release.text, sizeof(release.text), f))
+			release.text[strcspn(release.text, "\n")] = 0;
+		fclose(f);
+	}
+	send_frame(G_READY, 0, release.text, strlen(release.text));
+
+	for (;;) {
+		struct pollfd pfds[2 + 3 * MAX_EXECS];
+		struct exec *owner[2 + 3 * MAX_EXECS];
+		int kind[2 + 3 * MAX_EXECS];
+		int n = 0, timeout = -1;
+		long long now = now_ms();
+
+		pfds[n] = (struct pollfd){ .fd = port, .events = POLLIN };
+		kind[n++] = 0;
+		pfds[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+		kind[n++] = 1;
+		for (int i = 0; i < MAX_EXECS; i++) {
+			struct exec *e = &execs[i];
+			if (!e->used)
+				continue;
+			if (e->out >= 0) {
+				owner[n] = e;
+				kind[n] = 2;
+				pfds[n++] = (struct pollfd){ .fd = e->out, .events = POLLIN };
+			}
+			if (e->err >= 0) {
+				owner[n] = e;
+				kind[n] = 3;
+				pfds[n++] = (struct pollfd){ .fd = e->err, .events = POLLIN };
+			}
+			if (e->in >= 0 && e->inlen) {
+				owner[n] = e;
+				kind[n] = 4;
+				pfds[n++] = (struct pollfd){ .fd = e->in, .events = POLLOUT };
+			}
+			if (e->exited) {
+				long long left = DRAIN_GRACE_MS - (now - e->exited_at);
+				if (left < 0)
+					left = 0;
+				if (timeout < 0 || left < timeout)
+					timeout = (int)left;
+			}
+		}
+		if (poll(pfds, n, timeout) < 0 && errno != EINTR)
+			die("poll");
+		now = now_ms();
+		for (int i = 2; i < n; i++) {
+			if (!pfds[i].revents)
+				continue;
+			if (kind[i] == 2 && owner[i]->out >= 0)
+				pump(owner[i], &owner[i]->out, G_STDOUT);
+			else if (kind[i] == 3 && owner[i]->err >= 0)
+				pump(owner[i], &owner[i]->err, G_STDERR);
+			else if (kind[i] == 4)
+				flush_stdin(owner[i]);
+		}
+		if (pfds[1].revents) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof(si)) > 0)
+				;
+		}
+		reap(now);
+		if (pfds[0].revents & POLLIN) {
+			if (!read_port())
+				usleep(10000); /* host not connected: wait for it */
+		} else if (pfds[0].revents & (POLLHUP | POLLERR)) {
+			usleep(10000);
+		}
+		for (int i = 0; i < MAX_EXECS; i++)
+			if (execs[i].used)
+				finish_if_done(&execs[i], now);
+	}
+}

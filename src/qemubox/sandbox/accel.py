@@ -1,0 +1,130 @@
+"""Choosing the accelerator: KVM only when a real boot under it works, TCG otherwise.
+
+The mere presence of /dev/kvm proves nothing (on some hosts KVM guests hang, or QEMU aborts
+setting up the CPU). The probe boots the sandbox's kernel under KVM with no init, bounded in
+time: a working KVM prints the kernel banner and panics within a second or so. The verdict
+is cached per host kernel and QEMU version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemubox.paths import cache_dir
+
+PROBE_SECONDS = 4.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # kvm or tcg
+    reason: str  # why TCG, when it is TCG on a host that has /dev/kvm
+
+
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "missing"
+    return (out.splitlines() or ["unknown"])[0]
+
+
+def _verdict_path() -> Path:
+    return cache_dir() / "kvm-probe.json"
+
+
+def _probe(binary: str, kernel: Path) -> tuple[bool, str]:
+    with tempfile.TemporaryDirectory(prefix="qemubox-kvm-") as tmp:
+        console = Path(tmp) / "console"
+        args = [
+            binary,
+            "-machine",
+            "microvm" if "x86" in binary else "virt",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            f"file:{console}",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0 panic=-1 rdinit=/qemubox-kvm-probe",
+        ]
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, err = proc.communicate(timeout=PROBE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=5)
+            return False, f"a KVM guest did not boot within {PROBE_SECONDS:.0f} s (it hangs)"
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if "Linux version" in text:
+            return True, f"booted in {time.monotonic() - start:.2f} s"
+        last = [line for line in err.splitlines() if "warning" not in line.lower()]
+        why = last[-1].strip() if last else f"QEMU exited with status {proc.returncode}"
+        # "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: ..."
+        why = re.sub(r"^[\w.-]+: (?:[\w./-]+:\d+: )?", "", why)
+        return False, f"QEMU cannot run a KVM guest here: {why}"
+
+
+def choose_accel(
+    requested: str,
+    binary: str,
+    kernel: Path,
+    guest_arch: str,
+    host_arch: str,
+    probe: bool = True,
+) -> AccelChoice:
+    """The accelerator to use for ``requested`` (auto, kvm or tcg). Without ``probe``, an
+    unknown verdict counts as TCG and nothing is booted."""
+    if requested == "tcg" or (requested == "auto" and guest_arch != host_arch):
+        return AccelChoice("tcg", "")
+    if requested == "kvm":
+        return AccelChoice("kvm", "")
+    if not os.path.exists("/dev/kvm"):
+        return AccelChoice("tcg", "")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice("tcg", "no permission to use /dev/kvm (join the kvm group)")
+    key = f"{platform.release()} {platform.version()} | {qemu_version(binary)}"
+    path = _verdict_path()
+    try:
+        verdicts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        verdicts = {}
+    if key not in verdicts:
+        if not probe:
+            return AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
+        works, reason = _probe(binary, kernel)
+        verdicts[key] = {"works": works, "reason": reason}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(verdicts, indent=1))
+        os.replace(tmp, path)
+    verdict = verdicts[key]
+    if verdict["works"]:
+        return AccelChoice("kvm", "")
+    return AccelChoice("tcg", verdict["reason"])

@@ -1,0 +1,209 @@
+"""Which kernel a sandbox boots: one given by path, one qemubox built, or Debian's."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemubox.errors import InputError, ToolError
+from qemubox.kconfig.engine import read_config
+from qemubox.kernel.tree import host_arch
+from qemubox.paths import cache_dir
+
+DEBIAN_META = {"x86_64": "linux-image-amd64", "arm64": "linux-image-arm64"}
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    image: Path
+    version: str
+    arch: str
+    modules: Path | None  # lib/modules/<version>, when the kernel has modules
+    config: dict[str, str] | None  # its config, when known
+    description: str
+
+    def option(self, name: str) -> str | None:
+        """``y``/``m``/``n`` for an option; None when the config is unknown."""
+        if self.config is None:
+            return None
+        return self.config.get(name, "n")
+
+    def supports_microvm(self) -> bool:
+        """Whether it can find virtio-mmio devices (built in, or as a module we can load)."""
+        value = self.option("VIRTIO_MMIO")
+        if value is not None:
+            return value == "y" or (value == "m" and self.modules is not None)
+        if self.modules is not None:
+            return (
+                "virtio_mmio" in (self.modules / "modules.builtin").read_text(errors="replace")
+                if (self.modules / "modules.builtin").exists()
+                else False
+            )
+        return False
+
+
+def bzimage_version(image: Path) -> str | None:
+    """The version string an x86 bzImage carries in its setup header."""
+    try:
+        with open(image, "rb") as fh:
+            head = fh.read(0x4000)
+    except OSError:
+        return None
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        return None
+    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    if offset >= len(head):
+        return None
+    text = head[offset : offset + 256].split(b"\0", 1)[0].decode(errors="replace")
+    return text.split()[0] if text else None
+
+
+def _find_modules(image: Path, version: str, explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        return explicit
+    for candidate in (
+        image.parent / "lib" / "modules" / version,  # qemubox's install layout
+        image.parent.parent / "lib" / "modules" / version,  # a package unpacked: boot/ + lib/
+        Path("/lib/modules") / version,
+    ):
+        if (candidate / "modules.dep").is_file():
+            return candidate
+    return None
+
+
+def _find_config(image: Path, version: str) -> dict[str, str] | None:
+    for candidate in (
+        image.parent / f"config-{version}",
+        image.parent / "config",
+        Path("/boot") / f"config-{version}",
+    ):
+        if candidate.is_file():
+            return read_config(candidate)
+    return None
+
+
+def kernel_from_path(path: str | Path, modules: Path | None = None) -> GuestKernel:
+    image = Path(path)
+    if not image.is_file():
+        raise InputError(f"--kernel {path}: no such file")
+    version = bzimage_version(image)
+    arch = "x86_64"
+    if version is None:
+        with open(image, "rb") as fh:
+            head = fh.read(64)
+        if head[56:60] == b"ARM\x64":
+            arch = "arm64"
+            version = image.name.split("-", 1)[1] if "-" in image.name else None
+        if version is None:
+            raise InputError(f"--kernel {path}: not a bzImage or arm64 Image with a version")
+    return GuestKernel(
+        image.resolve(),
+        version,
+        arch,
+        _find_modules(image, version, modules),
+        _find_config(image, version),
+        str(image),
+    )
+
+
+def built_kernel(arch: str) -> GuestKernel | None:
+    """The newest kernel qemubox built for this arch with the sandbox fragment."""
+    from qemubox.kernel.build import list_builds
+
+    for manifest in list_builds():
+        if manifest.get("arch") != arch or "sandbox" not in manifest.get("fragments", []):
+            continue
+        build_dir = Path(manifest["build_dir"])
+        image = build_dir / manifest["image"]
+        if not image.is_file():
+            continue
+        modules = build_dir / ".qemubox-modules" / "lib" / "modules" / manifest["version"]
+        return GuestKernel(
+            image,
+            manifest["version"],
+            arch,
+            modules if (modules / "modules.dep").is_file() else None,
+            read_config(build_dir / ".config"),
+            f"Linux {manifest['version']} built by qemubox ({manifest['profile']})",
+        )
+    return None
+
+
+def debian_kernel(arch: str) -> GuestKernel:
+    """Debian's generic kernel package, downloaded with apt-get and unpacked into the cache."""
+    meta = DEBIAN_META.get(arch)
+    if meta is None:
+        raise InputError(f"no Debian kernel for {arch}")
+    root = cache_dir() / "debian-kernel"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
+            kernel = _unpacked_kernel(unpacked, arch)
+            if kernel:
+                return kernel
+        package = _debian_package_name(meta)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            proc = subprocess.run(
+                ["apt-get", "download", package],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            debs = list(Path(tmp).glob("*.deb"))
+            if proc.returncode != 0 or not debs:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise ToolError(f"apt-get download {package} failed: {last}")
+            target = root / package
+            unpack = Path(tmp) / "x"
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpack)], check=True)
+            os.replace(unpack, target)
+        kernel = _unpacked_kernel(target, arch)
+        if kernel is None:
+            raise ToolError(f"{package} has no kernel image")
+        return kernel
+
+
+def _debian_package_name(meta: str) -> str:
+    if shutil.which("apt-cache") is None:
+        raise InputError("no apt-cache here: give a kernel with --kernel")
+    proc = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
+    m = re.search(r"Depends: (linux-image-\S+)", proc.stdout)
+    if not m:
+        raise ToolError(f"cannot find the package behind {meta} (apt-get update first?)")
+    return m.group(1)
+
+
+def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
+    images = sorted((root / "boot").glob("vmlinuz-*"))
+    if not images:
+        return None
+    image = images[-1]
+    version = image.name.removeprefix("vmlinuz-")
+    modules = root / "lib" / "modules" / version
+    config = root / "boot" / f"config-{version}"
+    return GuestKernel(
+        image,
+        version,
+        arch,
+        modules if modules.is_dir() else None,
+        read_config(config) if config.is_file() else None,
+        f"Debian's Linux {version}",
+    )
+
+
+def choose_kernel(kernel: str | None, modules: Path | None = None) -> GuestKernel:
+    """``kernel``: a path, ``debian``, or None (qemubox's newest build, else Debian's)."""
+    arch = host_arch()
+    if kernel == "debian":
+        return debian_kernel(arch)
+    if kernel:
+        return kernel_from_path(kernel, modules)
+    return built_kernel(arch) or debian_kernel(arch)

@@ -1,0 +1,206 @@
+"""The sandbox's domain model: a Session with its shares and disks, validated up front."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemubox.errors import InputError
+
+SECURITY_MODELS = ("passthrough", "mapped-xattr", "mapped-file", "none")
+NETWORKS = ("none", "restricted", "user")
+ACCELS = ("auto", "kvm", "tcg")
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.I)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# QEMU's rule for 9p mount tags: at most 31 bytes; we also keep to characters that need no
+# quoting anywhere (the guest's mount options, QEMU's option syntax).
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes in ``512M``, ``2G``, ``1024K``, ``64MiB``; a bare number means MiB."""
+    if isinstance(text, int):
+        if text <= 0:
+            raise InputError(f"{what} must be positive, got {text}")
+        return text
+    m = _SIZE_RE.fullmatch(str(text).strip())
+    if not m:
+        raise InputError(f"invalid {what} {text!r} (expected a size such as 512M or 2G)")
+    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise InputError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def _absolute_guest_path(path: str, what: str) -> str:
+    if not path.startswith("/"):
+        raise InputError(f"{what} must be an absolute guest path, got {path!r}")
+    if "\0" in path or "\n" in path:
+        raise InputError(f"{what} contains a NUL or newline: {path!r}")
+    normal = os.path.normpath(path)
+    if normal in ("/", "/proc", "/sys", "/dev") or normal.startswith(("/proc/", "/sys/")):
+        raise InputError(f"{what} {path!r} would hide a system directory")
+    return normal
+
+
+@dataclass(frozen=True)
+class FSShare:
+    """A host directory shared into the guest over 9p."""
+
+    host_path: str
+    mount_point: str
+    mount_tag: str = ""
+    read_only: bool = False
+    security_model: str = "mapped-xattr"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An ext4 disk: ephemeral (made in the sandbox directory) or persistent at ``path``."""
+
+    size: str | int
+    mount_point: str
+    path: str | None = None
+
+
+@dataclass
+class Session:
+    memory: str | int = "512M"
+    cpus: int = 1
+    balloon: bool = False
+    shares: list[FSShare] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
+    network: str = "none"
+    ports: list[tuple[int, int]] = field(default_factory=list)
+    kernel: str | None = None  # a path, "debian", or None for the best available
+    modules: str | None = None
+    timeout: float | None = 60.0  # default per-command timeout, seconds
+    boot_timeout: float = 60.0
+    accel: str = "auto"
+    console_log: str | None = None
+
+    def validate(self) -> ValidSession:
+        return validate(self)
+
+
+@dataclass(frozen=True)
+class ValidShare:
+    host_path: Path
+    mount_point: str
+    tag: str
+    read_only: bool
+    security_model: str
+
+
+@dataclass(frozen=True)
+class ValidDisk:
+    size: int
+    mount_point: str
+    path: Path | None
+    serial: str
+
+
+@dataclass(frozen=True)
+class ValidSession:
+    memory: int
+    cpus: int
+    balloon: bool
+    shares: tuple[ValidShare, ...]
+    disks: tuple[ValidDisk, ...]
+    network: str
+    ports: tuple[tuple[int, int], ...]
+    kernel: str | None
+    modules: Path | None
+    timeout: float | None
+    boot_timeout: float
+    accel: str
+    console_log: Path | None
+
+
+def _port(value: object, what: str, allow_zero: bool) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{what} must be a number, got {value!r}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise InputError(f"{what} must be between {low} and 65535, got {value}")
+    return value
+
+
+def validate(s: Session) -> ValidSession:
+    """Check everything before anything starts; raises InputError naming the culprit."""
+    memory = parse_size(s.memory, "memory")
+    if memory < 64 << 20:
+        raise InputError(f"memory {s.memory!r} is too small (at least 64M)")
+    if not isinstance(s.cpus, int) or isinstance(s.cpus, bool) or not 1 <= s.cpus <= 64:
+        raise InputError(f"cpus must be a whole number from 1 to 64, got {s.cpus!r}")
+    if s.network not in NETWORKS:
+        raise InputError(f"network must be one of {', '.join(NETWORKS)}, got {s.network!r}")
+    if s.accel not in ACCELS:
+        raise InputError(f"accel must be one of {', '.join(ACCELS)}, got {s.accel!r}")
+    ports = tuple((_port(h, "host port", True), _port(g, "guest port", False)) for h, g in s.ports)
+    if ports and s.network == "none":
+        raise InputError("published ports need a network (restricted or user), not none")
+    used_points: set[str] = set()
+
+    def claim(point: str) -> None:
+        if point in used_points:
+            raise InputError(f"two mounts at {point}")
+        used_points.add(point)
+
+    shares, tags = [], set()
+    for i, share in enumerate(s.shares):
+        host = Path(share.host_path)
+        if not host.is_dir():
+            raise InputError(f"share host path is not a directory: {share.host_path}")
+        point = _absolute_guest_path(share.mount_point, "share mount point")
+        claim(point)
+        tag = share.mount_tag or f"share{i}"
+        if not _TAG_RE.fullmatch(tag):
+            raise InputError(f"invalid mount tag {tag!r}: 1 to 31 letters, digits, '_', '.' or '-'")
+        if tag in tags:
+            raise InputError(f"mount tag {tag!r} is used twice")
+        tags.add(tag)
+        if share.security_model not in SECURITY_MODELS:
+            raise InputError(
+                f"security_model must be one of {', '.join(SECURITY_MODELS)}, "
+                f"got {share.security_model!r}"
+            )
+        shares.append(ValidShare(host.resolve(), point, tag, share.read_only, share.security_model))
+    disks = []
+    for i, disk in enumerate(s.disks):
+        size = parse_size(disk.size, "disk size")
+        if size < 1 << 20:
+            raise InputError(f"disk size {disk.size!r} is too small (at least 1M)")
+        point = _absolute_guest_path(disk.mount_point, "disk mount point")
+        claim(point)
+        path = Path(disk.path) if disk.path else None
+        if path is not None:
+            if path.exists() and not path.is_file():
+                raise InputError(f"disk path exists and is not a file: {disk.path}")
+            if not path.exists() and not path.parent.is_dir():
+                raise InputError(f"disk path's directory does not exist: {path.parent}")
+        disks.append(ValidDisk(size, point, path.resolve() if path else None, f"qbxdisk{i}"))
+    modules = None
+    if s.modules:
+        modules = Path(s.modules)
+        if not (modules / "modules.dep").is_file():
+            raise InputError(f"--modules {s.modules}: no modules.dep there")
+    if s.timeout is not None and s.timeout <= 0:
+        raise InputError(f"timeout must be positive, got {s.timeout}")
+    return ValidSession(
+        memory=memory,
+        cpus=s.cpus,
+        balloon=s.balloon,
+        shares=tuple(shares),
+        disks=tuple(disks),
+        network=s.network,
+        ports=ports,
+        kernel=s.kernel,
+        modules=modules,
+        timeout=s.timeout,
+        boot_timeout=s.boot_timeout,
+        accel=s.accel,
+        console_log=Path(s.console_log) if s.console_log else None,
+    )
