@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
