@@ -344,7 +344,8 @@ def private_cache(tmp_path, monkeypatch):
     (cache / "kernel-source").mkdir(parents=True)
     (cache / "kernel-source" / src.name).symlink_to(src)
     (cache / "kernel-source" / "hashes.json").write_text(
-        (source_cache() / "hashes.json").read_text())
+        (source_cache() / "hashes.json").read_text()
+    )
     monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(cache))
     make = fake(tmp_path, "make", FAKE_COMPILE)
     monkeypatch.setenv("QEMUBOX_MAKE", str(make))
@@ -384,7 +385,10 @@ def test_ctrl_c_stops_make_and_keeps_the_build_dir(private_cache, tmp_path, monk
     monkeypatch.setenv("STALL", str(stall))
     proc = subprocess.Popen(
         [sys.executable, "-m", "qemubox", "kernel", "build", "-o", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not stall.exists():
@@ -396,8 +400,11 @@ def test_ctrl_c_stops_make_and_keeps_the_build_dir(private_cache, tmp_path, monk
     assert proc.returncode == 130, err
     assert "build interrupted" in err and "Traceback" not in err
     assert "got-sigint" in (tmp_path / "make.log").read_text()
-    build_dirs = [d for d in (tmp_path / "cache" / "kernel-build").iterdir()
-                  if d.is_dir() and not d.name.endswith("-kconfig")]
+    build_dirs = [
+        d
+        for d in (tmp_path / "cache" / "kernel-build").iterdir()
+        if d.is_dir() and not d.name.endswith("-kconfig")
+    ]
     assert len(build_dirs) == 1
     assert (build_dirs[0] / ".config").is_file()
     assert not (build_dirs[0] / ".qemubox-build.json").exists()

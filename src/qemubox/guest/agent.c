@@ -27,6 +27,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
@@ -351,37 +352,59 @@ static void mkdir_p(const char *path)
 	mkdir(buf, 0755);
 }
 
-/* "serial:NAME" names the virtio disk whose serial is NAME. */
-static int resolve_source(const char *source, char *out, size_t outlen)
+/* "serial:NAME" names the virtio disk whose serial is NAME; its /dev node is made from
+ * sysfs when devtmpfs has not made it yet. */
+static int find_serial(const char *serial, char *out, size_t outlen)
 {
-	DIR *d;
+	DIR *d = opendir("/sys/block");
 	struct dirent *de;
-	if (strncmp(source, "serial:", 7)) {
-		snprintf(out, outlen, "%s", source);
-		return 0;
-	}
-	d = opendir("/sys/block");
 	if (!d)
 		return -1;
 	while ((de = readdir(d))) {
-		char path[512], serial[256] = "";
+		char path[512], value[256] = "";
 		FILE *f;
+		unsigned major, minor;
 		snprintf(path, sizeof(path), "/sys/block/%s/serial", de->d_name);
 		f = fopen(path, "r");
 		if (!f)
 			continue;
-		if (fgets(serial, sizeof(serial), f))
-			serial[strcspn(serial, "\n")] = 0;
+		if (fgets(value, sizeof(value), f))
+			value[strcspn(value, "\n")] = 0;
 		fclose(f);
-		if (!strcmp(serial, source + 7)) {
-			snprintf(out, outlen, "/dev/%s", de->d_name);
-			closedir(d);
-			return 0;
-		}
+		if (strcmp(value, serial))
+			continue;
+		snprintf(out, outlen, "/dev/%s", de->d_name);
+		snprintf(path, sizeof(path), "/sys/block/%s/dev", de->d_name);
+		f = fopen(path, "r");
+		if (f && fscanf(f, "%u:%u", &major, &minor) == 2 && access(out, F_OK) < 0)
+			mknod(out, S_IFBLK | 0600, makedev(major, minor));
+		if (f)
+			fclose(f);
+		closedir(d);
+		return 0;
 	}
 	closedir(d);
-	errno = ENODEV;
 	return -1;
+}
+
+/* Devices of modules loaded at boot probe in the background: wait for them a little. */
+#define DEVICE_WAIT_MS 10000
+
+static int resolve_source(const char *source, char *out, size_t outlen)
+{
+	long long until = now_ms() + DEVICE_WAIT_MS;
+	if (strncmp(source, "serial:", 7)) {
+		snprintf(out, outlen, "%s", source);
+		return 0;
+	}
+	while (find_serial(source + 7, out, outlen) < 0) {
+		if (now_ms() > until) {
+			errno = ENODEV;
+			return -1;
+		}
+		usleep(10000);
+	}
+	return 0;
 }
 
 static void do_mount(uint32_t id, struct reader *r)
@@ -395,8 +418,14 @@ static void do_mount(uint32_t id, struct reader *r)
 		snprintf(msg, sizeof(msg), "mount %s: no such device", source);
 		send_error(id, errno, msg);
 	} else {
+		long long until = now_ms() + DEVICE_WAIT_MS;
+		int rc;
 		mkdir_p(target);
-		if (mount(dev, target, fstype, flags, *data ? data : NULL) < 0) {
+		/* A 9p channel or a block device may still be probing: ENOENT/ENODEV for a while. */
+		while ((rc = mount(dev, target, fstype, flags, *data ? data : NULL)) < 0 &&
+		       (errno == ENOENT || errno == ENODEV) && now_ms() < until)
+			usleep(10000);
+		if (rc < 0) {
 			snprintf(msg, sizeof(msg), "mount %s on %s (%s): %s", dev, target, fstype,
 				 strerror(errno));
 			send_error(id, errno, msg);

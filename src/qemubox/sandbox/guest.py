@@ -77,22 +77,64 @@ def _modules_dep(modules: Path) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def _aliases(modules: Path) -> dict[str, list[str]]:
+    """alias -> module names, from modules.alias (plain names only, no wildcards)."""
+    out: dict[str, list[str]] = {}
+    path = modules / "modules.alias"
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "alias" and "*" not in parts[1]:
+                out.setdefault(parts[1], []).append(parts[2].replace("-", "_"))
+    return out
+
+
+def _softdeps(modules: Path) -> dict[str, list[str]]:
+    """module -> the names its ``softdep ... pre:`` line asks for first."""
+    out: dict[str, list[str]] = {}
+    path = modules / "modules.softdep"
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) < 3 or parts[0] != "softdep":
+                continue
+            pre = parts[3 : parts.index("post:")] if "post:" in parts else parts[3:]
+            if parts[2] == "pre:":
+                out[parts[1].replace("-", "_")] = pre
+    return out
+
+
 def module_closure(modules: Path, wanted: list[str]) -> list[str]:
-    """Paths of the wanted modules and what they depend on, dependencies first."""
+    """Paths of the wanted modules, their dependencies and soft dependencies (``pre:``,
+    resolved through aliases), dependencies first."""
     dep = _modules_dep(modules)
     by_path = {path: deps for path, deps in dep.values()}
+    name_of = {path: name for name, (path, _) in dep.items()}
+    aliases = _aliases(modules)
+    softdeps = _softdeps(modules)
     order: list[str] = []
+
+    def visit_name(name: str) -> None:
+        module = name.replace("-", "_")
+        if module in dep:
+            visit(dep[module][0])
+        for real in aliases.get(name, []):  # aliases keep their dashes
+            if real in dep:
+                visit(dep[real][0])
 
     def visit(path: str) -> None:
         if path in order:
             return
+        order.append(path)  # placed now to end cycles; moved after its dependencies below
+        for pre in softdeps.get(name_of.get(path, ""), []):
+            visit_name(pre)
         for d in by_path.get(path, []):
             visit(d)
+        order.remove(path)
         order.append(path)
 
     for name in wanted:
-        if name in dep:
-            visit(dep[name][0])
+        visit_name(name)
     return order
 
 
@@ -115,6 +157,30 @@ def needed_modules(kernel: GuestKernel, features: set[str]) -> list[str]:
     for feature in sorted(features):
         wanted += FEATURE_MODULES.get(feature, ())
     return module_closure(kernel.modules, wanted)
+
+
+def _module_index(modules: Path, included: list[str]) -> dict[str, str]:
+    """modules.dep and modules.alias for just the included modules (uncompressed names), so
+    that the kernel's on-demand loading (busybox modprobe) finds them in the guest."""
+
+    def plain(path: str) -> str:
+        return path.split(".ko", 1)[0] + ".ko"
+
+    dep = _modules_dep(modules)
+    kept = set(included)
+    lines = [
+        f"{plain(path)}: {' '.join(plain(d) for d in deps if d in kept)}".rstrip()
+        for path, deps in dep.values()
+        if path in kept
+    ]
+    names = {Path(p).name.split(".ko", 1)[0].replace("-", "_") for p in included}
+    aliases = [
+        f"alias {alias} {name}"
+        for alias, targets in _aliases(modules).items()
+        for name in targets
+        if name in names
+    ]
+    return {"modules.dep": "\n".join(lines) + "\n", "modules.alias": "\n".join(aliases) + "\n"}
 
 
 def _busybox_applets() -> list[str]:
@@ -164,6 +230,10 @@ def initramfs(kernel: GuestKernel, features: set[str]) -> Path:
             cpio.add_file(dest, _module_bytes(kernel.modules / mod))
             load.append("/" + dest)
         cpio.add_file("etc/qemubox/modules", "".join(p + "\n" for p in load).encode())
+        if modules:
+            base = f"lib/modules/{kernel.version}/"
+            for name, text in _module_index(kernel.modules, modules).items():
+                cpio.add_file(base + name, text.encode())
         cpio.close()
     os.replace(tmp, target)
     return target

@@ -188,6 +188,11 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
     image = images[-1]
     version = image.name.removeprefix("vmlinuz-")
     modules = root / "lib" / "modules" / version
+    if modules.is_dir() and not (modules / "modules.dep").is_file():
+        # A package carries no modules.dep: its install script makes it.
+        proc = subprocess.run(["depmod", "-b", str(root), version], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ToolError(f"depmod for {version} failed: {proc.stderr.strip()}")
     config = root / "boot" / f"config-{version}"
     return GuestKernel(
         image,

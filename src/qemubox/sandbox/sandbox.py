@@ -101,6 +101,21 @@ def _runtime_root() -> Path:
     return Path(base) if base and os.path.isdir(base) else Path(tempfile.gettempdir())
 
 
+def _sweep_stale_dirs(root: Path) -> None:
+    """Remove runtime directories whose owning process is gone (killed without cleanup)."""
+    for stale in root.glob("qemubox-*"):
+        try:
+            pid = int((stale / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,7 +201,10 @@ class Sandbox:
         s = self.spec
         self.kernel = choose_kernel(s.kernel, s.modules)
         initrd = guest.initramfs(self.kernel, self.features())
-        self.dir = Path(tempfile.mkdtemp(prefix="qemubox-", dir=_runtime_root()))
+        root = _runtime_root()
+        _sweep_stale_dirs(root)
+        self.dir = Path(tempfile.mkdtemp(prefix="qemubox-", dir=root))
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         disks = []
         for i, disk in enumerate(s.disks):
             path = disk.path or self.dir / f"disk{i}.img"

@@ -1,0 +1,486 @@
+"""The sandbox runtime against real QEMU boots (TCG here) of real kernels."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+from helpers import qemubox
+from qemubox.errors import InputError
+from qemubox.sandbox.sandbox import KernelPanic, Sandbox, SandboxError
+from qemubox.sandbox.spec import Disk, FSShare, Session
+
+pytestmark = [pytest.mark.kernel, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory):
+    """qemubox's minimal kernel (built once, cached), used by path."""
+    out = tmp_path_factory.mktemp("sandbox-kernel")
+    r = qemubox("kernel", "build", "-o", out, timeout=3000)
+    assert r.code == 0, r.err[-2000:]
+    return str(out / "vmlinuz")
+
+
+@pytest.fixture(scope="module")
+def sb(kernel):
+    with Sandbox(Session(memory="256M", kernel=kernel, timeout=60)) as box:
+        yield box
+
+
+def run(box, script: str, **kw):
+    return box.exec(["sh", "-c", script], **kw)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def test_kernel_from_path_is_recognised(sb, kernel):
+    assert sb.kernel.image == os.path.realpath(kernel) or str(sb.kernel.image) == os.path.realpath(
+        kernel
+    )
+    assert sb.kernel.version.startswith("6.12.")
+    assert sb.kernel.supports_microvm()
+    assert sb.exec(["uname", "-r"]).stdout.decode().strip() == sb.kernel.version
+
+
+def test_stdout_stderr_and_exit_codes(sb):
+    r = run(sb, "echo hi; echo oops >&2; exit 3")
+    assert (r.exit_code, r.stdout, r.stderr, r.signal) == (3, b"hi\n", b"oops\n", None)
+    assert run(sb, "true").exit_code == 0
+    r = run(sb, "echo before; kill -TERM $$")
+    assert (r.exit_code, r.signal, r.stdout) == (128 + signal.SIGTERM, signal.SIGTERM, b"before\n")
+    assert run(sb, "kill -9 $$").exit_code == 137
+
+
+def test_command_not_found_and_not_executable(sb):
+    r = sb.exec(["/no/such/program"])
+    assert r.exit_code == 127 and b"No such file or directory" in r.stderr
+    r = sb.exec(["/etc/passwd"])
+    assert r.exit_code == 126
+    r = sb.exec(["ls"], cwd="/no/such/dir")
+    assert r.exit_code == 127 and b"cannot change directory to /no/such/dir" in r.stderr
+
+
+def test_env_and_cwd(sb):
+    r = run(sb, 'echo "$A|$B|$PATH"; pwd', env={"A": "1", "B": "two words"}, cwd="/tmp")
+    a, path = r.stdout.decode().splitlines()
+    assert a.startswith("1|two words|/usr/local/sbin:")
+    assert path == "/tmp"
+
+
+def test_stdin(sb):
+    r = sb.exec(["sh", "-c", "tr a-z A-Z; echo done >&2"], stdin=b"hello\nworld\n")
+    assert r.stdout == b"HELLO\nWORLD\n" and r.stderr == b"done\n"
+    # Without stdin, the command reads end of file at once.
+    assert sb.exec(["cat"]).stdout == b""
+
+
+def test_five_megabytes_of_binary_output(sb):
+    data = os.urandom(5 * 1024 * 1024)
+    sb.write_file("/tmp/blob", data, mode=0o600)
+    r = sb.exec(["cat", "/tmp/blob"])
+    assert len(r.stdout) == len(data)
+    assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(data).digest()
+    assert sb.read_file("/tmp/blob") == data
+    assert run(sb, "stat -c %a /tmp/blob").stdout == b"600\n"
+    # Interleaved streams stay apart, in order within each.
+    r = run(sb, "for i in $(seq 1 2000); do echo out$i; echo err$i >&2; done")
+    assert r.stdout.decode().split() == [f"out{i}" for i in range(1, 2001)]
+    assert r.stderr.decode().split() == [f"err{i}" for i in range(1, 2001)]
+
+
+def test_streaming_callbacks(sb):
+    chunks = []
+    r = run(sb, "echo one; sleep 0.3; echo two", on_stdout=chunks.append)
+    assert r.exit_code == 0 and r.stdout == b""
+    assert b"".join(chunks) == b"one\ntwo\n" and len(chunks) >= 2
+
+
+def test_timeout_kills_within_two_seconds(sb):
+    start = time.monotonic()
+    r = run(sb, "sleep 30 & sleep 30; echo never", timeout=1.0)
+    took = time.monotonic() - start
+    assert r.timed_out and r.exit_code == 137 and r.stdout == b""
+    assert took < 1.0 + 2.0, took
+    # The whole process group went: nothing of it is left.
+    assert run(sb, "pgrep -f 'sleep 30' || echo none").stdout == b"none\n"
+
+
+def test_background_process_does_not_hold_the_command(sb):
+    start = time.monotonic()
+    r = run(sb, "sleep 20 & echo started")
+    assert r.stdout == b"started\n" and time.monotonic() - start < 5
+
+
+def test_many_execs_and_concurrent_execs(sb):
+    for i in range(20):
+        assert sb.exec(["echo", str(i)]).stdout == f"{i}\n".encode()
+    results = {}
+
+    def work(n):
+        results[n] = run(sb, f"sleep 0.5; echo {n}").stdout
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: f"{n}\n".encode() for n in range(4)}
+
+
+def test_write_and_read_file_errors(sb):
+    with pytest.raises(SandboxError, match="cannot read /nope"):
+        sb.read_file("/nope")
+    with pytest.raises(SandboxError, match="cannot write /proc/nope/x"):
+        sb.write_file("/proc/nope/x", b"x")
+
+
+# --- shares and disks ---------------------------------------------------------------------------
+
+
+def test_shares_read_only_read_write_and_literal_paths(kernel, tmp_path):
+    ro = tmp_path / "ro"
+    rw = tmp_path / "rw"
+    evil = tmp_path / "a,readonly=off,b=c"
+    for d in (ro, rw, evil):
+        d.mkdir()
+    (ro / "file").write_text("host data\n")
+    (evil / "file").write_text("literal\n")
+    session = Session(
+        memory="256M",
+        kernel=kernel,
+        shares=[
+            FSShare(str(ro), "/mnt/ro", "host_share", read_only=True),
+            FSShare(str(rw), "/mnt/rw"),
+            FSShare(str(evil), "/mnt/evil", read_only=True),
+        ],
+    )
+    with Sandbox(session) as box:
+        assert box.read_file("/mnt/ro/file") == b"host data\n"
+        r = run(box, "echo changed > /mnt/ro/file")
+        assert r.exit_code != 0 and b"Read-only file system" in r.stderr
+        r = run(box, "touch /mnt/ro/new")
+        assert r.exit_code != 0 and b"Read-only file system" in r.stderr
+        assert run(box, "grep ' /mnt/ro ' /proc/mounts").stdout.split()[3].startswith(b"ro")
+        box.write_file("/mnt/rw/from-guest", b"guest data\n")
+        assert run(box, "mkdir -p /mnt/rw/d/e && echo x > /mnt/rw/d/e/f").exit_code == 0
+        assert box.read_file("/mnt/evil/file") == b"literal\n"
+        r = run(box, "echo injected > /mnt/evil/file")
+        assert r.exit_code != 0 and b"Read-only file system" in r.stderr
+    assert (ro / "file").read_text() == "host data\n"
+    assert not (ro / "new").exists()
+    assert (rw / "from-guest").read_text() == "guest data\n"
+    assert (rw / "d" / "e" / "f").read_text() == "x\n"
+    assert (evil / "file").read_text() == "literal\n"
+
+
+def test_persistent_disk_keeps_data_and_is_never_reformatted(kernel, tmp_path):
+    image = tmp_path / "data.img"
+    session = Session(
+        memory="256M",
+        kernel=kernel,
+        disks=[Disk("64M", "/data", str(image)), Disk("32M", "/scratch")],
+    )
+    with Sandbox(session) as box:
+        r = run(box, "echo kept > /data/file && echo gone > /scratch/file && df -k /data")
+        assert r.exit_code == 0, r.stderr
+    size = image.stat().st_size
+    with Sandbox(session) as box:
+        assert box.read_file("/data/file") == b"kept\n"
+        assert run(box, "ls /scratch").stdout == b"lost+found\n"
+    assert image.stat().st_size == size == 64 << 20
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"not ext4" * 1000)
+    with pytest.raises(InputError, match="not an ext4 image"):
+        Sandbox(Session(memory="256M", kernel=kernel, disks=[Disk("1M", "/j", str(junk))])).start()
+    assert junk.read_bytes() == b"not ext4" * 1000
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def meminfo(box) -> dict[str, int]:
+    out = box.read_file("/proc/meminfo").decode()
+    return {line.split(":")[0]: int(line.split()[1]) for line in out.splitlines()}
+
+
+def test_balloon_shrinks_guest_memory(kernel):
+    with Sandbox(Session(memory="512M", kernel=kernel, balloon=True)) as box:
+        before = meminfo(box)
+        assert box.memory() == 512 << 20
+        box.set_memory("256M")
+        deadline = time.monotonic() + 30
+        while box.memory() > 260 << 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert box.memory() <= 260 << 20
+        after = meminfo(box)
+        shrunk = min(before["MemTotal"] - after["MemTotal"], before["MemFree"] - after["MemFree"])
+        assert (
+            max(before["MemTotal"] - after["MemTotal"], before["MemFree"] - after["MemFree"])
+            >= 200 * 1024
+        ), (before, after, shrunk)
+        box.set_memory("512M")
+        with pytest.raises(InputError, match="cannot grow memory beyond"):
+            box.set_memory("1G")
+    with (
+        Sandbox(Session(memory="256M", kernel=kernel)) as box,
+        pytest.raises(InputError, match="balloon=True"),
+    ):
+        box.set_memory("128M")
+
+
+# --- network ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host_http():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"host secret\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_restricted_network_blocks_the_host_but_published_ports_work(kernel, host_http):
+    session = Session(memory="256M", kernel=kernel, network="restricted", ports=[(0, 8080)])
+    with Sandbox(session) as box:
+        r = run(box, f"timeout 5 wget -q -O - http://10.0.2.2:{host_http}/")
+        assert r.exit_code != 0 and b"host secret" not in r.stdout
+        ((host_port, guest_port),) = box.ports
+        assert guest_port == 8080 and host_port > 0
+        setup = (
+            "mkdir -p /tmp/www && echo guest page > /tmp/www/index.html && "
+            "httpd -p 8080 -h /tmp/www"
+        )
+        assert run(box, setup).exit_code == 0
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=5) as resp:
+                    assert resp.read() == b"guest page\n"
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+
+
+def test_user_network_reaches_the_host(kernel, host_http):
+    with Sandbox(Session(memory="256M", kernel=kernel, network="user")) as box:
+        r = run(box, f"timeout 10 wget -q -O - http://10.0.2.2:{host_http}/")
+        assert r.stdout == b"host secret\n", r.stderr
+
+
+def test_no_network_by_default(sb):
+    names = run(sb, "ls /sys/class/net").stdout.split()
+    assert b"lo" in names and not [n for n in names if n.startswith(b"eth")]
+
+
+# --- several, distro kernels, failures ------------------------------------------------------------
+
+
+def test_four_sandboxes_at_once(kernel):
+    results, errors = {}, []
+
+    def work(n):
+        try:
+            with Sandbox(Session(memory="128M", kernel=kernel)) as box:
+                results[n] = box.exec(["sh", "-c", f"echo {n}"]).stdout
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == {n: f"{n}\n".encode() for n in range(4)}
+
+
+def test_debian_distro_kernel_with_modules(tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_text("via 9p module\n")
+    session = Session(
+        memory="512M",
+        kernel="debian",
+        network="user",
+        shares=[FSShare(str(share), "/mnt/s", read_only=True)],
+        disks=[Disk("32M", "/data")],
+        balloon=True,
+    )
+    with Sandbox(session) as box:
+        assert box.kernel.description.startswith("Debian's Linux 6.1")
+        assert box.exec(["uname", "-r"]).stdout.decode().strip() == box.kernel.version
+        assert box.read_file("/mnt/s/f") == b"via 9p module\n"
+        modules = box.read_file("/proc/modules").decode()
+        for name in ("9p", "virtio_blk", "ext4", "virtio_net", "virtio_console"):
+            assert f"{name} " in modules, name
+        assert run(box, "echo ok > /data/x && cat /data/x").stdout == b"ok\n"
+
+
+def test_guest_panic_raises_with_the_console_tail(kernel):
+    with Sandbox(Session(memory="256M", kernel=kernel)) as box:
+        with pytest.raises(KernelPanic) as err:
+            run(box, "echo c > /proc/sysrq-trigger")
+        assert "Kernel panic" in str(err.value)
+        assert "sysrq" in err.value.console_tail.lower()
+        assert len(err.value.console_tail.splitlines()) <= 30
+
+
+def test_boot_timeout(kernel):
+    with pytest.raises(SandboxError) as err:
+        Sandbox(Session(memory="256M", kernel=kernel, boot_timeout=0.3)).start()
+    assert err.value.exit_code == 121
+
+
+def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(f"""\
+        import sys, time, warnings
+        warnings.simplefilter("ignore")
+        from qemubox.sandbox.sandbox import Sandbox
+        from qemubox.sandbox.spec import Session
+        box = Sandbox(Session(memory="128M", kernel={kernel!r})).start()
+        print(box.pid, box.dir, flush=True)
+        time.sleep(600)
+    """)
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid_text, rundir = owner.stdout.readline().split()
+    qemu_pid = int(pid_text)
+    assert os.path.exists(f"/proc/{qemu_pid}")
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status = Path(f"/proc/{qemu_pid}/status").read_text()
+        except OSError:
+            break  # gone
+        if "State:\tZ" in status:
+            break  # dead, waiting for its new parent to reap it
+        assert time.monotonic() < deadline, "QEMU survived its owner"
+        time.sleep(0.1)
+    # The next sandbox sweeps the runtime directory the dead owner left behind.
+    assert Path(rundir).exists()
+    with Sandbox(Session(memory="128M", kernel=kernel)):
+        pass
+    assert not Path(rundir).exists()
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_exit_codes_and_streams(kernel, tmp_path):
+    r = qemubox("run", "--kernel", kernel, "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.code, r.out) == (3, "out\n") and "err\n" in r.err
+    assert qemubox("run", "--kernel", kernel, "--", "sh", "-c", "kill -9 $$").code == 137
+    r = qemubox("run", "--kernel", kernel, "--timeout", "1", "--", "sleep", "20")
+    assert r.code == 124 and "timed out after 1 s" in r.err
+    assert qemubox("run", "--kernel", kernel, "--", "/no/such").code == 127
+    r = qemubox(
+        "run",
+        "--kernel",
+        kernel,
+        "-i",
+        "-e",
+        "X=1",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'cat; echo "$X $(pwd)"',
+        stdin="piped\n",
+    )
+    assert r.out == "piped\n1 /tmp\n"
+
+
+def test_cli_sandbox_failures(kernel, tmp_path):
+    r = qemubox("run", "--kernel", kernel, "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert r.code == 122
+    assert "--- guest console (last lines) ---" in r.err and "Kernel panic" in r.err
+    r = qemubox("run", "--kernel", kernel, "--boot-timeout", "0.3", "--", "true")
+    assert r.code == 121
+    r = qemubox("run", "--kernel", "/etc/passwd", "--", "true")
+    assert r.code == 2 and "not a bzImage" in r.err
+    log = tmp_path / "console.log"
+    r = qemubox("run", "--kernel", kernel, "--console-log", log, "--", "true")
+    assert r.code == 0 and log.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-v", "relative:/mnt"], "share host path is not a directory: relative"),
+        (["-v", "/tmp"], "expected HOST:GUEST"),
+        (["--share", "/tmp:/mnt"], "expected HOST:TAG:GUEST"),
+        (["--disk", "lots:/d"], "invalid disk size"),
+        (["-p", "80"], "expected HOST_PORT:GUEST_PORT"),
+        (["-p", "8080:80"], "need a network"),
+        (["-m", "tiny"], "invalid memory"),
+    ],
+)
+def test_cli_bad_input(kernel, args, message):
+    r = qemubox("run", "--kernel", kernel, *args, "--", "true")
+    assert r.code == 2 and message in r.err
+    assert r.err.count("\n") == 1, r.err
+
+
+def test_cli_dry_run(kernel, tmp_path):
+    evil = tmp_path / "x,readonly=off"
+    evil.mkdir()
+    disk = tmp_path / "never-made.img"
+    r = qemubox(
+        "run",
+        "--kernel",
+        kernel,
+        "--dry-run",
+        "-v",
+        f"{evil}:/mnt:ro",
+        "--disk",
+        f"16M:/d:{disk}",
+        "--",
+        "true",
+    )
+    assert r.code == 0
+    assert r.out.startswith("qemu-system-x86_64 ")
+    assert f"path={evil}".replace(",", ",,") in r.out and ",readonly=on" in r.out
+    assert not disk.exists()
+
+
+def test_warns_when_falling_back_to_tcg(kernel):
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("this host has no /dev/kvm: nothing to fall back from")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Sandbox(Session(memory="128M", kernel=kernel)) as box:
+            accel = box.accel
+    if accel == "tcg":
+        assert any("using TCG" in str(w.message) for w in caught)

@@ -1,0 +1,188 @@
+"""Session validation and the QEMU command line (pure functions, no VM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qemubox.errors import InputError
+from qemubox.sandbox import qemu
+from qemubox.sandbox.spec import Disk, FSShare, Session, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1024K", 1 << 20),
+        ("64MiB", 64 << 20),
+        ("256", 256 << 20),
+        ("1T", 1 << 40),
+        (4096, 4096),
+    ],
+)
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5M", "1.5G", "0", "12Q", 0])
+def test_bad_sizes(text):
+    with pytest.raises(InputError):
+        parse_size(text)
+
+
+def test_valid_session(tmp_path):
+    v = Session(
+        memory="256M",
+        cpus=2,
+        balloon=True,
+        shares=[FSShare(str(tmp_path), "/mnt/host", "host_share", True)],
+        disks=[Disk("1G", "/data")],
+        network="restricted",
+        ports=[(0, 80)],
+    ).validate()
+    assert v.memory == 256 << 20 and v.cpus == 2
+    assert v.shares[0].tag == "host_share" and v.shares[0].read_only
+    assert v.shares[0].security_model == "mapped-xattr"
+    assert v.disks[0].size == 1 << 30 and v.disks[0].serial == "qbxdisk0"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"memory": "32M"}, "too small"),
+        ({"memory": "big"}, "invalid memory"),
+        ({"cpus": 0}, "cpus must be"),
+        ({"network": "wide"}, "network must be one of"),
+        ({"accel": "hvf"}, "accel must be one of"),
+        ({"ports": [(8080, 80)]}, "need a network"),
+        ({"ports": [(70000, 80)], "network": "user"}, "host port must be between"),
+        ({"ports": [(1, 0)], "network": "user"}, "guest port must be between 1"),
+        ({"shares": [FSShare("/nonexistent", "/mnt")]}, "not a directory: /nonexistent"),
+        ({"shares": [FSShare("{tmp}", "relative")]}, "absolute guest path"),
+        ({"shares": [FSShare("{tmp}", "/proc/x")]}, "would hide a system directory"),
+        ({"shares": [FSShare("{tmp}", "/mnt", "bad tag!")]}, "invalid mount tag 'bad tag!'"),
+        ({"shares": [FSShare("{tmp}", "/mnt", "t" * 32)]}, "invalid mount tag"),
+        ({"shares": [FSShare("{tmp}", "/a", "t"), FSShare("{tmp}", "/b", "t")]}, "used twice"),
+        ({"shares": [FSShare("{tmp}", "/a", security_model="open")]}, "security_model must"),
+        ({"shares": [FSShare("{tmp}", "/a")], "disks": [Disk("1G", "/a/")]}, "two mounts at /a"),
+        ({"disks": [Disk("1K", "/d")]}, "too small"),
+        ({"disks": [Disk("1G", "/d", "/nonexistent/dir/x.img")]}, "directory does not exist"),
+        ({"disks": [Disk("1G", "/d", "{tmp}")]}, "not a file"),
+        ({"timeout": -1}, "timeout must be positive"),
+        ({"modules": "{tmp}"}, "no modules.dep"),
+    ],
+)
+def test_invalid_sessions(tmp_path, kw, message):
+    def fill(value):
+        if isinstance(value, str):
+            return value.replace("{tmp}", str(tmp_path))
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, FSShare | Disk):
+            return type(value)(*(fill(getattr(value, f)) for f in value.__dataclass_fields__))
+        return value
+
+    with pytest.raises(InputError, match=message):
+        Session(**{k: fill(v) for k, v in kw.items()}).validate()
+
+
+def config(tmp_path, **kw) -> qemu.VMConfig:
+    base = dict(
+        arch="x86_64",
+        machine="microvm",
+        accel="tcg",
+        cpus=1,
+        memory_mib=512,
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd",
+        append="console=ttyS0",
+        qmp_socket=tmp_path / "q.sock",
+        agent_socket=tmp_path / "a.sock",
+        console_log=tmp_path / "console.log",
+    )
+    return qemu.VMConfig(**{**base, **kw})
+
+
+def option(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_escape():
+    assert qemu.escape("/tmp/a,readonly=off") == "/tmp/a,,readonly=off"
+    assert qemu.escape(Path("/x,,y")) == "/x,,,,y"
+
+
+def test_a_comma_in_a_path_cannot_inject_options(tmp_path):
+    evil = Path("/tmp/a,readonly=off,security_model=passthrough")
+    args = qemu.qemu_args(
+        config(tmp_path, shares=(qemu.ShareDevice("t", evil, True, "mapped-xattr"),))
+    )
+    (fsdev,) = option(args, "-fsdev")
+    assert fsdev == (
+        "local,id=fs0,path=/tmp/a,,readonly=off,,security_model=passthrough,"
+        "security_model=mapped-xattr,readonly=on"
+    )
+    # QEMU splits options at single commas only: the path stays one value.
+    parts = fsdev.replace(",,", "\0").split(",")
+    assert parts[2].replace("\0", ",") == f"path={evil}"
+    assert parts[-1] == "readonly=on"
+
+
+def test_microvm_uses_mmio_devices_and_q35_pci(tmp_path):
+    share = qemu.ShareDevice("host_share", tmp_path, True, "mapped-xattr")
+    disk = qemu.DiskDevice(tmp_path / "d.img", "qbxdisk0")
+    for machine, suffix in (("microvm", "device"), ("q35", "pci")):
+        args = qemu.qemu_args(
+            config(
+                tmp_path,
+                machine=machine,
+                shares=(share,),
+                disks=(disk,),
+                network="user",
+                balloon=True,
+            )
+        )
+        devices = option(args, "-device")
+        assert f"virtio-serial-{suffix}" in devices
+        assert f"virtio-9p-{suffix},fsdev=fs0,mount_tag=host_share" in devices
+        assert f"virtio-blk-{suffix},drive=disk0,serial=qbxdisk0" in devices
+        assert f"virtio-net-{suffix},netdev=net0" in devices
+        assert f"virtio-balloon-{suffix},id=balloon0" in devices
+    assert option(args, "-machine") == ["q35"]
+
+
+def test_base_command_line(tmp_path):
+    args = qemu.qemu_args(config(tmp_path))
+    assert args[0] == "qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in args
+    assert option(args, "-machine") == ["microvm,rtc=on"]
+    assert option(args, "-accel") == ["tcg"] and option(args, "-cpu") == ["max"]
+    assert "virtserialport,chardev=agent,name=qemubox.agent" in option(args, "-device")
+    assert not option(args, "-netdev") and not option(args, "-fsdev")
+    assert f"socket,id=qmp,path={tmp_path}/q.sock" in option(args, "-chardev")
+    kvm = qemu.qemu_args(config(tmp_path, accel="kvm"))
+    assert option(kvm, "-cpu") == ["host"]
+
+
+def test_networks(tmp_path):
+    restricted = qemu.qemu_args(
+        config(tmp_path, network="restricted", forwards=((8080, 80), (2222, 22)))
+    )
+    assert option(restricted, "-netdev") == [
+        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,"
+        "hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22"
+    ]
+    user = qemu.qemu_args(config(tmp_path, network="user"))
+    assert option(user, "-netdev") == ["user,id=net0"]
+
+
+def test_kernel_cmdline():
+    line = qemu.kernel_cmdline("x86_64", "tcg", 2445432)
+    assert line.split()[:3] == ["console=ttyS0", "panic=-1", "quiet"]
+    assert "tsc_early_khz=2445432" in line
+    assert "tsc_early_khz" not in qemu.kernel_cmdline("x86_64", "kvm", 2445432)
+    assert qemu.kernel_cmdline("arm64", "tcg", None).startswith("console=ttyAMA0")
