@@ -484,3 +484,32 @@ def test_warns_when_falling_back_to_tcg(kernel):
             accel = box.accel
     if accel == "tcg":
         assert any("using TCG" in str(w.message) for w in caught)
+
+
+def test_readme_api_example(kernel, tmp_path):
+    from qemubox import Disk, FSShare, Sandbox, Session
+
+    src = tmp_path / "src"
+    src.mkdir()
+    s = Session(
+        memory="512M",
+        cpus=1,
+        balloon=True,
+        shares=[
+            FSShare(
+                host_path=str(src), mount_tag="host_share", mount_point="/mnt/host", read_only=True
+            )
+        ],
+        disks=[Disk(size="1G", mount_point="/data")],
+        network="none",
+        kernel=kernel,
+        timeout=60,
+    )
+    with Sandbox(s) as sb:
+        r = sb.exec(["sh", "-c", "echo hi; exit 3"], env={"A": "1"}, cwd="/", stdin=b"", timeout=10)
+        assert (r.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"")
+        sb.write_file("/tmp/x", b"data")
+        assert sb.read_file("/tmp/x") == b"data"
+        sb.set_memory("256M")
+        size_kib = int(run(sb, "df -k /data | tail -1").stdout.split()[1])
+        assert 900_000 < size_kib < 1_100_000, size_kib

@@ -7,4 +7,28 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+# The sandbox API, imported on first use so that the command line starts fast.
+_LAZY = {
+    "Session": "qemubox.sandbox.spec",
+    "FSShare": "qemubox.sandbox.spec",
+    "Disk": "qemubox.sandbox.spec",
+    "Sandbox": "qemubox.sandbox.sandbox",
+    "ExecResult": "qemubox.sandbox.sandbox",
+    "SandboxError": "qemubox.sandbox.sandbox",
+    "KernelPanic": "qemubox.sandbox.sandbox",
+    "BootError": "qemubox.sandbox.sandbox",
+    "VMDied": "qemubox.sandbox.sandbox",
+    "KernelError": "qemubox.sandbox.sandbox",
+    "InputError": "qemubox.errors",
+    "QemuboxError": "qemubox.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qemubox' has no attribute {name!r}")

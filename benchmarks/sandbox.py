@@ -1,0 +1,150 @@
+"""Sandbox benchmark: cold one-shot runs against the bare QEMU floor (and virtme-ng), warm
+exec round trips, idle memory, and many one-shot runs in parallel.
+
+Run by hand:
+
+    .venv/bin/python benchmarks/sandbox.py [--kernel build/kernel/vmlinuz] [--vng PATH] [-n 5]
+
+The floor is the same QEMU and kernel booting a busybox initramfs whose init only powers
+off. With --vng (a virtme-ng `vng` executable; `pip install virtme-ng` gives one) it also
+times `vng --disable-kvm -r <kernel> -- true`. Targets: cold/floor <= 1.15, cold/vng <= 0.25,
+warm exec median <= 20 ms, idle RSS of a 256M session <= 80 MiB, 16 parallel runs correct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from qemubox.initramfs import CpioWriter
+from qemubox.sandbox import qemu
+from qemubox.sandbox.kernels import choose_kernel
+from qemubox.sandbox.sandbox import Sandbox
+from qemubox.sandbox.spec import Session
+
+warnings.simplefilter("ignore")
+
+
+def timed(args: list[str], check=True, **kw) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, **kw)
+    took = time.monotonic() - start
+    if check and proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr.decode()[-2000:]}")
+    return took
+
+
+def median_of(n: int, fn) -> float:
+    return statistics.median(fn() for _ in range(n))
+
+
+def floor_initramfs(path: Path) -> None:
+    with open(path, "wb") as fh:
+        cpio = CpioWriter(fh)
+        cpio.add_host_file("bin/busybox", Path("/bin/busybox"), 0o755)
+        cpio.add_char_device("dev/console", 5, 1)
+        cpio.add_file("init", b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n", 0o755)
+        cpio.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", help="kernel image (default: what qemubox run picks)")
+    parser.add_argument("--vng", help="a virtme-ng vng executable, to compare with")
+    parser.add_argument("-n", type=int, default=5, help="repetitions (medians are printed)")
+    args = parser.parse_args()
+
+    kernel = choose_kernel(args.kernel)
+    image = str(kernel.image)
+    qemubox = [sys.executable, "-m", "qemubox", "run", "--kernel", image, "--accel", "tcg"]
+    timed([*qemubox, "--", "true"])  # warm the caches (initramfs, agent, KVM verdict)
+    print(f"kernel: {kernel.description} ({image})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        initrd = Path(tmp) / "floor.cpio"
+        floor_initramfs(initrd)
+        tsc = qemu.host_tsc_khz()
+        floor_args = [
+            "qemu-system-x86_64",
+            "-machine",
+            "microvm,rtc=on",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "512M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "null",
+            "-kernel",
+            image,
+            "-initrd",
+            str(initrd),
+            "-append",
+            qemu.kernel_cmdline("x86_64", "tcg", tsc),
+        ]
+        floor = median_of(args.n, lambda: timed(floor_args))
+    cold = median_of(args.n, lambda: timed([*qemubox, "--", "true"]))
+    print(f"bare floor (QEMU + kernel + init that powers off)  {floor:6.2f} s")
+    print(
+        f"qemubox run -- true (cold, whole CLI)              {cold:6.2f} s   "
+        f"ratio {cold / floor:.2f} (target <= 1.15)"
+    )
+
+    if args.vng:
+        # vng may report 255 when it cannot find its I/O ports (no udev); the time counts.
+        vng_args = [args.vng, "--disable-kvm", "-r", image, "--", "true"]
+        vng = median_of(args.n, lambda: timed(vng_args, check=False))
+        print(
+            f"vng --disable-kvm -r <same kernel> -- true          {vng:6.2f} s   "
+            f"ratio {cold / vng:.2f} (target <= 0.25)"
+        )
+
+    with Sandbox(Session(memory="256M", kernel=image, accel="tcg")) as box:
+        for _ in range(5):
+            box.exec(["true"])
+        rounds = []
+        for _ in range(50):
+            start = time.monotonic()
+            box.exec(["true"])
+            rounds.append(time.monotonic() - start)
+        time.sleep(2)
+        status = Path(f"/proc/{box.pid}/status").read_text()
+        rss_kib = int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
+    warm = statistics.median(rounds) * 1000
+    print(f"warm exec round trip (true), median of 50         {warm:6.1f} ms (target <= 20)")
+    print(
+        f"idle RSS of a 256M session (QEMU)                 {rss_kib / 1024:6.1f} MiB "
+        "(target <= 80)"
+    )
+
+    def one(n: int) -> bool:
+        proc = subprocess.run(
+            [*qemubox, "--", "sh", "-c", f"echo {n}"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
+        return proc.returncode == 0 and proc.stdout == f"{n}\n".encode()
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        ok = list(pool.map(one, range(16)))
+    took = time.monotonic() - start
+    print(f"16 one-shot runs in parallel                      {took:6.1f} s, {sum(ok)}/16 correct")
+
+
+if __name__ == "__main__":
+    main()
