@@ -64,6 +64,10 @@ CONSOLE = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
 
 def boot_bare(arch, kernel, initrd=None, append="", timeout=120, extra=()) -> str:
     """Boot a kernel under TCG with nothing but a serial console; returns the console text."""
+    from qemubox.sandbox.qemu import host_tsc_khz
+
+    khz = host_tsc_khz()  # see qemubox.sandbox.qemu.kernel_cmdline
+    tsc = f"tsc_early_khz={khz}" if arch == "x86_64" and khz else ""
     args = [
         *QEMU_BOOT[arch],
         "-accel",
@@ -80,7 +84,7 @@ def boot_bare(arch, kernel, initrd=None, append="", timeout=120, extra=()) -> st
         "-kernel",
         str(kernel),
         "-append",
-        f"console={CONSOLE[arch]} panic=-1 {append}".strip(),
+        " ".join(filter(None, [f"console={CONSOLE[arch]}", "panic=-1", tsc, append])),
         *extra,
     ]
     if initrd:
