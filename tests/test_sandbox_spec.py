@@ -163,7 +163,7 @@ def test_base_command_line(tmp_path):
     assert option(args, "-accel") == ["tcg"] and option(args, "-cpu") == ["max"]
     assert "virtserialport,chardev=agent,name=qemubox.agent" in option(args, "-device")
     assert not option(args, "-netdev") and not option(args, "-fsdev")
-    assert f"socket,id=qmp,path={tmp_path}/q.sock" in option(args, "-chardev")
+    assert f"socket,id=qmp,path={tmp_path}/q.sock,server=on,wait=off" in option(args, "-chardev")
     kvm = qemu.qemu_args(config(tmp_path, accel="kvm"))
     assert option(kvm, "-cpu") == ["host"]
 

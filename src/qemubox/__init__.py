@@ -1,11 +1,6 @@
 """qemubox: QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("qemubox")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 # The sandbox API, imported on first use so that the command line starts fast.
 _LAZY = {

@@ -19,8 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,10 +28,8 @@ from qemubox import __version__
 from qemubox.errors import InputError, ToolError, VerifyError
 from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.engine import apply_fragments, install_config
-from qemubox.kconfig.explain import explain_mismatches
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
-from qemubox.kernel.progress import run_make
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
 from qemubox.kernel.tree import KernelTree, cross_compile_prefix, normalize_arch
 from qemubox.paths import cache_dir
@@ -134,6 +130,9 @@ def _git_fingerprint(path: Path) -> str | None:
 
 def download_kernel(version: str) -> Path:
     """linux-<version>.tar.xz from kernel.org (or $QEMUBOX_KERNEL_MIRROR), cached."""
+    import urllib.error
+    import urllib.request
+
     major = version.split(".")[0]
     mirror = os.environ.get("QEMUBOX_KERNEL_MIRROR", KERNEL_ORG).rstrip("/")
     url = f"{mirror}/v{major}.x/linux-{version}.tar.xz"
@@ -307,6 +306,8 @@ def _has_modules(config_text: str) -> bool:
 
 
 def _compile(tree: KernelTree, jobs: int, label: str) -> float:
+    from qemubox.kernel.progress import run_make  # rich, only when compiling
+
     image_target, _ = IMAGES[tree.arch]
     config_text = tree.config_path.read_text()
     targets = [image_target, "vmlinux"]
@@ -347,6 +348,8 @@ def build_kernel(req: BuildRequest) -> BuildResult:
         kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", arch)
         result = apply_fragments(kconf, merged, base)
         if result.mismatches:
+            from qemubox.kconfig.explain import explain_mismatches
+
             reasons = explain_mismatches(kconf, result.config, result.mismatches)
             lines = []
             for m in result.mismatches:

@@ -30,12 +30,16 @@ class AccelChoice:
     reason: str  # why TCG, when it is TCG on a host that has /dev/kvm
 
 
-def qemu_version(binary: str) -> str:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
-    except OSError:
+def qemu_identity(binary: str) -> str:
+    """Stands for the QEMU version without running QEMU: the binary's path, size and mtime
+    (an upgrade changes them)."""
+    import shutil
+
+    path = shutil.which(binary)
+    if path is None:
         return "missing"
-    return (out.splitlines() or ["unknown"])[0]
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _verdict_path() -> Path:
@@ -110,7 +114,7 @@ def choose_accel(
         return AccelChoice("tcg", "")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return AccelChoice("tcg", "no permission to use /dev/kvm (join the kvm group)")
-    key = f"{platform.release()} {platform.version()} | {qemu_version(binary)}"
+    key = f"{platform.release()} {platform.version()} | {qemu_identity(binary)}"
     path = _verdict_path()
     try:
         verdicts = json.loads(path.read_text())

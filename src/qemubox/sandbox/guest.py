@@ -3,9 +3,7 @@ session needs — built once per content and cached."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import lzma
 import os
 import shutil
 import subprocess
@@ -139,6 +137,9 @@ def module_closure(modules: Path, wanted: list[str]) -> list[str]:
 
 
 def _module_bytes(path: Path) -> bytes:
+    import gzip
+    import lzma
+
     data = path.read_bytes()
     if path.suffix == ".xz":
         return lzma.decompress(data)

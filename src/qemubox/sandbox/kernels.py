@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from qemubox.errors import InputError, ToolError
@@ -25,26 +26,30 @@ class GuestKernel:
     version: str
     arch: str
     modules: Path | None  # lib/modules/<version>, when the kernel has modules
-    config: dict[str, str] | None  # its config, when known
+    config_path: Path | None  # its .config, when known
     description: str
+
+    @cached_property
+    def config(self) -> dict[str, str] | None:
+        return read_config(self.config_path) if self.config_path else None
 
     def option(self, name: str) -> str | None:
         """``y``/``m``/``n`` for an option; None when the config is unknown."""
-        if self.config is None:
+        if self.config_path is None:
             return None
-        return self.config.get(name, "n")
+        with open(self.config_path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(f"CONFIG_{name}="):
+                    return line.split("=", 1)[1].strip()
+        return "n"
 
     def supports_microvm(self) -> bool:
         """Whether it can find virtio-mmio devices (built in, or as a module we can load)."""
         value = self.option("VIRTIO_MMIO")
         if value is not None:
             return value == "y" or (value == "m" and self.modules is not None)
-        if self.modules is not None:
-            return (
-                "virtio_mmio" in (self.modules / "modules.builtin").read_text(errors="replace")
-                if (self.modules / "modules.builtin").exists()
-                else False
-            )
+        if self.modules is not None and (self.modules / "modules.builtin").is_file():
+            return "virtio_mmio" in (self.modules / "modules.builtin").read_text(errors="replace")
         return False
 
 
@@ -77,14 +82,14 @@ def _find_modules(image: Path, version: str, explicit: Path | None) -> Path | No
     return None
 
 
-def _find_config(image: Path, version: str) -> dict[str, str] | None:
+def _find_config(image: Path, version: str) -> Path | None:
     for candidate in (
         image.parent / f"config-{version}",
         image.parent / "config",
         Path("/boot") / f"config-{version}",
     ):
         if candidate.is_file():
-            return read_config(candidate)
+            return candidate
     return None
 
 
@@ -129,7 +134,7 @@ def built_kernel(arch: str) -> GuestKernel | None:
             manifest["version"],
             arch,
             modules if (modules / "modules.dep").is_file() else None,
-            read_config(build_dir / ".config"),
+            build_dir / ".config",
             f"Linux {manifest['version']} built by qemubox ({manifest['profile']})",
         )
     return None
@@ -199,7 +204,7 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
         version,
         arch,
         modules if modules.is_dir() else None,
-        read_config(config) if config.is_file() else None,
+        config if config.is_file() else None,
         f"Debian's Linux {version}",
     )
 

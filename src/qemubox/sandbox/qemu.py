@@ -143,7 +143,7 @@ def qemu_args(cfg: VMConfig) -> list[str]:
         "-serial",
         "chardev:console",
         "-chardev",
-        f"socket,id=qmp,path={escape(cfg.qmp_socket)}",
+        f"socket,id=qmp,path={escape(cfg.qmp_socket)},server=on,wait=off",
         "-mon",
         "chardev=qmp,mode=control",
         "-chardev",

@@ -164,6 +164,7 @@ class Sandbox:
         self._proc: subprocess.Popen | None = None
         self._agent: AgentClient | None = None
         self._qmp = None
+        self._qmp_socket: Path | None = None
         self._qmp_lock = threading.Lock()
         self._closed = False
 
@@ -262,12 +263,10 @@ class Sandbox:
         return self
 
     def _start(self) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         cfg = self.prepare()
         assert self.dir is not None
-        qmp_listener = _listen(cfg.qmp_socket)
         agent_listener = _listen(cfg.agent_socket)
+        self._qmp_socket = cfg.qmp_socket
         self.qemu_args = qemu.qemu_args(cfg)
         with open(self.dir / "qemu.log", "wb") as log:
             self._proc = subprocess.Popen(
@@ -278,12 +277,8 @@ class Sandbox:
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + self.spec.boot_timeout
-        qmp_sock = self._accept(qmp_listener, deadline)
         agent_sock = self._accept(agent_listener, deadline)
-        qmp_listener.close()
         agent_listener.close()
-        self._qmp = QEMUMonitorProtocol(qmp_sock)
-        self._qmp.connect(negotiate=True)
         self._agent = AgentClient(agent_sock)
         while not self._agent.ready.wait(0.05):
             self._check_alive("while booting")
@@ -496,9 +491,15 @@ class Sandbox:
     # --- memory (virtio-balloon over QMP) -------------------------------------------------------
 
     def _qmp_cmd(self, name: str, **args):
-        if self._qmp is None:
+        """A QMP command; the monitor is connected on first use (QEMU listens on it)."""
+        if self._proc is None or self._closed:
             raise SandboxError("the sandbox is not running")
         with self._qmp_lock:
+            if self._qmp is None:
+                from qemu.qmp.legacy import QEMUMonitorProtocol
+
+                self._qmp = QEMUMonitorProtocol(str(self._qmp_socket))
+                self._qmp.connect(negotiate=True)
             return self._qmp.cmd(name, **args)
 
     def set_memory(self, size: str | int) -> None:
