@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -513,3 +514,14 @@ def test_readme_api_example(kernel, tmp_path):
         sb.set_memory("256M")
         size_kib = int(run(sb, "df -k /data | tail -1").stdout.split()[1])
         assert 900_000 < size_kib < 1_100_000, size_kib
+
+
+def test_kernel_in_a_build_tree_is_recognised(kernel):
+    from qemubox.sandbox.kernels import kernel_from_path
+
+    manifest = json.loads((Path(kernel).parent / "manifest.json").read_text())
+    image = Path(manifest["build_dir"]) / manifest["image"]
+    k = kernel_from_path(image)
+    assert k.config_path == Path(manifest["build_dir"]) / ".config"
+    assert k.supports_microvm()
+    assert k.version == manifest["version"]

@@ -69,11 +69,20 @@ def bzimage_version(image: Path) -> str | None:
     return text.split()[0] if text else None
 
 
+def _build_tree(image: Path) -> list[Path]:
+    """The kernel build tree an image lies in (``<tree>/arch/<arch>/boot/<image>``), if any."""
+    parents = image.resolve().parents
+    if len(parents) > 3 and parents[2].name == "arch" and (parents[3] / ".config").is_file():
+        return [parents[3]]
+    return []
+
+
 def _find_modules(image: Path, version: str, explicit: Path | None) -> Path | None:
     if explicit is not None:
         return explicit
     for candidate in (
         image.parent / "lib" / "modules" / version,  # qemubox's install layout
+        *(tree / ".qemubox-modules" / "lib" / "modules" / version for tree in _build_tree(image)),
         image.parent.parent / "lib" / "modules" / version,  # a package unpacked: boot/ + lib/
         Path("/lib/modules") / version,
     ):
@@ -86,6 +95,7 @@ def _find_config(image: Path, version: str) -> Path | None:
     for candidate in (
         image.parent / f"config-{version}",
         image.parent / "config",
+        *(tree / ".config" for tree in _build_tree(image)),
         Path("/boot") / f"config-{version}",
     ):
         if candidate.is_file():
