@@ -13,26 +13,25 @@ Layout under ``<cache>/kernel-build/``:
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemubox import __version__
-from qemubox.errors import InputError, ToolError, VerifyError
+from qemubox.apt import apt_install
+from qemubox.errors import InputError, VerifyError
 from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.engine import apply_fragments, install_config
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
 from qemubox.kernel.tree import KernelTree, cross_compile_prefix, normalize_arch
-from qemubox.paths import cache_dir
+from qemubox.paths import cache_dir, locked, read_json, write_json
 
 # profile: (base config, shipped fragments applied on top of it)
 PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -97,16 +96,6 @@ def build_root() -> Path:
     path = cache_dir() / "kernel-build"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def _locked(path: Path):
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -213,28 +202,11 @@ def _cc_version(arch: str) -> str:
     prefix = cross_compile_prefix(arch) or ""
     if prefix and not shutil.which(prefix + "gcc"):
         package = CROSS_PACKAGES.get(arch)
-        if package and os.geteuid() == 0:
-            _apt_install(package)
-        else:
-            raise InputError(
-                f"no cross compiler {prefix}gcc for ARCH={arch}"
-                + (f" (apt-get install {package})" if package else "")
-            )
+        if not package:
+            raise InputError(f"no cross compiler {prefix}gcc for ARCH={arch}")
+        apt_install(package, f"no cross compiler {prefix}gcc for ARCH={arch}")
     proc = subprocess.run([prefix + "gcc", "--version"], capture_output=True, text=True)
     return (proc.stdout.splitlines() or [""])[0]
-
-
-def _apt_install(package: str) -> None:
-    proc = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        check=False,
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ToolError(f"apt-get install {package} failed: {last}")
 
 
 def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: str) -> str:
@@ -256,19 +228,6 @@ def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: s
 # --- build ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _seed_build_dir(root: Path, prefix: str, profile: str, target: Path) -> str | None:
     """Start ``target`` as a copy of the newest finished build of the same source and arch
     (of the same profile, if there is one), so that make rebuilds only what changed."""
@@ -279,7 +238,7 @@ def _seed_build_dir(root: Path, prefix: str, profile: str, target: Path) -> str 
 
     def rank(d: Path) -> tuple[bool, float]:
         mark = d / BUILD_MARK
-        return _read_json(mark).get("profile") == profile, mark.stat().st_mtime
+        return read_json(mark).get("profile") == profile, mark.stat().st_mtime
 
     newest = max(done, key=rank)
     tmp = root / f".seed-{target.name}"
@@ -335,13 +294,13 @@ def build_kernel(req: BuildRequest) -> BuildResult:
     root = build_root()
     prefix = f"{source.key}-{arch}-"
     input_key = _input_key(source, arch, base, merged, cc)
-    with _locked(root / f".{source.key}-{arch}.lock"):
+    with locked(root / f".{source.key}-{arch}.lock"):
         index_path = root / "index.json"
-        index = _read_json(index_path)
+        index = read_json(index_path)
         known = index.get(input_key)
         if source.fingerprint and known and (root / known / BUILD_MARK).is_file():
             build_dir = root / known
-            manifest = _read_json(build_dir / BUILD_MARK)
+            manifest = read_json(build_dir / BUILD_MARK)
             notes = install_build(manifest, build_dir, req.output)
             return BuildResult(manifest, build_dir, req.output, False, notes)
 
@@ -390,10 +349,10 @@ def build_kernel(req: BuildRequest) -> BuildResult:
                 "qemubox": __version__,
                 "build_dir": str(build_dir),
             }
-            _write_json(build_dir / BUILD_MARK, manifest)
-        manifest = _read_json(build_dir / BUILD_MARK)
+            write_json(build_dir / BUILD_MARK, manifest)
+        manifest = read_json(build_dir / BUILD_MARK)
         index[input_key] = build_dir.name
-        _write_json(index_path, index)
+        write_json(index_path, index)
         notes = install_build(manifest, build_dir, req.output)
         return BuildResult(manifest, build_dir, req.output, ran_make, notes)
 
@@ -401,5 +360,5 @@ def build_kernel(req: BuildRequest) -> BuildResult:
 def list_builds() -> list[dict]:
     """Finished builds, newest first."""
     root = build_root()
-    builds = [_read_json(d / BUILD_MARK) for d in root.iterdir() if (d / BUILD_MARK).is_file()]
+    builds = [read_json(d / BUILD_MARK) for d in root.iterdir() if (d / BUILD_MARK).is_file()]
     return sorted(builds, key=lambda m: m.get("built_at", ""), reverse=True)

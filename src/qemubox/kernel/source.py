@@ -3,20 +3,18 @@ into the cache (keyed by the tarball's content hash) and reused."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from qemubox.apt import apt_install
 from qemubox.errors import InputError, ToolError
 from qemubox.kernel.tree import makefile_version
-from qemubox.paths import cache_dir
+from qemubox.paths import cache_dir, locked, read_json, write_json
 
 DEBIAN_SOURCE_DIR = Path("/usr/src")
 _SERIES_RE = re.compile(r"\d+\.\d+")
@@ -28,26 +26,12 @@ def source_cache() -> Path:
     return path
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so a big tarball is hashed once."""
     st = path.stat()
     index_path = source_cache() / "hashes.json"
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = read_json(index_path)
     if key in index:
         return index[key]
     digest = hashlib.sha256()
@@ -55,9 +39,7 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     index[key] = digest.hexdigest()
-    tmp = index_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
+    write_json(index_path, index)
     return index[key]
 
 
@@ -69,7 +51,7 @@ def extract_tarball(tarball: Path, sha256: str | None = None) -> Path:
     if sha256 and digest != sha256.lower():
         raise InputError(f"{tarball}: sha256 is {digest}, expected {sha256}")
     cache = source_cache()
-    with _locked(cache / f".{digest[:16]}.lock"):
+    with locked(cache / f".{digest[:16]}.lock"):
         for existing in cache.glob(f"linux-*-{digest[:12]}"):
             if (existing / "Makefile").is_file():
                 return existing
@@ -92,28 +74,16 @@ def extract_tarball(tarball: Path, sha256: str | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def debian_tarball(series: str, install: bool = True) -> Path:
+def debian_tarball(series: str) -> Path:
     """``/usr/src/linux-source-<series>.tar.xz``, installing the package when root."""
     if not _SERIES_RE.fullmatch(series):
         raise InputError(f"kernel version must look like 6.12, got {series!r}")
     tarball = DEBIAN_SOURCE_DIR / f"linux-source-{series}.tar.xz"
     if tarball.is_file():
         return tarball
-    package = f"linux-source-{series}"
-    if not install or os.geteuid() != 0:
-        raise InputError(
-            f"{tarball} is missing: install it with 'apt-get install {package}' (as root)"
-        )
-    proc = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        check=False,
-    )
-    if proc.returncode != 0 or not tarball.is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ToolError(f"apt-get install {package} failed: {last}")
+    apt_install(f"linux-source-{series}", f"{tarball} is missing")
+    if not tarball.is_file():
+        raise ToolError(f"linux-source-{series} did not install {tarball}")
     return tarball
 
 

@@ -9,7 +9,6 @@ is cached per host kernel and QEMU version.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import re
@@ -19,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemubox.paths import cache_dir
+from qemubox.paths import cache_dir, read_json, write_json
 
 PROBE_SECONDS = 4.0
 
@@ -116,18 +115,13 @@ def choose_accel(
         return AccelChoice("tcg", "no permission to use /dev/kvm (join the kvm group)")
     key = f"{platform.release()} {platform.version()} | {qemu_identity(binary)}"
     path = _verdict_path()
-    try:
-        verdicts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        verdicts = {}
+    verdicts = read_json(path)
     if key not in verdicts:
         if not probe:
             return AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
         works, reason = _probe(binary, kernel)
         verdicts[key] = {"works": works, "reason": reason}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(verdicts, indent=1))
-        os.replace(tmp, path)
+        write_json(path, verdicts)
     verdict = verdicts[key]
     if verdict["works"]:
         return AccelChoice("kvm", "")

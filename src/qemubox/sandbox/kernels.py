@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -12,10 +11,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from qemubox.apt import apt_download
 from qemubox.errors import InputError, ToolError
 from qemubox.kconfig.engine import read_config
 from qemubox.kernel.tree import host_arch
-from qemubox.paths import cache_dir
+from qemubox.paths import cache_dir, locked
 
 DEBIAN_META = {"x86_64": "linux-image-amd64", "arm64": "linux-image-arm64"}
 
@@ -157,28 +157,17 @@ def debian_kernel(arch: str) -> GuestKernel:
         raise InputError(f"no Debian kernel for {arch}")
     root = cache_dir() / "debian-kernel"
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(root / ".lock"):
         for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
             kernel = _unpacked_kernel(unpacked, arch)
             if kernel:
                 return kernel
         package = _debian_package_name(meta)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            proc = subprocess.run(
-                ["apt-get", "download", package],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            debs = list(Path(tmp).glob("*.deb"))
-            if proc.returncode != 0 or not debs:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise ToolError(f"apt-get download {package} failed: {last}")
+            deb = apt_download(package, Path(tmp))
             target = root / package
             unpack = Path(tmp) / "x"
-            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpack)], check=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(unpack)], check=True)
             os.replace(unpack, target)
         kernel = _unpacked_kernel(target, arch)
         if kernel is None:
