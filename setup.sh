@@ -44,6 +44,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# qemubox fetches Debian's kernel package with apt-get download: it needs package lists.
+if [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+  apt-get update -qq
+fi
+
 py=${PYTHON:-python3}
 if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "setup: qemubox needs Python >= 3.11 (found: $("$py" --version 2>&1))" >&2

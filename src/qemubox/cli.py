@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -140,22 +139,17 @@ def kconfig_merge(fragments, output, base, kernel_dir, kernel_version, build_dir
 
 
 def _write_keeping_old(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``; a different existing file is kept as ``path.old``."""
-    if path.is_dir():
-        raise InputError(f"{path} is a directory")
-    if path.exists():
-        if path.read_text(encoding="utf-8", errors="replace") == text:
-            return
-        backup = path.with_name(path.name + ".old")
-        shutil.copy2(path, backup)
-        _err(f"kept the previous {path} as {backup}")
-    tmp = path.with_name(f".{path.name}.qemubox-tmp")
+    """Write a user's output file; a different previous one is kept (and we say so)."""
+    from qemubox.paths import write_keeping_old
+
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        backup = write_keeping_old(path, text)
+    except IsADirectoryError:
+        raise InputError(f"{path} is a directory") from None
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {err.strerror}") from None
+    if backup:
+        _err(f"kept the previous {path} as {backup}")
 
 
 @kconfig.command("check")
@@ -385,6 +379,8 @@ def kernel_menuconfig(save, **kw):
     outcome = menuconfig(_request(**kw), Path(save))
     for line in outcome.mismatch_lines:
         click.echo(line)
+    if outcome.backup:
+        _err(f"kept the previous {save} as {outcome.backup}")
     if outcome.changed:
         _err(
             f"{len(outcome.changed)} change(s) saved to {save}; build with: "

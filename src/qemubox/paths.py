@@ -46,3 +46,27 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def write_keeping_old(path: Path, text: str) -> Path | None:
+    """Write ``text`` to ``path``; a different file already there is kept as ``<path>.old``.
+
+    Returns the backup's path when one was made. An identical file is not touched.
+    """
+    import shutil
+
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    backup = None
+    if path.exists():
+        if path.read_text(encoding="utf-8", errors="replace") == text:
+            return None
+        backup = path.with_name(path.name + ".old")
+        shutil.copy2(path, backup)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return backup

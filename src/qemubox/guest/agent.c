@@ -670,7 +670,7 @@ int main(void)
 {
 	sigset_t mask;
 	int sfd;
-	struct utsname_buf { char text[256]; } release = { "" };
+	char release[256] = "";
 	FILE *f;
 
 	if (getpid() == 1) {
@@ -690,11 +690,11 @@ int main(void)
 		die("cannot find the virtio port qemubox.agent");
 	f = fopen("/proc/sys/kernel/osrelease", "r");
 	if (f) {
-		if (fgets(release.text, sizeof(release.text), f))
-			release.text[strcspn(release.text, "\n")] = 0;
+		if (fgets(release, sizeof(release), f))
+			release[strcspn(release, "\n")] = 0;
 		fclose(f);
 	}
-	send_frame(G_READY, 0, release.text, strlen(release.text));
+	send_frame(G_READY, 0, release, strlen(release));
 
 	for (;;) {
 		struct pollfd pfds[2 + 3 * MAX_EXECS];

@@ -15,12 +15,14 @@ from qemubox.kconfig.merge import merge
 from qemubox.kconfig.verify import verify
 from qemubox.kernel.build import BuildRequest, build_root, request_fragments, resolve_source
 from qemubox.kernel.tree import KernelTree, normalize_arch
+from qemubox.paths import write_keeping_old
 
 
 @dataclass
 class MenuconfigOutcome:
     changed: dict[str, str]
     mismatch_lines: list[str] = field(default_factory=list)
+    backup: Path | None = None  # the previous fragment, when one was replaced
 
 
 def config_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str]:
@@ -33,8 +35,6 @@ def config_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, s
 
 
 def menuconfig(req: BuildRequest, save: Path) -> MenuconfigOutcome:
-    from qemubox.cli import _write_keeping_old
-
     arch = normalize_arch(req.arch)
     base, merged, _ = request_fragments(req, arch)
     source = resolve_source(req.kernel_version, req.source, req.sha256)
@@ -50,7 +50,9 @@ def menuconfig(req: BuildRequest, save: Path) -> MenuconfigOutcome:
     if changes:
         where = Location("menuconfig", 0)
         text = merge(Assignment(n, v, where) for n, v in sorted(changes.items())).text()
-        _write_keeping_old(save, "# Changes made with qemubox kernel menuconfig\n" + text)
+        outcome.backup = write_keeping_old(
+            save, "# Changes made with qemubox kernel menuconfig\n" + text
+        )
     mismatches = verify(merged, after)
     if mismatches:
         reasons = explain_mismatches(tree, tree.config_path, mismatches)

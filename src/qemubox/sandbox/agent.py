@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
-import os
 import socket
 import struct
 import threading
@@ -228,6 +227,3 @@ class AgentClient:
 def exec_exit_code(err: GuestError) -> int:
     """A shell's status for a command that could not start: 127 not found, 126 otherwise."""
     return 127 if err.errno == errno_mod.ENOENT else 126
-
-
-__all__ = ["AgentClient", "AgentGone", "GuestError", "exec_exit_code", "os"]
