@@ -525,3 +525,17 @@ def test_kernel_in_a_build_tree_is_recognised(kernel):
     assert k.config_path == Path(manifest["build_dir"]) / ".config"
     assert k.supports_microvm()
     assert k.version == manifest["version"]
+
+
+def test_kernel_without_known_config_boots_on_q35(kernel, tmp_path):
+    """A bare image (no config or modules beside it) gets the PCI machine, which any x86
+    kernel with virtio-pci can use."""
+    import shutil
+
+    bare = tmp_path / "bzImage"
+    shutil.copy(Path(kernel).resolve(), bare)
+    with Sandbox(Session(memory="256M", kernel=str(bare))) as box:
+        assert box.kernel.config_path is None and not box.kernel.supports_microvm()
+        assert box.qemu_args[box.qemu_args.index("-machine") + 1] == "q35"
+        assert run(box, "echo on q35").stdout == b"on q35\n"
+        assert run(box, "ls /sys/bus/pci/devices | wc -l").stdout.strip() != b"0"
