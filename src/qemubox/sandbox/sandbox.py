@@ -136,8 +136,18 @@ def _make_disk(disk: ValidDisk, path: Path) -> None:
 
 def _is_ext4(path: Path) -> bool:
     with open(path, "rb") as fh:
-        fh.seek(1024 + 0x38)
+        fh.seek(1024 + 0x38)  # the superblock's magic
         return fh.read(2) == b"\x53\xef"
+
+
+def _prepare_disk(disk: ValidDisk, path: Path) -> None:
+    """Make a missing disk; an existing one is used as it is, and must be ext4."""
+    if not path.exists():
+        _make_disk(disk, path)
+    elif not _is_ext4(path):
+        raise InputError(
+            f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
+        )
 
 
 def _listen(path: Path) -> socket.socket:
@@ -209,15 +219,8 @@ class Sandbox:
         disks = []
         for i, disk in enumerate(s.disks):
             path = disk.path or self.dir / f"disk{i}.img"
-            if dry_run:
-                pass
-            elif not path.exists():
-                _make_disk(disk, path)
-            elif not _is_ext4(path):
-                raise InputError(
-                    f"disk {path} exists but is not an ext4 image; "
-                    "qemubox never reformats an existing disk"
-                )
+            if not dry_run:
+                _prepare_disk(disk, path)
             disks.append(qemu.DiskDevice(path, disk.serial))
         self.ports = [(host or _free_port(), guest_port) for host, guest_port in s.ports]
         binary = qemu.QEMU_BINARY[self.kernel.arch]
