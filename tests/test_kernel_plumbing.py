@@ -414,7 +414,8 @@ def test_ctrl_c_stops_make_and_keeps_the_build_dir(private_cache, tmp_path, monk
     r = qemubox("kernel", "build", "-o", tmp_path / "out")
     assert r.code == 0, r.err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["build_dir"] == str(build_dirs[0])
+    assert manifest["work_dir"] == str(build_dirs[0])
+    assert build_dirs[0].name.endswith("-x86_64-minimal")
 
 
 def test_git_fingerprint_follows_changes(tmp_path):

@@ -132,6 +132,7 @@ def install_config(tree: KernelTree, text: str) -> tuple[bool, Path | None]:
     An identical ``.config`` is left alone (its timestamp too, so make rebuilds nothing).
     """
     config = tree.config_path
+    config.parent.mkdir(parents=True, exist_ok=True)
     old_text = config.read_text(encoding="utf-8", errors="replace") if config.exists() else None
     if old_text == text:
         return False, None

@@ -3,10 +3,12 @@
 Layout under ``<cache>/kernel-build/``:
 
 - ``<src>-<arch>-kconfig/``: where the configuration is resolved (olddefconfig);
-- ``<src>-<arch>-<config sha256>/``: a build directory per final configuration, seeded from
-  the newest build of the same source and arch so that a small change rebuilds incrementally;
-  ``.qemubox-build.json`` in it marks a finished build and describes it;
-- ``index.json``: the inputs of each build (source, arch, fragments) to its directory, so that
+- ``<src>-<arch>-<profile>/``: the make directory of a profile, built in place so that a
+  small configuration change rebuilds only what it affects (a copied build directory would
+  not do: kbuild's host tools record absolute paths and rebuild, and every object with them);
+- ``<src>-<arch>-<config sha256>/``: a finished build's outputs (image, .config, System.map,
+  vmlinux, modules) in a build tree's layout, with ``.qemubox-build.json`` describing it;
+- ``index.json``: the inputs of each build (source, arch, fragments) to its outputs, so that
   a build with nothing changed is found without running make at all.
 """
 
@@ -228,36 +230,20 @@ def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: s
 # --- build ------------------------------------------------------------------------------------
 
 
-def _seed_build_dir(root: Path, prefix: str, profile: str, target: Path) -> str | None:
-    """Start ``target`` as a copy of the newest finished build of the same source and arch
-    (of the same profile, if there is one), so that make rebuilds only what changed."""
-    done = [d for d in root.glob(prefix + "*") if (d / BUILD_MARK).is_file()]
-    if not done:
-        target.mkdir(parents=True)
-        return None
-
-    def rank(d: Path) -> tuple[bool, float]:
-        mark = d / BUILD_MARK
-        return read_json(mark).get("profile") == profile, mark.stat().st_mtime
-
-    newest = max(done, key=rank)
-    tmp = root / f".seed-{target.name}"
+def _store_outputs(work: Path, target: Path, manifest: dict) -> None:
+    """Copy a finished build's outputs out of the work directory into ``target``, laid out
+    like a build tree (``arch/.../bzImage``, ``.config``, ...), then mark it finished."""
+    tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    proc = subprocess.run(
-        ["cp", "-a", "--reflink=auto", f"{newest}/.", str(tmp)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        target.mkdir(parents=True)
-        return None
-    for stale in (BUILD_MARK, ".qemubox-modules", "build.log"):
-        path = tmp / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    for rel in (manifest["image"], ".config", "System.map", "vmlinux"):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / rel, tmp / rel)
+    modules = work / ".qemubox-modules"
+    if modules.is_dir():
+        shutil.copytree(modules, tmp / ".qemubox-modules", symlinks=True)
+    write_json(tmp / BUILD_MARK, manifest)
+    shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    return newest.name
 
 
 def _has_modules(config_text: str) -> bool:
@@ -318,20 +304,14 @@ def build_kernel(req: BuildRequest) -> BuildResult:
         config_text = kconf.config_path.read_text()
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         build_dir = root / f"{prefix}{config_sha[:16]}"
-        finished = (build_dir / BUILD_MARK).is_file()
         ran_make = False
-        if not (finished and source.fingerprint):
-            seeded = None
-            if not build_dir.exists():
-                seeded = _seed_build_dir(root, prefix, req.profile, build_dir)
-            tree = KernelTree(source.path, build_dir, arch)
-            install_config(tree, config_text)
+        if not ((build_dir / BUILD_MARK).is_file() and source.fingerprint):
+            work = KernelTree(source.path, root / f"{prefix}{req.profile}", arch)
+            install_config(work, config_text)
             label = f"building {source.description} ({req.profile}, {arch})"
-            if seeded:
-                label += f", from {seeded}"
-            seconds = _compile(tree, jobs, label)
+            seconds = _compile(work, jobs, label)
             ran_make = True
-            release = (build_dir / "include/config/kernel.release").read_text().strip()
+            release = (work.build / "include/config/kernel.release").read_text().strip()
             manifest = {
                 "version": release,
                 "arch": arch,
@@ -348,8 +328,9 @@ def build_kernel(req: BuildRequest) -> BuildResult:
                 "compiler": cc,
                 "qemubox": __version__,
                 "build_dir": str(build_dir),
+                "work_dir": str(work.build),
             }
-            write_json(build_dir / BUILD_MARK, manifest)
+            _store_outputs(work.build, build_dir, manifest)
         manifest = read_json(build_dir / BUILD_MARK)
         index[input_key] = build_dir.name
         write_json(index_path, index)
