@@ -3,6 +3,7 @@ session needs — built once per content and cached."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -195,21 +196,25 @@ def initramfs(kernel: GuestKernel, features: set[str]) -> Path:
     """The initramfs for this kernel and these features, built once and cached."""
     if not BUSYBOX.is_file():
         raise InputError("busybox-static is not installed (apt-get install busybox-static)")
-    agent = agent_binary(kernel.arch)
     if kernel.arch != "x86_64":
         raise InputError(f"sandboxes run x86_64 guests on this host, not {kernel.arch}")
-    modules = needed_modules(kernel, features)
+    agent = agent_binary(kernel.arch)
+    # Keyed by what decides the content, cheaply: the module closure itself is worked out
+    # from the kernel's module index only when the archive has to be made.
     digest = hashlib.sha256()
-    for part in (agent.name, kernel.version, str(kernel.modules), *modules):
+    for part in (agent.name, kernel.version, str(kernel.modules), *sorted(features)):
         digest.update(part.encode() + b"\0")
-    st = BUSYBOX.stat()
-    digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    for mod in modules:
-        st = (kernel.modules / mod).stat()
-        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    stamped = [BUSYBOX]
+    if kernel.modules is not None:
+        stamped += [kernel.modules / n for n in ("modules.dep", "modules.alias", "modules.softdep")]
+    for path in stamped:
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = cache_dir() / "initramfs" / f"{digest.hexdigest()[:20]}.cpio"
     if target.is_file():
         return target
+    modules = needed_modules(kernel, features)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:

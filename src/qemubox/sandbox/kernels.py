@@ -8,12 +8,10 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from qemubox.apt import apt_download
 from qemubox.errors import InputError, ToolError
-from qemubox.kconfig.engine import read_config
 from qemubox.kernel.tree import host_arch
 from qemubox.paths import cache_dir, locked
 
@@ -28,10 +26,6 @@ class GuestKernel:
     modules: Path | None  # lib/modules/<version>, when the kernel has modules
     config_path: Path | None  # its .config, when known
     description: str
-
-    @cached_property
-    def config(self) -> dict[str, str] | None:
-        return read_config(self.config_path) if self.config_path else None
 
     def option(self, name: str) -> str | None:
         """``y``/``m``/``n`` for an option; None when the config is unknown."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_IP = "10.0.2.15"
@@ -48,7 +48,6 @@ class VMConfig:
     network: str = "none"  # none, restricted, user
     forwards: tuple[tuple[int, int], ...] = ()  # (host port, guest port)
     balloon: bool = False
-    extra: tuple[str, ...] = field(default_factory=tuple)
 
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
@@ -160,7 +159,7 @@ def qemu_args(cfg: VMConfig) -> list[str]:
     ]
     if cfg.balloon:
         args += ["-device", f"{_device(cfg, 'balloon')},id=balloon0"]
-    return [*args, *cfg.extra]
+    return args
 
 
 def kernel_cmdline(arch: str, accel: str, tsc_khz: int | None, extra: str = "") -> str:
