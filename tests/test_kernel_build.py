@@ -90,6 +90,12 @@ def test_no_change_build_does_not_run_make(minimal_x86, tmp_path, monkeypatch):
     assert not (tmp_path / "make-ran").exists()
 
 
+def test_unwritable_output_is_one_line(minimal_x86):
+    r = qemubox("kernel", "build", "-o", "/proc/qemubox-kernel")
+    assert r.code == 2
+    assert r.err == "qemubox: error: /proc/qemubox-kernel: No such file or directory\n"
+
+
 def test_kernel_list(minimal_x86):
     r = qemubox("kernel", "list", "--json")
     assert r.code == 0

@@ -446,6 +446,7 @@ def test_cli_sandbox_failures(kernel, tmp_path):
         (["-p", "80"], "expected HOST_PORT:GUEST_PORT"),
         (["-p", "8080:80"], "need a network"),
         (["-m", "tiny"], "invalid memory"),
+        (["--disk", "16M:/d:/proc/qemubox.img"], "/proc/qemubox.img: No such file or directory"),
     ],
 )
 def test_cli_bad_input(kernel, args, message):

@@ -615,6 +615,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     _err(f"qemubox: warning: {message}")
 
 
+def _internal_error(exc: Exception) -> int:
+    if os.environ.get("QEMUBOX_DEBUG"):
+        raise exc
+    _err(f"qemubox: internal error: {type(exc).__name__}: {exc} (QEMUBOX_DEBUG=1 shows more)")
+    return 70
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: errors become one line on stderr and an exit status, never a traceback."""
     import warnings
@@ -644,9 +651,13 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except BrokenPipeError:
         code = 0
+    except OSError as exc:
+        if exc.filename is None:
+            code = _internal_error(exc)
+        else:
+            # A file the user named (or where output must go) cannot be made or used.
+            _err(f"qemubox: error: {exc.filename}: {exc.strerror or exc}")
+            code = EXIT_INPUT
     except Exception as exc:  # the last line of defence: no traceback for the user
-        if os.environ.get("QEMUBOX_DEBUG"):
-            raise
-        _err(f"qemubox: internal error: {type(exc).__name__}: {exc} (QEMUBOX_DEBUG=1 shows more)")
-        code = 70
+        code = _internal_error(exc)
     sys.exit(code if isinstance(code, int) else (0 if code is None else EXIT_INPUT))
