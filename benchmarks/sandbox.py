@@ -71,31 +71,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp) / "floor.cpio"
         floor_initramfs(initrd)
-        tsc = qemu.host_tsc_khz()
-        floor_args = [
-            "qemu-system-x86_64",
-            "-machine",
-            "microvm,rtc=on",
-            "-accel",
+        floor_args = qemu.bare_boot_args(
+            "x86_64",
             "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "512M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            "null",
-            "-kernel",
             image,
-            "-initrd",
-            str(initrd),
-            "-append",
-            qemu.kernel_cmdline("x86_64", "tcg", tsc),
-        ]
+            qemu.kernel_cmdline("x86_64", "tcg", qemu.host_tsc_khz()),
+            "null",
+            memory_mib=512,
+            initrd=initrd,
+        )
         # Interleaved, so that drift in the host's speed hits both alike.
         floors, colds = [], []
         for _ in range(args.n):

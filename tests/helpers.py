@@ -55,40 +55,17 @@ def static_init_initramfs(path, init_binary) -> None:
         cpio.close()
 
 
-QEMU_BOOT = {
-    "x86_64": ["qemu-system-x86_64", "-M", "microvm", "-cpu", "max"],
-    "arm64": ["qemu-system-aarch64", "-M", "virt", "-cpu", "max"],
-}
 CONSOLE = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
 
 
-def boot_bare(arch, kernel, initrd=None, append="", timeout=120, extra=()) -> str:
+def boot_bare(arch, kernel, initrd=None, append="", timeout=120) -> str:
     """Boot a kernel under TCG with nothing but a serial console; returns the console text."""
-    from qemubox.sandbox.qemu import host_tsc_khz
+    from qemubox.sandbox.qemu import bare_boot_args, host_tsc_khz
 
     khz = host_tsc_khz()  # see qemubox.sandbox.qemu.kernel_cmdline
     tsc = f"tsc_early_khz={khz}" if arch == "x86_64" and khz else ""
-    args = [
-        *QEMU_BOOT[arch],
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-append",
-        " ".join(filter(None, [f"console={CONSOLE[arch]}", "panic=-1", tsc, append])),
-        *extra,
-    ]
-    if initrd:
-        args += ["-initrd", str(initrd)]
+    line = " ".join(filter(None, [f"console={CONSOLE[arch]}", "panic=-1", tsc, append]))
+    args = bare_boot_args(arch, "tcg", kernel, line, "stdio", initrd=initrd)
     proc = subprocess.run(
         args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
     )

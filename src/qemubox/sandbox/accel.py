@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox.paths import cache_dir, read_json, write_json
+from qemubox.sandbox.qemu import bare_boot_args
 
 PROBE_SECONDS = 4.0
 
@@ -45,31 +46,17 @@ def _verdict_path() -> Path:
     return cache_dir() / "kvm-probe.json"
 
 
-def _probe(binary: str, kernel: Path) -> tuple[bool, str]:
+def _probe(arch: str, kernel: Path) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="qemubox-kvm-") as tmp:
         console = Path(tmp) / "console"
-        args = [
-            binary,
-            "-machine",
-            "microvm" if "x86" in binary else "virt",
-            "-accel",
+        args = bare_boot_args(
+            arch,
             "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "128M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            f"file:{console}",
-            "-kernel",
-            str(kernel),
-            "-append",
+            kernel,
             "console=ttyS0 panic=-1 rdinit=/qemubox-kvm-probe",
-        ]
+            f"file:{console}",
+            memory_mib=128,
+        )
         start = time.monotonic()
         proc = subprocess.Popen(
             args,
@@ -119,7 +106,7 @@ def choose_accel(
     if key not in verdicts:
         if not probe:
             return AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
-        works, reason = _probe(binary, kernel)
+        works, reason = _probe(guest_arch, kernel)
         verdicts[key] = {"works": works, "reason": reason}
         write_json(path, verdicts)
     verdict = verdicts[key]

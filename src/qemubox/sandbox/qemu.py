@@ -59,6 +59,11 @@ def _device(cfg: VMConfig, kind: str) -> str:
     return f"virtio-{kind}-{suffix}"
 
 
+def _cpu(accel: str) -> str:
+    """KVM passes the host's CPU through; TCG emulates every feature it can."""
+    return "host" if accel == "kvm" else "max"
+
+
 def machine_args(cfg: VMConfig) -> list[str]:
     if cfg.machine == "microvm":
         machine = "microvm,rtc=on"
@@ -66,7 +71,7 @@ def machine_args(cfg: VMConfig) -> list[str]:
         machine = "virt"
     else:
         machine = cfg.machine
-    cpu = "host" if cfg.accel == "kvm" else "max"
+    cpu = _cpu(cfg.accel)
     return [
         "-machine",
         machine,
@@ -160,6 +165,43 @@ def qemu_args(cfg: VMConfig) -> list[str]:
     if cfg.balloon:
         args += ["-device", f"{_device(cfg, 'balloon')},id=balloon0"]
     return args
+
+
+def bare_boot_args(
+    arch: str,
+    accel: str,
+    kernel: Path | str,
+    append: str,
+    serial: str,
+    memory_mib: int = 256,
+    initrd: Path | str | None = None,
+) -> list[str]:
+    """QEMU booting a kernel with nothing but a serial console: the KVM probe, the bare
+    floor of the benchmarks, the builder's boot tests."""
+    machine = "virt" if arch == "arm64" else "microvm,rtc=on"
+    args = [
+        QEMU_BINARY[arch],
+        "-machine",
+        machine,
+        "-accel",
+        accel,
+        "-cpu",
+        _cpu(accel),
+        "-m",
+        f"{memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        serial,
+        "-kernel",
+        str(kernel),
+    ]
+    if initrd is not None:
+        args += ["-initrd", str(initrd)]
+    return [*args, "-append", append]
 
 
 def kernel_cmdline(arch: str, accel: str, tsc_khz: int | None, extra: str = "") -> str:
