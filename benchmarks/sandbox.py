@@ -24,11 +24,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from qemubox.initramfs import CpioWriter
+from qemubox.guest.cpio import CpioWriter
 from qemubox.sandbox import qemu
-from qemubox.sandbox.kernels import choose_kernel
+from qemubox.kernel.artifacts import choose_kernel
 from qemubox.sandbox.sandbox import Sandbox
-from qemubox.sandbox.spec import Session
+from qemubox.vm.spec import Session
 
 warnings.simplefilter("ignore")
 

@@ -32,7 +32,7 @@ def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600) -> Resu
 
 def busybox_initramfs(path, script: str) -> None:
     """A tiny initramfs: static busybox, /dev/console, and /init running ``script``."""
-    from qemubox.initramfs import CpioWriter
+    from qemubox.guest.cpio import CpioWriter
 
     with open(path, "wb") as fh:
         cpio = CpioWriter(fh)
@@ -46,7 +46,7 @@ def busybox_initramfs(path, script: str) -> None:
 
 def static_init_initramfs(path, init_binary) -> None:
     """A tiny initramfs whose /init is one static binary (for guests of another arch)."""
-    from qemubox.initramfs import CpioWriter
+    from qemubox.guest.cpio import CpioWriter
 
     with open(path, "wb") as fh:
         cpio = CpioWriter(fh)
@@ -60,9 +60,9 @@ CONSOLE = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
 
 def boot_bare(arch, kernel, initrd=None, append="", timeout=120) -> str:
     """Boot a kernel under TCG with nothing but a serial console; returns the console text."""
-    from qemubox.sandbox.qemu import bare_boot_args, host_tsc_khz
+    from qemubox.qemu.cmdline import bare_boot_args, host_tsc_khz
 
-    khz = host_tsc_khz()  # see qemubox.sandbox.qemu.kernel_cmdline
+    khz = host_tsc_khz()  # see qemubox.qemu.cmdline.kernel_cmdline
     tsc = f"tsc_early_khz={khz}" if arch == "x86_64" and khz else ""
     line = " ".join(filter(None, [f"console={CONSOLE[arch]}", "panic=-1", tsc, append]))
     args = bare_boot_args(arch, "tcg", kernel, line, "stdio", initrd=initrd)

@@ -21,7 +21,7 @@ import pytest
 from helpers import qemubox
 from qemubox.errors import InputError
 from qemubox.sandbox.sandbox import KernelPanic, Sandbox, SandboxError
-from qemubox.sandbox.spec import Disk, FSShare, Session
+from qemubox.vm.spec import Disk, FSShare, Session
 
 pytestmark = [pytest.mark.kernel, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -364,7 +364,7 @@ def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path):
         import sys, time, warnings
         warnings.simplefilter("ignore")
         from qemubox.sandbox.sandbox import Sandbox
-        from qemubox.sandbox.spec import Session
+        from qemubox.vm.spec import Session
         box = Sandbox(Session(memory="128M", kernel={kernel!r})).start()
         print(box.pid, box.dir, flush=True)
         time.sleep(600)
@@ -516,7 +516,7 @@ def test_readme_api_example(kernel, tmp_path):
 
 
 def test_kernel_in_a_build_tree_is_recognised(kernel):
-    from qemubox.sandbox.kernels import kernel_from_path
+    from qemubox.kernel.artifacts import kernel_from_path
 
     manifest = json.loads((Path(kernel).parent / "manifest.json").read_text())
     image = Path(manifest["build_dir"]) / manifest["image"]

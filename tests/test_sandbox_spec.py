@@ -1,14 +1,26 @@
-"""Session validation and the QEMU command line (pure functions, no VM)."""
+"""Session validation, the machine plan and the QEMU command line (pure functions, no VM)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from qemubox import arch
 from qemubox.errors import InputError
-from qemubox.sandbox import qemu
-from qemubox.sandbox.spec import Disk, FSShare, Session, parse_size
+from qemubox.qemu import cmdline as qemu
+from qemubox.vm.plan import (
+    DiskPlan,
+    KernelPlan,
+    MachinePlan,
+    PortPlan,
+    SharePlan,
+    kernel_cmdline,
+    make_plan,
+)
+from qemubox.vm.spec import Disk, FSShare, Session, parse_size
 
 
 @pytest.mark.parametrize(
@@ -89,21 +101,24 @@ def test_invalid_sessions(tmp_path, kw, message):
         Session(**{k: fill(v) for k, v in kw.items()}).validate()
 
 
-def config(tmp_path, **kw) -> qemu.VMConfig:
+KERNEL = KernelPlan("/k/vmlinuz", "6.12.1", "x86_64", None, None, "a kernel", mmio=True)
+
+
+def config(tmp_path, **kw) -> MachinePlan:
     base = dict(
         arch="x86_64",
         machine="microvm",
         accel="tcg",
+        accel_note="",
         cpus=1,
         memory_mib=512,
-        kernel=tmp_path / "vmlinuz",
-        initrd=tmp_path / "initrd",
+        kernel=KERNEL,
+        initrd=str(tmp_path / "initrd"),
+        features=(),
         append="console=ttyS0",
-        qmp_socket=tmp_path / "q.sock",
-        agent_socket=tmp_path / "a.sock",
-        console_log=tmp_path / "console.log",
+        runtime_dir=str(tmp_path),
     )
-    return qemu.VMConfig(**{**base, **kw})
+    return MachinePlan(**{**base, **kw})
 
 
 def option(args: list[str], flag: str) -> list[str]:
@@ -118,7 +133,7 @@ def test_escape():
 def test_a_comma_in_a_path_cannot_inject_options(tmp_path):
     evil = Path("/tmp/a,readonly=off,security_model=passthrough")
     args = qemu.qemu_args(
-        config(tmp_path, shares=(qemu.ShareDevice("t", evil, True, "mapped-xattr"),))
+        config(tmp_path, shares=(SharePlan("t", str(evil), "/mnt", True, "mapped-xattr"),))
     )
     (fsdev,) = option(args, "-fsdev")
     assert fsdev == (
@@ -132,8 +147,8 @@ def test_a_comma_in_a_path_cannot_inject_options(tmp_path):
 
 
 def test_microvm_uses_mmio_devices_and_q35_pci(tmp_path):
-    share = qemu.ShareDevice("host_share", tmp_path, True, "mapped-xattr")
-    disk = qemu.DiskDevice(tmp_path / "d.img", "qbxdisk0")
+    share = SharePlan("host_share", str(tmp_path), "/mnt", True, "mapped-xattr")
+    disk = DiskPlan(str(tmp_path / "d.img"), 1 << 30, "/d", "qbxdisk0", ephemeral=True)
     for machine, suffix in (("microvm", "device"), ("q35", "pci")):
         args = qemu.qemu_args(
             config(
@@ -163,14 +178,17 @@ def test_base_command_line(tmp_path):
     assert option(args, "-accel") == ["tcg"] and option(args, "-cpu") == ["max"]
     assert "virtserialport,chardev=agent,name=qemubox.agent" in option(args, "-device")
     assert not option(args, "-netdev") and not option(args, "-fsdev")
-    assert f"socket,id=qmp,path={tmp_path}/q.sock,server=on,wait=off" in option(args, "-chardev")
+    chardevs = option(args, "-chardev")
+    assert f"socket,id=qmp,path={tmp_path}/qmp.sock,server=on,wait=off" in chardevs
+    # QEMU owns the agent's socket too: any process can attach to the guest.
+    assert f"socket,id=agent,path={tmp_path}/agent.sock,server=on,wait=off" in chardevs
     kvm = qemu.qemu_args(config(tmp_path, accel="kvm"))
     assert option(kvm, "-cpu") == ["host"]
 
 
 def test_networks(tmp_path):
     restricted = qemu.qemu_args(
-        config(tmp_path, network="restricted", forwards=((8080, 80), (2222, 22)))
+        config(tmp_path, network="restricted", ports=(PortPlan(8080, 80), PortPlan(2222, 22)))
     )
     assert option(restricted, "-netdev") == [
         "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,"
@@ -181,8 +199,66 @@ def test_networks(tmp_path):
 
 
 def test_kernel_cmdline():
-    line = qemu.kernel_cmdline("x86_64", "tcg", 2445432)
+    x86, arm64 = arch.get("x86_64"), arch.get("arm64")
+    line = kernel_cmdline(x86, "tcg", 2445432)
     assert line.split()[:3] == ["console=ttyS0", "panic=-1", "quiet"]
     assert "tsc_early_khz=2445432" in line
-    assert "tsc_early_khz" not in qemu.kernel_cmdline("x86_64", "kvm", 2445432)
-    assert qemu.kernel_cmdline("arm64", "tcg", None).startswith("console=ttyAMA0")
+    assert "tsc_early_khz" not in kernel_cmdline(x86, "kvm", 2445432)
+    assert kernel_cmdline(arm64, "tcg", None).startswith("console=ttyAMA0")
+
+
+def test_plan_from_a_session_is_pure_and_round_trips(tmp_path):
+    spec = Session(
+        memory="256M",
+        cpus=2,
+        balloon=True,
+        shares=[FSShare(str(tmp_path), "/mnt/host", "host_share", True)],
+        disks=[Disk("64M", "/data"), Disk("16M", "/keep", str(tmp_path / "keep.img"))],
+        network="restricted",
+        ports=[(0, 80)],
+    ).validate()
+    run = tmp_path / "run"
+    plan = make_plan(spec, KERNEL, "tcg", "no KVM", str(run), "/c/initrd", 2445432)
+    assert not run.exists() and not (tmp_path / "keep.img").exists()  # nothing was made
+    assert plan.machine == "microvm" and plan.memory_mib == 256 and plan.cpus == 2
+    assert plan.features == ("disks", "shares", "network", "balloon")
+    assert [d.path for d in plan.disks] == [f"{run}/disk0.img", str(tmp_path / "keep.img")]
+    assert [d.ephemeral for d in plan.disks] == [True, False]
+    assert plan.ports == (PortPlan(0, 80),)
+    again = MachinePlan.from_json(plan.to_json())
+    assert again == plan
+    assert qemu.qemu_args(again) == qemu.qemu_args(plan)
+    assert json.loads(plan.to_json())["schema"] == 1
+
+
+def test_plan_machine_follows_the_kernel_and_arch(tmp_path):
+    spec = Session().validate()
+    pci = make_plan(spec, replace(KERNEL, mmio=False), "tcg", "", str(tmp_path), "/i", None)
+    assert pci.machine == "q35"
+    arm = replace(KERNEL, arch="arm64", mmio=True)
+    plan = make_plan(spec, arm, "tcg", "", str(tmp_path), "/i", None)
+    assert (plan.machine, qemu.qemu_args(plan)[0]) == ("virt", "qemu-system-aarch64")
+    assert "virtio-serial-pci" in option(qemu.qemu_args(plan), "-device")
+
+
+def test_compat_key_follows_what_the_guest_sees(tmp_path):
+    spec = Session().validate()
+    plan = make_plan(spec, KERNEL, "tcg", "", str(tmp_path / "a"), "/i", None)
+    elsewhere = make_plan(spec, KERNEL, "tcg", "", str(tmp_path / "b"), "/i", None)
+    assert plan.compat_key() == elsewhere.compat_key()  # where it runs does not matter
+    bigger = make_plan(Session(memory="1G").validate(), KERNEL, "tcg", "", "/r", "/i", None)
+    assert bigger.compat_key() != plan.compat_key()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "must be a JSON object"),
+        ("{", "not JSON"),
+        ('{"schema": 99}', "schema 99"),
+        ('{"schema": 1, "arch": "x86_64"}', "malformed machine plan"),
+    ],
+)
+def test_bad_plans(text, message):
+    with pytest.raises(InputError, match=message):
+        MachinePlan.from_json(text)

@@ -4,16 +4,20 @@ __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 # The sandbox API, imported on first use so that the command line starts fast.
 _LAZY = {
-    "Session": "qemubox.sandbox.spec",
-    "FSShare": "qemubox.sandbox.spec",
-    "Disk": "qemubox.sandbox.spec",
+    "Session": "qemubox.vm.spec",
+    "FSShare": "qemubox.vm.spec",
+    "Disk": "qemubox.vm.spec",
+    "MachinePlan": "qemubox.vm.plan",
     "Sandbox": "qemubox.sandbox.sandbox",
     "ExecResult": "qemubox.sandbox.sandbox",
-    "SandboxError": "qemubox.sandbox.sandbox",
-    "KernelPanic": "qemubox.sandbox.sandbox",
-    "BootError": "qemubox.sandbox.sandbox",
-    "VMDied": "qemubox.sandbox.sandbox",
-    "KernelError": "qemubox.sandbox.sandbox",
+    "SandboxError": "qemubox.errors",
+    "KernelPanic": "qemubox.errors",
+    "BootError": "qemubox.errors",
+    "VMDied": "qemubox.errors",
+    "KernelError": "qemubox.errors",
+    "ProtocolViolation": "qemubox.errors",
+    "BusyError": "qemubox.errors",
+    "GuestError": "qemubox.errors",
     "InputError": "qemubox.errors",
     "QemuboxError": "qemubox.errors",
 }

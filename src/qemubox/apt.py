@@ -41,3 +41,40 @@ def apt_download(package: str, directory: Path) -> Path:
     if proc.returncode != 0 or not debs:
         raise ToolError(f"apt-get download {package} failed: {_last_line(proc.stderr)}")
     return debs[-1]
+
+
+def download_for_arch(package: str, debian_arch: str, directory: Path, state: Path) -> Path:
+    """Download ``package`` built for another architecture, from the mirror this host's apt
+    sources name, with package lists of that architecture kept under ``state`` (the host's
+    own apt configuration is not touched). Returns the .deb's path."""
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    options = [
+        "-qq",
+        "-o", f"APT::Architecture={debian_arch}",
+        "-o", f"APT::Architectures::={debian_arch}",
+        "-o", f"Dir::State::Lists={state / 'lists'}",
+        "-o", f"Dir::Cache={state / 'cache'}",
+        "-o", "Dir::State::status=/dev/null",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "Debug::NoDropPrivs=1",
+    ]  # fmt: skip
+    if not any((state / "lists").glob("*_Packages*")):
+        proc = subprocess.run(
+            ["apt-get", *options, "update"], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise ToolError(f"apt-get update for {debian_arch} failed: {_last_line(proc.stderr)}")
+    proc = subprocess.run(
+        ["apt-get", *options, "download", package],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    debs = sorted(directory.glob(f"*_{debian_arch}.deb"))
+    if proc.returncode != 0 or not debs:
+        raise ToolError(
+            f"apt-get download {package} ({debian_arch}) failed: {_last_line(proc.stderr)}"
+        )
+    return debs[-1]

@@ -35,7 +35,7 @@ def kconfig() -> None:
 def _kernel_tree(kernel_dir, kernel_version, build_dir, arch):
     """A KernelTree from the options, or None when no kernel was named."""
     from qemubox.kernel.source import debian_source
-    from qemubox.kernel.tree import KernelTree
+    from qemubox.linux.tree import KernelTree
 
     if kernel_dir and kernel_version:
         raise InputError("give --kernel-dir or --kernel-version, not both")
@@ -412,7 +412,7 @@ def _ro_suffix(spec: str) -> tuple[str, bool]:
 
 
 def _parse_volume(spec: str):
-    from qemubox.sandbox.spec import FSShare
+    from qemubox.vm.spec import FSShare
 
     body, ro = _ro_suffix(spec)
     host, guest = _split_guest(body, "--volume")
@@ -420,7 +420,7 @@ def _parse_volume(spec: str):
 
 
 def _parse_share(spec: str):
-    from qemubox.sandbox.spec import FSShare
+    from qemubox.vm.spec import FSShare
 
     body, ro = _ro_suffix(spec)
     rest, guest = _split_guest(body, "--share")
@@ -431,7 +431,7 @@ def _parse_share(spec: str):
 
 
 def _parse_disk(spec: str):
-    from qemubox.sandbox.spec import Disk
+    from qemubox.vm.spec import Disk
 
     size, sep, rest = spec.partition(":")
     if not sep or not rest.startswith("/"):
@@ -556,7 +556,7 @@ def run(
     import shlex
 
     from qemubox.sandbox.sandbox import Sandbox
-    from qemubox.sandbox.spec import Session
+    from qemubox.vm.spec import Session
 
     session = Session(
         memory=memory,

@@ -1,16 +1,48 @@
-"""Errors that reach the user as one line and an exit code."""
+"""Every error the user can see, and the one table of exit statuses.
+
+Each error is one line (``str(err)``) with an exit status; sandbox errors also carry the
+guest console's last lines. Everything derives from :class:`QemuboxError`.
+"""
 
 from __future__ import annotations
 
-# Exit codes shared by every command.
-EXIT_MISMATCH = 1  # a check ran and found a difference
-EXIT_INPUT = 2  # bad usage or bad input: nothing was done
+from enum import IntEnum
+
+
+class Exit(IntEnum):
+    """qemubox's exit statuses. A command run in a sandbox exits with its own status,
+    128+N when signal N killed it."""
+
+    OK = 0
+    MISMATCH = 1  # a check ran and found a difference
+    INPUT = 2  # bad usage or bad input: nothing was done
+    INTERNAL = 70  # a bug in qemubox
+    BUSY = 120  # another client is attached to the sandbox
+    BOOT = 121  # the guest did not boot in time
+    PANIC = 122  # the guest kernel panicked
+    VM_DIED = 123  # the VM died, or the guest broke the agent protocol
+    TIMEOUT = 124  # the command ran past its timeout and was killed
+    START = 125  # the kernel or QEMU could not start, or the host failed the VM
+    CANNOT_EXECUTE = 126  # the command exists but could not be run
+    NOT_FOUND = 127  # the command was not found
+    SIGNAL_BASE = 128  # + N: killed by signal N
+    INTERRUPTED = 130  # Ctrl-C
+
+
+# Kept for callers of the first API.
+EXIT_MISMATCH = Exit.MISMATCH
+EXIT_INPUT = Exit.INPUT
 
 
 class QemuboxError(Exception):
     """An error meant for the user: ``str(err)`` is the whole message, one line."""
 
-    exit_code: int = EXIT_INPUT
+    exit_code: int = Exit.INPUT
+
+    @property
+    def details(self) -> dict[str, object]:
+        """What the error knows, as plain data (for ``--json`` output and records)."""
+        return {"error": type(self).__name__, "message": str(self), "exit_code": self.exit_code}
 
 
 class InputError(QemuboxError):
@@ -18,7 +50,7 @@ class InputError(QemuboxError):
 
 
 class ToolError(QemuboxError):
-    """An external program (make, tar, apt-get, ...) failed."""
+    """An external program (make, tar, apt-get, ...) failed on what it was given."""
 
     def __init__(self, message: str, log_tail: str = "") -> None:
         super().__init__(message)
@@ -28,4 +60,61 @@ class ToolError(QemuboxError):
 class VerifyError(QemuboxError):
     """A configuration did not end up as asked."""
 
-    exit_code = EXIT_MISMATCH
+    exit_code = Exit.MISMATCH
+
+
+class SandboxError(QemuboxError):
+    """The sandbox itself failed; ``console_tail`` holds the guest console's last lines."""
+
+    exit_code = Exit.START
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        super().__init__(message)
+        self.console_tail = console_tail
+
+    @property
+    def details(self) -> dict[str, object]:
+        return {**super().details, "console_tail": self.console_tail}
+
+
+class KernelError(SandboxError):
+    """The kernel or QEMU could not be started."""
+
+    exit_code = Exit.START
+
+
+class BootError(SandboxError):
+    """The guest never reached the agent within the boot timeout."""
+
+    exit_code = Exit.BOOT
+
+
+class KernelPanic(SandboxError):
+    exit_code = Exit.PANIC
+
+
+class VMDied(SandboxError):
+    """QEMU exited while the sandbox was in use."""
+
+    exit_code = Exit.VM_DIED
+
+
+class ProtocolViolation(VMDied):
+    """The guest sent what the agent protocol does not allow; the sandbox was stopped."""
+
+
+class BusyError(SandboxError):
+    """Another client is attached to the sandbox's agent."""
+
+    exit_code = Exit.BUSY
+
+
+class GuestError(QemuboxError):
+    """The guest could not do what was asked (a mount, a command); the message is the
+    guest's. ``errno`` is the guest's error number."""
+
+    exit_code = Exit.START
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -1,31 +1,146 @@
-"""Where qemubox keeps its files, and the small file disciplines they share."""
+"""Where qemubox keeps its files, and the disciplines every writer follows.
+
+Three places, each with one job:
+
+- the cache (``~/.cache/qemubox``, ``QEMUBOX_CACHE_DIR``): anything that can be rebuilt —
+  agent binaries, initramfs archives, kernel sources and builds, module indexes, the KVM
+  verdict. Entries are filled by :func:`fill` (built aside, renamed into place), so a reader
+  never sees half an entry, and any number of processes may fill it at once;
+- the state directory (``~/.local/state/qemubox``, ``QEMUBOX_STATE_DIR``): records that must
+  survive, written with :func:`atomic_write`;
+- the runtime directory (``$XDG_RUNTIME_DIR/qemubox`` or ``/tmp/qemubox-<uid>``): one short
+  directory per running machine with its sockets, pid and console log; paths stay short
+  because a unix socket's path is limited to 107 bytes.
+"""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import platformdirs
 
+from qemubox.errors import BusyError
 
-def cache_dir() -> Path:
-    """The user cache directory (``QEMUBOX_CACHE_DIR`` overrides it)."""
-    override = os.environ.get("QEMUBOX_CACHE_DIR")
-    path = Path(override) if override else Path(platformdirs.user_cache_dir("qemubox"))
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+
+
+def _dir(env: str, default: str) -> Path:
+    override = os.environ.get(env)
+    path = Path(override) if override else Path(default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def cache_dir() -> Path:
+    """The user cache directory (``QEMUBOX_CACHE_DIR`` overrides it)."""
+    return _dir("QEMUBOX_CACHE_DIR", platformdirs.user_cache_dir("qemubox"))
+
+
+def state_dir() -> Path:
+    """Records that must survive (``QEMUBOX_STATE_DIR`` overrides it)."""
+    return _dir("QEMUBOX_STATE_DIR", platformdirs.user_state_dir("qemubox"))
+
+
+def runtime_root() -> Path:
+    """Where machines keep sockets and pids (``QEMUBOX_RUNTIME_DIR`` overrides it).
+
+    Not created here: a dry run must create nothing."""
+    override = os.environ.get("QEMUBOX_RUNTIME_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and len(base) < 60:
+        return Path(base) / "qemubox"
+    return Path(tempfile.gettempdir()) / f"qemubox-{os.getuid()}"
+
+
+def new_machine_id() -> str:
+    return secrets.token_hex(4)
+
+
+def machine_runtime_dir(machine_id: str) -> Path:
+    path = runtime_root() / machine_id
+    longest = path / "agent.sock"
+    if len(str(longest)) > SOCKET_PATH_MAX:
+        path = Path(tempfile.gettempdir()) / f"qemubox-{os.getuid()}" / machine_id
+    return path
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) readable by its owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _temp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part."""
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def fill(target: Path, make: Callable[[Path], None]) -> Path:
+    """A cache entry: ``target`` if it is there, else made by ``make(temp)`` beside it and
+    renamed into place. ``make`` writes a file or a directory at ``temp`` and raises if it
+    cannot; a half-made entry is never seen under ``target``. Concurrent fillers of one
+    target wait for each other, so the work is done once."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(target.with_name(f".{target.name}.lock")):
+        if target.exists():
+            return target
+        tmp = _temp_beside(target)
+        try:
+            make(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with suppress(FileNotFoundError):
+                    tmp.unlink()
+    return target
+
+
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block."""
+def locked(path: Path, *, wait: bool = True, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+    With ``wait=False`` a lock held elsewhere raises BusyError naming ``what``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise BusyError(f"{what or path} is in use by another process") from None
         try:
             yield
         finally:
@@ -43,9 +158,17 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` atomically (readers see the old or the new file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def updating_json(path: Path) -> Iterator[dict]:
+    """Read-modify-write a JSON object under its lock: other writers wait, readers see the
+    old or the new file."""
+    with locked(path.with_name(f".{path.name}.lock")):
+        data = read_json(path)
+        yield data
+        write_json(path, data)
 
 
 def write_keeping_old(path: Path, text: str) -> Path | None:
@@ -53,8 +176,6 @@ def write_keeping_old(path: Path, text: str) -> Path | None:
 
     Returns the backup's path when one was made. An identical file is not touched.
     """
-    import shutil
-
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory")
     backup = None
@@ -63,10 +184,5 @@ def write_keeping_old(path: Path, text: str) -> Path | None:
             return None
         backup = path.with_name(path.name + ".old")
         shutil.copy2(path, backup)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, text)
     return backup

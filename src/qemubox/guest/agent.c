@@ -7,8 +7,12 @@
  * streams their stdout and stderr separately, reports exit status or signal, signals
  * process groups, mounts file systems, and powers off. It reaps every orphan.
  *
- * Frames in both directions: u32 length (of what follows), u8 type, u32 id, payload.
- * Integers are little-endian; strings are u32 length + bytes.
+ * The wire format is qemubox/guest/protocol.py's, which documents it; the constants below
+ * mirror it (a test compares them). In short: frames of u8 type, u32 id, u32 payload length
+ * and the payload, little-endian; zero bytes between frames are padding. A client begins
+ * with HELLO(nonce) and gets READY(nonce, version, release). When the host side of the
+ * port closes, or a new client says HELLO, the commands of the previous client are killed:
+ * nobody is left to read their output.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -36,13 +40,20 @@
 #include <unistd.h>
 
 enum {
-	H_EXEC = 1, H_STDIN = 2, H_SIGNAL = 3, H_MOUNT = 4, H_PING = 5, H_POWEROFF = 6,
-	G_READY = 20, G_STDOUT = 21, G_STDERR = 22, G_EXIT = 23, G_ERROR = 24, G_OK = 25,
-	G_PONG = 26,
+	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
+	FR_POWEROFF = 7, FR_BYE = 8,
+	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
+	FR_PONG = 26, FR_STDIN_ACK = 27,
 };
 
+#define VERSION 2
+#define HEADER 9
+#define MAX_PAYLOAD (256 * 1024)
+#define CHUNK (64 * 1024)
+#define NONCE_SIZE 16
+#define STDIN_WINDOW (1024 * 1024)
+#define EXEC_STDIN 1
 #define MAX_EXECS 64
-#define CHUNK 65536
 #define DRAIN_GRACE_MS 100
 
 struct exec {
@@ -52,13 +63,14 @@ struct exec {
 	int out, err, in;       /* our ends; -1 when closed */
 	int exited, status;
 	long long exited_at;    /* ms, when the process ended */
-	char *inbuf;            /* pending stdin */
+	char *inbuf;            /* stdin received, not yet taken by the command */
 	size_t inlen;
 	int in_eof;             /* host closed stdin: close after the buffer drains */
 };
 
 static struct exec execs[MAX_EXECS];
 static int port = -1;
+static int connected;          /* a host client is on the other end of the port */
 
 static long long now_ms(void)
 {
@@ -75,36 +87,41 @@ static void die(const char *what)
 	_exit(1);
 }
 
-static void write_all(int fd, const void *buf, size_t len)
+static void disconnect(void);
+
+/* Write to the host. The port is non-blocking: wait while the host is slow, give up the
+ * write when the host goes away (a later client resynchronises on its own). */
+static int write_port(const void *buf, size_t len)
 {
 	const char *p = buf;
-	while (len) {
-		ssize_t n = write(fd, p, len);
+	while (len && connected) {
+		ssize_t n = write(port, p, len);
 		if (n < 0) {
+			struct pollfd pfd = { .fd = port, .events = POLLOUT };
 			if (errno == EINTR)
 				continue;
-			if (errno == EAGAIN) {
-				struct pollfd pfd = { .fd = fd, .events = POLLOUT };
-				poll(&pfd, 1, -1);
-				continue;
-			}
-			die("write to host");
+			if (errno != EAGAIN)
+				die("write to host");
+			if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+				die("poll");
+			if ((pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT))
+				disconnect();
+			continue;
 		}
 		p += n;
 		len -= n;
 	}
+	return len ? -1 : 0;
 }
 
 static void send_frame(uint8_t type, uint32_t id, const void *payload, uint32_t len)
 {
-	unsigned char head[9];
-	uint32_t total = len + 5;
-	memcpy(head, &total, 4);
-	head[4] = type;
-	memcpy(head + 5, &id, 4);
-	write_all(port, head, 9);
-	if (len)
-		write_all(port, payload, len);
+	unsigned char head[HEADER];
+	head[0] = type;
+	memcpy(head + 1, &id, 4);
+	memcpy(head + 5, &len, 4);
+	if (write_port(head, HEADER) == 0 && len)
+		write_port(payload, len);
 }
 
 static void send_error(uint32_t id, int err, const char *message)
@@ -116,7 +133,33 @@ static void send_error(uint32_t id, int err, const char *message)
 		n = sizeof(buf) - 4;
 	memcpy(buf, &e, 4);
 	memcpy(buf + 4, message, n);
-	send_frame(G_ERROR, id, buf, 4 + n);
+	send_frame(FR_ERROR, id, buf, 4 + n);
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/* The client that started these commands is gone: kill them, forget them (reap() still
+ * collects the processes). */
+static void end_all_commands(void)
+{
+	for (int i = 0; i < MAX_EXECS; i++) {
+		struct exec *e = &execs[i];
+		if (!e->used)
+			continue;
+		if (!e->exited)
+			kill(-e->pid, SIGKILL);
+		close_fd(&e->out);
+		close_fd(&e->err);
+		close_fd(&e->in);
+		free(e->inbuf);
+		memset(e, 0, sizeof(*e));
+		e->out = e->err = e->in = -1;
+	}
 }
 
 /* --- reading frames from the host ------------------------------------------------------ */
@@ -297,41 +340,63 @@ done:
 
 static void close_stdin(struct exec *e)
 {
-	if (e->in >= 0)
-		close(e->in);
-	e->in = -1;
+	close_fd(&e->in);
 	free(e->inbuf);
 	e->inbuf = NULL;
 	e->inlen = 0;
 }
 
+static void ack_stdin(struct exec *e, uint32_t n)
+{
+	if (n)
+		send_frame(FR_STDIN_ACK, e->id, &n, 4);
+}
+
+/* Hand the command what it will take of its stdin; the host learns how much (it keeps at
+ * most STDIN_WINDOW bytes in flight, so this buffer stays bounded). */
 static void flush_stdin(struct exec *e)
 {
-	while (e->in >= 0 && e->inlen) {
-		ssize_t n = write(e->in, e->inbuf, e->inlen);
+	size_t done = 0;
+	while (e->in >= 0 && done < e->inlen) {
+		ssize_t n = write(e->in, e->inbuf + done, e->inlen - done);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno == EAGAIN)
-				return;
-			close_stdin(e); /* EPIPE: the command stopped reading */
-			return;
+				break;
+			done = e->inlen; /* EPIPE: the command stopped reading; drop the rest */
+			close_fd(&e->in);
+			break;
 		}
-		memmove(e->inbuf, e->inbuf + n, e->inlen - n);
-		e->inlen -= n;
+		done += n;
 	}
-	if (e->in >= 0 && e->in_eof && !e->inlen)
+	if (done) {
+		memmove(e->inbuf, e->inbuf + done, e->inlen - done);
+		e->inlen -= done;
+		ack_stdin(e, done);
+	}
+	if (e->in < 0 || (e->in_eof && !e->inlen))
 		close_stdin(e);
 }
 
 static void do_stdin(uint32_t id, const unsigned char *data, size_t len)
 {
 	struct exec *e = find_exec(id);
-	if (!e || e->in < 0)
+	if (!e)
 		return;
+	if (e->in < 0) {
+		/* nobody reads it any more: take it, so that the host does not wait */
+		if (len)
+			ack_stdin(e, len);
+		return;
+	}
 	if (!len) {
 		e->in_eof = 1;
 	} else {
+		if (e->inlen + len > STDIN_WINDOW + MAX_PAYLOAD) {
+			send_error(id, EPROTO, "the host sent stdin past its window");
+			return;
+		}
 		e->inbuf = realloc(e->inbuf, e->inlen + len);
 		memcpy(e->inbuf + e->inlen, data, len);
 		e->inlen += len;
@@ -430,7 +495,7 @@ static void do_mount(uint32_t id, struct reader *r)
 				 strerror(errno));
 			send_error(id, errno, msg);
 		} else {
-			send_frame(G_OK, id, NULL, 0);
+			send_frame(FR_OK, id, NULL, 0);
 		}
 	}
 	free(source);
@@ -439,79 +504,144 @@ static void do_mount(uint32_t id, struct reader *r)
 	free(data);
 }
 
+static void hello(uint32_t id, const unsigned char *p, size_t len)
+{
+	unsigned char buf[NONCE_SIZE + 4 + 256];
+	uint32_t version = VERSION;
+	size_t n;
+	FILE *f;
+	if (len != NONCE_SIZE) {
+		send_error(id, EINVAL, "bad hello");
+		return;
+	}
+	end_all_commands(); /* an earlier client's */
+	memcpy(buf, p, NONCE_SIZE);
+	memcpy(buf + NONCE_SIZE, &version, 4);
+	n = NONCE_SIZE + 4;
+	f = fopen("/proc/sys/kernel/osrelease", "r");
+	if (f) {
+		char release[256] = "";
+		if (fgets(release, sizeof(release), f)) {
+			release[strcspn(release, "\n")] = 0;
+			memcpy(buf + n, release, strlen(release));
+			n += strlen(release);
+		}
+		fclose(f);
+	}
+	send_frame(FR_READY, id, buf, n);
+}
+
 static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, size_t len)
 {
 	struct reader r = { p, p + len, 0 };
 	struct exec *e;
 	switch (type) {
-	case H_EXEC:
+	case FR_HELLO:
+		hello(id, p, len);
+		break;
+	case FR_EXEC:
 		do_exec(id, &r);
 		break;
-	case H_STDIN:
+	case FR_STDIN:
 		do_stdin(id, p, len);
 		break;
-	case H_SIGNAL:
+	case FR_SIGNAL:
 		e = find_exec(id);
-		if (e && !e->exited)
+		if (e && !e->exited && len == 4)
 			kill(-e->pid, (int)get_u32(&r));
 		break;
-	case H_MOUNT:
+	case FR_MOUNT:
 		do_mount(id, &r);
 		break;
-	case H_PING:
-		send_frame(G_PONG, id, p, len);
+	case FR_PING:
+		send_frame(FR_PONG, id, p, len);
 		break;
-	case H_POWEROFF:
+	case FR_POWEROFF:
 		sync();
-		send_frame(G_OK, id, NULL, 0);
+		send_frame(FR_OK, id, NULL, 0);
 		reboot(RB_POWER_OFF);
+		break;
+	case FR_BYE:
+		end_all_commands();
+		send_frame(FR_OK, id, NULL, 0);
 		break;
 	default:
 		send_error(id, EINVAL, "unknown request");
 	}
 }
 
-/* Read what the port has; handle every complete frame. Returns 0 when the host hung up. */
-static int read_port(void)
+static unsigned char *rbuf;
+static size_t rlen, rcap;
+
+/* The host side closed: whatever it had running dies with it, and what it sent last may
+ * end in the middle of a frame. */
+static void disconnect(void)
+{
+	char scratch[4096];
+	connected = 0;
+	end_all_commands();
+	while (read(port, scratch, sizeof(scratch)) > 0)
+		;
+	rlen = 0;
+}
+
+/* Whether a host client is on the port (the port says HUP while there is none). */
+static int host_present(void)
+{
+	struct pollfd pfd = { .fd = port, .events = POLLIN };
+	return poll(&pfd, 1, 0) >= 0 && !(pfd.revents & POLLHUP);
+}
+
+/* Read what the port has; handle every complete frame. */
+static void read_port(void)
 {
 	size_t off = 0;
 	ssize_t n;
-	if (rcap - rlen < CHUNK) {
-		rcap = rcap ? rcap * 2 : 4 * CHUNK;
-		rbuf = realloc(rbuf, rcap);
+	if (!rbuf) {
+		rcap = HEADER + MAX_PAYLOAD + CHUNK;
+		rbuf = malloc(rcap);
 	}
 	n = read(port, rbuf + rlen, rcap - rlen);
-	if (n < 0)
-		return errno == EINTR || errno == EAGAIN;
-	if (n == 0)
-		return 0;
+	if (n < 0) {
+		if (errno != EINTR && errno != EAGAIN)
+			die("read from host");
+		return;
+	}
+	if (n == 0) {
+		disconnect();
+		return;
+	}
 	rlen += n;
-	while (rlen - off >= 9) {
-		uint32_t total, id;
-		memcpy(&total, rbuf + off, 4);
-		if (total < 5)
-			die("bad frame from host");
-		if (rlen - off < 4 + (size_t)total) {
-			if (4 + (size_t)total > rcap) {
-				rcap = 4 + (size_t)total + CHUNK;
-				rbuf = realloc(rbuf, rcap);
-			}
+	while (connected) {
+		uint32_t id, len;
+		while (off < rlen && rbuf[off] == 0) /* padding */
+			off++;
+		if (rlen - off < HEADER)
+			break;
+		memcpy(&id, rbuf + off + 1, 4);
+		memcpy(&len, rbuf + off + 5, 4);
+		if (len > MAX_PAYLOAD) {
+			/* Not a frame of ours: an earlier client's remains. Drop it all; the next
+			 * client pads and says HELLO. */
+			off = rlen;
 			break;
 		}
-		memcpy(&id, rbuf + off + 5, 4);
-		handle_frame(rbuf[off + 4], id, rbuf + off + 9, total - 5);
-		off += 4 + total;
+		if (rlen - off < HEADER + (size_t)len)
+			break;
+		handle_frame(rbuf[off], id, rbuf + off + HEADER, len);
+		off += HEADER + len;
 	}
+	if (off > rlen)
+		off = rlen;
 	memmove(rbuf, rbuf + off, rlen - off);
 	rlen -= off;
-	return 1;
 }
 
-/* Forward what a command's stdout or stderr has; closes the fd at EOF. */
-static void pump(struct exec *e, int *fd, uint8_t type)
+/* Forward up to max chunks of a command's stdout or stderr; closes the fd at EOF. */
+static void pump(struct exec *e, int *fd, uint8_t type, int max)
 {
 	static char buf[CHUNK];
-	for (;;) {
+	while (max-- > 0 && e->used && *fd >= 0) {
 		ssize_t n = read(*fd, buf, sizeof(buf));
 		if (n > 0) {
 			send_frame(type, e->id, buf, n);
@@ -521,28 +651,24 @@ static void pump(struct exec *e, int *fd, uint8_t type)
 			continue;
 		if (n < 0 && errno == EAGAIN)
 			return;
-		close(*fd);
-		*fd = -1;
-		return;
+		close_fd(fd);
 	}
 }
 
 static void finish_if_done(struct exec *e, long long now)
 {
 	int32_t result[2];
-	if (!e->exited)
+	if (!e->used || !e->exited)
 		return;
 	/* Background processes may keep the pipes open: do not wait for them for long. */
 	if ((e->out >= 0 || e->err >= 0) && now - e->exited_at < DRAIN_GRACE_MS)
 		return;
-	if (e->out >= 0)
-		pump(e, &e->out, G_STDOUT);
-	if (e->err >= 0)
-		pump(e, &e->err, G_STDERR);
-	if (e->out >= 0)
-		close(e->out);
-	if (e->err >= 0)
-		close(e->err);
+	pump(e, &e->out, FR_STDOUT, 16);
+	pump(e, &e->err, FR_STDERR, 16);
+	if (!e->used)
+		return;
+	close_fd(&e->out);
+	close_fd(&e->err);
 	close_stdin(e);
 	if (WIFSIGNALED(e->status)) {
 		result[0] = 1;
@@ -551,7 +677,7 @@ static void finish_if_done(struct exec *e, long long now)
 		result[0] = 0;
 		result[1] = WEXITSTATUS(e->status);
 	}
-	send_frame(G_EXIT, e->id, result, sizeof(result));
+	send_frame(FR_EXIT, e->id, result, sizeof(result));
 	memset(e, 0, sizeof(*e));
 }
 
@@ -670,8 +796,6 @@ int main(void)
 {
 	sigset_t mask;
 	int sfd;
-	char release[256] = "";
-	FILE *f;
 
 	if (getpid() == 1) {
 		early_mounts();
@@ -679,22 +803,21 @@ int main(void)
 		loopback_up();
 		sethostname("qemubox", 7);
 	}
+	for (int i = 0; i < MAX_EXECS; i++)
+		execs[i].out = execs[i].err = execs[i].in = -1;
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGPIPE);
+	sigaddset(&mask, SIGIO);
 	sigprocmask(SIG_BLOCK, &mask, NULL);
 	sigdelset(&mask, SIGPIPE);
 	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	port = open_port();
 	if (port < 0)
 		die("cannot find the virtio port qemubox.agent");
-	f = fopen("/proc/sys/kernel/osrelease", "r");
-	if (f) {
-		if (fgets(release, sizeof(release), f))
-			release[strcspn(release, "\n")] = 0;
-		fclose(f);
-	}
-	send_frame(G_READY, 0, release, strlen(release));
+	/* SIGIO tells us when a host client comes or goes (and when data arrives). */
+	fcntl(port, F_SETOWN, getpid());
+	fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_NONBLOCK | O_ASYNC);
 
 	for (;;) {
 		struct pollfd pfds[2 + 3 * MAX_EXECS];
@@ -703,10 +826,16 @@ int main(void)
 		int n = 0, timeout = -1;
 		long long now = now_ms();
 
-		pfds[n] = (struct pollfd){ .fd = port, .events = POLLIN };
+		if (!connected && host_present())
+			connected = 1;
+		/* Without a client the port only says HUP: wait for SIGIO instead (and look
+		 * again now and then, should a notification be missed). */
+		pfds[n] = (struct pollfd){ .fd = connected ? port : -1, .events = POLLIN };
 		kind[n++] = 0;
 		pfds[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
 		kind[n++] = 1;
+		if (!connected)
+			timeout = 1000;
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
 			if (!e->used)
@@ -738,12 +867,12 @@ int main(void)
 			die("poll");
 		now = now_ms();
 		for (int i = 2; i < n; i++) {
-			if (!pfds[i].revents)
+			if (!pfds[i].revents || !owner[i]->used)
 				continue;
-			if (kind[i] == 2 && owner[i]->out >= 0)
-				pump(owner[i], &owner[i]->out, G_STDOUT);
-			else if (kind[i] == 3 && owner[i]->err >= 0)
-				pump(owner[i], &owner[i]->err, G_STDERR);
+			if (kind[i] == 2)
+				pump(owner[i], &owner[i]->out, FR_STDOUT, 1);
+			else if (kind[i] == 3)
+				pump(owner[i], &owner[i]->err, FR_STDERR, 1);
 			else if (kind[i] == 4)
 				flush_stdin(owner[i]);
 		}
@@ -753,14 +882,11 @@ int main(void)
 				;
 		}
 		reap(now);
-		if (pfds[0].revents & POLLIN) {
-			if (!read_port())
-				usleep(10000); /* host not connected: wait for it */
-		} else if (pfds[0].revents & (POLLHUP | POLLERR)) {
-			usleep(10000);
-		}
+		if (connected && (pfds[0].revents & POLLIN))
+			read_port();
+		else if (connected && (pfds[0].revents & (POLLHUP | POLLERR)))
+			disconnect();
 		for (int i = 0; i < MAX_EXECS; i++)
-			if (execs[i].used)
-				finish_if_done(&execs[i], now);
+			finish_if_done(&execs[i], now);
 	}
 }

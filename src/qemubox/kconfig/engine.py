@@ -13,7 +13,7 @@ from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
 from qemubox.kconfig.verify import Mismatch, verify
-from qemubox.kernel.tree import KernelTree, srcarch
+from qemubox.linux.tree import KernelTree, srcarch
 
 _TMP_NAME = ".qemubox-config.tmp"
 # make targets that create a config from nothing (they never read an existing .config).

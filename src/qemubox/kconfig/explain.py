@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qemubox.errors import ToolError
 from qemubox.kconfig.verify import Mismatch
-from qemubox.kernel.tree import KernelTree
+from qemubox.linux.tree import KernelTree
 
 
 def explain_mismatches(

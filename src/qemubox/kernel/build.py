@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemubox import __version__
+from qemubox import arch as arches
 from qemubox.apt import apt_install
 from qemubox.errors import InputError, VerifyError
 from qemubox.kconfig.catalog import resolve_fragment
@@ -32,8 +33,8 @@ from qemubox.kconfig.engine import apply_fragments, install_config
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
-from qemubox.kernel.tree import KernelTree, cross_compile_prefix, normalize_arch
-from qemubox.paths import cache_dir, locked, read_json, write_json
+from qemubox.linux.tree import KernelTree, cross_compile_prefix, normalize_arch
+from qemubox.paths import cache_dir, locked, read_json, updating_json, write_json
 
 # profile: (base config, shipped fragments applied on top of it)
 PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -43,15 +44,6 @@ PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
     "fastboot": ("tinyconfig", ("sandbox", "fastboot")),
     "debug": ("tinyconfig", ("sandbox", "debug")),
 }
-# Per-architecture fragments applied after the profile's (the guest's console, PCI host...).
-ARCH_FRAGMENTS = {"arm64": ("arm64",)}
-# What make builds, and where the boot image lands, per ARCH.
-IMAGES = {
-    "x86_64": ("bzImage", "arch/x86/boot/bzImage"),
-    "i386": ("bzImage", "arch/x86/boot/bzImage"),
-    "arm64": ("Image", "arch/arm64/boot/Image"),
-}
-CROSS_PACKAGES = {"arm64": "gcc-aarch64-linux-gnu"}
 KERNEL_ORG = "https://cdn.kernel.org/pub/linux/kernel"
 BUILD_MARK = ".qemubox-build.json"
 
@@ -194,7 +186,7 @@ def request_fragments(req: BuildRequest, arch: str) -> tuple[str, MergedConfig, 
     if req.profile not in PROFILES:
         raise InputError(f"unknown profile {req.profile!r} (one of: {', '.join(PROFILES)})")
     base, shipped = PROFILES[req.profile]
-    names = [*shipped, *ARCH_FRAGMENTS.get(arch, ()), *req.fragments]
+    names = [*shipped, *arches.get(arch).fragments, *req.fragments]
     assignments = read_fragments(names, resolve=resolve_fragment)
     merged = merge([*assignments, *config_items(req.config_items)])
     return base, merged, [*names, *req.config_items]
@@ -203,10 +195,9 @@ def request_fragments(req: BuildRequest, arch: str) -> tuple[str, MergedConfig, 
 def _cc_version(arch: str) -> str:
     prefix = cross_compile_prefix(arch) or ""
     if prefix and not shutil.which(prefix + "gcc"):
-        package = CROSS_PACKAGES.get(arch)
-        if not package:
-            raise InputError(f"no cross compiler {prefix}gcc for ARCH={arch}")
-        apt_install(package, f"no cross compiler {prefix}gcc for ARCH={arch}")
+        apt_install(
+            arches.get(arch).cross_package, f"no cross compiler {prefix}gcc for ARCH={arch}"
+        )
     proc = subprocess.run([prefix + "gcc", "--version"], capture_output=True, text=True)
     return (proc.stdout.splitlines() or [""])[0]
 
@@ -253,7 +244,7 @@ def _has_modules(config_text: str) -> bool:
 def _compile(tree: KernelTree, jobs: int, label: str) -> float:
     from qemubox.kernel.progress import run_make  # rich, only when compiling
 
-    image_target, _ = IMAGES[tree.arch]
+    image_target = Path(arches.get(tree.arch).image).name
     config_text = tree.config_path.read_text()
     targets = [image_target, "vmlinux"]
     if _has_modules(config_text):
@@ -271,8 +262,8 @@ def build_kernel(req: BuildRequest) -> BuildResult:
     from qemubox.kernel.install import install_build
 
     arch = normalize_arch(req.arch)
-    if arch not in IMAGES:
-        raise InputError(f"--arch {arch}: qemubox builds {', '.join(IMAGES)}")
+    if arch not in arches.ARCHES:
+        raise InputError(f"--arch {arch}: qemubox builds {', '.join(arches.ARCHES)}")
     base, merged, fragment_names = request_fragments(req, arch)
     source = resolve_source(req.kernel_version, req.source, req.sha256)
     cc = _cc_version(arch)
@@ -282,8 +273,7 @@ def build_kernel(req: BuildRequest) -> BuildResult:
     input_key = _input_key(source, arch, base, merged, cc)
     with locked(root / f".{source.key}-{arch}.lock"):
         index_path = root / "index.json"
-        index = read_json(index_path)
-        known = index.get(input_key)
+        known = read_json(index_path).get(input_key)
         if source.fingerprint and known and (root / known / BUILD_MARK).is_file():
             build_dir = root / known
             manifest = read_json(build_dir / BUILD_MARK)
@@ -322,7 +312,7 @@ def build_kernel(req: BuildRequest) -> BuildResult:
                 "source_key": source.key,
                 "build_seconds": round(seconds, 1),
                 "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "image": IMAGES[arch][1],
+                "image": arches.get(arch).image,
                 "modules": _has_modules(config_text),
                 "jobs": jobs,
                 "compiler": cc,
@@ -332,8 +322,8 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             }
             _store_outputs(work.build, build_dir, manifest)
         manifest = read_json(build_dir / BUILD_MARK)
-        index[input_key] = build_dir.name
-        write_json(index_path, index)
+        with updating_json(index_path) as index:  # shared by every source's builds
+            index[input_key] = build_dir.name
         notes = install_build(manifest, build_dir, req.output)
         return BuildResult(manifest, build_dir, req.output, ran_make, notes)
 

@@ -14,7 +14,7 @@ from qemubox.kconfig.fragment import Assignment, Location
 from qemubox.kconfig.merge import merge
 from qemubox.kconfig.verify import verify
 from qemubox.kernel.build import BuildRequest, build_root, request_fragments, resolve_source
-from qemubox.kernel.tree import KernelTree, normalize_arch
+from qemubox.linux.tree import KernelTree, normalize_arch
 from qemubox.paths import write_keeping_old
 
 

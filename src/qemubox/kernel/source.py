@@ -13,8 +13,8 @@ from pathlib import Path
 
 from qemubox.apt import apt_install
 from qemubox.errors import InputError, ToolError
-from qemubox.kernel.tree import makefile_version
-from qemubox.paths import cache_dir, locked, read_json, write_json
+from qemubox.linux.tree import makefile_version
+from qemubox.paths import cache_dir, locked, read_json, updating_json
 
 DEBIAN_SOURCE_DIR = Path("/usr/src")
 _SERIES_RE = re.compile(r"\d+\.\d+")
@@ -31,16 +31,16 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     index_path = source_cache() / "hashes.json"
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    index = read_json(index_path)
-    if key in index:
-        return index[key]
+    known = read_json(index_path).get(key)
+    if known:
+        return known
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    index[key] = digest.hexdigest()
-    write_json(index_path, index)
-    return index[key]
+    with updating_json(index_path) as index:
+        index[key] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 def extract_tarball(tarball: Path, sha256: str | None = None) -> Path:

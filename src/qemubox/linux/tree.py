@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -11,42 +10,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemubox import arch
 from qemubox.errors import InputError, ToolError
-
-# ARCH values the kernel's Makefile folds into one arch/ directory.
-_SRCARCH = {"x86_64": "x86", "i386": "x86", "sparc64": "sparc", "parisc64": "parisc"}
-_ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64", "x86-64": "x86_64"}
-# Debian cross compilers by kernel ARCH.
-_CROSS_PREFIX = {
-    "arm64": "aarch64-linux-gnu-",
-    "arm": "arm-linux-gnueabihf-",
-    "riscv": "riscv64-linux-gnu-",
-    "powerpc": "powerpc64le-linux-gnu-",
-    "s390": "s390x-linux-gnu-",
-}
 
 
 def host_arch() -> str:
-    machine = platform.machine()
-    return _ARCH_ALIASES.get(machine, machine)
+    return arch.normalize(None)
 
 
-def normalize_arch(arch: str | None) -> str:
+def normalize_arch(name: str | None) -> str:
     """A kernel ARCH value; ``None`` is the host's (always explicit: x86_64, not x86)."""
-    if not arch:
-        return host_arch()
-    return _ARCH_ALIASES.get(arch, arch)
+    return arch.normalize(name)
 
 
-def srcarch(arch: str) -> str:
-    return _SRCARCH.get(arch, arch)
+def srcarch(name: str) -> str:
+    return arch.srcarch(name)
 
 
-def cross_compile_prefix(arch: str) -> str | None:
-    """The ``CROSS_COMPILE`` prefix for building ``arch`` on this host, if one is needed."""
-    if srcarch(arch) == srcarch(host_arch()):
+def cross_compile_prefix(name: str) -> str | None:
+    """The ``CROSS_COMPILE`` prefix for building ``name`` on this host, if one is needed."""
+    if srcarch(name) == srcarch(host_arch()):
         return None
-    return _CROSS_PREFIX.get(arch)
+    record = arch.ARCHES.get(name)
+    return record.cross_prefix if record else None
 
 
 def make_program() -> str:

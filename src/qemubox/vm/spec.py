@@ -1,4 +1,4 @@
-"""The sandbox's domain model: a Session with its shares and disks, validated up front."""
+"""What a user asks for: a Session with its shares and disks, validated before anything starts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemubox.errors import InputError
+from qemubox.vm.plan import DiskPlan, PortPlan, SharePlan
 
 SECURITY_MODELS = ("passthrough", "mapped-xattr", "mapped-file", "none")
 NETWORKS = ("none", "restricted", "user")
@@ -86,37 +87,33 @@ class Session:
 
 
 @dataclass(frozen=True)
-class ValidShare:
-    host_path: Path
-    mount_point: str
-    tag: str
-    read_only: bool
-    security_model: str
-
-
-@dataclass(frozen=True)
-class ValidDisk:
-    size: int
-    mount_point: str
-    path: Path | None
-    serial: str
-
-
-@dataclass(frozen=True)
 class ValidSession:
+    """A session checked and normalised: sizes in bytes, paths resolved, devices as they
+    go into the machine plan."""
+
     memory: int
     cpus: int
     balloon: bool
-    shares: tuple[ValidShare, ...]
-    disks: tuple[ValidDisk, ...]
+    shares: tuple[SharePlan, ...]
+    disks: tuple[DiskPlan, ...]  # an ephemeral disk's path is "" until planned
     network: str
-    ports: tuple[tuple[int, int], ...]
+    ports: tuple[PortPlan, ...]
     kernel: str | None
     modules: Path | None
     timeout: float | None
     boot_timeout: float
     accel: str
     console_log: Path | None
+
+    def features(self) -> tuple[str, ...]:
+        """What the guest needs drivers for, beyond its console and agent port."""
+        wanted = {
+            "disks": bool(self.disks),
+            "shares": bool(self.shares),
+            "network": self.network != "none",
+            "balloon": self.balloon,
+        }
+        return tuple(name for name, on in wanted.items() if on)
 
 
 def _port(value: object, what: str, allow_zero: bool) -> int:
@@ -139,7 +136,9 @@ def validate(s: Session) -> ValidSession:
         raise InputError(f"network must be one of {', '.join(NETWORKS)}, got {s.network!r}")
     if s.accel not in ACCELS:
         raise InputError(f"accel must be one of {', '.join(ACCELS)}, got {s.accel!r}")
-    ports = tuple((_port(h, "host port", True), _port(g, "guest port", False)) for h, g in s.ports)
+    ports = tuple(
+        PortPlan(_port(h, "host port", True), _port(g, "guest port", False)) for h, g in s.ports
+    )
     if ports and s.network == "none":
         raise InputError("published ports need a network (restricted or user), not none")
     used_points: set[str] = set()
@@ -167,7 +166,9 @@ def validate(s: Session) -> ValidSession:
                 f"security_model must be one of {', '.join(SECURITY_MODELS)}, "
                 f"got {share.security_model!r}"
             )
-        shares.append(ValidShare(host.resolve(), point, tag, share.read_only, share.security_model))
+        shares.append(
+            SharePlan(tag, str(host.resolve()), point, share.read_only, share.security_model)
+        )
     disks = []
     for i, disk in enumerate(s.disks):
         size = parse_size(disk.size, "disk size")
@@ -181,7 +182,8 @@ def validate(s: Session) -> ValidSession:
                 raise InputError(f"disk path exists and is not a file: {disk.path}")
             if not path.exists() and not path.parent.is_dir():
                 raise InputError(f"disk path's directory does not exist: {path.parent}")
-        disks.append(ValidDisk(size, point, path.resolve() if path else None, f"qbxdisk{i}"))
+        resolved = str(path.resolve()) if path else ""
+        disks.append(DiskPlan(resolved, size, point, f"qbxdisk{i}", ephemeral=path is None))
     modules = None
     if s.modules:
         modules = Path(s.modules)

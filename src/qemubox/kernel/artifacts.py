@@ -1,7 +1,9 @@
-"""Which kernel a sandbox boots: one given by path, one qemubox built, or Debian's."""
+"""Which kernel a machine boots — one given by path, one qemubox built, or Debian's — and
+what goes with it: its version, arch, modules and config."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -10,12 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox.apt import apt_download
 from qemubox.errors import InputError, ToolError
-from qemubox.kernel.tree import host_arch
-from qemubox.paths import cache_dir, locked
-
-DEBIAN_META = {"x86_64": "linux-image-amd64", "arm64": "linux-image-arm64"}
+from qemubox.paths import cache_dir, fill, locked
+from qemubox.vm.plan import KernelPlan
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,31 @@ class GuestKernel:
             return "virtio_mmio" in (self.modules / "modules.builtin").read_text(errors="replace")
         return False
 
+    def plan(self) -> KernelPlan:
+        return KernelPlan(
+            image=str(self.image),
+            version=self.version,
+            arch=self.arch,
+            modules=str(self.modules) if self.modules else None,
+            config=str(self.config_path) if self.config_path else None,
+            description=self.description,
+            mmio=self.supports_microvm(),
+        )
+
 
 def bzimage_version(image: Path) -> str | None:
-    """The version string an x86 bzImage carries in its setup header."""
+    """The version string an x86 bzImage carries, found as the boot protocol says: the
+    setup header (magic ``HdrS`` at 0x202) holds at 0x20E the string's offset from 0x200,
+    which may lie anywhere in the setup code."""
     try:
         with open(image, "rb") as fh:
-            head = fh.read(0x4000)
+            head = fh.read(0x210)
+            if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+                return None
+            fh.seek(int.from_bytes(head[0x20E:0x210], "little") + 0x200)
+            text = fh.read(256).split(b"\0", 1)[0].decode(errors="replace")
     except OSError:
         return None
-    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-        return None
-    offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
-    if offset >= len(head):
-        return None
-    text = head[offset : offset + 256].split(b"\0", 1)[0].decode(errors="replace")
     return text.split()[0] if text else None
 
 
@@ -82,12 +94,37 @@ def _find_modules(image: Path, version: str, explicit: Path | None) -> Path | No
     ):
         if (candidate / "modules.dep").is_file():
             return candidate
+        if (candidate / "kernel").is_dir():  # modules without their index (no depmod yet)
+            return indexed_modules(candidate, version)
     return None
+
+
+def indexed_modules(modules: Path, version: str) -> Path:
+    """Modules whose directory lacks modules.dep (a package unpacked, say: its install
+    script runs depmod) get an index made in the cache — a tree of links to them — never in
+    the user's directory."""
+    st = modules.stat()
+    key = hashlib.sha256(f"{modules.resolve()}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "modules-index" / f"{version}-{key}"
+
+    def make(tmp: Path) -> None:
+        tree = tmp / "lib" / "modules" / version
+        tree.mkdir(parents=True)
+        for entry in modules.iterdir():
+            (tree / entry.name).symlink_to(entry.resolve())
+        proc = subprocess.run(
+            ["depmod", "-b", str(tmp), version], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise ToolError(f"depmod for the modules in {modules} failed: {proc.stderr.strip()}")
+
+    return fill(target, make) / "lib" / "modules" / version
 
 
 def _find_config(image: Path, version: str) -> Path | None:
     for candidate in (
         image.parent / f"config-{version}",
+        image.parent.parent / "boot" / f"config-{version}",
         image.parent / "config",
         *(tree / ".config" for tree in _build_tree(image)),
         Path("/boot") / f"config-{version}",
@@ -108,7 +145,8 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> GuestKern
             head = fh.read(64)
         if head[56:60] == b"ARM\x64":
             arch = "arm64"
-            version = image.name.split("-", 1)[1] if "-" in image.name else None
+            name = image.resolve().name
+            version = name.split("-", 1)[1] if "-" in name else None
         if version is None:
             raise InputError(f"--kernel {path}: not a bzImage or arm64 Image with a version")
     return GuestKernel(
@@ -146,16 +184,13 @@ def built_kernel(arch: str) -> GuestKernel | None:
 
 def debian_kernel(arch: str) -> GuestKernel:
     """Debian's generic kernel package, downloaded with apt-get and unpacked into the cache."""
-    meta = DEBIAN_META.get(arch)
-    if meta is None:
-        raise InputError(f"no Debian kernel for {arch}")
+    meta = arches.get(arch).debian_kernel
     root = cache_dir() / "debian-kernel"
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / ".lock"):
-        for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
-            kernel = _unpacked_kernel(unpacked, arch)
-            if kernel:
-                return kernel
+        kernel = cached_debian_kernel(arch)
+        if kernel:
+            return kernel
         package = _debian_package_name(meta)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             deb = apt_download(package, Path(tmp))
@@ -202,11 +237,30 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
     )
 
 
-def choose_kernel(kernel: str | None, modules: Path | None = None) -> GuestKernel:
-    """``kernel``: a path, ``debian``, or None (qemubox's newest build, else Debian's)."""
-    arch = host_arch()
-    if kernel == "debian":
-        return debian_kernel(arch)
-    if kernel:
+def choose_kernel(
+    kernel: str | None, modules: Path | None = None, fetch: bool = True
+) -> GuestKernel:
+    """``kernel``: a path, ``debian``, or None (qemubox's newest build, else Debian's).
+    Without ``fetch``, Debian's kernel must be in the cache already (a dry run fetches
+    nothing)."""
+    arch = arches.host().name
+    if kernel and kernel != "debian":
         return kernel_from_path(kernel, modules)
-    return built_kernel(arch) or debian_kernel(arch)
+    found = None if kernel == "debian" else built_kernel(arch)
+    if found is None and not fetch:
+        found = cached_debian_kernel(arch)
+        if found is None:
+            raise InputError(
+                "Debian's kernel is not downloaded yet and a dry run fetches nothing: "
+                "run once without --dry-run, or give --kernel"
+            )
+    return found or debian_kernel(arch)
+
+
+def cached_debian_kernel(arch: str) -> GuestKernel | None:
+    root = cache_dir() / "debian-kernel"
+    for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
+        kernel = _unpacked_kernel(unpacked, arch)
+        if kernel:
+            return kernel
+    return None

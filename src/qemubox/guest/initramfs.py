@@ -11,13 +11,14 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
+from qemubox import arch as arches
+from qemubox.apt import apt_install, download_for_arch
 from qemubox.errors import InputError, ToolError
-from qemubox.initramfs import CpioWriter
-from qemubox.paths import cache_dir
-from qemubox.sandbox.kernels import GuestKernel
+from qemubox.guest.cpio import CpioWriter
+from qemubox.kernel.artifacts import GuestKernel
+from qemubox.paths import cache_dir, fill
 
-BUSYBOX = Path("/bin/busybox")
-COMPILERS = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
+HOST_BUSYBOX = Path("/bin/busybox")
 
 # Modules by feature, by the names modules.dep knows them by.
 BASE_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_rng")
@@ -27,6 +28,7 @@ FEATURE_MODULES = {
     "network": ("virtio_net", "af_packet"),
     "balloon": ("virtio_balloon",),
 }
+OPTIONAL_MODULES = {"virtio_mmio", "virtio_pci", "virtio_rng", "af_packet"}
 
 _ETC = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
@@ -41,27 +43,56 @@ def agent_source() -> bytes:
     return (resources.files("qemubox.guest") / "agent.c").read_bytes()
 
 
-def agent_binary(arch: str) -> Path:
+def agent_path(arch: arches.Arch) -> Path:
+    """Where the agent for ``arch`` is cached: named by its source and compiler."""
+    key = hashlib.sha256(agent_source() + arch.compiler().encode()).hexdigest()[:16]
+    return cache_dir() / "agent" / f"qemubox-agent-{arch.name}-{key}"
+
+
+def agent_binary(arch: arches.Arch) -> Path:
     """The guest agent, compiled statically for ``arch`` once per source version."""
-    compiler = COMPILERS[arch]
+    compiler = arch.compiler()
     if shutil.which(compiler) is None:
-        raise InputError(f"{compiler} is needed to build the guest agent (see setup.sh)")
-    source = agent_source()
-    key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = cache_dir() / "agent" / f"qemubox-agent-{arch}-{key}"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    src = target.with_suffix(".c")
-    src.write_bytes(source)
-    tmp = target.with_suffix(".tmp")
-    proc = subprocess.run(
-        [compiler, "-static", "-O2", "-s", "-o", str(tmp), str(src)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise ToolError(f"building the guest agent failed: {proc.stderr.strip()[-500:]}")
-    os.replace(tmp, target)
-    return target
+        if compiler == "gcc":
+            raise InputError("gcc is needed to build the guest agent (see setup.sh)")
+        apt_install(arch.cross_package, f"{compiler} is needed to build the {arch.name} agent")
+        apt_install(arch.cross_libc, f"{arch.cross_libc} is needed to build the agent")
+
+    def make(tmp: Path) -> None:
+        src = tmp.with_suffix(".c")
+        try:
+            src.write_bytes(agent_source())
+            proc = subprocess.run(
+                [compiler, "-static", "-O2", "-s", "-o", str(tmp), str(src)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            src.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise ToolError(f"building the guest agent failed: {proc.stderr.strip()[-500:]}")
+
+    return fill(agent_path(arch), make)
+
+
+def busybox(arch: arches.Arch) -> Path:
+    """A static busybox for the guest: the host's for its own arch, else Debian's
+    busybox-static of that arch, fetched once into the cache."""
+    if arch.srcarch == arches.host().srcarch:
+        if not HOST_BUSYBOX.is_file():
+            raise InputError("busybox-static is not installed (apt-get install busybox-static)")
+        return HOST_BUSYBOX
+
+    def make(tmp: Path) -> None:
+        tmp.mkdir()
+        deb = download_for_arch(
+            "busybox-static", arch.debian_arch, tmp, cache_dir() / "apt" / arch.debian_arch
+        )
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
+        os.replace(tmp / "x" / "bin" / "busybox", tmp / "busybox")
+
+    return fill(cache_dir() / "busybox" / arch.debian_arch, make) / "busybox"
 
 
 def _modules_dep(modules: Path) -> dict[str, tuple[str, list[str]]]:
@@ -152,13 +183,36 @@ def _module_bytes(path: Path) -> bytes:
     return data
 
 
-def needed_modules(kernel: GuestKernel, features: set[str]) -> list[str]:
+def needed_modules(kernel: GuestKernel, features: tuple[str, ...]) -> list[str]:
+    """Paths (in the kernel's modules directory) of the modules the guest must load for
+    ``features``; InputError when the kernel has none of a needed driver."""
     if kernel.modules is None:
         return []
     wanted = list(BASE_MODULES)
     for feature in sorted(features):
         wanted += FEATURE_MODULES.get(feature, ())
+    builtin = _builtin(kernel.modules)
+    dep = _modules_dep(kernel.modules)
+    for name in wanted:
+        if name in OPTIONAL_MODULES or name in builtin or name in dep:
+            continue
+        if kernel.option(name.upper()) in ("y",):
+            continue
+        raise InputError(
+            f"the kernel {kernel.description} has no {name} driver "
+            f"(neither built in nor a module in {kernel.modules})"
+        )
     return module_closure(kernel.modules, wanted)
+
+
+def _builtin(modules: Path) -> set[str]:
+    path = modules / "modules.builtin"
+    if not path.is_file():
+        return set()
+    return {
+        Path(line.strip()).name.split(".ko", 1)[0].replace("-", "_")
+        for line in path.read_text(errors="replace").splitlines()
+    }
 
 
 def _module_index(modules: Path, included: list[str]) -> dict[str, str]:
@@ -185,61 +239,75 @@ def _module_index(modules: Path, included: list[str]) -> dict[str, str]:
     return {"modules.dep": "\n".join(lines) + "\n", "modules.alias": "\n".join(aliases) + "\n"}
 
 
-def _busybox_applets() -> list[str]:
-    proc = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True)
+def _busybox_applets(binary: Path) -> list[str]:
+    """The applets of a busybox (of any arch: its --list-full output is read from the
+    host's, which lists the same applets for the same Debian version)."""
+    proc = subprocess.run(
+        [str(HOST_BUSYBOX if HOST_BUSYBOX.is_file() else binary), "--list-full"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise ToolError("busybox --list-full failed (is busybox-static installed?)")
     return [line for line in proc.stdout.split() if line and line != "bin/busybox"]
 
 
-def initramfs(kernel: GuestKernel, features: set[str]) -> Path:
-    """The initramfs for this kernel and these features, built once and cached."""
-    if not BUSYBOX.is_file():
-        raise InputError("busybox-static is not installed (apt-get install busybox-static)")
-    if kernel.arch != "x86_64":
-        raise InputError(f"sandboxes run x86_64 guests on this host, not {kernel.arch}")
-    agent = agent_binary(kernel.arch)
-    # Keyed by what decides the content, cheaply: the module closure itself is worked out
-    # from the kernel's module index only when the archive has to be made.
+def initramfs_path(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
+    """Where the initramfs for this kernel and these features is cached. Keyed by what
+    decides its content, cheaply (the module closure is worked out only when the archive is
+    made); computing it creates nothing."""
+    arch = arches.get(kernel.arch)
     digest = hashlib.sha256()
-    for part in (agent.name, kernel.version, str(kernel.modules), *sorted(features)):
+    for part in (agent_path(arch).name, kernel.version, str(kernel.modules), *sorted(features)):
         digest.update(part.encode() + b"\0")
-    stamped = [BUSYBOX]
+    stamped = [HOST_BUSYBOX]
     if kernel.modules is not None:
         stamped += [kernel.modules / n for n in ("modules.dep", "modules.alias", "modules.softdep")]
     for path in stamped:
         with contextlib.suppress(FileNotFoundError):
             st = path.stat()
             digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    target = cache_dir() / "initramfs" / f"{digest.hexdigest()[:20]}.cpio"
+    return cache_dir() / "initramfs" / f"{arch.name}-{digest.hexdigest()[:20]}.cpio"
+
+
+def initramfs(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
+    """The initramfs for this kernel and these features, built once and cached."""
+    target = initramfs_path(kernel, features)
     if target.is_file():
         return target
+    arch = arches.get(kernel.arch)
     modules = needed_modules(kernel, features)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        cpio = CpioWriter(fh)
-        cpio.add_host_file("init", agent, 0o755)
-        cpio.add_host_file("bin/busybox", BUSYBOX, 0o755)
-        for applet in _busybox_applets():
-            depth = applet.count("/")
-            cpio.add_symlink(applet, "../" * depth + "bin/busybox")
-        for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "var/tmp", "etc/qemubox"):
-            cpio.add_dir(d)
-        cpio.add_char_device("dev/console", 5, 1)
-        cpio.add_char_device("dev/null", 1, 3, 0o666)
-        for name, text in _ETC.items():
-            cpio.add_file(name, text.encode())
-        load = []
-        for mod in modules:
-            dest = f"lib/modules/{kernel.version}/" + mod.split(".ko", 1)[0] + ".ko"
-            cpio.add_file(dest, _module_bytes(kernel.modules / mod))
-            load.append("/" + dest)
-        cpio.add_file("etc/qemubox/modules", "".join(p + "\n" for p in load).encode())
-        if modules:
-            base = f"lib/modules/{kernel.version}/"
-            for name, text in _module_index(kernel.modules, modules).items():
-                cpio.add_file(base + name, text.encode())
-        cpio.close()
-    os.replace(tmp, target)
-    return target
+    agent = agent_binary(arch)
+    box = busybox(arch)
+    applets = _busybox_applets(box)
+
+    def make(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            cpio = CpioWriter(fh)
+            cpio.add_host_file("init", agent, 0o755)
+            cpio.add_host_file("bin/busybox", box, 0o755)
+            for applet in applets:
+                depth = applet.count("/")
+                cpio.add_symlink(applet, "../" * depth + "bin/busybox")
+            for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "var/tmp", "etc/qemubox"):
+                cpio.add_dir(d)
+            cpio.add_char_device("dev/console", 5, 1)
+            cpio.add_char_device("dev/null", 1, 3, 0o666)
+            for name, text in _ETC.items():
+                cpio.add_file(name, text.encode())
+            load = []
+            for mod in modules:
+                dest = f"lib/modules/{kernel.version}/" + mod.split(".ko", 1)[0] + ".ko"
+                cpio.add_file(dest, _module_bytes(kernel.modules / mod))
+                load.append("/" + dest)
+            cpio.add_file("etc/qemubox/modules", "".join(p + "\n" for p in load).encode())
+            if modules:
+                base = f"lib/modules/{kernel.version}/"
+                for name, text in _module_index(kernel.modules, modules).items():
+                    cpio.add_file(base + name, text.encode())
+            cpio.close()
+        if tmp.stat().st_size < agent.stat().st_size:
+            raise ToolError(f"writing {target} came out short")
+
+    return fill(target, make)

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemubox.paths import cache_dir, read_json, write_json
-from qemubox.sandbox.qemu import bare_boot_args
+from qemubox import arch as arches
+from qemubox.paths import cache_dir, read_json, updating_json
+from qemubox.qemu.cmdline import bare_boot_args
 
 PROBE_SECONDS = 4.0
 
@@ -53,7 +54,7 @@ def _probe(arch: str, kernel: Path) -> tuple[bool, str]:
             arch,
             "kvm",
             kernel,
-            "console=ttyS0 panic=-1 rdinit=/qemubox-kvm-probe",
+            f"console={arches.get(arch).console} panic=-1 rdinit=/qemubox-kvm-probe",
             f"file:{console}",
             memory_mib=128,
         )
@@ -102,14 +103,14 @@ def choose_accel(
         return AccelChoice("tcg", "no permission to use /dev/kvm (join the kvm group)")
     key = f"{platform.release()} {platform.version()} | {qemu_identity(binary)}"
     path = _verdict_path()
-    verdicts = read_json(path)
-    if key not in verdicts:
+    verdict = read_json(path).get(key)
+    if verdict is None:
         if not probe:
             return AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
         works, reason = _probe(guest_arch, kernel)
-        verdicts[key] = {"works": works, "reason": reason}
-        write_json(path, verdicts)
-    verdict = verdicts[key]
+        verdict = {"works": works, "reason": reason}
+        with updating_json(path) as verdicts:
+            verdicts[key] = verdict
     if verdict["works"]:
         return AccelChoice("kvm", "")
     return AccelChoice("tcg", verdict["reason"])

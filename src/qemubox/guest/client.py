@@ -1,0 +1,390 @@
+"""The host side of the agent protocol: one client attached to one guest agent.
+
+QEMU owns the agent's socket (a listening chardev) and serves one client at a time; a
+client says HELLO, the agent answers READY and ends whatever an earlier client left
+running. Within a process, one client carries any number of requests at once (ids tell
+their frames apart); a reader thread dispatches the guest's frames to the request they
+answer. Everything the guest sends is checked: a frame that is malformed, too large, or
+wrong for the request it names ends the connection with ProtocolViolation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemubox.errors import GuestError, ProtocolViolation
+from qemubox.guest import protocol as p
+from qemubox.guest.protocol import Frame
+
+
+class AgentGone(Exception):
+    """The connection to the guest agent ended (the VM stopped or died)."""
+
+
+class SendTimeout(Exception):
+    """The guest did not take a frame in time (it stopped reading its port). Nothing of
+    the frame was sent; when part of it was, the connection is closed instead (AgentGone)."""
+
+
+@dataclass
+class Pending:
+    """A request in flight; for a command, also its output and stdin window."""
+
+    is_exec: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    on_stdout: Callable[[bytes], None] | None = None
+    on_stderr: Callable[[bytes], None] | None = None
+    max_output: int | None = None  # bytes kept of stdout + stderr without callbacks
+    kept: int = 0
+    truncated: bool = False
+    stdout: list[bytes] = field(default_factory=list)
+    stderr: list[bytes] = field(default_factory=list)
+    status: p.ExitStatus | None = None
+    error: GuestError | None = None
+    payload: bytes = b""
+    in_flight: int = 0  # stdin bytes sent and not yet taken by the command
+    window: threading.Condition = field(default_factory=threading.Condition)
+
+    def output(self, data: bytes, callback, sink: list[bytes]) -> None:
+        if callback is not None:
+            callback(data)
+            return
+        if self.max_output is not None:
+            room = self.max_output - self.kept
+            if len(data) > room:
+                data = data[: max(room, 0)]
+                self.truncated = True
+        self.kept += len(data)
+        if data:
+            sink.append(data)
+
+
+def _connect(path: Path, deadline: float, alive: Callable[[], None]) -> socket.socket:
+    """Connect to QEMU's listening socket, waiting for QEMU to create it."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {path}")
+        time.sleep(0.005)
+
+
+class AgentClient:
+    """A client of one guest agent. Thread-safe."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes = b"", release: str = "") -> None:
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 1
+        self._closed = False
+        self.violation: ProtocolViolation | None = None
+        self.release = release
+        self._decoder = p.Decoder(p.GUEST_FRAMES)
+        self._leftover = leftover
+        self._reader = threading.Thread(target=self._read_loop, name="qemubox-agent", daemon=True)
+        self._reader.start()
+
+    # --- attaching ----------------------------------------------------------------------------
+
+    @classmethod
+    def attach(
+        cls,
+        path: Path,
+        timeout: float,
+        alive: Callable[[], None] = lambda: None,
+        resync: bool = False,
+    ) -> AgentClient:
+        """Connect, say HELLO and wait for the agent's READY (at most ``timeout`` seconds;
+        ``alive`` raises when the VM has died meanwhile). ``resync`` first sends padding, for
+        an agent an earlier client may have left in the middle of a frame."""
+        deadline = time.monotonic() + timeout
+        sock = _connect(path, deadline, alive)
+        try:
+            nonce = os.urandom(p.NONCE_SIZE)
+            hello = (b"\0" * p.SYNC_PADDING if resync else b"") + p.encode(Frame.HELLO, 0, nonce)
+            sock.sendall(hello)
+            stream = b""
+            while True:
+                start = p.find_ready(stream, nonce)
+                if start is not None:
+                    break
+                stream = stream[-(p.HEADER.size + p.NONCE_SIZE + p.MAX_PAYLOAD) :]
+                ready, _, _ = select.select([sock], [], [], 0.05)
+                if ready:
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        alive()
+                        raise AgentGone("the guest agent closed the connection while starting")
+                    stream += chunk
+                    continue
+                alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the guest agent did not answer")
+            decoder = p.Decoder(frozenset({Frame.READY}))
+            frames = decoder.feed(stream[start:])
+            if not frames:  # the header and nonce are there; the rest of READY follows
+                while not frames:
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        raise AgentGone("the guest agent closed the connection while starting")
+                    frames = decoder.feed(chunk)
+            _, _, payload = frames[0]
+            hello_back = p.decode_ready(payload)
+            if hello_back.version != p.VERSION:
+                raise ProtocolViolation(
+                    f"the guest agent speaks protocol {hello_back.version}, not {p.VERSION}"
+                )
+            rest = decoder._buf
+            return cls(sock, bytes(rest), hello_back.release)
+        except BaseException:
+            sock.close()
+            raise
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _send(self, kind: Frame, ident: int, payload: bytes = b"", timeout: float | None = None):
+        """Send one frame whole. With ``timeout``, SendTimeout when the guest does not take
+        it in time."""
+        data = p.encode(kind, ident, payload)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._send_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise SendTimeout("the guest is not reading its port")
+        try:
+            view = memoryview(data)
+            while view:
+                if self._closed:
+                    raise AgentGone("the guest agent is gone")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    if len(view) < len(data):  # the stream is cut inside a frame
+                        self.close()
+                        raise AgentGone("the guest stopped reading its port")
+                    raise SendTimeout("the guest is not reading its port")
+                _, writable, _ = select.select([], [self._sock], [], left)
+                if not writable:
+                    continue
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    raise AgentGone("the guest agent is gone") from None
+                view = view[sent:]
+        finally:
+            self._send_lock.release()
+
+    def _read_loop(self) -> None:
+        try:
+            if self._leftover:
+                self._handle(self._decoder.feed(self._leftover))
+            while True:
+                chunk = self._sock.recv(1 << 16)
+                if not chunk:
+                    break
+                self._handle(self._decoder.feed(chunk))
+        except ProtocolViolation as err:
+            self.violation = err
+        except OSError:
+            pass
+        finally:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                pending = list(self._pending.values())
+            for pend in pending:
+                pend.done.set()
+                with pend.window:
+                    pend.window.notify_all()
+
+    def _handle(self, frames: list[tuple[Frame, int, bytes]]) -> None:
+        for kind, ident, payload in frames:
+            with self._lock:
+                pend = self._pending.get(ident)
+            if pend is None or pend.done.is_set():
+                continue  # a request that already ended (a killed command's last words)
+            self._dispatch(pend, kind, payload)
+
+    def _dispatch(self, pend: Pending, kind: Frame, payload: bytes) -> None:
+        if kind == Frame.ERROR:
+            pend.error = GuestError(*p.decode_error(payload))
+            pend.done.set()
+        elif not pend.is_exec:
+            if kind not in (Frame.OK, Frame.PONG):
+                raise ProtocolViolation(f"a {kind.name} frame answers a request that is no command")
+            pend.payload = payload
+            pend.done.set()
+        elif kind == Frame.STDOUT:
+            pend.output(payload, pend.on_stdout, pend.stdout)
+        elif kind == Frame.STDERR:
+            pend.output(payload, pend.on_stderr, pend.stderr)
+        elif kind == Frame.STDIN_ACK:
+            taken = p.decode_u32(payload, "STDIN_ACK")
+            with pend.window:
+                if taken > pend.in_flight:
+                    raise ProtocolViolation("the guest acknowledged stdin it was never sent")
+                pend.in_flight -= taken
+                pend.window.notify_all()
+        elif kind == Frame.EXIT:
+            pend.status = p.decode_exit(payload)
+            pend.done.set()
+        else:
+            raise ProtocolViolation(f"a {kind.name} frame answers a command")
+
+    def _new(self, **kw) -> tuple[int, Pending]:
+        with self._lock:
+            ident = self._next_id
+            self._next_id += 1
+            pend = Pending(**kw)
+            self._pending[ident] = pend
+        return ident, pend
+
+    def finish(self, ident: int) -> None:
+        with self._lock:
+            self._pending.pop(ident, None)
+
+    def _check(self, pend: Pending) -> None:
+        if self.violation is not None:
+            raise self.violation
+        if self._closed and pend.status is None and pend.error is None and not pend.payload:
+            raise AgentGone("the guest agent is gone")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def request(self, kind: Frame, payload: bytes = b"", timeout: float | None = 30) -> bytes:
+        """A request answered by OK or PONG; raises GuestError, AgentGone or TimeoutError."""
+        ident, pend = self._new()
+        try:
+            self._send(kind, ident, payload, timeout)
+            finished = pend.done.wait(timeout)
+            self._check(pend)
+            if not finished:
+                raise TimeoutError(f"the guest agent did not answer within {timeout} s")
+            if pend.error:
+                raise pend.error
+            return pend.payload
+        except SendTimeout:
+            raise TimeoutError(f"the guest agent did not answer within {timeout} s") from None
+        finally:
+            self.finish(ident)
+
+    def ping(self, timeout: float = 10) -> None:
+        self.request(Frame.PING, b"ping", timeout)
+
+    def mount(
+        self, source: str, target: str, fstype: str, options: str = "", flags: int = 0
+    ) -> None:
+        self.request(Frame.MOUNT, p.mount_request(source, target, fstype, options, flags))
+
+    def poweroff(self, timeout: float = 10) -> None:
+        """Sync the guest's file systems and power it off."""
+        self.request(Frame.POWEROFF, timeout=timeout)
+
+    def start(
+        self,
+        argv: Sequence[str | bytes],
+        env: Mapping[str, str],
+        cwd: str,
+        with_stdin: bool,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        max_output: int | None = None,
+    ) -> tuple[int, Pending]:
+        """Start a command; its frames then arrive in the returned Pending."""
+        payload = p.exec_request(
+            [a.encode() if isinstance(a, str) else a for a in argv],
+            [f"{k}={v}".encode() for k, v in env.items()],
+            cwd.encode(),
+            with_stdin,
+        )
+        ident, pend = self._new(
+            is_exec=True, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output
+        )
+        try:
+            self._send(Frame.EXEC, ident, payload, timeout=30)
+        except (AgentGone, SendTimeout):
+            self.finish(ident)
+            raise
+        return ident, pend
+
+    def write_stdin(
+        self, ident: int, pend: Pending, data: bytes, stop: threading.Event | None = None
+    ) -> bool:
+        """Send stdin, keeping at most STDIN_WINDOW bytes in flight. False when ``stop``
+        was set or the command ended before all of it was sent."""
+        view = memoryview(data)
+        while view:
+            chunk = bytes(view[: p.CHUNK])
+            with pend.window:
+                while pend.in_flight + len(chunk) > p.STDIN_WINDOW:
+                    if pend.done.is_set() or self._closed or (stop and stop.is_set()):
+                        return False
+                    pend.window.wait(0.1)
+                pend.in_flight += len(chunk)
+            if pend.done.is_set() or (stop and stop.is_set()):
+                return False
+            try:
+                self._send(Frame.STDIN, ident, chunk, timeout=1)
+            except SendTimeout:
+                with pend.window:
+                    pend.in_flight -= len(chunk)
+                continue
+            view = view[len(chunk) :]
+        return True
+
+    def close_stdin(self, ident: int) -> None:
+        self._send(Frame.STDIN, ident, b"", timeout=5)
+
+    def signal(self, ident: int, signo: int, timeout: float = 5) -> None:
+        self._send(Frame.SIGNAL, ident, signo.to_bytes(4, "little"), timeout)
+
+    def wait(self, ident: int, pend: Pending, timeout: float | None) -> bool:
+        """Wait for a command's end; False on timeout. Raises GuestError if it did not
+        start, ProtocolViolation or AgentGone when the connection broke."""
+        finished = pend.done.wait(timeout)
+        try:
+            self._check(pend)
+        except BaseException:
+            self.finish(ident)
+            raise
+        if finished:
+            self.finish(ident)
+            if pend.error:
+                raise pend.error
+        return finished
+
+    def bye(self, timeout: float = 5) -> None:
+        """Leave: the agent ends this client's commands."""
+        with contextlib.suppress(AgentGone, TimeoutError, GuestError, ProtocolViolation):
+            self.request(Frame.BYE, timeout=timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+def exec_exit_code(err: GuestError) -> int:
+    """A shell's status for a command that could not start: 127 not found, 126 otherwise."""
+    return 127 if err.errno == errno_mod.ENOENT else 126

@@ -1,0 +1,241 @@
+"""The agent protocol's wire format, once: frame types, limits, encoding and decoding.
+
+The guest agent (``agent.c``) mirrors every constant here; a test reads them from the C
+source and fails when the two disagree.
+
+A frame, in both directions: u8 type (never 0), u32 id, u32 payload length, payload.
+Integers are little-endian; a string is a u32 length and its bytes. Zero bytes where a frame
+would begin are padding and are skipped: a client that attaches after another one left in
+the middle of a frame first sends ``SYNC_PADDING`` zero bytes, which completes any partial
+frame the agent is holding, then HELLO.
+
+A session: the client sends HELLO with a random nonce; the agent ends whatever the previous
+client had running and answers READY with the same nonce, its protocol version and the guest
+kernel's release. The client ignores everything before that READY (leftovers of an earlier
+client). Requests then carry ids chosen by the client; the agent's frames answer them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from qemubox.errors import ProtocolViolation
+
+VERSION = 2
+HEADER = struct.Struct("<BII")  # type, id, payload length
+MAX_PAYLOAD = 256 * 1024  # any frame, either way
+CHUNK = 64 * 1024  # stdin and output chunks
+NONCE_SIZE = 16
+SYNC_PADDING = HEADER.size + MAX_PAYLOAD
+STDIN_WINDOW = 1024 * 1024  # stdin bytes in flight per command before the guest acknowledges
+
+
+class Frame(IntEnum):
+    # host -> guest
+    HELLO = 1  # nonce
+    EXEC = 2  # ExecRequest
+    STDIN = 3  # bytes; empty: end of input
+    SIGNAL = 4  # u32 signal number, to the command's process group
+    MOUNT = 5  # MountRequest
+    PING = 6  # anything, echoed by PONG
+    POWEROFF = 7  # sync and power off; answered by OK
+    BYE = 8  # the client leaves: end its commands; answered by OK
+    # guest -> host
+    READY = 20  # nonce, u32 version, release string
+    STDOUT = 21  # bytes
+    STDERR = 22  # bytes
+    EXIT = 23  # ExitStatus
+    ERROR = 24  # u32 errno, message
+    OK = 25  # empty
+    PONG = 26  # the PING's payload
+    STDIN_ACK = 27  # u32 bytes of stdin the command has taken
+
+
+HOST_FRAMES = frozenset(f for f in Frame if f < 20)
+GUEST_FRAMES = frozenset(f for f in Frame if f >= 20)
+EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
+
+
+def encode(kind: Frame, ident: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"a {kind.name} frame of {len(payload)} bytes is over the limit")
+    return HEADER.pack(kind, ident, len(payload)) + payload
+
+
+def _str(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return struct.pack("<I", len(data)) + data
+
+
+class Reader:
+    """Fields of one payload, read front to back; anything short or left over is a
+    violation by the sender."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self._data = memoryview(payload)
+        self._at = 0
+        self._what = what
+
+    def _take(self, n: int) -> bytes:
+        if n > len(self._data) - self._at:
+            raise ProtocolViolation(f"a {self._what} frame is too short")
+        out = bytes(self._data[self._at : self._at + n])
+        self._at += n
+        return out
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self._take(4))[0]
+
+    def i32(self) -> int:
+        return struct.unpack("<i", self._take(4))[0]
+
+    def string(self) -> bytes:
+        return self._take(self.u32())
+
+    def rest(self) -> bytes:
+        return self._take(len(self._data) - self._at)
+
+    def end(self) -> None:
+        if self._at != len(self._data):
+            raise ProtocolViolation(
+                f"a {self._what} frame has {len(self._data) - self._at} extra bytes"
+            )
+
+
+# --- payloads -----------------------------------------------------------------------------------
+
+
+def exec_request(argv: list[bytes], env: list[bytes], cwd: bytes, with_stdin: bool) -> bytes:
+    payload = struct.pack("<II", EXEC_STDIN if with_stdin else 0, len(argv))
+    payload += b"".join(_str(a) for a in argv)
+    payload += struct.pack("<I", len(env)) + b"".join(_str(e) for e in env)
+    payload += _str(cwd)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(
+            f"the command and its environment take {len(payload)} bytes (at most {MAX_PAYLOAD})"
+        )
+    return payload
+
+
+def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:
+    return b"".join(_str(x) for x in (source, target, fstype, options)) + struct.pack("<I", flags)
+
+
+@dataclass(frozen=True)
+class Ready:
+    nonce: bytes
+    version: int
+    release: str
+
+
+def decode_ready(payload: bytes) -> Ready:
+    r = Reader(payload, "READY")
+    nonce = r._take(NONCE_SIZE)
+    version = r.u32()
+    release = r.rest().decode(errors="replace")
+    return Ready(nonce, version, release)
+
+
+def ready(nonce: bytes, release: str) -> bytes:
+    """A READY payload (what the agent sends; for tests and fakes)."""
+    return nonce + struct.pack("<I", VERSION) + release.encode()
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    signal: int | None  # the signal that killed the command, if one did
+    code: int  # its exit status, or 128 + signal
+
+    @property
+    def killed(self) -> bool:
+        return self.signal is not None
+
+
+def decode_exit(payload: bytes) -> ExitStatus:
+    r = Reader(payload, "EXIT")
+    kind, value = r.i32(), r.i32()
+    r.end()
+    if kind == 0 and 0 <= value <= 255:
+        return ExitStatus(None, value)
+    if kind == 1 and 1 <= value <= 64:
+        return ExitStatus(value, 128 + value)
+    raise ProtocolViolation(f"an EXIT frame says ({kind}, {value}), which no command can end with")
+
+
+def exit_status(code: int, signal: int | None = None) -> bytes:
+    return struct.pack("<ii", 1, signal) if signal else struct.pack("<ii", 0, code)
+
+
+def decode_error(payload: bytes) -> tuple[int, str]:
+    r = Reader(payload, "ERROR")
+    errno = r.u32()
+    return errno, r.rest().decode(errors="replace")
+
+
+def error(errno: int, message: str) -> bytes:
+    return struct.pack("<I", errno) + message.encode()
+
+
+def decode_u32(payload: bytes, what: str) -> int:
+    r = Reader(payload, what)
+    value = r.u32()
+    r.end()
+    return value
+
+
+# --- a byte stream into frames --------------------------------------------------------------------
+
+
+class Decoder:
+    """Frames from a byte stream fed in pieces of any size. Memory stays bounded: a header
+    announcing more than MAX_PAYLOAD, an unknown type, or a frame the peer may not send is a
+    ProtocolViolation at once, before its payload is read."""
+
+    def __init__(self, allowed: frozenset[Frame] = GUEST_FRAMES) -> None:
+        self._buf = bytearray()
+        self._allowed = allowed
+
+    def feed(self, data: bytes) -> list[tuple[Frame, int, bytes]]:
+        self._buf += data
+        frames = []
+        while True:
+            # zero bytes between frames are padding
+            start = 0
+            while start < len(self._buf) and self._buf[start] == 0:
+                start += 1
+            if start:
+                del self._buf[:start]
+            if len(self._buf) < HEADER.size:
+                return frames
+            kind, ident, size = HEADER.unpack_from(self._buf)
+            if kind not in Frame.__members__.values() or Frame(kind) not in self._allowed:
+                raise ProtocolViolation(f"unexpected frame type {kind}")
+            if size > MAX_PAYLOAD:
+                raise ProtocolViolation(
+                    f"a {Frame(kind).name} frame claims {size} bytes (at most {MAX_PAYLOAD})"
+                )
+            end = HEADER.size + size
+            if len(self._buf) < end:
+                return frames
+            frames.append((Frame(kind), ident, bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def find_ready(stream: bytes, nonce: bytes) -> int | None:
+    """Where in ``stream`` the READY frame answering ``nonce`` begins, if it is there (its
+    whole header and nonce); what comes before it is an earlier client's leftovers."""
+    at = stream.find(nonce)
+    while at >= 0:
+        start = at - HEADER.size
+        if start >= 0:
+            kind, _, size = HEADER.unpack_from(stream, start)
+            if kind == Frame.READY and NONCE_SIZE <= size <= MAX_PAYLOAD:
+                return start
+        at = stream.find(nonce, at + 1)
+    return None

@@ -1,0 +1,1 @@
+"""A Linux source tree and its make: below both kconfig/ and kernel/."""

@@ -1,0 +1,1 @@
+"""QEMU: its command line, its process, its monitor, the accelerator."""

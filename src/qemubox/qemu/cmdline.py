@@ -1,0 +1,186 @@
+"""The QEMU command line, built by pure functions from a machine plan.
+
+Every user string is escaped for QEMU's option syntax. QEMU owns both sockets (the QMP
+monitor and the agent's virtio-serial port) as listening chardevs, so any process can
+attach to a running machine, one client at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qemubox import arch as arches
+from qemubox.vm.plan import MachinePlan
+
+GUEST_IP = "10.0.2.15"
+GATEWAY = "10.0.2.2"
+DNS = "10.0.2.3"
+AGENT_PORT = "qemubox.agent"
+
+
+def escape(value: str | Path) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled, so a value can
+    never end early and smuggle in another option."""
+    return str(value).replace(",", ",,")
+
+
+def _device(plan: MachinePlan, kind: str) -> str:
+    """virtio device model names: -device on virtio-mmio machines, -pci on PCI ones."""
+    suffix = "device" if plan.machine == "microvm" else "pci"
+    return f"virtio-{kind}-{suffix}"
+
+
+def _cpu(accel: str) -> str:
+    """KVM passes the host's CPU through; TCG emulates every feature it can."""
+    return "host" if accel == "kvm" else "max"
+
+
+def machine_args(plan: MachinePlan) -> list[str]:
+    machine = "microvm,rtc=on" if plan.machine == "microvm" else plan.machine
+    return [
+        "-machine",
+        machine,
+        "-accel",
+        plan.accel,
+        "-cpu",
+        _cpu(plan.accel),
+        "-smp",
+        str(plan.cpus),
+        "-m",
+        f"{plan.memory_mib}M",
+    ]
+
+
+def share_args(plan: MachinePlan) -> list[str]:
+    args = []
+    for i, share in enumerate(plan.shares):
+        fsdev = (
+            f"local,id=fs{i},path={escape(share.host_path)},security_model={share.security_model}"
+        )
+        if share.read_only:
+            fsdev += ",readonly=on"
+        args += [
+            "-fsdev",
+            fsdev,
+            "-device",
+            f"{_device(plan, '9p')},fsdev=fs{i},mount_tag={escape(share.tag)}",
+        ]
+    return args
+
+
+def disk_args(plan: MachinePlan) -> list[str]:
+    args = []
+    for i, disk in enumerate(plan.disks):
+        args += [
+            "-drive",
+            f"file={escape(disk.path)},if=none,id=disk{i},format=raw,cache=writeback,discard=unmap",
+            "-device",
+            f"{_device(plan, 'blk')},drive=disk{i},serial={escape(disk.serial)}",
+        ]
+    return args
+
+
+def network_args(plan: MachinePlan) -> list[str]:
+    if plan.network == "none":
+        return []
+    netdev = "user,id=net0"
+    if plan.network == "restricted":
+        netdev += ",restrict=on"
+    for port in plan.ports:
+        netdev += f",hostfwd=tcp:127.0.0.1:{port.host}-{GUEST_IP}:{port.guest}"
+    return ["-netdev", netdev, "-device", f"{_device(plan, 'net')},netdev=net0"]
+
+
+def qemu_args(plan: MachinePlan) -> list[str]:
+    """The whole command line, as an argument list (never a shell string)."""
+    args = [
+        plan.arch_record.qemu_binary,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        *machine_args(plan),
+        "-kernel",
+        plan.kernel.image,
+        "-initrd",
+        plan.initrd,
+        "-append",
+        plan.append,
+        "-chardev",
+        f"file,id=console,path={escape(plan.console_log)}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=qmp,path={escape(plan.qmp_socket)},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"socket,id=agent,path={escape(plan.agent_socket)},server=on,wait=off",
+        "-device",
+        _device(plan, "serial"),
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-device",
+        _device(plan, "rng"),
+        *share_args(plan),
+        *disk_args(plan),
+        *network_args(plan),
+    ]
+    if plan.balloon:
+        args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
+    return args
+
+
+def bare_boot_args(
+    arch: str,
+    accel: str,
+    kernel: Path | str,
+    append: str,
+    serial: str,
+    memory_mib: int = 256,
+    initrd: Path | str | None = None,
+) -> list[str]:
+    """QEMU booting a kernel with nothing but a serial console: the KVM probe, the bare
+    floor of the benchmarks, the builder's boot tests."""
+    record = arches.get(arch)
+    machine = "microvm,rtc=on" if record.mmio_machine == "microvm" else record.pci_machine
+    args = [
+        record.qemu_binary,
+        "-machine",
+        machine,
+        "-accel",
+        accel,
+        "-cpu",
+        _cpu(accel),
+        "-m",
+        f"{memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        serial,
+        "-kernel",
+        str(kernel),
+    ]
+    if initrd is not None:
+        args += ["-initrd", str(initrd)]
+    return [*args, "-append", append]
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz, if it can be read."""
+    try:
+        return int(open("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read().strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None

@@ -1,0 +1,59 @@
+"""QEMU's monitor (QMP), through QEMU's own client library: commands, and events waited
+for rather than polled."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from qemubox.errors import SandboxError
+
+
+class Monitor:
+    """A QMP connection. QEMU serves one monitor client at a time: the attached client of a
+    machine holds it."""
+
+    def __init__(self, socket_path: str) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self._qmp = QEMUMonitorProtocol(socket_path)
+        self._qmp.connect(negotiate=True)
+        self._events: list[dict[str, Any]] = []
+
+    def command(self, name: str, **args: Any) -> Any:
+        from qemu.qmp import ExecuteError
+
+        try:
+            return self._qmp.cmd(name, **args)
+        except ExecuteError as err:
+            raise SandboxError(f"QEMU refused {name}: {err}") from None
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events QEMU sent since the last call (without waiting)."""
+        self._events += self._qmp.get_events(wait=False)
+        out, self._events = self._events, []
+        return out
+
+    def wait_event(self, names: set[str], timeout: float) -> dict[str, Any] | None:
+        """The first event named in ``names``, waiting up to ``timeout`` seconds; None when
+        none came. Other events are kept for ``events()``."""
+        deadline = time.monotonic() + timeout
+        for i, event in enumerate(self._events):
+            if event.get("event") in names:
+                return self._events.pop(i)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self._qmp.pull_event(wait=left)
+            except Exception:  # timeout or the connection closing as QEMU exits
+                return None
+            if event is None:
+                return None
+            if event.get("event") in names:
+                return event
+            self._events.append(event)
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._qmp.close()

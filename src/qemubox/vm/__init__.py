@@ -1,0 +1,1 @@
+"""A virtual machine: what it is (spec, plan) and what runs it (machine)."""

@@ -1,0 +1,321 @@
+"""A running machine: one QEMU process running a plan, with an explicit state.
+
+The machine's runtime directory holds its sockets, console log and record
+(``machine.json``: the plan, QEMU's pid and start time). QEMU inherits a lock on
+``alive.lock`` and holds it as long as it lives, so a directory whose lock can be taken
+belongs to a dead machine, whatever its pid says.
+
+Any process can attach to a running machine, one at a time: the attached client holds
+``attach.lock`` and the agent connection (and, when used, the QMP monitor). A second
+client gets BusyError. A client that leaves without saying BYE (killed) leaves ``dirty``
+behind, and the next one resynchronises the agent's stream first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from enum import Enum
+from pathlib import Path
+
+from qemubox import paths
+from qemubox.errors import (
+    BootError,
+    BusyError,
+    InputError,
+    KernelError,
+    KernelPanic,
+    SandboxError,
+    VMDied,
+)
+from qemubox.guest.client import AgentClient, AgentGone
+from qemubox.qemu import process
+from qemubox.qemu.cmdline import qemu_args
+from qemubox.vm.plan import MachinePlan
+
+CONSOLE_TAIL_LINES = 30
+RECORD = "machine.json"
+
+
+class State(Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+_MOVES = {
+    State.STARTING: {State.RUNNING, State.STOPPING, State.STOPPED, State.FAILED},
+    State.RUNNING: {State.STOPPING, State.STOPPED, State.FAILED},
+    State.STOPPING: {State.STOPPED, State.FAILED},
+    State.STOPPED: set(),
+    State.FAILED: {State.STOPPED},
+}
+
+
+def sweep(root: Path | None = None) -> None:
+    """Remove the runtime directories of dead machines (provably dead: nobody holds their
+    ``alive.lock``). Directories being made (no lock file yet) and live ones are left."""
+    root = root or paths.runtime_root()
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        lock = d / "alive.lock"
+        if not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        os.close(fd)
+
+
+def runtime_dir_for(machine_id: str) -> Path:
+    return paths.machine_runtime_dir(machine_id)
+
+
+class Machine:
+    """One QEMU process running a plan."""
+
+    def __init__(self, plan: MachinePlan, pid: int, started: int | None, detached: bool):
+        self.plan = plan
+        self.pid = pid
+        self.started = started
+        self.detached = detached
+        self.dir = Path(plan.runtime_dir)
+        self.id = self.dir.name
+        self._state = State.STARTING
+        self._proc = None  # our child, when we started it
+        self._attach_fd: int | None = None
+        self.agent: AgentClient | None = None
+        self._monitor = None
+
+    # --- the one place that moves the state ----------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _move(self, new: State) -> None:
+        if new is self._state:
+            return
+        if new not in _MOVES[self._state]:
+            raise SandboxError(
+                f"machine {self.id}: cannot go from {self._state.value} to {new.value}"
+            )
+        self._state = new
+
+    # --- starting and finding -------------------------------------------------------------------
+
+    @staticmethod
+    def make_dir(plan: MachinePlan) -> int:
+        """Create the machine's runtime directory and take its ``alive.lock``; returns the
+        lock's fd (hand it to :meth:`launch`)."""
+        sweep()
+        d = paths.make_private_dir(Path(plan.runtime_dir))
+        fd = os.open(d / "alive.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    @classmethod
+    def launch(cls, plan: MachinePlan, lock_fd: int, detached: bool = False) -> Machine:
+        """Start QEMU on a prepared plan; the machine is then STARTING."""
+        binary = plan.arch_record.qemu_binary
+        if shutil.which(binary) is None:
+            raise KernelError(
+                f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
+            )
+        d = Path(plan.runtime_dir)
+        try:
+            proc = process.spawn(qemu_args(plan), d / "qemu.log", detached, pass_fds=[lock_fd])
+        finally:
+            os.close(lock_fd)  # QEMU holds the lock now
+        machine = cls(plan, proc.pid, process.start_time(proc.pid), detached)
+        machine._proc = proc
+        machine._write_record()
+        return machine
+
+    def _write_record(self) -> None:
+        record = {
+            "plan": self.plan.to_dict(),
+            "pid": self.pid,
+            "started": self.started,
+            "detached": self.detached,
+        }
+        paths.atomic_write(self.dir / RECORD, json.dumps(record, indent=2, sort_keys=True))
+
+    @classmethod
+    def open(cls, machine_id: str) -> Machine:
+        """A machine another process started, by its id."""
+        d = runtime_dir_for(machine_id)
+        try:
+            record = json.loads((d / RECORD).read_text())
+        except (OSError, ValueError):
+            raise InputError(f"no machine {machine_id!r} here") from None
+        plan = MachinePlan.from_dict(record["plan"])
+        machine = cls(plan, record["pid"], record.get("started"), record.get("detached", True))
+        machine._state = State.RUNNING if machine.alive() else State.STOPPED
+        return machine
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return process.alive(self.pid, self.started)
+
+    # --- attaching --------------------------------------------------------------------------------
+
+    def attach(self, timeout: float) -> AgentClient:
+        """Become the machine's client; waits up to ``timeout`` for the agent (booting)."""
+        if self.agent is not None:
+            return self.agent
+        if self._state not in (State.STARTING, State.RUNNING):
+            raise SandboxError(f"machine {self.id} is {self._state.value}")
+        fd = os.open(self.dir / "attach.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BusyError(f"sandbox {self.id} is in use by another client") from None
+        self._attach_fd = fd
+        dirty = self.dir / "dirty"
+        try:
+            resync = dirty.exists()
+            dirty.touch()
+            self.agent = AgentClient.attach(
+                Path(self.plan.agent_socket),
+                timeout,
+                alive=lambda: self.check_alive("while booting"),
+                resync=resync,
+            )
+        except TimeoutError:
+            self._release()
+            self.check_alive("while booting")
+            raise BootError(
+                f"the guest did not start within {timeout:.0f} s", self.console_tail()
+            ) from None
+        except AgentGone:
+            self._release()
+            self.check_alive("while booting")
+            raise BootError("the guest agent hung up while booting", self.console_tail()) from None
+        except BaseException:
+            self._release()
+            raise
+        self._move(State.RUNNING)
+        return self.agent
+
+    def detach(self) -> None:
+        """Leave the machine running; the agent ends this client's commands."""
+        if self.agent is not None:
+            self.agent.bye()
+            clean = not self.agent.closed
+            self.agent.close()
+            self.agent = None
+            if clean:
+                with contextlib.suppress(OSError):
+                    (self.dir / "dirty").unlink()
+        self._release()
+
+    def _release(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._attach_fd is not None:
+            os.close(self._attach_fd)
+            self._attach_fd = None
+
+    def monitor(self):
+        """The QMP monitor, connected on first use (only the attached client may)."""
+        if self._attach_fd is None:
+            raise SandboxError(f"attach to machine {self.id} before using its monitor")
+        if self._monitor is None:
+            from qemubox.qemu.qmp import Monitor
+
+            self._monitor = Monitor(self.plan.qmp_socket)
+        return self._monitor
+
+    # --- health -------------------------------------------------------------------------------
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        path = Path(self.plan.console_log)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 65536))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _qemu_log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "qemu.log").read_text(errors="replace").strip()
+        return ""
+
+    def check_alive(self, when: str) -> None:
+        """Raise the right error if QEMU has exited."""
+        if self.alive():
+            return
+        tail = self.console_tail()
+        code = self._proc.returncode if self._proc is not None else None
+        self._move(State.FAILED)
+        if "Kernel panic" in tail:
+            line = next(ln for ln in tail.splitlines() if "Kernel panic" in ln)
+            raise KernelPanic(line[line.index("Kernel panic") :].strip(), tail)
+        qemu_says = self._qemu_log().splitlines()
+        if not tail and qemu_says:
+            raise KernelError(f"QEMU failed: {qemu_says[-1]}", tail)
+        status = f" (QEMU exit status {code})" if code is not None else ""
+        raise VMDied(f"the VM stopped {when}{status}", tail)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def wait_gone(self, timeout: float) -> bool:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout)
+                return True
+            except Exception:
+                return False
+        return process.wait_gone(self.pid, self.started, timeout)
+
+    def stop(self, timeout: float = 5) -> None:
+        """Power the guest off (its disks synced), kill QEMU if it does not go within
+        ``timeout`` seconds, and remove the runtime directory."""
+        if self._state in (State.STOPPED,):
+            return
+        if self._state is not State.FAILED:
+            self._move(State.STOPPING)
+        if self.alive():
+            agent = self.agent
+            if agent is None:
+                with contextlib.suppress(SandboxError, AgentGone, OSError):
+                    agent = self.attach(timeout=2)
+            if agent is not None and not agent.closed:
+                with contextlib.suppress(Exception):
+                    agent.poweroff(timeout=timeout)
+            if not self.wait_gone(1 if agent is None else timeout):
+                self.kill()
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+        self._release()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._state is State.STOPPING:
+            self._move(State.STOPPED)
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+        else:
+            process.kill(self.pid, self.started)
+        self.wait_gone(5)

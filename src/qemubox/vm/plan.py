@@ -1,0 +1,201 @@
+"""The machine plan: the one description of a VM, as plain data.
+
+``make_plan`` is a pure function of (validated session, kernel, accelerator verdict,
+paths): it starts, probes, compiles and creates nothing. The plan serialises to JSON with a
+schema version and loads back equal, so it can be a sandbox's record; ``compat_key`` is the
+part of it that decides what a booted guest looks like (for snapshots).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from qemubox import arch as arches
+from qemubox.errors import InputError
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    image: str
+    version: str
+    arch: str
+    modules: str | None  # lib/modules/<version>, when the kernel has modules
+    config: str | None  # its .config, when known
+    description: str
+    mmio: bool  # it can find virtio-mmio devices, so the lean machine fits
+
+
+@dataclass(frozen=True)
+class SharePlan:
+    """A host directory shared over 9p."""
+
+    tag: str
+    host_path: str
+    mount_point: str
+    read_only: bool
+    security_model: str
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """An ext4 disk image, found by the guest through its serial."""
+
+    path: str
+    size: int
+    mount_point: str
+    serial: str
+    ephemeral: bool  # made for this machine, removed with it
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    host: int  # 0 until prepared: any free port
+    guest: int
+
+
+@dataclass(frozen=True)
+class MachinePlan:
+    arch: str
+    machine: str  # microvm, q35 or virt
+    accel: str  # kvm or tcg
+    accel_note: str  # why TCG on a host with /dev/kvm, if so
+    cpus: int
+    memory_mib: int
+    kernel: KernelPlan
+    initrd: str
+    features: tuple[str, ...]  # what the guest needs modules for: disks, shares, ...
+    append: str
+    runtime_dir: str  # sockets, pid, console log
+    shares: tuple[SharePlan, ...] = ()
+    disks: tuple[DiskPlan, ...] = ()
+    network: str = "none"  # none, restricted or user
+    ports: tuple[PortPlan, ...] = ()
+    balloon: bool = False
+    schema: int = field(default=SCHEMA)
+
+    # --- places -----------------------------------------------------------------------------
+
+    @property
+    def qmp_socket(self) -> str:
+        return f"{self.runtime_dir}/qmp.sock"
+
+    @property
+    def agent_socket(self) -> str:
+        return f"{self.runtime_dir}/agent.sock"
+
+    @property
+    def console_log(self) -> str:
+        return f"{self.runtime_dir}/console.log"
+
+    @property
+    def arch_record(self) -> arches.Arch:
+        return arches.get(self.arch)
+
+    # --- as data ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MachinePlan:
+        if data.get("schema") != SCHEMA:
+            raise InputError(
+                f"a machine plan of schema {data.get('schema')!r}; this qemubox reads {SCHEMA}"
+            )
+        try:
+            values = {f.name: data[f.name] for f in fields(cls)}
+            values["kernel"] = KernelPlan(**values["kernel"])
+            values["features"] = tuple(values["features"])
+            values["shares"] = tuple(SharePlan(**s) for s in values["shares"])
+            values["disks"] = tuple(DiskPlan(**d) for d in values["disks"])
+            values["ports"] = tuple(PortPlan(**pt) for pt in values["ports"])
+            return cls(**values)
+        except (KeyError, TypeError) as err:
+            raise InputError(f"a malformed machine plan: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> MachinePlan:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise InputError(f"a machine plan that is not JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise InputError("a machine plan must be a JSON object")
+        return cls.from_dict(data)
+
+    def compat_key(self) -> str:
+        """What decides the booted guest: kernel, initramfs, size, machine, accelerator,
+        device layout. Two plans with one key can share a booted guest's snapshot."""
+        layout = {
+            "schema": self.schema,
+            "arch": self.arch,
+            "machine": self.machine,
+            "accel": self.accel,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "kernel": self.kernel.image,
+            "version": self.kernel.version,
+            "initrd": self.initrd,
+            "append": self.append,
+            "shares": [(s.tag, s.read_only, s.security_model) for s in self.shares],
+            "disks": [d.serial for d in self.disks],
+            "network": self.network,
+            "balloon": self.balloon,
+        }
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+    def with_ports(self, ports: tuple[PortPlan, ...]) -> MachinePlan:
+        return replace(self, ports=ports)
+
+
+def kernel_cmdline(arch: arches.Arch, accel: str, tsc_khz: int | None, extra: str = "") -> str:
+    """The guest's command line. Under TCG an x86 guest's TSC runs at the host's rate; saying
+    so spares a calibration that fails when the host is busy (microvm has no HPET or PM
+    timer to calibrate against, and the boot then hangs)."""
+    line = f"console={arch.console} panic=-1 quiet loglevel=3 rdinit=/init"
+    if accel == "tcg" and arch.name == "x86_64" and tsc_khz:
+        line += f" tsc_early_khz={tsc_khz}"
+    return f"{line} {extra}".strip()
+
+
+def make_plan(
+    session,
+    kernel: KernelPlan,
+    accel: str,
+    accel_note: str,
+    runtime_dir: str,
+    initrd: str,
+    tsc_khz: int | None,
+) -> MachinePlan:
+    """The plan of a VM for a validated session (``vm.spec.ValidSession``). Pure."""
+    record = arches.get(kernel.arch)
+    disks = tuple(
+        d if d.path else replace(d, path=f"{runtime_dir}/disk{i}.img")
+        for i, d in enumerate(session.disks)
+    )
+    return MachinePlan(
+        arch=record.name,
+        machine=record.machine(kernel.mmio),
+        accel=accel,
+        accel_note=accel_note,
+        cpus=session.cpus,
+        memory_mib=session.memory >> 20,
+        kernel=kernel,
+        initrd=initrd,
+        features=session.features(),
+        append=kernel_cmdline(record, accel, tsc_khz),
+        runtime_dir=runtime_dir,
+        shares=session.shares,
+        disks=disks,
+        network=session.network,
+        ports=session.ports,
+        balloon=session.balloon,
+    )

@@ -1,0 +1,102 @@
+"""From a session to a machine ready to start: what to plan with (looked up, nothing
+made), then the plan's effects (made, explicitly)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemubox import arch as arches
+from qemubox.errors import InputError
+from qemubox.guest import initramfs
+from qemubox.kernel.artifacts import GuestKernel, choose_kernel
+from qemubox.qemu.accel import choose_accel
+from qemubox.qemu.cmdline import host_tsc_khz
+from qemubox.vm.plan import DiskPlan, MachinePlan, PortPlan, make_plan
+from qemubox.vm.spec import ValidSession
+
+
+@dataclass(frozen=True)
+class Planned:
+    plan: MachinePlan
+    kernel: GuestKernel
+
+
+def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -> Planned:
+    """Look up the kernel, the accelerator's verdict and the initramfs's place, and plan.
+
+    With ``dry_run`` nothing is fetched, probed, compiled or created: an unprobed KVM counts
+    as TCG, and Debian's kernel must already be in the cache."""
+    kernel = choose_kernel(spec.kernel, spec.modules, fetch=not dry_run)
+    record = arches.get(kernel.arch)
+    choice = choose_accel(
+        spec.accel,
+        record.qemu_binary,
+        kernel.image,
+        kernel.arch,
+        arches.host().name,
+        probe=not dry_run,
+    )
+    initrd = initramfs.initramfs_path(kernel, spec.features())
+    plan = make_plan(
+        spec,
+        kernel.plan(),
+        choice.accel,
+        choice.reason,
+        str(runtime_dir),
+        str(initrd),
+        host_tsc_khz(),
+    )
+    return Planned(plan, kernel)
+
+
+def realize(planned: Planned) -> MachinePlan:
+    """The plan's effects: the initramfs (agent, modules) in the cache, the disks, free
+    ports for the ones asked as 0. Returns the plan with its ports settled."""
+    plan = planned.plan
+    built = initramfs.initramfs(planned.kernel, plan.features)
+    if str(built) != plan.initrd:
+        raise InputError(f"the initramfs came out at {built}, planned at {plan.initrd}")
+    for disk in plan.disks:
+        prepare_disk(disk)
+    return plan.with_ports(tuple(PortPlan(p.host or free_port(), p.guest) for p in plan.ports))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_disk(disk: DiskPlan, path: Path) -> None:
+    """A new ext4 image of the disk's size (never called on an existing file)."""
+    with open(path, "xb") as fh:
+        fh.truncate(disk.size)
+    proc = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        path.unlink(missing_ok=True)
+        raise InputError(f"mkfs.ext4 {path} failed: {proc.stderr.strip()}")
+
+
+def _is_ext4(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(1024 + 0x38)  # the superblock's magic
+        return fh.read(2) == b"\x53\xef"
+
+
+def prepare_disk(disk: DiskPlan) -> None:
+    """Make a missing disk; an existing one is used as it is, and must be ext4."""
+    path = Path(disk.path)
+    if not path.exists():
+        _make_disk(disk, path)
+    elif not _is_ext4(path):
+        raise InputError(
+            f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
+        )

@@ -1,0 +1,322 @@
+"""The agent protocol: wire format, decoder limits, and the client against a fake agent over
+a socketpair (no VM)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+import time
+from importlib import resources
+
+import pytest
+
+from qemubox.errors import GuestError, ProtocolViolation
+from qemubox.guest import protocol as p
+from qemubox.guest.client import AgentClient, AgentGone
+from qemubox.guest.protocol import Frame
+
+# --- the C agent mirrors the Python constants ---------------------------------------------------
+
+
+def agent_c() -> str:
+    return (resources.files("qemubox.guest") / "agent.c").read_text()
+
+
+def test_agent_c_frame_types_match():
+    c_types = {m[0]: int(m[1]) for m in re.findall(r"\bFR_([A-Z_]+) = (\d+)", agent_c())}
+    assert c_types == {f.name: f.value for f in Frame}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("VERSION", p.VERSION),
+        ("HEADER", p.HEADER.size),
+        ("MAX_PAYLOAD", p.MAX_PAYLOAD),
+        ("CHUNK", p.CHUNK),
+        ("NONCE_SIZE", p.NONCE_SIZE),
+        ("STDIN_WINDOW", p.STDIN_WINDOW),
+        ("EXEC_STDIN", p.EXEC_STDIN),
+    ],
+)
+def test_agent_c_limits_match(name, value):
+    m = re.search(rf"^#define {name} \(?(\d+)(?: \* (\d+))?\)?$", agent_c(), re.M)
+    assert m, f"agent.c does not define {name}"
+    assert int(m[1]) * int(m[2] or 1) == value
+
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+def test_decoder_takes_frames_in_any_pieces():
+    stream = (
+        p.encode(Frame.STDOUT, 7, b"hello")
+        + b"\0\0\0"  # padding between frames
+        + p.encode(Frame.EXIT, 7, p.exit_status(3))
+    )
+    for size in (1, 2, 5, 9, len(stream)):
+        d = p.Decoder()
+        frames = []
+        for i in range(0, len(stream), size):
+            frames += d.feed(stream[i : i + size])
+        assert frames == [
+            (Frame.STDOUT, 7, b"hello"),
+            (Frame.EXIT, 7, p.exit_status(3)),
+        ]
+        assert d.pending == 0
+
+
+def test_decoder_refuses_a_huge_length_before_reading_it():
+    d = p.Decoder()
+    with pytest.raises(ProtocolViolation, match="claims 4294967295 bytes"):
+        d.feed(p.HEADER.pack(Frame.STDOUT, 1, 0xFFFFFFFF))
+    assert d.pending < 64
+
+
+@pytest.mark.parametrize("garbage", [b"\x63" * 20, p.HEADER.pack(Frame.HELLO, 1, 0)])
+def test_decoder_refuses_unknown_or_misdirected_types(garbage):
+    with pytest.raises(ProtocolViolation, match="unexpected frame type"):
+        p.Decoder().feed(garbage)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [(b"\1\0\0", "too short"), (struct.pack("<ii", 0, 300), "no command can end"),
+     (struct.pack("<ii", 1, 0), "no command can end"), (b"\0" * 9, "extra bytes")],
+)  # fmt: skip
+def test_exit_payloads_are_checked(payload, message):
+    with pytest.raises(ProtocolViolation, match=message):
+        p.decode_exit(payload)
+
+
+def test_exit_status_decoding():
+    assert p.decode_exit(p.exit_status(3)) == p.ExitStatus(None, 3)
+    assert p.decode_exit(p.exit_status(0, 9)) == p.ExitStatus(9, 137)
+
+
+def test_find_ready_skips_an_earlier_clients_leftovers():
+    nonce = b"N" * p.NONCE_SIZE
+    leftover = p.encode(Frame.STDOUT, 3, b"old output")[:-4]  # cut inside a frame
+    frame = p.encode(Frame.READY, 0, p.ready(nonce, "6.12"))
+    stream = leftover + frame
+    assert p.find_ready(stream, nonce) == len(leftover)
+    assert p.find_ready(leftover, nonce) is None
+
+
+def test_padding_completes_a_partial_frame():
+    """What the agent does with an earlier client's half frame: SYNC_PADDING zeros finish
+    it, whatever its size, and HELLO then parses."""
+    half = p.encode(Frame.STDIN, 5, b"x" * p.MAX_PAYLOAD)[:1000]
+    hello = p.encode(Frame.HELLO, 0, b"n" * p.NONCE_SIZE)
+    d = p.Decoder(p.HOST_FRAMES)
+    frames = d.feed(half + b"\0" * p.SYNC_PADDING + hello)
+    assert frames[-1] == (Frame.HELLO, 0, b"n" * p.NONCE_SIZE)
+
+
+# --- the client against a fake agent --------------------------------------------------------------
+
+
+class FakeAgent:
+    """The guest's end of the port, scripted by a test."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = p.Decoder(p.HOST_FRAMES)
+        self.frames: list[tuple[Frame, int, bytes]] = []
+
+    def next(self, timeout: float = 5) -> tuple[Frame, int, bytes]:
+        self.sock.settimeout(timeout)
+        while not self.frames:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise EOFError
+            self.frames += self.decoder.feed(data)
+        return self.frames.pop(0)
+
+    def send(self, kind: Frame, ident: int, payload: bytes = b"") -> None:
+        self.sock.sendall(p.encode(kind, ident, payload))
+
+    def greet(self, release: str = "6.12.0-test") -> None:
+        kind, ident, nonce = self.next()
+        assert kind == Frame.HELLO
+        self.send(Frame.READY, ident, p.ready(nonce, release))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A client attached to a fake agent through a listening socket, as QEMU would be."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    result = {}
+
+    def accept():
+        conn, _ = server.accept()
+        agent = FakeAgent(conn)
+        conn.sendall(b"stale \x15 bytes from an earlier client")
+        agent.greet()
+        result["agent"] = agent
+
+    t = threading.Thread(target=accept)
+    t.start()
+    client = AgentClient.attach(path, timeout=5)
+    t.join()
+    yield client, result["agent"]
+    client.close()
+    server.close()
+
+
+def test_attach_greets_and_ignores_leftovers(pair):
+    client, _ = pair
+    assert client.release == "6.12.0-test"
+
+
+def test_concurrent_requests_are_told_apart_by_id(pair):
+    client, agent = pair
+    a, pa = client.start(["a"], {}, "/", False)
+    b, pb = client.start(["b"], {}, "/", False)
+    assert {agent.next()[1], agent.next()[1]} == {a, b}
+    agent.send(Frame.STDOUT, b, b"from b")
+    agent.send(Frame.STDOUT, a, b"from a")
+    agent.send(Frame.EXIT, b, p.exit_status(2))
+    agent.send(Frame.EXIT, a, p.exit_status(0, 9))
+    assert client.wait(a, pa, 5) and client.wait(b, pb, 5)
+    assert (pa.stdout, pa.status.code, pa.status.signal) == ([b"from a"], 137, 9)
+    assert (pb.stdout, pb.status.code) == ([b"from b"], 2)
+
+
+def test_partial_reads_of_a_frame(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    data = p.encode(Frame.STDOUT, ident, b"y" * 1000) + p.encode(
+        Frame.EXIT, ident, p.exit_status(0)
+    )
+    for byte in range(len(data)):
+        agent.sock.sendall(data[byte : byte + 1])
+    assert client.wait(ident, pend, 5)
+    assert b"".join(pend.stdout) == b"y" * 1000
+
+
+def test_max_output_truncates(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False, max_output=10)
+    agent.next()
+    agent.send(Frame.STDOUT, ident, b"0123456789abcdef")
+    agent.send(Frame.STDERR, ident, b"more")
+    agent.send(Frame.EXIT, ident, p.exit_status(0))
+    assert client.wait(ident, pend, 5)
+    assert (b"".join(pend.stdout), pend.stderr, pend.truncated) == (b"0123456789", [], True)
+
+
+def test_peer_hangs_up_mid_frame(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.sock.sendall(p.encode(Frame.STDOUT, ident, b"z" * 100)[:50])
+    agent.sock.close()
+    with pytest.raises(AgentGone):
+        client.wait(ident, pend, 5)
+
+
+def test_huge_length_is_a_violation_with_bounded_memory(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.sock.sendall(p.HEADER.pack(Frame.STDOUT, ident, 0xFFFFFFF0) + b"a" * 4096)
+    with pytest.raises(ProtocolViolation, match="claims"):
+        client.wait(ident, pend, 5)
+    assert client.closed
+
+
+def test_garbage_is_a_violation(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.sock.sendall(b"\xff" * 64)
+    with pytest.raises(ProtocolViolation):
+        client.wait(ident, pend, 5)
+
+
+def test_an_ok_frame_for_a_command_is_a_violation(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.send(Frame.OK, ident)
+    with pytest.raises(ProtocolViolation, match="OK frame answers a command"):
+        client.wait(ident, pend, 5)
+
+
+def test_a_short_error_payload_is_a_violation(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.send(Frame.ERROR, ident, b"\2\0")
+    with pytest.raises(ProtocolViolation, match="too short"):
+        client.wait(ident, pend, 5)
+
+
+def test_guest_errors_reach_the_request(pair):
+    client, agent = pair
+    done = {}
+
+    def mount():
+        try:
+            client.mount("serial:x", "/d", "ext4")
+        except GuestError as err:
+            done["err"] = err
+
+    t = threading.Thread(target=mount)
+    t.start()
+    kind, ident, _ = agent.next()
+    assert kind == Frame.MOUNT
+    agent.send(Frame.ERROR, ident, p.error(19, "mount: no such device"))
+    t.join(5)
+    assert done["err"].errno == 19 and "no such device" in str(done["err"])
+
+
+def test_stdin_waits_for_the_window(pair):
+    """At most STDIN_WINDOW bytes are in flight until the guest acknowledges them."""
+    client, agent = pair
+    ident, pend = client.start(["cat"], {}, "/", True)
+    agent.next()
+    total = p.STDIN_WINDOW * 2
+    sent = threading.Thread(target=client.write_stdin, args=(ident, pend, b"s" * total))
+    sent.start()
+    got = 0
+    deadline = time.monotonic() + 10
+    while got < p.STDIN_WINDOW and time.monotonic() < deadline:
+        kind, _, payload = agent.next()
+        assert kind == Frame.STDIN
+        got += len(payload)
+    time.sleep(0.3)
+    assert pend.in_flight == p.STDIN_WINDOW  # and no more, until acknowledged
+    agent.send(Frame.STDIN_ACK, ident, struct.pack("<I", got))
+    while got < total:
+        got += len(agent.next()[2])
+    sent.join(5)
+    assert got == total
+
+
+def test_an_ack_for_unsent_stdin_is_a_violation(pair):
+    client, agent = pair
+    ident, pend = client.start(["cat"], {}, "/", True)
+    agent.next()
+    agent.send(Frame.STDIN_ACK, ident, struct.pack("<I", 5))
+    with pytest.raises(ProtocolViolation, match="never sent"):
+        client.wait(ident, pend, 5)
+
+
+def test_attach_times_out_when_nobody_answers(tmp_path):
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        AgentClient.attach(path, timeout=0.5)
+    assert time.monotonic() - start < 3
+    server.close()
