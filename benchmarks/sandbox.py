@@ -24,10 +24,12 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qemubox import arch
 from qemubox.guest.cpio import CpioWriter
-from qemubox.sandbox import qemu
 from qemubox.kernel.artifacts import choose_kernel
+from qemubox.qemu import cmdline as qemu
 from qemubox.sandbox.sandbox import Sandbox
+from qemubox.vm.plan import kernel_cmdline
 from qemubox.vm.spec import Session
 
 warnings.simplefilter("ignore")
@@ -75,7 +77,7 @@ def main() -> None:
             "x86_64",
             "tcg",
             image,
-            qemu.kernel_cmdline("x86_64", "tcg", qemu.host_tsc_khz()),
+            kernel_cmdline(arch.get("x86_64"), "tcg", qemu.host_tsc_khz()),
             "null",
             memory_mib=512,
             initrd=initrd,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ class Result:
     err: str
 
 
-def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600) -> Result:
-    """Run the real command line in a subprocess, as a user would."""
+def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600, env=None) -> Result:
+    """Run the real command line in a subprocess, as a user would (``env``: variables on top
+    of ours)."""
     proc = subprocess.run(
         [sys.executable, "-m", "qemubox", *map(str, args)],
         input=stdin,
@@ -25,6 +27,7 @@ def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600) -> Resu
         cwd=cwd,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     return Result(proc.returncode, proc.stdout, proc.stderr)

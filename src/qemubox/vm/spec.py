@@ -21,7 +21,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}")
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """Bytes in ``512M``, ``2G``, ``1024K``, ``64MiB``; a bare number means MiB."""
+    """Bytes in ``512M``, ``2G``, ``1024K``, ``64MiB``, ``4096B``; a bare number means MiB."""
     if isinstance(text, int):
         if text <= 0:
             raise InputError(f"{what} must be positive, got {text}")
@@ -29,7 +29,9 @@ def parse_size(text: str | int, what: str = "size") -> int:
     m = _SIZE_RE.fullmatch(str(text).strip())
     if not m:
         raise InputError(f"invalid {what} {text!r} (expected a size such as 512M or 2G)")
-    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    unit = m.group(2).upper()
+    # A bare number means MiB; a bare B means bytes.
+    value = int(m.group(1)) * (1 if not unit and m.group(3) else _UNITS[unit])
     if value <= 0:
         raise InputError(f"{what} must be positive, got {text!r}")
     return value

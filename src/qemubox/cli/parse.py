@@ -1,0 +1,100 @@
+"""Option values into session parts: pure functions; bad input is one line naming the
+option and the value."""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from collections.abc import Iterable, Mapping
+
+from qemubox.errors import InputError
+from qemubox.vm.spec import Disk, FSShare
+
+
+def _split_guest(spec: str, what: str) -> tuple[str, str]:
+    """``HOST:/guest/path`` split at the last ':' that starts an absolute guest path."""
+    at = spec.rfind(":/")
+    if at <= 0:
+        raise InputError(f"{what} {spec!r}: expected HOST:GUEST with an absolute GUEST path")
+    return spec[:at], spec[at + 1 :]
+
+
+def _ro_suffix(spec: str) -> tuple[str, bool]:
+    for suffix, ro in ((":ro", True), (":rw", False)):
+        if spec.endswith(suffix):
+            return spec[: -len(suffix)], ro
+    return spec, False
+
+
+def volume(spec: str) -> FSShare:
+    """``-v HOST:GUEST[:ro]``"""
+    body, ro = _ro_suffix(spec)
+    host, guest = _split_guest(body, "--volume")
+    return FSShare(host_path=host, mount_point=guest, read_only=ro)
+
+
+def share(spec: str) -> FSShare:
+    """``--share HOST:TAG:GUEST[:ro]``"""
+    body, ro = _ro_suffix(spec)
+    rest, guest = _split_guest(body, "--share")
+    host, sep, tag = rest.rpartition(":")
+    if not sep or not host or not tag:
+        raise InputError(f"--share {spec!r}: expected HOST:TAG:GUEST[:ro]")
+    return FSShare(host_path=host, mount_point=guest, mount_tag=tag, read_only=ro)
+
+
+def disk(spec: str) -> Disk:
+    """``--disk SIZE:GUEST[:PATH]``"""
+    size, sep, rest = spec.partition(":")
+    if not sep or not rest.startswith("/"):
+        raise InputError(f"--disk {spec!r}: expected SIZE:GUEST[:PATH]")
+    guest, sep, path = rest.partition(":")
+    return Disk(size=size, mount_point=guest, path=path or None)
+
+
+def publish(spec: str) -> tuple[int, int]:
+    """``-p HOST:GUEST``"""
+    host, sep, guest = spec.partition(":")
+    if not sep or not host.isdigit() or not guest.isdigit():
+        raise InputError(f"--publish {spec!r}: expected HOST_PORT:GUEST_PORT (numbers)")
+    return int(host), int(guest)
+
+
+def env(specs: Iterable[str], host_env: Mapping[str, str]) -> dict[str, str]:
+    """``-e KEY=VALUE``, or ``-e KEY`` for the host's value (skipped when unset)."""
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not key or any(c in key for c in " \0"):
+            raise InputError(f"--env {spec!r}: expected KEY=VALUE")
+        if not sep:
+            if key not in host_env:
+                continue
+            value = host_env[key]
+        out[key] = value
+    return out
+
+
+def seconds(text: str | None, option: str) -> float | None:
+    """A positive, finite number of seconds (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{option} {text!r}: expected a positive, finite number of seconds")
+    return value
+
+
+def cpus(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise InputError(f"--cpus {text!r}: expected a whole number from 1 to 64")
+    return int(text)
+
+
+def workdir(text: str) -> str:
+    if not text.startswith("/"):
+        raise InputError(f"--workdir {text!r}: expected an absolute guest path")
+    return posixpath.normpath(text)
