@@ -136,9 +136,19 @@ def test_run_make_counts_objects_and_logs(tmp_path):
         echo "args: $*"
     """,
     )
-    seconds = run_make([str(make), "-j3", "bzImage"], tmp_path / "b" / "build.log")
+    import io
+
+    from rich.console import Console
+
+    shown = io.StringIO()
+    seconds = run_make(
+        [str(make), "-j3", "bzImage"],
+        tmp_path / "b" / "build.log",
+        console=Console(file=shown, force_terminal=False, width=200),
+    )
     log = (tmp_path / "b" / "build.log").read_text()
     assert "args: -j3 bzImage" in log and "CC [M]" in log
+    assert "3 objects compiled" in shown.getvalue()  # CC, CC [M] and AS; LD is no object
     assert seconds >= 0
 
 

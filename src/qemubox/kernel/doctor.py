@@ -37,7 +37,10 @@ MODULE_OPTIONS = {
 
 _NINEP = ("NET_9P", "NET_9P_VIRTIO", "9P_FS")
 _BLOCK = ("BLK_DEV", "VIRTIO_BLK", "SCSI_VIRTIO")
-_BOOT = ("TTY", "SERIAL_8250_CONSOLE", "BLK_DEV_INITRD", "EXT4_FS", "DEVTMPFS", "PROC_FS", "SYSFS")
+# What any boot needs; and what a boot from an ext4 disk root without an initramfs needs
+# built in (with an initramfs, as qemubox's guests have, they may be modules).
+_BOOT = ("TTY", "SERIAL_8250_CONSOLE", "BLK_DEV_INITRD", "DEVTMPFS", "PROC_FS", "SYSFS")
+_DISK_ROOT = ("EXT4_FS", "VIRTIO_BLK")
 
 
 @dataclass
@@ -190,7 +193,25 @@ def _boot(values, log) -> Finding | None:
     return Finding('"Kernel doesn\'t boot"', cause, fix, evidence)
 
 
+def _disk_root(values, log) -> Finding | None:
+    """Modules where a disk root needs built-in drivers: fine with an initramfs (which
+    loads them), fatal without one."""
+    if values is None:
+        return None
+    modular = [n for n in _DISK_ROOT if values.get(n) == "m"]
+    if not modular:
+        return None
+    names = ", ".join("CONFIG_" + n for n in modular)
+    return Finding(
+        '"Kernel doesn\'t boot" from a disk root without an initramfs',
+        f"{names} =m: the kernel boots with an initramfs that loads them (qemubox's sandbox "
+        "does), but cannot mount an ext4 root disk without one",
+        [f"CONFIG_{n}=y" for n in modular],
+        [],
+    )
+
+
 def diagnose(values: dict[str, str] | None, log: str | None) -> list[Finding]:
     """All findings for a config (values) and/or a console log."""
-    checks = (_module_not_found, _ninep, _block, _boot)
+    checks = (_module_not_found, _ninep, _block, _boot, _disk_root)
     return [f for f in (check(values, log) for check in checks) if f is not None]
