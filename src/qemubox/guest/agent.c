@@ -71,6 +71,7 @@ struct exec {
 static struct exec execs[MAX_EXECS];
 static int port = -1;
 static int connected;          /* a host client is on the other end of the port */
+static int lost;               /* it went away: end its commands at the next safe point */
 
 static long long now_ms(void)
 {
@@ -87,8 +88,6 @@ static void die(const char *what)
 	_exit(1);
 }
 
-static void disconnect(void);
-
 /* Write to the host. The port is non-blocking: wait while the host is slow, give up the
  * write when the host goes away (a later client resynchronises on its own). */
 static int write_port(const void *buf, size_t len)
@@ -104,8 +103,10 @@ static int write_port(const void *buf, size_t len)
 				die("write to host");
 			if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
 				die("poll");
-			if ((pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT))
-				disconnect();
+			if ((pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT)) {
+				connected = 0;
+				lost = 1;
+			}
 			continue;
 		}
 		p += n;
@@ -608,7 +609,8 @@ static void read_port(void)
 		return;
 	}
 	if (n == 0) {
-		disconnect();
+		connected = 0;
+		lost = 1;
 		return;
 	}
 	rlen += n;
@@ -826,6 +828,10 @@ int main(void)
 		int n = 0, timeout = -1;
 		long long now = now_ms();
 
+		if (lost) {
+			lost = 0;
+			disconnect();
+		}
 		if (!connected && host_present())
 			connected = 1;
 		/* Without a client the port only says HUP: wait for SIGIO instead (and look
@@ -885,7 +891,7 @@ int main(void)
 		if (connected && (pfds[0].revents & POLLIN))
 			read_port();
 		else if (connected && (pfds[0].revents & (POLLHUP | POLLERR)))
-			disconnect();
+			lost = 1;
 		for (int i = 0; i < MAX_EXECS; i++)
 			finish_if_done(&execs[i], now);
 	}
