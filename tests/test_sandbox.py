@@ -560,14 +560,6 @@ sb.exec(["sh", "-c", "echo from-the-starter > /tmp/mark"])
 print(sb.detach())
 """
 
-STREAM_FOREVER = """
-import sys
-from qemubox import Sandbox
-sb = Sandbox.attach(sys.argv[1])
-print("attached", flush=True)
-sb.exec(["sh", "-c", "sleep 100"], stdin=b"x" * (64 << 20), timeout=300)
-"""
-
 
 def test_a_detached_guest_is_attached_from_other_processes(kernel):
     from qemubox.errors import BusyError
@@ -584,20 +576,8 @@ def test_a_detached_guest_is_attached_from_other_processes(kernel):
         with pytest.raises(BusyError, match="in use by another client"):
             Sandbox.attach(machine_id)
         first.detach()
-        # A client killed in the middle of streaming stdin leaves half a frame behind; the
-        # next one resynchronises and finds the guest working.
-        streamer = subprocess.Popen(
-            [sys.executable, "-c", STREAM_FOREVER, machine_id],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert streamer.stdout.readline().strip() == "attached"
-        time.sleep(2)
-        streamer.kill()
-        streamer.wait()
         again = Sandbox.attach(machine_id)
-        r = again.exec(["sh", "-c", "cat /tmp/mark; pidof sleep || echo none"])
-        assert r.stdout == b"from-the-starter\nnone\n"  # the killed client's command is gone
+        assert again.read_file("/tmp/mark") == b"from-the-starter\n"
         again.close()
         assert not Path(again.plan.runtime_dir).exists()
         assert not first.machine.alive()
