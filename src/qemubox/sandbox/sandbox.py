@@ -102,10 +102,6 @@ class Sandbox:
 
     def _start(self, detach: bool) -> None:
         plan = self.make_plan()
-        if plan.accel_note:
-            warnings.warn(
-                f"using TCG (software emulation): {plan.accel_note}", AccelWarning, stacklevel=4
-            )
         lock = Machine.make_dir(plan)
         try:
             plan = self.plan = prepare.realize(self._planned)
@@ -114,6 +110,10 @@ class Sandbox:
 
             os.close(lock)
             raise
+        if plan.accel_note:  # said once the VM is sure to start
+            warnings.warn(
+                f"using TCG (software emulation): {plan.accel_note}", AccelWarning, stacklevel=4
+            )
         self.machine = Machine.launch(plan, lock, detached=detach)
         self.machine.attach(self.spec.boot_timeout)
         self._setup()
@@ -180,12 +180,7 @@ class Sandbox:
         self._closed = True
         if self.machine is None:
             return
-        self.machine.stop()
-        if self.spec is not None and self.spec.console_log and self.plan is not None:
-            with contextlib.suppress(OSError):
-                console = Path(self.plan.console_log)
-                if console.exists():
-                    self.spec.console_log.write_bytes(console.read_bytes())
+        self.machine.stop(console_to=self.spec.console_log if self.spec else None)
 
     # --- what the first API offered -------------------------------------------------------------
 

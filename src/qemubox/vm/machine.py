@@ -288,9 +288,10 @@ class Machine:
                 return False
         return process.wait_gone(self.pid, self.started, timeout)
 
-    def stop(self, timeout: float = 5) -> None:
+    def stop(self, timeout: float = 5, console_to: Path | None = None) -> None:
         """Power the guest off (its disks synced), kill QEMU if it does not go within
-        ``timeout`` seconds, and remove the runtime directory."""
+        ``timeout`` seconds, and remove the runtime directory (the console log is copied
+        to ``console_to`` first, when given)."""
         if self._state in (State.STOPPED,):
             return
         if self._state is not State.FAILED:
@@ -309,7 +310,11 @@ class Machine:
             self.agent.close()
             self.agent = None
         self._release()
+        if console_to is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.plan.console_log, console_to)
         shutil.rmtree(self.dir, ignore_errors=True)
+        sweep()  # and whatever dead machines left behind
         if self._state is State.STOPPING:
             self._move(State.STOPPED)
 
