@@ -123,8 +123,10 @@ class Machine:
         lock's fd (hand it to :meth:`launch`)."""
         sweep()
         d = paths.make_private_dir(Path(plan.runtime_dir))
-        fd = os.open(d / "alive.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Locked before it takes its name: a sweeper never sees it unlocked.
+        fd = os.open(d / ".alive.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(d / ".alive.lock", d / "alive.lock")
         return fd
 
     @classmethod
