@@ -7,7 +7,7 @@ import pytest
 
 from helpers import qemubox
 from qemubox.cli import parse
-from qemubox.errors import InputError
+from qemubox.errors import Exit, InputError, KernelPanic
 from qemubox.vm.spec import Disk, FSShare
 
 
@@ -78,3 +78,15 @@ def test_cli_bad_input_is_one_line(args, message):
     r = qemubox("run", "--kernel", "/no/such/vmlinuz", *args, "--", "true")
     assert r.code == 2 and message in r.err, r.err
     assert r.err.count("\n") == 1, r.err
+
+
+def test_errors_carry_their_exit_status_and_details():
+    err = KernelPanic("Kernel panic - not syncing: x", "the console's tail")
+    assert err.exit_code == Exit.PANIC == 122
+    assert err.details == {
+        "error": "KernelPanic",
+        "message": "Kernel panic - not syncing: x",
+        "exit_code": 122,
+        "console_tail": "the console's tail",
+    }
+    assert InputError("bad").details["exit_code"] == Exit.INPUT

@@ -320,3 +320,28 @@ def test_attach_times_out_when_nobody_answers(tmp_path):
         AgentClient.attach(path, timeout=0.5)
     assert time.monotonic() - start < 3
     server.close()
+
+
+def test_attach_times_out_when_ready_stops_midway(tmp_path):
+    """A guest that sends READY's header and nonce and then nothing cannot hang attach."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def half_ready():
+        conn, _ = server.accept()
+        agent = FakeAgent(conn)
+        _, ident, nonce = agent.next()
+        conn.sendall(p.encode(Frame.READY, ident, p.ready(nonce, "6.12"))[:-2])
+        time.sleep(3)
+        conn.close()
+
+    t = threading.Thread(target=half_ready)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        AgentClient.attach(path, timeout=0.5)
+    assert time.monotonic() - start < 2
+    t.join()
+    server.close()

@@ -105,6 +105,18 @@ def test_five_megabytes_of_binary_output(sb):
     assert r.stderr.decode().split() == [f"err{i}" for i in range(1, 2001)]
 
 
+def test_max_output_keeps_that_much_and_says_so(sb):
+    r = run(sb, "head -c 300000 /dev/zero; echo done >&2", max_output=1000)
+    assert (len(r.stdout), r.stderr, r.truncated, r.exit_code) == (1000, b"", True, 0)
+    assert not run(sb, "echo short", max_output=1000).truncated
+
+
+def test_stdin_larger_than_the_window_arrives_whole(sb):
+    data = os.urandom(24 << 20)  # 24 windows; the command reads slowly at first
+    r = run(sb, "sleep 1; sha256sum", stdin=data)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
 def test_streaming_callbacks(sb):
     chunks = []
     r = run(sb, "echo one; sleep 0.3; echo two", on_stdout=chunks.append)
@@ -429,6 +441,19 @@ def test_cli_exit_codes_and_streams(kernel, tmp_path):
         stdin="piped\n",
     )
     assert r.out == "piped\n1 /tmp\n"
+
+
+def test_cli_output_closed_by_the_reader_ends_like_sigpipe(kernel):
+    """`qemubox run -- yes | head -1`: as soon as head has gone, qemubox ends as any
+    writer to a closed pipe does (killed by SIGPIPE, status 141 in the shell)."""
+    start = time.monotonic()
+    pipe = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m qemubox run --kernel {kernel} -- yes 2>/dev/null"
+         " | head -1; echo ${PIPESTATUS[0]}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert pipe.stdout == "y\n141\n", pipe.stdout + pipe.stderr
+    assert time.monotonic() - start < 60
 
 
 def test_cli_sandbox_failures(kernel, tmp_path):

@@ -29,11 +29,6 @@ class Exit(IntEnum):
     INTERRUPTED = 130  # Ctrl-C
 
 
-# Kept for callers of the first API.
-EXIT_MISMATCH = Exit.MISMATCH
-EXIT_INPUT = Exit.INPUT
-
-
 class QemuboxError(Exception):
     """An error meant for the user: ``str(err)`` is the whole message, one line."""
 

@@ -15,7 +15,6 @@ Three places, each with one job:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -27,8 +26,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import platformdirs
-
-from qemubox.errors import BusyError
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 
@@ -129,22 +126,33 @@ def fill(target: Path, make: Callable[[Path], None]) -> Path:
 
 
 @contextmanager
-def locked(path: Path, *, wait: bool = True, what: str = "") -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
-
-    With ``wait=False`` a lock held elsewhere raises BusyError naming ``what``."""
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise BusyError(f"{what or path} is in use by another process") from None
+        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def try_lock(path: Path, create: bool = True) -> int | None:
+    """An exclusive lock on ``path`` taken without waiting: the open fd holding it (close it
+    to let go), or None when another holds it (or, without ``create``, the file is gone).
+    A lock held this way outlives any ``with`` block, and passes to a child that inherits
+    the fd."""
+    try:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def read_json(path: Path) -> dict:

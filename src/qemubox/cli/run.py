@@ -124,6 +124,10 @@ def run(
         click.echo(shlex.join(qemu_args(sandbox.make_plan(dry_run=True))))
         return 0
 
+    # When our reader goes away (`| head -1`), end as any writer to a closed pipe does:
+    # killed by SIGPIPE, at once, the VM with us. (The agent's socket is written with
+    # MSG_NOSIGNAL: a VM that dies is reported, not taken for a closed pipe.)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     with sandbox:
         result = sandbox.exec(
             list(command),
@@ -140,16 +144,10 @@ def run(
 
 
 def _writer(stream):
-    """A callback writing a command's output as it comes. When our reader has gone (``|
-    head -1``), we end as any program writing to a closed pipe does: killed by SIGPIPE (the
-    VM dies with us)."""
+    """A callback writing a command's output as it comes."""
 
     def write(data: bytes) -> None:
-        try:
-            stream.write(data)
-            stream.flush()
-        except BrokenPipeError:
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGPIPE)
+        stream.write(data)
+        stream.flush()
 
     return write

@@ -118,40 +118,36 @@ class AgentClient:
         try:
             nonce = os.urandom(p.NONCE_SIZE)
             hello = (b"\0" * p.SYNC_PADDING if resync else b"") + p.encode(Frame.HELLO, 0, nonce)
-            sock.sendall(hello)
+            sock.sendall(hello, socket.MSG_NOSIGNAL)
+
+            def more() -> bytes:
+                """What the agent sent next; AgentGone at its end, TimeoutError at the
+                deadline (a guest that stops in the middle of READY, too)."""
+                while True:
+                    ready, _, _ = select.select([sock], [], [], 0.05)
+                    if ready:
+                        chunk = sock.recv(1 << 16)
+                        if not chunk:
+                            alive()
+                            raise AgentGone("the guest agent closed the connection while starting")
+                        return chunk
+                    alive()
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the guest agent did not answer")
+
             stream = b""
-            while True:
-                start = p.find_ready(stream, nonce)
-                if start is not None:
-                    break
-                stream = stream[-(p.HEADER.size + p.NONCE_SIZE + p.MAX_PAYLOAD) :]
-                ready, _, _ = select.select([sock], [], [], 0.05)
-                if ready:
-                    chunk = sock.recv(1 << 16)
-                    if not chunk:
-                        alive()
-                        raise AgentGone("the guest agent closed the connection while starting")
-                    stream += chunk
-                    continue
-                alive()
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the guest agent did not answer")
+            while (start := p.find_ready(stream, nonce)) is None:
+                stream = stream[-(p.HEADER.size + p.NONCE_SIZE + p.MAX_PAYLOAD) :] + more()
             decoder = p.Decoder(frozenset({Frame.READY}))
             frames = decoder.feed(stream[start:])
-            if not frames:  # the header and nonce are there; the rest of READY follows
-                while not frames:
-                    chunk = sock.recv(1 << 16)
-                    if not chunk:
-                        raise AgentGone("the guest agent closed the connection while starting")
-                    frames = decoder.feed(chunk)
-            _, _, payload = frames[0]
-            hello_back = p.decode_ready(payload)
+            while not frames:  # the header and nonce are there; the rest of READY follows
+                frames = decoder.feed(more())
+            hello_back = p.decode_ready(frames[0][2])
             if hello_back.version != p.VERSION:
                 raise ProtocolViolation(
                     f"the guest agent speaks protocol {hello_back.version}, not {p.VERSION}"
                 )
-            rest = decoder._buf
-            return cls(sock, bytes(rest), hello_back.release)
+            return cls(sock, decoder.rest(), hello_back.release)  # the rest is the session's
         except BaseException:
             sock.close()
             raise
@@ -180,7 +176,7 @@ class AgentClient:
                 if not writable:
                     continue
                 try:
-                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                 except BlockingIOError:
                     continue
                 except OSError:

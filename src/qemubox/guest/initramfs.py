@@ -134,10 +134,12 @@ def _softdeps(modules: Path) -> dict[str, list[str]]:
     return out
 
 
-def module_closure(modules: Path, wanted: list[str]) -> list[str]:
+def module_closure(
+    modules: Path, wanted: list[str], dep: dict[str, tuple[str, list[str]]] | None = None
+) -> list[str]:
     """Paths of the wanted modules, their dependencies and soft dependencies (``pre:``,
-    resolved through aliases), dependencies first."""
-    dep = _modules_dep(modules)
+    resolved through aliases), dependencies first. ``dep``: modules.dep, when read already."""
+    dep = dep if dep is not None else _modules_dep(modules)
     by_path = {path: deps for path, deps in dep.values()}
     name_of = {path: name for name, (path, _) in dep.items()}
     aliases = _aliases(modules)
@@ -191,24 +193,23 @@ def needed_modules(kernel: GuestKernel, features: tuple[str, ...]) -> list[str]:
     wanted = list(BASE_MODULES)
     for feature in sorted(features):
         wanted += FEATURE_MODULES.get(feature, ())
-    builtin = _builtin(kernel.modules)
     dep = _modules_dep(kernel.modules)
-    for name in wanted:
-        if name in OPTIONAL_MODULES or name in builtin or name in dep:
-            continue
-        if kernel.option(name.upper()) in ("y",):
-            continue
-        raise InputError(
-            f"the kernel {kernel.description} has no {name} driver "
-            f"(neither built in nor a module in {kernel.modules})"
-        )
-    return module_closure(kernel.modules, wanted)
+    builtin = _builtin(kernel.modules)
+    if builtin is not None:  # without modules.builtin, what is built in is unknown
+        for name in wanted:
+            if name not in OPTIONAL_MODULES and name not in builtin and name not in dep:
+                raise InputError(
+                    f"the kernel {kernel.description} has no {name} driver "
+                    f"(neither built in nor a module in {kernel.modules})"
+                )
+    return module_closure(kernel.modules, wanted, dep)
 
 
-def _builtin(modules: Path) -> set[str]:
+def _builtin(modules: Path) -> set[str] | None:
+    """Names of the modules built into the kernel, from modules.builtin (None: unknown)."""
     path = modules / "modules.builtin"
     if not path.is_file():
-        return set()
+        return None
     return {
         Path(line.strip()).name.split(".ko", 1)[0].replace("-", "_")
         for line in path.read_text(errors="replace").splitlines()
@@ -239,14 +240,13 @@ def _module_index(modules: Path, included: list[str]) -> dict[str, str]:
     return {"modules.dep": "\n".join(lines) + "\n", "modules.alias": "\n".join(aliases) + "\n"}
 
 
-def _busybox_applets(binary: Path) -> list[str]:
-    """The applets of a busybox (of any arch: its --list-full output is read from the
-    host's, which lists the same applets for the same Debian version)."""
+def _busybox_applets() -> list[str]:
+    """The applets to link, as the host's busybox lists them (Debian builds busybox-static
+    with the same applets for every arch, and a foreign one cannot run here)."""
+    if not HOST_BUSYBOX.is_file():
+        raise InputError("busybox-static is not installed (apt-get install busybox-static)")
     proc = subprocess.run(
-        [str(HOST_BUSYBOX if HOST_BUSYBOX.is_file() else binary), "--list-full"],
-        capture_output=True,
-        text=True,
-        check=False,
+        [str(HOST_BUSYBOX), "--list-full"], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise ToolError("busybox --list-full failed (is busybox-static installed?)")
@@ -280,7 +280,7 @@ def initramfs(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
     modules = needed_modules(kernel, features)
     agent = agent_binary(arch)
     box = busybox(arch)
-    applets = _busybox_applets(box)
+    applets = _busybox_applets()
 
     def make(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -53,6 +53,7 @@ class Frame(IntEnum):
     STDIN_ACK = 27  # u32 bytes of stdin the command has taken
 
 
+_VALUES = frozenset(f.value for f in Frame)
 HOST_FRAMES = frozenset(f for f in Frame if f < 20)
 GUEST_FRAMES = frozenset(f for f in Frame if f >= 20)
 EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
@@ -78,7 +79,7 @@ class Reader:
         self._at = 0
         self._what = what
 
-    def _take(self, n: int) -> bytes:
+    def take(self, n: int) -> bytes:
         if n > len(self._data) - self._at:
             raise ProtocolViolation(f"a {self._what} frame is too short")
         out = bytes(self._data[self._at : self._at + n])
@@ -86,16 +87,16 @@ class Reader:
         return out
 
     def u32(self) -> int:
-        return struct.unpack("<I", self._take(4))[0]
+        return struct.unpack("<I", self.take(4))[0]
 
     def i32(self) -> int:
-        return struct.unpack("<i", self._take(4))[0]
+        return struct.unpack("<i", self.take(4))[0]
 
     def string(self) -> bytes:
-        return self._take(self.u32())
+        return self.take(self.u32())
 
     def rest(self) -> bytes:
-        return self._take(len(self._data) - self._at)
+        return self.take(len(self._data) - self._at)
 
     def end(self) -> None:
         if self._at != len(self._data):
@@ -132,7 +133,7 @@ class Ready:
 
 def decode_ready(payload: bytes) -> Ready:
     r = Reader(payload, "READY")
-    nonce = r._take(NONCE_SIZE)
+    nonce = r.take(NONCE_SIZE)
     version = r.u32()
     release = r.rest().decode(errors="replace")
     return Ready(nonce, version, release)
@@ -201,16 +202,12 @@ class Decoder:
         self._buf += data
         frames = []
         while True:
-            # zero bytes between frames are padding
-            start = 0
-            while start < len(self._buf) and self._buf[start] == 0:
-                start += 1
-            if start:
-                del self._buf[:start]
+            padding = len(self._buf) - len(self._buf.lstrip(b"\0"))  # zeros between frames
+            del self._buf[:padding]
             if len(self._buf) < HEADER.size:
                 return frames
             kind, ident, size = HEADER.unpack_from(self._buf)
-            if kind not in Frame.__members__.values() or Frame(kind) not in self._allowed:
+            if kind not in _VALUES or Frame(kind) not in self._allowed:
                 raise ProtocolViolation(f"unexpected frame type {kind}")
             if size > MAX_PAYLOAD:
                 raise ProtocolViolation(
@@ -225,6 +222,10 @@ class Decoder:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    def rest(self) -> bytes:
+        """The bytes fed and not yet a whole frame (handed on to the next decoder)."""
+        return bytes(self._buf)
 
 
 def find_ready(stream: bytes, nonce: bytes) -> int | None:

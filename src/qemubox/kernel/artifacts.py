@@ -112,13 +112,18 @@ def indexed_modules(modules: Path, version: str) -> Path:
         tree.mkdir(parents=True)
         for entry in modules.iterdir():
             (tree / entry.name).symlink_to(entry.resolve())
-        proc = subprocess.run(
-            ["depmod", "-b", str(tmp), version], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise ToolError(f"depmod for the modules in {modules} failed: {proc.stderr.strip()}")
+        _depmod(tmp, version, modules)
 
     return fill(target, make) / "lib" / "modules" / version
+
+
+def _depmod(base: Path, version: str, what: Path) -> None:
+    """Index ``base/lib/modules/<version>`` (modules.dep, aliases, ...)."""
+    proc = subprocess.run(
+        ["depmod", "-b", str(base), version], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise ToolError(f"depmod for the modules in {what} failed: {proc.stderr.strip()}")
 
 
 def _find_config(image: Path, version: str) -> Path | None:
@@ -223,9 +228,7 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
     modules = root / "lib" / "modules" / version
     if modules.is_dir() and not (modules / "modules.dep").is_file():
         # A package carries no modules.dep: its install script makes it.
-        proc = subprocess.run(["depmod", "-b", str(root), version], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ToolError(f"depmod for {version} failed: {proc.stderr.strip()}")
+        _depmod(root, version, modules)  # in the cache already: indexed in place
     config = root / "boot" / f"config-{version}"
     return GuestKernel(
         image,

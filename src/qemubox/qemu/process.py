@@ -75,26 +75,27 @@ def spawn(
         return _spawner.spawn(args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The state letter and start time of process ``pid``, from /proc (None: no such
+    process)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[19])
+
+
 def start_time(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks after boot): with the pid, it names one
     process for good (a pid alone may be reused)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    stat = _stat(pid)
+    return stat[1] if stat else None
 
 
 def alive(pid: int, started: int | None) -> bool:
-    now = start_time(pid)
-    return now is not None and (started is None or now == started) and not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    """Whether that very process still runs (not a zombie, not a newer one with its pid)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and (started is None or stat[1] == started)
 
 
 def wait_gone(pid: int, started: int | None, timeout: float) -> bool:

@@ -29,15 +29,9 @@ class Monitor:
         except ExecuteError as err:
             raise SandboxError(f"QEMU refused {name}: {err}") from None
 
-    def events(self) -> list[dict[str, Any]]:
-        """The events QEMU sent since the last call (without waiting)."""
-        self._events += self._qmp.get_events(wait=False)
-        out, self._events = self._events, []
-        return out
-
     def wait_event(self, names: set[str], timeout: float) -> dict[str, Any] | None:
         """The first event named in ``names``, waiting up to ``timeout`` seconds; None when
-        none came. Other events are kept for ``events()``."""
+        none came. Other events are kept for the next wait."""
         deadline = time.monotonic() + timeout
         for i, event in enumerate(self._events):
             if event.get("event") in names:

@@ -29,7 +29,7 @@ from qemubox.qemu.cmdline import GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import MachinePlan
-from qemubox.vm.spec import Session, parse_size
+from qemubox.vm.spec import Session, ValidSession, parse_size
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -61,12 +61,11 @@ class Sandbox:
 
     def __init__(self, session: Session | None = None, **kw) -> None:
         self.session = session or Session(**kw)
-        self.spec = self.session.validate()
+        self.spec: ValidSession | None = self.session.validate()
         self.kernel: GuestKernel | None = None
         self.plan: MachinePlan | None = None
         self.machine: Machine | None = None
         self._closed = False
-        self._detached = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -85,10 +84,7 @@ class Sandbox:
         )
         self.kernel = planned.kernel
         self.plan = planned.plan
-        self._planned = planned
         return planned.plan
-
-    prepare = make_plan  # the first API's name
 
     def start(self, detach: bool = False) -> Sandbox:
         """Boot; returns when the guest is ready. With ``detach`` the VM does not die with
@@ -102,19 +98,16 @@ class Sandbox:
 
     def _start(self, detach: bool) -> None:
         plan = self.make_plan()
-        lock = Machine.make_dir(plan)
-        try:
-            plan = self.plan = prepare.realize(self._planned)
-        except BaseException:
-            import os
-
-            os.close(lock)
-            raise
-        if plan.accel_note:  # said once the VM is sure to start
-            warnings.warn(
-                f"using TCG (software emulation): {plan.accel_note}", AccelWarning, stacklevel=4
-            )
-        self.machine = Machine.launch(plan, lock, detached=detach)
+        assert self.kernel is not None
+        with Machine.runtime_dir(plan) as alive_lock:
+            plan = self.plan = prepare.realize(plan, self.kernel)
+            if plan.accel_note:  # said once the VM is sure to start
+                warnings.warn(
+                    f"using TCG (software emulation): {plan.accel_note}",
+                    AccelWarning,
+                    stacklevel=4,
+                )
+            self.machine = Machine.launch(plan, alive_lock, detached=detach)
         self.machine.attach(self.spec.boot_timeout)
         self._setup()
 
@@ -152,7 +145,6 @@ class Sandbox:
         if self.machine is None or not self.machine.detached:
             raise SandboxError("only a sandbox started with detach=True can be left running")
         self.machine.detach()
-        self._detached = True
         self._closed = True
         return self.machine.id
 
@@ -162,16 +154,11 @@ class Sandbox:
         machine = Machine.open(machine_id)
         if machine.state is not State.RUNNING:
             raise SandboxError(f"sandbox {machine_id} is {machine.state.value}")
-        self = cls.__new__(cls)
-        self.session = None
-        self.spec = None
-        self.kernel = None
-        self.plan = machine.plan
-        self.machine = machine
-        self._closed = False
-        self._detached = False
         machine.attach(timeout)
-        return self
+        box = cls.__new__(cls)  # no session: the machine's plan says what it is
+        box.session, box.spec, box.kernel = None, None, None
+        box.plan, box.machine, box._closed = machine.plan, machine, False
+        return box
 
     def close(self) -> None:
         """Power the guest off (syncing its disks), stop QEMU, remove the runtime files."""

@@ -14,10 +14,11 @@ behind, and the next one resynchronises the agent's stream first.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -64,24 +65,10 @@ def sweep(root: Path | None = None) -> None:
     if not root.is_dir():
         return
     for d in root.iterdir():
-        lock = d / "alive.lock"
-        if not lock.is_file():
-            continue
-        try:
-            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        fd = paths.try_lock(d / "alive.lock", create=False)
+        if fd is not None:
+            shutil.rmtree(d, ignore_errors=True)
             os.close(fd)
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        os.close(fd)
-
-
-def runtime_dir_for(machine_id: str) -> Path:
-    return paths.machine_runtime_dir(machine_id)
 
 
 class Machine:
@@ -118,30 +105,34 @@ class Machine:
     # --- starting and finding -------------------------------------------------------------------
 
     @staticmethod
-    def make_dir(plan: MachinePlan) -> int:
-        """Create the machine's runtime directory and take its ``alive.lock``; returns the
-        lock's fd (hand it to :meth:`launch`)."""
+    @contextlib.contextmanager
+    def runtime_dir(plan: MachinePlan) -> Iterator[int]:
+        """Create the machine's runtime directory holding its ``alive.lock`` for the block;
+        yields the lock's fd, for :meth:`launch` to hand to QEMU (which then holds it as
+        long as it lives)."""
         sweep()
         d = paths.make_private_dir(Path(plan.runtime_dir))
         # Locked before it takes its name: a sweeper never sees it unlocked.
-        fd = os.open(d / ".alive.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.replace(d / ".alive.lock", d / "alive.lock")
-        return fd
+        fd = paths.try_lock(d / ".alive.lock")
+        if fd is None:  # only this process knows the new directory's name
+            raise SandboxError(f"{d}: another process holds its lock")
+        try:
+            os.replace(d / ".alive.lock", d / "alive.lock")
+            yield fd
+        finally:
+            os.close(fd)
 
     @classmethod
     def launch(cls, plan: MachinePlan, lock_fd: int, detached: bool = False) -> Machine:
-        """Start QEMU on a prepared plan; the machine is then STARTING."""
+        """Start QEMU on a prepared plan, inside :meth:`runtime_dir`; the machine is then
+        STARTING."""
         binary = plan.arch_record.qemu_binary
         if shutil.which(binary) is None:
             raise KernelError(
                 f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
             )
-        d = Path(plan.runtime_dir)
-        try:
-            proc = process.spawn(qemu_args(plan), d / "qemu.log", detached, pass_fds=[lock_fd])
-        finally:
-            os.close(lock_fd)  # QEMU holds the lock now
+        log = Path(plan.runtime_dir) / "qemu.log"
+        proc = process.spawn(qemu_args(plan), log, detached, pass_fds=[lock_fd])
         machine = cls(plan, proc.pid, process.start_time(proc.pid), detached)
         machine._proc = proc
         machine._write_record()
@@ -159,7 +150,7 @@ class Machine:
     @classmethod
     def open(cls, machine_id: str) -> Machine:
         """A machine another process started, by its id."""
-        d = runtime_dir_for(machine_id)
+        d = paths.machine_runtime_dir(machine_id)
         try:
             record = json.loads((d / RECORD).read_text())
         except (OSError, ValueError):
@@ -182,13 +173,11 @@ class Machine:
             return self.agent
         if self._state not in (State.STARTING, State.RUNNING):
             raise SandboxError(f"machine {self.id} is {self._state.value}")
-        fd = os.open(self.dir / "attach.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise BusyError(f"sandbox {self.id} is in use by another client") from None
-        self._attach_fd = fd
+        self._attach_fd = paths.try_lock(self.dir / "attach.lock")
+        if self._attach_fd is None:
+            raise BusyError(f"sandbox {self.id} is in use by another client")
+        booting = self._state is State.STARTING
+        when = "while booting" if booting else "while attaching"
         dirty = self.dir / "dirty"
         try:
             resync = dirty.exists()
@@ -196,19 +185,20 @@ class Machine:
             self.agent = AgentClient.attach(
                 Path(self.plan.agent_socket),
                 timeout,
-                alive=lambda: self.check_alive("while booting"),
+                alive=lambda: self.check_alive(when),
                 resync=resync,
             )
-        except TimeoutError:
+        except (TimeoutError, AgentGone) as err:
             self._release()
-            self.check_alive("while booting")
-            raise BootError(
-                f"the guest did not start within {timeout:.0f} s", self.console_tail()
-            ) from None
-        except AgentGone:
-            self._release()
-            self.check_alive("while booting")
-            raise BootError("the guest agent hung up while booting", self.console_tail()) from None
+            self.check_alive(when)
+            if isinstance(err, AgentGone):
+                why = f"the guest agent hung up {when}"
+            elif booting:
+                why = f"the guest did not start within {timeout:g} s"
+            else:
+                why = f"the guest agent of {self.id} did not answer within {timeout:g} s"
+            error = BootError if booting else SandboxError
+            raise error(why, self.console_tail()) from None
         except BaseException:
             self._release()
             raise
@@ -286,7 +276,7 @@ class Machine:
             try:
                 self._proc.wait(timeout=timeout)
                 return True
-            except Exception:
+            except subprocess.TimeoutExpired:
                 return False
         return process.wait_gone(self.pid, self.started, timeout)
 
@@ -294,7 +284,7 @@ class Machine:
         """Power the guest off (its disks synced), kill QEMU if it does not go within
         ``timeout`` seconds, and remove the runtime directory (the console log is copied
         to ``console_to`` first, when given)."""
-        if self._state in (State.STOPPED,):
+        if self._state is State.STOPPED:
             return
         if self._state is not State.FAILED:
             self._move(State.STOPPING)
@@ -321,6 +311,9 @@ class Machine:
             self._move(State.STOPPED)
 
     def kill(self) -> None:
+        """Kill QEMU now; a machine killed before it was being stopped has failed."""
+        if self._state in (State.STARTING, State.RUNNING):
+            self._move(State.FAILED)
         if self._proc is not None:
             self._proc.kill()
         else:

@@ -152,9 +152,6 @@ class MachinePlan:
         }
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
-    def with_ports(self, ports: tuple[PortPlan, ...]) -> MachinePlan:
-        return replace(self, ports=ports)
-
 
 def kernel_cmdline(arch: arches.Arch, accel: str, tsc_khz: int | None, extra: str = "") -> str:
     """The guest's command line. Under TCG an x86 guest's TSC runs at the host's rate; saying

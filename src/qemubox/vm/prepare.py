@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qemubox import arch as arches
@@ -52,16 +52,16 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
     return Planned(plan, kernel)
 
 
-def realize(planned: Planned) -> MachinePlan:
+def realize(plan: MachinePlan, kernel: GuestKernel) -> MachinePlan:
     """The plan's effects: the initramfs (agent, modules) in the cache, the disks, free
     ports for the ones asked as 0. Returns the plan with its ports settled."""
-    plan = planned.plan
-    built = initramfs.initramfs(planned.kernel, plan.features)
+    built = initramfs.initramfs(kernel, plan.features)
     if str(built) != plan.initrd:
         raise InputError(f"the initramfs came out at {built}, planned at {plan.initrd}")
     for disk in plan.disks:
         prepare_disk(disk)
-    return plan.with_ports(tuple(PortPlan(p.host or free_port(), p.guest) for p in plan.ports))
+    ports = tuple(PortPlan(p.host or free_port(), p.guest) for p in plan.ports)
+    return replace(plan, ports=ports)
 
 
 def free_port() -> int:
