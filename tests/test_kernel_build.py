@@ -199,3 +199,18 @@ def test_arm64_cross_build_boots_on_virt(minimal_arm64, tmp_path):
     static_init_initramfs(initrd, tmp_path / "init")
     console = boot_bare("arm64", minimal_arm64 / "vmlinuz", initrd, timeout=180)
     assert f"UNAME={manifest['version']} aarch64" in console, console[-2000:]
+
+
+@pytest.mark.qemu
+def test_arm64_sandbox_runs_commands(minimal_arm64, tmp_path):
+    """The runtime is one arch-table row away from arm64: cross-compiled agent, Debian's
+    arm64 busybox, the virt machine — under TCG on this host."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "hello").write_text("from the host\n")
+    r = qemubox(
+        "run", "--kernel", minimal_arm64 / "vmlinuz", "-v", f"{share}:/mnt:ro", "--",
+        "sh", "-c", "uname -m; cat /mnt/hello; exit 7",
+        timeout=600,
+    )  # fmt: skip
+    assert (r.code, r.out) == (7, "aarch64\nfrom the host\n"), r.err[-2000:]
