@@ -611,6 +611,48 @@ def test_a_detached_guest_is_attached_from_other_processes(kernel):
             first.machine.kill()
 
 
+KILLED_CLIENT = """
+import sys
+from qemubox import Sandbox
+sb = Sandbox.attach(sys.argv[1])
+print("attached", flush=True)
+loud = "while :; do echo 0123456789abcdef0123456789abcdef; done"
+sb.exec(["sh", "-c", loud] if sys.argv[2] == "loud" else ["sleep", "600"], max_output=1 << 40)
+"""
+
+
+def test_a_killed_client_leaves_the_guest_usable(kernel):
+    """A client killed while idle, while its command streams output, or while stopped with
+    the port full: the next client attaches at once and the guest answers."""
+    sb = Sandbox(Session(memory="256M", kernel=kernel)).start(detach=True)
+    machine_id = sb.detach()
+    try:
+        for round_, (mode, stop) in enumerate(
+            [("quiet", False), ("loud", False), ("loud", True)] * 3
+        ):
+            client = subprocess.Popen(
+                [sys.executable, "-c", KILLED_CLIENT, machine_id, mode],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert client.stdout.readline().strip() == "attached"
+            time.sleep(0.3)
+            if stop:
+                client.send_signal(signal.SIGSTOP)
+                time.sleep(0.5)
+            client.kill()
+            client.wait()
+            again = Sandbox.attach(machine_id, timeout=15)
+            try:
+                left = "ps -o args | grep -e '[s]leep 600' -e '[0]123456789' || echo none"
+                r = again.exec(["sh", "-c", f"echo round {round_}; {left}"])
+                assert r.stdout == f"round {round_}\nnone\n".encode(), (mode, stop, r)
+            finally:
+                again.detach()
+    finally:
+        Sandbox.attach(machine_id, timeout=15).close()
+
+
 def test_eight_runs_at_once_on_an_empty_cache(kernel, tmp_path):
     """Every cache fill is safe under concurrency: 8 processes start together on an empty
     cache (agent, initramfs, KVM verdict), twice, and all are right."""

@@ -575,14 +575,13 @@ static unsigned char *rbuf;
 static size_t rlen, rcap;
 
 /* The host side closed: whatever it had running dies with it, and what it sent last may
- * end in the middle of a frame. */
+ * end in the middle of a frame. The port is not drained: a new client may already be on it,
+ * and its HELLO must survive. A client that follows an unclean one pads first, which
+ * completes any partial frame still queued. */
 static void disconnect(void)
 {
-	char scratch[4096];
 	connected = 0;
 	end_all_commands();
-	while (read(port, scratch, sizeof(scratch)) > 0)
-		;
 	rlen = 0;
 }
 
