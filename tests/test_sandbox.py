@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -351,6 +352,65 @@ def test_debian_distro_kernel_with_modules(tmp_path):
         for name in ("9p", "virtio_blk", "ext4", "virtio_net", "virtio_console"):
             assert f"{name} " in modules, name
         assert run(box, "echo ok > /data/x && cat /data/x").stdout == b"ok\n"
+
+
+def _newest_package(pattern: str) -> str:
+    proc = subprocess.run(
+        ["apt-cache", "search", "--names-only", pattern], capture_output=True, text=True
+    )
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert names, f"no package matches {pattern}"
+    return max(names, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])
+
+
+def _unpacked_package(package: str, into: Path) -> Path:
+    """``package``'s .deb (downloaded once, kept in the cache) unpacked into ``into`` as a
+    user would (``dpkg-deb -x``: no depmod runs)."""
+    from qemubox.apt import apt_download
+    from qemubox.paths import cache_dir, fill
+
+    def download(tmp: Path) -> None:
+        tmp.mkdir()
+        apt_download(package, tmp)
+
+    debs = fill(cache_dir() / "test-debs" / package, download)
+    subprocess.run(["dpkg-deb", "-x", str(next(debs.glob("*.deb"))), str(into)], check=True)
+    return into
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"^linux-image-6\.1\.0-[0-9]+-amd64$", r"^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$"],
+)
+def test_distro_kernel_packages_given_by_path(pattern, tmp_path):
+    """Debian's own kernel packages of two versions, unpacked by hand and given by path:
+    the image is recognised, the modules (compressed in 6.12) get an index made in the cache
+    (the unpacked tree is left as it was), a share works through them, and a kernel missing a
+    driver the session needs is refused before boot."""
+    root = _unpacked_package(_newest_package(pattern), tmp_path / "pkg")
+    (image,) = (root / "boot").glob("vmlinuz-*")
+    version = image.name.removeprefix("vmlinuz-")
+    modules = root / "lib" / "modules" / version
+    before = sorted(p.name for p in modules.iterdir())
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_text("through 9p\n")
+    script = "cat /mnt/f; uname -r; grep -o '^9p ' /proc/modules"
+    r = qemubox(
+        "run", "-m", "512M", "--kernel", image, "-v", f"{share}:/mnt:ro", "--", "sh", "-c", script
+    )
+    assert r.code == 0, r.err[-3000:]
+    assert r.out == f"through 9p\n{version}\n9p \n"
+    assert sorted(p.name for p in modules.iterdir()) == before  # nothing written there
+    compressed = list(modules.rglob("9p.ko.*"))
+    if version.startswith("6.12"):
+        assert compressed, "6.12's modules are compressed: the case this test is for"
+    for ko in modules.rglob("9p.ko*"):
+        ko.unlink()
+    os.utime(modules)  # a changed tree: its index is made again
+    r = qemubox("run", "--kernel", image, "-v", f"{share}:/mnt:ro", "--", "true")
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert "no 9p driver" in r.err
 
 
 def test_guest_panic_raises_with_the_console_tail(kernel):
