@@ -6,7 +6,17 @@ guest console's last lines. Everything derives from :class:`QemuboxError`.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+# Control characters but newline and tab: a guest's escape sequences (OSC 52 writes the
+# clipboard, OSC 0 the title, others worse) must not reach the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` (from a guest, say) with control characters shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class Exit(IntEnum):
@@ -96,6 +106,19 @@ class VMDied(SandboxError):
 
 class ProtocolViolation(VMDied):
     """The guest sent what the agent protocol does not allow; the sandbox was stopped."""
+
+
+class HostIOError(SandboxError):
+    """The host could not read or write a disk image under the VM (its filesystem full,
+    say); the guest saw an I/O error."""
+
+    exit_code = Exit.START
+
+
+class TimedOut(SandboxError):
+    """A command ran past its timeout and the guest would not end it: the VM was stopped."""
+
+    exit_code = Exit.TIMEOUT
 
 
 class BusyError(SandboxError):

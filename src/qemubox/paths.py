@@ -27,6 +27,8 @@ from pathlib import Path
 
 import platformdirs
 
+from qemubox.errors import InputError
+
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 
 
@@ -34,6 +36,20 @@ def _dir(env: str, default: str) -> Path:
     override = os.environ.get(env)
     path = Path(override) if override else Path(default)
     path.mkdir(parents=True, exist_ok=True)
+    return trusted(path)
+
+
+def trusted(path: Path) -> Path:
+    """``path``, a directory whose contents qemubox runs or boots, if only its owner could
+    have put them there: it must be the user's, and not writable by group or others."""
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise InputError(f"{path} belongs to uid {st.st_uid}, not to you: refusing to use it")
+    if st.st_mode & 0o022:
+        raise InputError(
+            f"{path} is writable by others (mode {st.st_mode & 0o777:o}): refusing to use it "
+            f"(chmod go-w {path})"
+        )
     return path
 
 
@@ -73,9 +89,12 @@ def machine_runtime_dir(machine_id: str) -> Path:
 
 
 def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (and its parents) readable by its owner only."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    """Create ``path`` (and its parents) readable by its owner only; its parent (the
+    runtime root, in a shared /tmp perhaps) must be the user's own."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    trusted(path.parent)
+    path.mkdir(exist_ok=True, mode=0o700)
+    return trusted(path)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -177,6 +196,36 @@ def updating_json(path: Path) -> Iterator[dict]:
         data = read_json(path)
         yield data
         write_json(path, data)
+
+
+def punch_head(path: Path, keep: int) -> None:
+    """Free all but about the last ``keep`` bytes of a file another process appends to
+    (QEMU's console log): the head becomes a hole, so the file's size is unchanged and the
+    writer's offset stays valid, but it holds no more than ``keep`` bytes on disk."""
+    import ctypes
+
+    with open(path, "rb+") as fh:
+        st = os.fstat(fh.fileno())
+        block = max(st.st_blksize, 4096)
+        end = (max(0, st.st_size - keep) // block) * block
+        if end <= 0:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        punch_hole, keep_size = 0x02, 0x01
+        if libc.fallocate(fh.fileno(), punch_hole | keep_size, 0, end) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+
+
+def copy_data(src: Path, dst: Path) -> None:
+    """Copy what ``src`` holds, skipping a leading hole (see :func:`punch_head`)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fin.seek(os.lseek(fin.fileno(), 0, os.SEEK_DATA))
+        except OSError:  # all hole, or no SEEK_DATA here
+            fin.seek(0)
+        shutil.copyfileobj(fin, fout)
 
 
 def write_keeping_old(path: Path, text: str) -> Path | None:

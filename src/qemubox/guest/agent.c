@@ -277,6 +277,10 @@ static void do_exec(uint32_t id, struct reader *r)
 		dup2(out[1], 1);
 		dup2(err[1], 2);
 		note[0] = 'c';
+		/* execvpe searches our own PATH: the command's PATH, when given, is the one. */
+		for (uint32_t i = 0; i < envc; i++)
+			if (!strncmp(envp[i], "PATH=", 5))
+				setenv("PATH", envp[i] + 5, 1);
 		if (chdir(cwd) == 0) {
 			execvpe(argv[0], argv, envp);
 			note[0] = 'x';

@@ -118,7 +118,11 @@ class AgentClient:
         try:
             nonce = os.urandom(p.NONCE_SIZE)
             hello = (b"\0" * p.SYNC_PADDING if resync else b"") + p.encode(Frame.HELLO, 0, nonce)
-            sock.sendall(hello, socket.MSG_NOSIGNAL)
+            try:
+                sock.sendall(hello, socket.MSG_NOSIGNAL)
+            except ConnectionError:
+                alive()
+                raise AgentGone("the guest agent closed the connection while starting") from None
 
             def more() -> bytes:
                 """What the agent sent next; AgentGone at its end, TimeoutError at the
@@ -126,7 +130,10 @@ class AgentClient:
                 while True:
                     ready, _, _ = select.select([sock], [], [], 0.05)
                     if ready:
-                        chunk = sock.recv(1 << 16)
+                        try:
+                            chunk = sock.recv(1 << 16)
+                        except ConnectionError:  # QEMU exited (a start-up error, say)
+                            chunk = b""
                         if not chunk:
                             alive()
                             raise AgentGone("the guest agent closed the connection while starting")
@@ -223,7 +230,7 @@ class AgentClient:
             pend.done.set()
         elif not pend.is_exec:
             if kind not in (Frame.OK, Frame.PONG):
-                raise ProtocolViolation(f"a {kind.name} frame answers a request that is no command")
+                raise ProtocolViolation(f"{kind.name} frame answers a request that is no command")
             pend.payload = payload
             pend.done.set()
         elif kind == Frame.STDOUT:
@@ -241,7 +248,7 @@ class AgentClient:
             pend.status = p.decode_exit(payload)
             pend.done.set()
         else:
-            raise ProtocolViolation(f"a {kind.name} frame answers a command")
+            raise ProtocolViolation(f"{kind.name} frame answers a command")
 
     def _new(self, **kw) -> tuple[int, Pending]:
         with self._lock:

@@ -61,7 +61,7 @@ EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
 
 def encode(kind: Frame, ident: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"a {kind.name} frame of {len(payload)} bytes is over the limit")
+        raise ValueError(f"{kind.name} frame of {len(payload)} bytes is over the limit")
     return HEADER.pack(kind, ident, len(payload)) + payload
 
 
@@ -81,7 +81,7 @@ class Reader:
 
     def take(self, n: int) -> bytes:
         if n > len(self._data) - self._at:
-            raise ProtocolViolation(f"a {self._what} frame is too short")
+            raise ProtocolViolation(f"{self._what} frame is too short")
         out = bytes(self._data[self._at : self._at + n])
         self._at += n
         return out
@@ -101,7 +101,7 @@ class Reader:
     def end(self) -> None:
         if self._at != len(self._data):
             raise ProtocolViolation(
-                f"a {self._what} frame has {len(self._data) - self._at} extra bytes"
+                f"{self._what} frame has {len(self._data) - self._at} extra bytes"
             )
 
 
@@ -211,7 +211,7 @@ class Decoder:
                 raise ProtocolViolation(f"unexpected frame type {kind}")
             if size > MAX_PAYLOAD:
                 raise ProtocolViolation(
-                    f"a {Frame(kind).name} frame claims {size} bytes (at most {MAX_PAYLOAD})"
+                    f"{Frame(kind).name} frame claims {size} bytes (at most {MAX_PAYLOAD})"
                 )
             end = HEADER.size + size
             if len(self._buf) < end:

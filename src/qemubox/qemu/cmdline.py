@@ -73,7 +73,10 @@ def disk_args(plan: MachinePlan) -> list[str]:
     for i, disk in enumerate(plan.disks):
         args += [
             "-drive",
-            f"file={escape(disk.path)},if=none,id=disk{i},format=raw,cache=writeback,discard=unmap",
+            # A host I/O error (a full host filesystem) is the guest's I/O error, reported
+            # as an event: QEMU's default pauses the VM silently.
+            f"file={escape(disk.path)},if=none,id=disk{i},format=raw,cache=writeback,"
+            "discard=unmap,werror=report,rerror=report",
             "-device",
             f"{_device(plan, 'blk')},drive=disk{i},serial={escape(disk.serial)}",
         ]
@@ -129,6 +132,21 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     ]
     if plan.balloon:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
+    return args + confinement_args(plan)
+
+
+def confinement_args(plan: MachinePlan) -> list[str]:
+    """QEMU's own seccomp filter, always; and, when qemubox is root, a drop to an
+    unprivileged user once QEMU has opened its files (kernel, disks, sockets, console).
+    QEMU changes user after it installs its filter, so set*id calls stay allowed when it
+    must change user; afterwards it holds no privilege to regain."""
+    elevate = "allow" if plan.run_as else "deny"
+    args = [
+        "-sandbox",
+        f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny",
+    ]
+    if plan.run_as:
+        args += ["-runas", plan.run_as]
     return args
 
 

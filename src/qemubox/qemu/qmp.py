@@ -48,6 +48,18 @@ class Monitor:
             self._events.append(event)
         return None
 
+    def take_events(self, names: set[str], settle: bool = True) -> list[dict[str, Any]]:
+        """Every event named in ``names`` so far, removed from the queue. ``settle`` first
+        makes a round trip, so that whatever QEMU sent before it has been read."""
+        with contextlib.suppress(Exception):  # a QEMU that exited has nothing more to say
+            if settle:
+                self._qmp.cmd("query-status")
+            while (event := self._qmp.pull_event(wait=False)) is not None:
+                self._events.append(event)
+        taken = [e for e in self._events if e.get("event") in names]
+        self._events = [e for e in self._events if e.get("event") not in names]
+        return taken
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._qmp.close()

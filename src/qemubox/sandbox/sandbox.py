@@ -16,12 +16,15 @@ from qemubox import paths
 from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable from here
     BootError,
     GuestError,
+    HostIOError,
     InputError,
     KernelError,
     KernelPanic,
     ProtocolViolation,
     SandboxError,
+    TimedOut,
     VMDied,
+    printable,
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.kernel.artifacts import GuestKernel
@@ -39,7 +42,7 @@ DEFAULT_ENV = {
 }
 MS_RDONLY = 1
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
-KILL_GRACE = 10  # seconds a killed command has to report its end
+KILL_GRACE = 3  # seconds a killed command has to report its end
 
 
 class AccelWarning(UserWarning):
@@ -168,6 +171,12 @@ class Sandbox:
         if self.machine is None:
             return
         self.machine.stop(console_to=self.spec.console_log if self.spec else None)
+        self._raise_host_io(self.machine.io_errors)
+
+    def _raise_host_io(self, errors: list[str]) -> None:
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise HostIOError(errors[0] + more, self.console_tail())
 
     # --- what the first API offered -------------------------------------------------------------
 
@@ -263,7 +272,7 @@ class Sandbox:
                 stop_pump.set()
                 self._kill_command(agent, ident, pend)
         except GuestError as err:
-            message = f"qemubox: {err}\n".encode()
+            message = f"qemubox: {printable(str(err))}\n".encode()
             if on_stderr:
                 on_stderr(message)
             return ExecResult(exec_exit_code(err), b"", b"" if on_stderr else message)
@@ -279,6 +288,8 @@ class Sandbox:
             raise VMDied("the guest agent went away", self.console_tail()) from None
         finally:
             stop_pump.set()
+        assert self.machine is not None
+        self._raise_host_io(self.machine.host_io_errors())
         status = pend.status
         assert status is not None
         return ExecResult(
@@ -300,8 +311,9 @@ class Sandbox:
         except (SendTimeout, TimeoutError):
             pass
         self._fail()
-        raise SandboxError(
-            "the guest did not stop a timed-out command; the VM was stopped", self.console_tail()
+        raise TimedOut(
+            "the command timed out and the guest did not end it; the VM was stopped",
+            self.console_tail(),
         )
 
     def _fail(self) -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -31,6 +32,7 @@ from qemubox.errors import (
     KernelPanic,
     SandboxError,
     VMDied,
+    printable,
 )
 from qemubox.guest.client import AgentClient, AgentGone
 from qemubox.qemu import process
@@ -38,6 +40,7 @@ from qemubox.qemu.cmdline import qemu_args
 from qemubox.vm.plan import MachinePlan
 
 CONSOLE_TAIL_LINES = 30
+CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write without end
 RECORD = "machine.json"
 
 
@@ -86,6 +89,8 @@ class Machine:
         self._attach_fd: int | None = None
         self.agent: AgentClient | None = None
         self._monitor = None
+        self.io_errors: list[str] = []  # host I/O errors QEMU reported as the guest stopped
+        self._let_go = threading.Event()  # set when this client detaches
 
     # --- the one place that moves the state ----------------------------------------------------
 
@@ -190,6 +195,8 @@ class Machine:
             )
         except (TimeoutError, AgentGone) as err:
             self._release()
+            if isinstance(err, AgentGone):
+                self.wait_gone(2)  # QEMU hanging up is QEMU exiting: say why it did
             self.check_alive(when)
             if isinstance(err, AgentGone):
                 why = f"the guest agent hung up {when}"
@@ -203,6 +210,12 @@ class Machine:
             self._release()
             raise
         self._move(State.RUNNING)
+        self._let_go.clear()
+        threading.Thread(
+            target=self._keep_console_small, name="qemubox-console", daemon=True
+        ).start()
+        if self.plan.disks:
+            self.monitor()  # connected now, so that no disk's I/O error event is missed
         return self.agent
 
     def detach(self) -> None:
@@ -217,7 +230,17 @@ class Machine:
                     (self.dir / "dirty").unlink()
         self._release()
 
+    def _keep_console_small(self) -> None:
+        """While attached: the console log's head is freed whenever it holds more than
+        twice :data:`CONSOLE_KEEP` (the tail is what errors show)."""
+        path = Path(self.plan.console_log)
+        while not self._let_go.wait(0.5):
+            with contextlib.suppress(OSError):
+                if path.stat().st_blocks * 512 > 2 * CONSOLE_KEEP:
+                    paths.punch_head(path, CONSOLE_KEEP)
+
     def _release(self) -> None:
+        self._let_go.set()
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
@@ -235,6 +258,24 @@ class Machine:
             self._monitor = Monitor(self.plan.qmp_socket)
         return self._monitor
 
+    def host_io_errors(self, settle: bool = True) -> list[str]:
+        """What QEMU reported since the last call about disk images the host could not
+        read or write (as one line each, naming the file)."""
+        if self._monitor is None:
+            return []
+        found = []
+        for event in self._monitor.take_events({"BLOCK_IO_ERROR"}, settle):
+            data = event.get("data", {})
+            drive = str(data.get("device", ""))
+            index = int(drive[4:]) if drive[4:].isdigit() else -1
+            name = self.plan.disks[index].path if 0 <= index < len(self.plan.disks) else drive
+            what = "write" if data.get("operation") == "write" else "read"
+            why = data.get("reason") or "I/O error"
+            line = f"the host could not {what} disk image {name}: {why}"
+            if line not in found:
+                found.append(line)
+        return found
+
     # --- health -------------------------------------------------------------------------------
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -246,7 +287,7 @@ class Machine:
                 text = fh.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return printable("\n".join(text.rstrip().splitlines()[-lines:]))
 
     def _qemu_log(self) -> str:
         with contextlib.suppress(OSError):
@@ -296,6 +337,9 @@ class Machine:
             if agent is not None and not agent.closed:
                 with contextlib.suppress(Exception):
                     agent.poweroff(timeout=timeout)
+                if self._monitor is not None:  # the guest's last sync may fail on the host
+                    self._monitor.wait_event({"SHUTDOWN"}, timeout)
+                    self.io_errors += self.host_io_errors(settle=False)
             if not self.wait_gone(1 if agent is None else timeout):
                 self.kill()
         if self.agent is not None:
@@ -304,7 +348,12 @@ class Machine:
         self._release()
         if console_to is not None:
             with contextlib.suppress(OSError):
-                shutil.copyfile(self.plan.console_log, console_to)
+                paths.punch_head(Path(self.plan.console_log), CONSOLE_KEEP)
+            if console_to.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(console_to, console_to.with_name(console_to.name + ".old"))
+            with contextlib.suppress(OSError):
+                paths.copy_data(Path(self.plan.console_log), console_to)
         shutil.rmtree(self.dir, ignore_errors=True)
         sweep()  # and whatever dead machines left behind
         if self._state is State.STOPPING:

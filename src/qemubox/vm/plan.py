@@ -76,6 +76,7 @@ class MachinePlan:
     network: str = "none"  # none, restricted or user
     ports: tuple[PortPlan, ...] = ()
     balloon: bool = False
+    run_as: str | None = None  # the user QEMU drops to once its files are open (when root)
     schema: int = field(default=SCHEMA)
 
     # --- places -----------------------------------------------------------------------------
@@ -171,6 +172,7 @@ def make_plan(
     runtime_dir: str,
     initrd: str,
     tsc_khz: int | None,
+    run_as: str | None = None,
 ) -> MachinePlan:
     """The plan of a VM for a validated session (``vm.spec.ValidSession``). Pure."""
     record = arches.get(kernel.arch)
@@ -195,4 +197,5 @@ def make_plan(
         network=session.network,
         ports=session.ports,
         balloon=session.balloon,
+        run_as=run_as,
     )

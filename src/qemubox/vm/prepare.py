@@ -3,6 +3,8 @@ made), then the plan's effects (made, explicitly)."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import socket
 import subprocess
 from dataclasses import dataclass, replace
@@ -48,8 +50,25 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         str(runtime_dir),
         str(initrd),
         host_tsc_khz(),
+        _qemu_user(spec),
     )
     return Planned(plan, kernel)
+
+
+QEMU_USER = "nobody"
+
+
+def _qemu_user(spec: ValidSession) -> str | None:
+    """Whom QEMU runs as once it has opened its files, when qemubox is root: ``nobody``.
+    A 9p share is served by QEMU at run time with the host's permissions, so a session
+    with shares keeps root (the shared files would otherwise be read as ``nobody``)."""
+    if os.geteuid() != 0 or spec.shares:
+        return None
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None
+    return QEMU_USER
 
 
 def realize(plan: MachinePlan, kernel: GuestKernel) -> MachinePlan:
@@ -71,18 +90,54 @@ def free_port() -> int:
 
 
 def _make_disk(disk: DiskPlan, path: Path) -> None:
-    """A new ext4 image of the disk's size (never called on an existing file)."""
-    with open(path, "xb") as fh:
-        fh.truncate(disk.size)
-    proc = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        path.unlink(missing_ok=True)
-        raise InputError(f"mkfs.ext4 {path} failed: {proc.stderr.strip()}")
+    """A new ext4 image of the disk's size, made aside and linked into place, so that a
+    failure leaves nothing at ``path`` and an existing file is never replaced. An ephemeral
+    disk must fit in the free space under it: it would otherwise fill the host's
+    filesystem mid-run."""
+    if disk.ephemeral:
+        st = os.statvfs(path.parent)
+        free = st.f_bavail * st.f_frsize
+        if disk.size > free:
+            raise InputError(
+                f"an ephemeral disk of {disk.size >> 20} MiB does not fit in {path.parent} "
+                f"({free >> 20} MiB free): ask for less, or give it a PATH elsewhere"
+            )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.truncate(disk.size)
+        proc = subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", str(tmp)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise InputError(f"mkfs.ext4 for disk {path} failed: {proc.stderr.strip()}")
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(
+            f"disk {path} appeared while it was being made; it was left as it is"
+        ) from None
+    except OSError as err:
+        raise InputError(
+            f"cannot make a {disk.size >> 20} MiB disk at {path}: {err.strerror}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_ext4(path: Path) -> None:
+    """An existing image must hold an ext4 file system the guest can mount: its magic,
+    and a superblock e2fsprogs can read."""
+    if not _is_ext4(path):
+        raise InputError(
+            f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
+        )
+    proc = subprocess.run(["dumpe2fs", "-h", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0 or "Filesystem features" not in proc.stdout:
+        why = (proc.stderr.strip().splitlines() or ["unreadable superblock"])[-1]
+        raise InputError(f"disk {path} is not a usable ext4 image: {why}")
 
 
 def _is_ext4(path: Path) -> bool:
@@ -96,7 +151,5 @@ def prepare_disk(disk: DiskPlan) -> None:
     path = Path(disk.path)
     if not path.exists():
         _make_disk(disk, path)
-    elif not _is_ext4(path):
-        raise InputError(
-            f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
-        )
+    else:
+        _check_ext4(path)

@@ -206,5 +206,19 @@ def validate(s: Session) -> ValidSession:
         timeout=s.timeout,
         boot_timeout=s.boot_timeout,
         accel=s.accel,
-        console_log=Path(s.console_log) if s.console_log else None,
+        console_log=_console_log(s.console_log),
     )
+
+
+def _console_log(path: str | None) -> Path | None:
+    """Where to keep the console log: a file in an existing directory."""
+    if not path:
+        return None
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise InputError(f"console log {path!r} is a directory")
+    if not p.parent.is_dir():
+        raise InputError(f"console log {path!r}: directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise InputError(f"console log {path!r}: directory {p.parent} is not writable")
+    return p
