@@ -7,7 +7,7 @@ import pytest
 
 from helpers import qemubox
 from qemubox.cli import parse
-from qemubox.errors import Exit, InputError, KernelPanic
+from qemubox.errors import Exit, InputError, KernelPanic, printable
 from qemubox.vm.spec import Disk, FSShare
 
 
@@ -90,3 +90,8 @@ def test_errors_carry_their_exit_status_and_details():
         "console_tail": "the console's tail",
     }
     assert InputError("bad").details["exit_code"] == Exit.INPUT
+
+
+def test_printable_shows_control_characters():
+    assert printable("a\x1b[31mb\tc\nd\x9b\x07") == "a\\x1b[31mb\tc\nd\\x9b\\x07"
+    assert printable(printable("\x1b")) == "\\x1b"

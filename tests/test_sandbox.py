@@ -31,15 +31,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session")
-def kernel(tmp_path_factory):
-    """qemubox's minimal kernel (built once, cached), used by path."""
-    out = tmp_path_factory.mktemp("sandbox-kernel")
-    r = qemubox("kernel", "build", "-o", out, timeout=3000)
-    assert r.code == 0, r.err[-2000:]
-    return str(out / "vmlinuz")
-
-
 @pytest.fixture(scope="module")
 def sb(kernel):
     with Sandbox(Session(memory="256M", kernel=kernel, timeout=60)) as box:

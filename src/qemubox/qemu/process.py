@@ -10,18 +10,28 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the QEMU child: be killed when the thread that started us ends. That thread is the
+# A QEMU that changes user (``-runas``) loses its parent-death signal: the kernel clears it
+# on a change of credentials. It then runs under this keeper, its parent, which is told of
+# our death instead and kills it (as its parent, it also keeps QEMU's pid from being reused).
+_KEEPER = """trap 'kill -KILL "$q" 2>/dev/null; wait "$q"; exit 137' HUP
+"$@" & q=$!
+wait "$q"
+"""
+
+
+def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """In the child: get ``sig`` when the thread that started us ends. That thread is the
     spawner below, which lives as long as the process, so: when the process dies, even by
     SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the parent died between fork and prctl
         os._exit(1)
 
@@ -57,10 +67,15 @@ _spawner_lock = threading.Lock()
 
 
 def spawn(
-    args: Sequence[str], log: Path, detached: bool, pass_fds: Sequence[int] = ()
+    args: Sequence[str],
+    log: Path,
+    detached: bool,
+    pass_fds: Sequence[int] = (),
+    changes_user: bool = False,
 ) -> subprocess.Popen:
     """Start QEMU with its output in ``log``. Tied (``detached=False``): it dies with this
-    process. Detached: in a session of its own, it outlives us."""
+    process — through a keeper when it ``changes_user`` (see :func:`qemu_pid`). Detached: in
+    a session of its own, it outlives us."""
     global _spawner
     with open(log, "ab") as out:
         kwargs = dict(
@@ -72,7 +87,28 @@ def spawn(
             if _spawner is None:
                 _spawner = _Spawner()
         parent = os.getpid()
+        if changes_user:
+            return _spawner.spawn(
+                ["sh", "-c", _KEEPER, "qemubox-keeper", *args],
+                preexec_fn=lambda: _die_with_parent(parent, signal.SIGHUP),
+                **kwargs,
+            )
         return _spawner.spawn(args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
+
+
+def qemu_pid(proc: subprocess.Popen, kept: bool, timeout: float = 5) -> int:
+    """QEMU's pid: ``proc``'s own, or, under a keeper, the keeper's child's."""
+    if not kept:
+        return proc.pid
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+        time.sleep(0.001)
+    return proc.pid  # QEMU is already gone: the keeper stands for it
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

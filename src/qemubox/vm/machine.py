@@ -124,6 +124,9 @@ class Machine:
         try:
             os.replace(d / ".alive.lock", d / "alive.lock")
             yield fd
+        except BaseException:  # nothing started in it (a disk that cannot be made, say)
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         finally:
             os.close(fd)
 
@@ -137,8 +140,10 @@ class Machine:
                 f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
             )
         log = Path(plan.runtime_dir) / "qemu.log"
-        proc = process.spawn(qemu_args(plan), log, detached, pass_fds=[lock_fd])
-        machine = cls(plan, proc.pid, process.start_time(proc.pid), detached)
+        kept = bool(plan.run_as) and not detached
+        proc = process.spawn(qemu_args(plan), log, detached, [lock_fd], changes_user=kept)
+        pid = process.qemu_pid(proc, kept)
+        machine = cls(plan, pid, process.start_time(pid), detached)
         machine._proc = proc
         machine._write_record()
         return machine
@@ -363,8 +368,5 @@ class Machine:
         """Kill QEMU now; a machine killed before it was being stopped has failed."""
         if self._state in (State.STARTING, State.RUNNING):
             self._move(State.FAILED)
-        if self._proc is not None:
-            self._proc.kill()
-        else:
-            process.kill(self.pid, self.started)
+        process.kill(self.pid, self.started)  # QEMU itself (a keeper then ends with it)
         self.wait_gone(5)
