@@ -23,7 +23,7 @@ pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zst
 if [ "$dev" = 1 ]; then
   # The --explain tests run against a second kernel generation too; the arm64 cross build
   # is booted on QEMU's virt machine.
-  pkgs+=(linux-source-6.1 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm)
+  pkgs+=(linux-source-6.1 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm procps)
 fi
 
 missing=()
