@@ -20,8 +20,13 @@ _PR_SET_PDEATHSIG = 1
 # A QEMU that changes user (``-runas``) loses its parent-death signal: the kernel clears it
 # on a change of credentials. It then runs under this keeper, its parent, which is told of
 # our death instead and kills it (as its parent, it also keeps QEMU's pid from being reused).
-_KEEPER = """trap 'kill -KILL "$q" 2>/dev/null; wait "$q"; exit 137' HUP
+# The keeper ignores the signal until it knows QEMU's pid, then checks that its parent did
+# not die meanwhile.
+_KEEPER = """trap '' HUP
 "$@" & q=$!
+trap 'kill -KILL "$q" 2>/dev/null; wait "$q"; exit 137' HUP
+read -r _ _ _ ppid _ < /proc/$$/stat
+[ "$ppid" = "$PPID" ] || kill -HUP $$
 wait "$q"
 """
 
