@@ -95,6 +95,16 @@ def busybox(arch: arches.Arch) -> Path:
     return fill(cache_dir() / "busybox" / arch.debian_arch, make) / "busybox"
 
 
+def _module_name(path: str) -> str:
+    """A module's name as the kernel knows it, from its file's path (``a-b.ko.xz`` -> ``a_b``)."""
+    return Path(path).name.split(".ko", 1)[0].replace("-", "_")
+
+
+def _plain(path: str) -> str:
+    """A module's path as it goes into the guest: uncompressed (``x.ko.zst`` -> ``x.ko``)."""
+    return path.split(".ko", 1)[0] + ".ko"
+
+
 def _modules_dep(modules: Path) -> dict[str, tuple[str, list[str]]]:
     """module name -> (path relative to the modules dir, dependency paths)."""
     out = {}
@@ -102,8 +112,7 @@ def _modules_dep(modules: Path) -> dict[str, tuple[str, list[str]]]:
         if ":" not in line:
             continue
         path, deps = line.split(":", 1)
-        name = Path(path).name.split(".ko", 1)[0].replace("-", "_")
-        out[name] = (path, deps.split())
+        out[_module_name(path)] = (path, deps.split())
     return out
 
 
@@ -210,27 +219,21 @@ def _builtin(modules: Path) -> set[str] | None:
     path = modules / "modules.builtin"
     if not path.is_file():
         return None
-    return {
-        Path(line.strip()).name.split(".ko", 1)[0].replace("-", "_")
-        for line in path.read_text(errors="replace").splitlines()
-    }
+    return {_module_name(line.strip()) for line in path.read_text(errors="replace").splitlines()}
 
 
 def _module_index(modules: Path, included: list[str]) -> dict[str, str]:
     """modules.dep and modules.alias for just the included modules (uncompressed names), so
     that the kernel's on-demand loading (busybox modprobe) finds them in the guest."""
 
-    def plain(path: str) -> str:
-        return path.split(".ko", 1)[0] + ".ko"
-
     dep = _modules_dep(modules)
     kept = set(included)
     lines = [
-        f"{plain(path)}: {' '.join(plain(d) for d in deps if d in kept)}".rstrip()
+        f"{_plain(path)}: {' '.join(_plain(d) for d in deps if d in kept)}".rstrip()
         for path, deps in dep.values()
         if path in kept
     ]
-    names = {Path(p).name.split(".ko", 1)[0].replace("-", "_") for p in included}
+    names = {_module_name(p) for p in included}
     aliases = [
         f"alias {alias} {name}"
         for alias, targets in _aliases(modules).items()
@@ -298,7 +301,7 @@ def initramfs(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
                 cpio.add_file(name, text.encode())
             load = []
             for mod in modules:
-                dest = f"lib/modules/{kernel.version}/" + mod.split(".ko", 1)[0] + ".ko"
+                dest = f"lib/modules/{kernel.version}/" + _plain(mod)
                 cpio.add_file(dest, _module_bytes(kernel.modules / mod))
                 load.append("/" + dest)
             cpio.add_file("etc/qemubox/modules", "".join(p + "\n" for p in load).encode())
