@@ -100,13 +100,14 @@ def make_private_dir(path: Path) -> Path:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
+    """A name no other writer uses, beside ``path``: made there, then renamed or linked in."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
@@ -131,7 +132,7 @@ def fill(target: Path, make: Callable[[Path], None]) -> Path:
     with locked(target.with_name(f".{target.name}.lock")):
         if target.exists():
             return target
-        tmp = _temp_beside(target)
+        tmp = temp_beside(target)
         try:
             make(tmp)
             os.replace(tmp, target)

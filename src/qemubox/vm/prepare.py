@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qemubox import arch as arches
+from qemubox import paths
 from qemubox.errors import InputError
 from qemubox.guest import initramfs
 from qemubox.kernel.artifacts import GuestKernel, choose_kernel
@@ -102,7 +103,7 @@ def _make_disk(disk: DiskPlan, path: Path) -> None:
                 f"an ephemeral disk of {disk.size >> 20} MiB does not fit in {path.parent} "
                 f"({free >> 20} MiB free): ask for less, or give it a PATH elsewhere"
             )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = paths.temp_beside(path)
     try:
         with open(tmp, "xb") as fh:
             fh.truncate(disk.size)
