@@ -273,9 +273,10 @@ def test_guest_errors_reach_the_request(pair):
     t.start()
     kind, ident, _ = agent.next()
     assert kind == Frame.MOUNT
-    agent.send(Frame.ERROR, ident, p.error(19, "mount: no such device"))
+    agent.send(Frame.ERROR, ident, p.error(19, "mount: no such device\x1b]52;c;eA==\x07"))
     t.join(5)
-    assert done["err"].errno == 19 and "no such device" in str(done["err"])
+    assert done["err"].errno == 19
+    assert str(done["err"]) == "mount: no such device\\x1b]52;c;eA==\\x07"  # printable
 
 
 def test_stdin_waits_for_the_window(pair):

@@ -15,7 +15,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """``text`` (from a guest, say) with control characters shown as ``\\xNN``."""
+    """``text`` with control characters shown as ``\\xNN``. Guest text is made printable
+    where it enters (the console tail, the agent's error messages), so that whatever shows
+    it — the CLI, a log, an API user's terminal — is safe."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -129,10 +131,10 @@ class BusyError(SandboxError):
 
 class GuestError(QemuboxError):
     """The guest could not do what was asked (a mount, a command); the message is the
-    guest's. ``errno`` is the guest's error number."""
+    guest's, made printable. ``errno`` is the guest's error number."""
 
     exit_code = Exit.START
 
     def __init__(self, errno: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))
         self.errno = errno

@@ -13,7 +13,7 @@ from qemubox.cli.common import CONTEXT, say
 from qemubox.cli.kconfig import kconfig
 from qemubox.cli.kernel import kernel
 from qemubox.cli.run import run
-from qemubox.errors import Exit, QemuboxError, printable
+from qemubox.errors import Exit, QemuboxError
 
 
 @click.group(context_settings=CONTEXT)
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             say(tail)
         console = getattr(exc, "console_tail", "")
         if console:
-            say("--- guest console (last lines) ---\n" + printable(console) + "\n---")
-        say(f"qemubox: error: {printable(str(exc))}")
+            say("--- guest console (last lines) ---\n" + console + "\n---")
+        say(f"qemubox: error: {exc}")
         code = exc.exit_code
     except BrokenPipeError:
         code = 0

@@ -24,7 +24,6 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
     SandboxError,
     TimedOut,
     VMDied,
-    printable,
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.kernel.artifacts import GuestKernel
@@ -272,7 +271,7 @@ class Sandbox:
                 stop_pump.set()
                 self._kill_command(agent, ident, pend)
         except GuestError as err:
-            message = f"qemubox: {printable(str(err))}\n".encode()
+            message = f"qemubox: {err}\n".encode()
             if on_stderr:
                 on_stderr(message)
             return ExecResult(exec_exit_code(err), b"", b"" if on_stderr else message)
