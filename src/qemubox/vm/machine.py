@@ -342,9 +342,9 @@ class Machine:
             if agent is not None and not agent.closed:
                 with contextlib.suppress(Exception):
                     agent.poweroff(timeout=timeout)
-                if self._monitor is not None:  # the guest's last sync may fail on the host
-                    self._monitor.wait_event({"SHUTDOWN"}, timeout)
-                    self.io_errors += self.host_io_errors(settle=False)
+                    if self._monitor is not None:  # the guest's last sync may fail on the host
+                        self._monitor.wait_event({"SHUTDOWN"}, timeout)
+                        self.io_errors += self.host_io_errors(settle=False)
             if not self.wait_gone(1 if agent is None else timeout):
                 self.kill()
         if self.agent is not None:
