@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     kernel = choose_kernel(args.kernel)
-    image = str(kernel.image)
+    image = kernel.image
     qemubox = [sys.executable, "-m", "qemubox", "run", "--kernel", image, "--accel", "tcg"]
     timed([*qemubox, "--", "true"])  # warm the caches (initramfs, agent, KVM verdict)
     print(f"kernel: {kernel.description} ({image})")

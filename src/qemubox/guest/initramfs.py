@@ -15,8 +15,8 @@ from qemubox import arch as arches
 from qemubox.apt import apt_install, download_for_arch
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
-from qemubox.kernel.artifacts import GuestKernel
 from qemubox.paths import cache_dir, fill
+from qemubox.vm.plan import KernelPlan
 
 HOST_BUSYBOX = Path("/bin/busybox")
 
@@ -194,24 +194,25 @@ def _module_bytes(path: Path) -> bytes:
     return data
 
 
-def needed_modules(kernel: GuestKernel, features: tuple[str, ...]) -> list[str]:
+def needed_modules(kernel: KernelPlan, features: tuple[str, ...]) -> list[str]:
     """Paths (in the kernel's modules directory) of the modules the guest must load for
     ``features``; InputError when the kernel has none of a needed driver."""
     if kernel.modules is None:
         return []
+    modules = Path(kernel.modules)
     wanted = list(BASE_MODULES)
     for feature in sorted(features):
         wanted += FEATURE_MODULES.get(feature, ())
-    dep = _modules_dep(kernel.modules)
-    builtin = _builtin(kernel.modules)
+    dep = _modules_dep(modules)
+    builtin = _builtin(modules)
     if builtin is not None:  # without modules.builtin, what is built in is unknown
         for name in wanted:
             if name not in OPTIONAL_MODULES and name not in builtin and name not in dep:
                 raise InputError(
                     f"the kernel {kernel.description} has no {name} driver "
-                    f"(neither built in nor a module in {kernel.modules})"
+                    f"(neither built in nor a module in {modules})"
                 )
-    return module_closure(kernel.modules, wanted, dep)
+    return module_closure(modules, wanted, dep)
 
 
 def _builtin(modules: Path) -> set[str] | None:
@@ -256,7 +257,7 @@ def _busybox_applets() -> list[str]:
     return [line for line in proc.stdout.split() if line and line != "bin/busybox"]
 
 
-def initramfs_path(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
+def initramfs_path(kernel: KernelPlan, features: tuple[str, ...]) -> Path:
     """Where the initramfs for this kernel and these features is cached. Keyed by what
     decides its content, cheaply (the module closure is worked out only when the archive is
     made); computing it creates nothing."""
@@ -266,7 +267,9 @@ def initramfs_path(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
         digest.update(part.encode() + b"\0")
     stamped = [HOST_BUSYBOX]
     if kernel.modules is not None:
-        stamped += [kernel.modules / n for n in ("modules.dep", "modules.alias", "modules.softdep")]
+        stamped += [
+            Path(kernel.modules) / n for n in ("modules.dep", "modules.alias", "modules.softdep")
+        ]
     for path in stamped:
         with contextlib.suppress(FileNotFoundError):
             st = path.stat()
@@ -274,7 +277,7 @@ def initramfs_path(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
     return cache_dir() / "initramfs" / f"{arch.name}-{digest.hexdigest()[:20]}.cpio"
 
 
-def initramfs(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
+def initramfs(kernel: KernelPlan, features: tuple[str, ...]) -> Path:
     """The initramfs for this kernel and these features, built once and cached."""
     target = initramfs_path(kernel, features)
     if target.is_file():
@@ -302,12 +305,12 @@ def initramfs(kernel: GuestKernel, features: tuple[str, ...]) -> Path:
             load = []
             for mod in modules:
                 dest = f"lib/modules/{kernel.version}/" + _plain(mod)
-                cpio.add_file(dest, _module_bytes(kernel.modules / mod))
+                cpio.add_file(dest, _module_bytes(Path(kernel.modules) / mod))
                 load.append("/" + dest)
             cpio.add_file("etc/qemubox/modules", "".join(p + "\n" for p in load).encode())
             if modules:
                 base = f"lib/modules/{kernel.version}/"
-                for name, text in _module_index(kernel.modules, modules).items():
+                for name, text in _module_index(Path(kernel.modules), modules).items():
                     cpio.add_file(base + name, text.encode())
             cpio.close()
         if tmp.stat().st_size < agent.stat().st_size:

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import arch as arches
@@ -19,44 +18,44 @@ from qemubox.paths import cache_dir, fill, locked
 from qemubox.vm.plan import KernelPlan
 
 
-@dataclass(frozen=True)
-class GuestKernel:
-    image: Path
-    version: str
-    arch: str
-    modules: Path | None  # lib/modules/<version>, when the kernel has modules
-    config_path: Path | None  # its .config, when known
-    description: str
+def _kernel(
+    image: Path,
+    version: str,
+    arch: str,
+    modules: Path | None,
+    config: Path | None,
+    description: str,
+) -> KernelPlan:
+    """The record of a kernel found on disk (what a machine plan says of its kernel)."""
+    return KernelPlan(
+        image=str(image),
+        version=version,
+        arch=arch,
+        modules=str(modules) if modules else None,
+        config=str(config) if config else None,
+        description=description,
+        mmio=_finds_mmio_devices(config, modules),
+    )
 
-    def option(self, name: str) -> str | None:
-        """``y``/``m``/``n`` for an option; None when the config is unknown."""
-        if self.config_path is None:
-            return None
-        with open(self.config_path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith(f"CONFIG_{name}="):
-                    return line.split("=", 1)[1].strip()
-        return "n"
 
-    def supports_microvm(self) -> bool:
-        """Whether it can find virtio-mmio devices (built in, or as a module we can load)."""
-        value = self.option("VIRTIO_MMIO")
-        if value is not None:
-            return value == "y" or (value == "m" and self.modules is not None)
-        if self.modules is not None and (self.modules / "modules.builtin").is_file():
-            return "virtio_mmio" in (self.modules / "modules.builtin").read_text(errors="replace")
-        return False
+def _option(config: Path, name: str) -> str:
+    """``y``/``m``/``n`` for an option of a .config."""
+    with open(config, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith(f"CONFIG_{name}="):
+                return line.split("=", 1)[1].strip()
+    return "n"
 
-    def plan(self) -> KernelPlan:
-        return KernelPlan(
-            image=str(self.image),
-            version=self.version,
-            arch=self.arch,
-            modules=str(self.modules) if self.modules else None,
-            config=str(self.config_path) if self.config_path else None,
-            description=self.description,
-            mmio=self.supports_microvm(),
-        )
+
+def _finds_mmio_devices(config: Path | None, modules: Path | None) -> bool:
+    """Whether the kernel finds virtio-mmio devices (built in, or as a module we can load),
+    so that the lean microvm machine fits."""
+    if config is not None:
+        value = _option(config, "VIRTIO_MMIO")
+        return value == "y" or (value == "m" and modules is not None)
+    if modules is not None and (modules / "modules.builtin").is_file():
+        return "virtio_mmio" in (modules / "modules.builtin").read_text(errors="replace")
+    return False
 
 
 def bzimage_version(image: Path) -> str | None:
@@ -139,7 +138,7 @@ def _find_config(image: Path, version: str) -> Path | None:
     return None
 
 
-def kernel_from_path(path: str | Path, modules: Path | None = None) -> GuestKernel:
+def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPlan:
     image = Path(path)
     if not image.is_file():
         raise InputError(f"--kernel {path}: no such file")
@@ -154,7 +153,7 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> GuestKern
             version = name.split("-", 1)[1] if "-" in name else None
         if version is None:
             raise InputError(f"--kernel {path}: not a bzImage or arm64 Image with a version")
-    return GuestKernel(
+    return _kernel(
         image.resolve(),
         version,
         arch,
@@ -164,7 +163,7 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> GuestKern
     )
 
 
-def built_kernel(arch: str) -> GuestKernel | None:
+def built_kernel(arch: str) -> KernelPlan | None:
     """The newest kernel qemubox built for this arch with the sandbox fragment."""
     from qemubox.kernel.build import list_builds
 
@@ -176,7 +175,7 @@ def built_kernel(arch: str) -> GuestKernel | None:
         if not image.is_file():
             continue
         modules = build_dir / ".qemubox-modules" / "lib" / "modules" / manifest["version"]
-        return GuestKernel(
+        return _kernel(
             image,
             manifest["version"],
             arch,
@@ -187,7 +186,7 @@ def built_kernel(arch: str) -> GuestKernel | None:
     return None
 
 
-def debian_kernel(arch: str) -> GuestKernel:
+def debian_kernel(arch: str) -> KernelPlan:
     """Debian's generic kernel package, downloaded with apt-get and unpacked into the cache."""
     meta = arches.get(arch).debian_kernel
     root = cache_dir() / "debian-kernel"
@@ -219,7 +218,7 @@ def _debian_package_name(meta: str) -> str:
     return m.group(1)
 
 
-def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
+def _unpacked_kernel(root: Path, arch: str) -> KernelPlan | None:
     images = sorted((root / "boot").glob("vmlinuz-*"))
     if not images:
         return None
@@ -230,7 +229,7 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
         # A package carries no modules.dep: its install script makes it.
         _depmod(root, version, modules)  # in the cache already: indexed in place
     config = root / "boot" / f"config-{version}"
-    return GuestKernel(
+    return _kernel(
         image,
         version,
         arch,
@@ -242,7 +241,7 @@ def _unpacked_kernel(root: Path, arch: str) -> GuestKernel | None:
 
 def choose_kernel(
     kernel: str | None, modules: Path | None = None, fetch: bool = True
-) -> GuestKernel:
+) -> KernelPlan:
     """``kernel``: a path, ``debian``, or None (qemubox's newest build, else Debian's).
     Without ``fetch``, Debian's kernel must be in the cache already (a dry run fetches
     nothing)."""
@@ -260,7 +259,7 @@ def choose_kernel(
     return found or debian_kernel(arch)
 
 
-def cached_debian_kernel(arch: str) -> GuestKernel | None:
+def cached_debian_kernel(arch: str) -> KernelPlan | None:
     root = cache_dir() / "debian-kernel"
     for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
         kernel = _unpacked_kernel(unpacked, arch)

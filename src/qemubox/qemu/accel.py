@@ -47,7 +47,7 @@ def _verdict_path() -> Path:
     return cache_dir() / "kvm-probe.json"
 
 
-def _probe(arch: str, kernel: Path) -> tuple[bool, str]:
+def _probe(arch: str, kernel: Path | str) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="qemubox-kvm-") as tmp:
         console = Path(tmp) / "console"
         args = bare_boot_args(
@@ -86,7 +86,7 @@ def _probe(arch: str, kernel: Path) -> tuple[bool, str]:
 def choose_accel(
     requested: str,
     binary: str,
-    kernel: Path,
+    kernel: Path | str,
     guest_arch: str,
     host_arch: str,
     probe: bool = True,

@@ -26,11 +26,10 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
     VMDied,
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
-from qemubox.kernel.artifacts import GuestKernel
 from qemubox.qemu.cmdline import GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare
 from qemubox.vm.machine import Machine, State
-from qemubox.vm.plan import MachinePlan
+from qemubox.vm.plan import KernelPlan, MachinePlan
 from qemubox.vm.spec import Session, ValidSession, parse_size
 
 DEFAULT_ENV = {
@@ -64,7 +63,6 @@ class Sandbox:
     def __init__(self, session: Session | None = None, **kw) -> None:
         self.session = session or Session(**kw)
         self.spec: ValidSession | None = self.session.validate()
-        self.kernel: GuestKernel | None = None
         self.plan: MachinePlan | None = None
         self.machine: Machine | None = None
         self._closed = False
@@ -81,12 +79,10 @@ class Sandbox:
         """The machine plan (pure data) for this session. With ``dry_run`` nothing is
         fetched, probed, compiled or created."""
         machine_id = paths.new_machine_id()
-        planned = prepare.plan_session(
+        self.plan = prepare.plan_session(
             self.spec, paths.machine_runtime_dir(machine_id), dry_run=dry_run
         )
-        self.kernel = planned.kernel
-        self.plan = planned.plan
-        return planned.plan
+        return self.plan
 
     def start(self, detach: bool = False) -> Sandbox:
         """Boot; returns when the guest is ready. With ``detach`` the VM does not die with
@@ -100,9 +96,8 @@ class Sandbox:
 
     def _start(self, detach: bool) -> None:
         plan = self.make_plan()
-        assert self.kernel is not None
         with Machine.runtime_dir(plan) as alive_lock:
-            plan = self.plan = prepare.realize(plan, self.kernel)
+            plan = self.plan = prepare.realize(plan)
             if plan.accel_note:  # said once the VM is sure to start
                 warnings.warn(
                     f"using TCG (software emulation): {plan.accel_note}",
@@ -158,7 +153,7 @@ class Sandbox:
             raise SandboxError(f"sandbox {machine_id} is {machine.state.value}")
         machine.attach(timeout)
         box = cls.__new__(cls)  # no session: the machine's plan says what it is
-        box.session, box.spec, box.kernel = None, None, None
+        box.session, box.spec = None, None
         box.plan, box.machine, box._closed = machine.plan, machine, False
         return box
 
@@ -190,6 +185,11 @@ class Sandbox:
     @property
     def pid(self) -> int | None:
         return self.machine.pid if self.machine else None
+
+    @property
+    def kernel(self) -> KernelPlan | None:
+        """The kernel the machine boots (as its plan records it)."""
+        return self.plan.kernel if self.plan else None
 
     @property
     def accel(self) -> str:

@@ -7,27 +7,21 @@ import os
 import pwd
 import socket
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox import paths
 from qemubox.errors import InputError
 from qemubox.guest import initramfs
-from qemubox.kernel.artifacts import GuestKernel, choose_kernel
+from qemubox.kernel.artifacts import choose_kernel
 from qemubox.qemu.accel import choose_accel
 from qemubox.qemu.cmdline import host_tsc_khz
 from qemubox.vm.plan import DiskPlan, MachinePlan, PortPlan, make_plan
 from qemubox.vm.spec import ValidSession
 
 
-@dataclass(frozen=True)
-class Planned:
-    plan: MachinePlan
-    kernel: GuestKernel
-
-
-def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -> Planned:
+def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -> MachinePlan:
     """Look up the kernel, the accelerator's verdict and the initramfs's place, and plan.
 
     With ``dry_run`` nothing is fetched, probed, compiled or created: an unprobed KVM counts
@@ -43,9 +37,9 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         probe=not dry_run,
     )
     initrd = initramfs.initramfs_path(kernel, spec.features())
-    plan = make_plan(
+    return make_plan(
         spec,
-        kernel.plan(),
+        kernel,
         choice.accel,
         choice.reason,
         str(runtime_dir),
@@ -53,7 +47,6 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         host_tsc_khz(),
         _qemu_user(spec),
     )
-    return Planned(plan, kernel)
 
 
 QEMU_USER = "nobody"
@@ -72,10 +65,10 @@ def _qemu_user(spec: ValidSession) -> str | None:
     return QEMU_USER
 
 
-def realize(plan: MachinePlan, kernel: GuestKernel) -> MachinePlan:
+def realize(plan: MachinePlan) -> MachinePlan:
     """The plan's effects: the initramfs (agent, modules) in the cache, the disks, free
     ports for the ones asked as 0. Returns the plan with its ports settled."""
-    built = initramfs.initramfs(kernel, plan.features)
+    built = initramfs.initramfs(plan.kernel, plan.features)
     if str(built) != plan.initrd:
         raise InputError(f"the initramfs came out at {built}, planned at {plan.initrd}")
     for disk in plan.disks:
