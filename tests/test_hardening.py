@@ -4,6 +4,7 @@ the right exit status, with bounded memory and without touching what the user ha
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from qemubox.errors import HostIOError
+from qemubox.qemu import process
 from qemubox.sandbox.sandbox import Sandbox
 from qemubox.vm import machine as machine_mod
 from qemubox.vm.spec import Disk, Session
@@ -134,8 +136,7 @@ def test_the_console_log_is_kept_small_and_shown_sanitised(kernel, tmp_path, mon
     flood = "head -c 3145728 /dev/zero | tr '\\0' x > /dev/console; echo; echo the-end"
     with Sandbox(Session(memory="256M", kernel=kernel, console_log=str(log))) as box:
         box.exec(["sh", "-c", f"{flood} > /dev/console"], timeout=120)
-        time.sleep(1.5)  # the trimmer looks twice a second
-        on_disk = Path(box.plan.console_log).stat().st_blocks * 512
+        on_disk = _on_disk_soon(Path(box.plan.console_log), 2 * keep + (1 << 20))
         assert on_disk <= 2 * keep + (1 << 20), on_disk
         box.exec(["sh", "-c", r"printf '\033]52;c;ZXZpbA==\007osc\n' > /dev/console"])
         time.sleep(0.2)
@@ -144,6 +145,63 @@ def test_the_console_log_is_kept_small_and_shown_sanitised(kernel, tmp_path, mon
     assert (tmp_path / "console.log.old").read_text() == "an earlier run\n"
     kept = log.read_bytes()
     assert len(kept) <= 2 * keep + 4096 and b"the-end" in kept
+
+
+def test_a_detached_guest_with_no_client_keeps_its_console_log_small(kernel, monkeypatch):
+    """Nobody attached: the keeper QEMU runs under still caps the log."""
+    keep = 256 << 10
+    monkeypatch.setattr(machine_mod, "CONSOLE_KEEP", keep)
+    box = Sandbox(Session(memory="256M", kernel=kernel)).start(detach=True)
+    machine_id = box.machine.id
+    try:
+        flood = "while :; do head -c 65536 /dev/zero | tr '\\0' y; done > /dev/console"
+        box.exec(["setsid", "sh", "-c", f"{flood} & echo started"])
+        log = Path(box.plan.console_log)
+        box.detach()
+        deadline = time.monotonic() + 20
+        while log.stat().st_size < 8 * keep and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.stat().st_size >= 8 * keep, "the guest did not write its console"
+        assert _on_disk_soon(log, 2 * keep + (1 << 20)) <= 2 * keep + (1 << 20)
+    finally:
+        Sandbox.attach(machine_id).close()
+
+
+STARTER_KILLED_WHILE_BOOTING = """
+import sys
+from qemubox import Sandbox, Session
+Sandbox(Session(memory="256M", kernel=sys.argv[1])).start(detach=True)
+"""
+
+
+def test_a_detached_guest_dies_with_a_starter_killed_before_it_is_ready(kernel):
+    """Until set up, a detached guest is tied to its starter: killing the starter while the
+    guest boots leaves no QEMU and no machine behind."""
+    from qemubox import paths
+
+    before = set(paths.runtime_root().iterdir()) if paths.runtime_root().exists() else set()
+    starter = subprocess.Popen([sys.executable, "-c", STARTER_KILLED_WHILE_BOOTING, kernel])
+    deadline = time.monotonic() + 20
+    new: set[Path] = set()
+    while not new and time.monotonic() < deadline:
+        time.sleep(0.05)
+        new = {d for d in paths.runtime_root().iterdir() if (d / "machine.json").exists()}
+        new -= before
+    assert new, "the starter did not start a machine"
+    starter.kill()
+    starter.wait()
+    (machine,) = new
+    record = json.loads((machine / "machine.json").read_text())
+    assert process.wait_gone(record["pid"], record["started"], 5), "QEMU outlived its starter"
+
+
+def _on_disk_soon(path: Path, at_most: int, within: float = 5) -> int:
+    """What ``path`` holds on disk once it is at most ``at_most`` bytes (its keeper looks
+    once a second), or after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (on_disk := path.stat().st_blocks * 512) > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return on_disk
 
 
 def test_escape_sequences_in_a_panic_reach_the_terminal_as_text(kernel):

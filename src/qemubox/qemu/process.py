@@ -1,5 +1,5 @@
-"""Starting QEMU: tied to this process's life, or detached from it; and watching a QEMU
-process that may not be our child."""
+"""Starting QEMU under a keeper, tied to this process's life until released; and watching a
+QEMU process that may not be our child."""
 
 from __future__ import annotations
 
@@ -12,23 +12,86 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
-
-# A QEMU that changes user (``-runas``) loses its parent-death signal: the kernel clears it
-# on a change of credentials. It then runs under this keeper, its parent, which is told of
-# our death instead and kills it (as its parent, it also keeps QEMU's pid from being reused).
-# The keeper ignores the signal until it knows QEMU's pid, then checks that its parent did
-# not die meanwhile.
-_KEEPER = """trap '' HUP
+# Every QEMU runs under this keeper, its parent, in a session of its own:
+# - tied to its starter until released: the keeper gets SIGHUP when the starter dies (its
+#   parent-death signal; QEMU's own would be cleared by ``-runas``) and kills QEMU; SIGUSR1
+#   releases it (a detached machine, once it is set up: a starter killed while it boots
+#   leaves nothing behind);
+# - it keeps the console log small: the log's head is punched out when more than twice
+#   ``keep`` bytes are on disk (the file's size and QEMU's offset stay valid);
+# - when ``idle`` seconds pass with no client attached (no ``attach*.lock`` locked, as
+#   /proc/locks says: trying the lock would race a client) and
+#   ``active`` untouched, it runs ``on_idle`` (a shell command) once;
+# - it writes QEMU's exit status to ``exit``, holding ``alive.lock`` (its standard input,
+#   and QEMU's fd 3) until then, so that whoever finds the lock free also finds the status.
+# Its children other than QEMU do not inherit the lock.
+_KEEPER = r"""d=$1 keep=$2 idle=$3 on_idle=$4; shift 4
+trap '' HUP USR1
+exec 3<&0
 "$@" & q=$!
-trap 'kill -KILL "$q" 2>/dev/null; wait "$q"; exit 137' HUP
+trap 'sig=1; [ -n "$tied" ] && kill -KILL "$q" 2>/dev/null' HUP
+trap 'sig=1; tied=' USR1
+tied=1
 read -r _ _ _ ppid _ < /proc/$$/stat
 [ "$ppid" = "$PPID" ] || kill -HUP $$
-wait "$q"
+(
+  exec 0</dev/null 3<&-
+  trap - HUP USR1
+  log="$d/console.log" fired=
+  while sleep 1 && kill -0 $$ 2>/dev/null; do
+    set -- $(stat -c '%s %b' "$log" 2>/dev/null)
+    if [ $# = 2 ] && [ $(($2 * 512)) -gt $((2 * keep)) ]; then
+      fallocate -p -o 0 -l $(($1 - keep)) "$log" 2>/dev/null
+    fi
+    [ "$idle" -gt 0 ] && [ -z "$fired" ] || continue
+    for f in "$d"/attach*.lock; do
+      [ -e "$f" ] && grep -q ":$(stat -c %i "$f") " /proc/locks && touch "$d/active"
+    done
+    [ -e "$d/active" ] || touch "$d/active"
+    if [ $(($(date +%s) - $(stat -c %Y "$d/active"))) -ge "$idle" ]; then
+      fired=1
+      sh -c "$on_idle" </dev/null >>"$d/keeper.log" 2>&1 &
+    fi
+  done
+) & t=$!
+while :; do
+  sig=
+  wait "$q"; rc=$?
+  [ -n "$sig" ] || break
+done
+kill "$t" 2>/dev/null
+echo "$rc" > "$d/exit"
 """
+
+
+@dataclass(frozen=True)
+class Keeping:
+    """What the keeper of one QEMU is told: where the machine's directory is, how much
+    console log to keep, and what to do after ``idle`` seconds unused (0: nothing)."""
+
+    runtime_dir: Path
+    console_keep: int
+    lock_fd: int
+    idle: int = 0
+    on_idle: str = ""
+
+    def args(self, qemu: Sequence[str]) -> list[str]:
+        return [
+            "sh",
+            "-c",
+            _KEEPER,
+            "qemubox-keeper",
+            str(self.runtime_dir),
+            str(self.console_keep),
+            str(self.idle),
+            self.on_idle,
+            *qemu,
+        ]
 
 
 def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
@@ -71,40 +134,33 @@ _spawner: _Spawner | None = None
 _spawner_lock = threading.Lock()
 
 
-def spawn(
-    args: Sequence[str],
-    log: Path,
-    detached: bool,
-    pass_fds: Sequence[int] = (),
-    changes_user: bool = False,
-) -> subprocess.Popen:
-    """Start QEMU with its output in ``log``. Tied (``detached=False``): it dies with this
-    process — through a keeper when it ``changes_user`` (see :func:`qemu_pid`). Detached: in
-    a session of its own, it outlives us."""
+def spawn(args: Sequence[str], keeping: Keeping, log: Path) -> subprocess.Popen:
+    """Start QEMU under its keeper (see :data:`_KEEPER`), tied to this process until
+    :func:`release`; QEMU's and the keeper's own messages go to ``log``."""
     global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = _Spawner()
+    parent = os.getpid()
     with open(log, "ab") as out:
-        kwargs = dict(
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, pass_fds=pass_fds
+        return _spawner.spawn(
+            keeping.args(args),
+            stdin=keeping.lock_fd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent, signal.SIGHUP),
         )
-        if detached:
-            return subprocess.Popen(list(args), start_new_session=True, **kwargs)
-        with _spawner_lock:
-            if _spawner is None:
-                _spawner = _Spawner()
-        parent = os.getpid()
-        if changes_user:
-            return _spawner.spawn(
-                ["sh", "-c", _KEEPER, "qemubox-keeper", *args],
-                preexec_fn=lambda: _die_with_parent(parent, signal.SIGHUP),
-                **kwargs,
-            )
-        return _spawner.spawn(args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
 
 
-def qemu_pid(proc: subprocess.Popen, kept: bool, timeout: float = 5) -> int:
-    """QEMU's pid: ``proc``'s own, or, under a keeper, the keeper's child's."""
-    if not kept:
-        return proc.pid
+def release(keeper: int, started: int | None) -> None:
+    """Let a QEMU outlive the process that started it."""
+    if alive(keeper, started):
+        os.kill(keeper, signal.SIGUSR1)
+
+
+def qemu_pid(proc: subprocess.Popen, timeout: float = 5) -> int:
+    """QEMU's pid: the keeper's first child's."""
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:

@@ -1,9 +1,10 @@
 """A running machine: one QEMU process running a plan, with an explicit state.
 
 The machine's runtime directory holds its sockets, console log and record
-(``machine.json``: the plan, QEMU's pid and start time). QEMU inherits a lock on
-``alive.lock`` and holds it as long as it lives, so a directory whose lock can be taken
-belongs to a dead machine, whatever its pid says.
+(``machine.json``: the plan, QEMU's and its keeper's pid and start time). QEMU and its keeper
+inherit a lock on ``alive.lock`` and hold it as long as they live (the keeper until it has
+written QEMU's exit status to ``exit``), so a directory whose lock can be taken belongs to a
+dead machine, whatever its pid says.
 
 Any process can attach to a running machine, one at a time: the attached client holds
 ``attach.lock`` and the agent connection (and, when used, the QMP monitor). A second
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 import subprocess
-import threading
+import time
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -85,12 +86,12 @@ class Machine:
         self.dir = Path(plan.runtime_dir)
         self.id = self.dir.name
         self._state = State.STARTING
-        self._proc = None  # our child, when we started it
+        self._proc = None  # QEMU's keeper, when we started it
+        self.keeper: tuple[int, int | None] | None = None  # its pid and start time
         self._attach_fd: int | None = None
         self.agent: AgentClient | None = None
         self._monitor = None
         self.io_errors: list[str] = []  # host I/O errors QEMU reported as the guest stopped
-        self._let_go = threading.Event()  # set when this client detaches
 
     # --- the one place that moves the state ----------------------------------------------------
 
@@ -131,22 +132,37 @@ class Machine:
             os.close(fd)
 
     @classmethod
-    def launch(cls, plan: MachinePlan, lock_fd: int, detached: bool = False) -> Machine:
+    def launch(
+        cls,
+        plan: MachinePlan,
+        lock_fd: int,
+        detached: bool = False,
+        idle: int = 0,
+        on_idle: str = "",
+    ) -> Machine:
         """Start QEMU on a prepared plan, inside :meth:`runtime_dir`; the machine is then
-        STARTING."""
+        STARTING, and dies with this process until :meth:`release` (when ``detached``).
+        ``idle``, ``on_idle``: see :class:`qemubox.qemu.process.Keeping`."""
         binary = plan.arch_record.qemu_binary
         if shutil.which(binary) is None:
             raise KernelError(
                 f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
             )
-        log = Path(plan.runtime_dir) / "qemu.log"
-        kept = bool(plan.run_as) and not detached
-        proc = process.spawn(qemu_args(plan), log, detached, [lock_fd], changes_user=kept)
-        pid = process.qemu_pid(proc, kept)
+        keeping = process.Keeping(Path(plan.runtime_dir), CONSOLE_KEEP, lock_fd, idle, on_idle)
+        proc = process.spawn(qemu_args(plan), keeping, Path(plan.runtime_dir) / "qemu.log")
+        pid = process.qemu_pid(proc)
         machine = cls(plan, pid, process.start_time(pid), detached)
         machine._proc = proc
+        machine.keeper = (proc.pid, process.start_time(proc.pid))
         machine._write_record()
         return machine
+
+    def release(self) -> None:
+        """Let a detached machine outlive this process (once it is ready for others)."""
+        if not self.detached:
+            raise SandboxError(f"machine {self.id} was not started detached")
+        if self.keeper is not None:
+            process.release(*self.keeper)
 
     def _write_record(self) -> None:
         record = {
@@ -154,6 +170,7 @@ class Machine:
             "pid": self.pid,
             "started": self.started,
             "detached": self.detached,
+            "keeper": list(self.keeper) if self.keeper else None,
         }
         paths.atomic_write(self.dir / RECORD, json.dumps(record, indent=2, sort_keys=True))
 
@@ -167,13 +184,23 @@ class Machine:
             raise InputError(f"no machine {machine_id!r} here") from None
         plan = MachinePlan.from_dict(record["plan"])
         machine = cls(plan, record["pid"], record.get("started"), record.get("detached", True))
+        keeper = record.get("keeper")
+        machine.keeper = (keeper[0], keeper[1]) if keeper else None
         machine._state = State.RUNNING if machine.alive() else State.STOPPED
         return machine
 
     def alive(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
         return process.alive(self.pid, self.started)
+
+    def exit_status(self, wait: float = 1) -> int | None:
+        """QEMU's exit status, once it has ended (its keeper writes it down)."""
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=wait)
+        try:
+            return int((self.dir / "exit").read_text())
+        except (OSError, ValueError):
+            return None
 
     # --- attaching --------------------------------------------------------------------------------
 
@@ -215,10 +242,6 @@ class Machine:
             self._release()
             raise
         self._move(State.RUNNING)
-        self._let_go.clear()
-        threading.Thread(
-            target=self._keep_console_small, name="qemubox-console", daemon=True
-        ).start()
         if self.plan.disks:
             self.monitor()  # connected now, so that no disk's I/O error event is missed
         return self.agent
@@ -235,17 +258,7 @@ class Machine:
                     (self.dir / "dirty").unlink()
         self._release()
 
-    def _keep_console_small(self) -> None:
-        """While attached: the console log's head is freed whenever it holds more than
-        twice :data:`CONSOLE_KEEP` (the tail is what errors show)."""
-        path = Path(self.plan.console_log)
-        while not self._let_go.wait(0.5):
-            with contextlib.suppress(OSError):
-                if path.stat().st_blocks * 512 > 2 * CONSOLE_KEEP:
-                    paths.punch_head(path, CONSOLE_KEEP)
-
     def _release(self) -> None:
-        self._let_go.set()
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
@@ -304,7 +317,7 @@ class Machine:
         if self.alive():
             return
         tail = self.console_tail()
-        code = self._proc.returncode if self._proc is not None else None
+        code = self.exit_status()
         self._move(State.FAILED)
         if "Kernel panic" in tail:
             line = next(ln for ln in tail.splitlines() if "Kernel panic" in ln)
@@ -318,12 +331,6 @@ class Machine:
     # --- stopping -----------------------------------------------------------------------------
 
     def wait_gone(self, timeout: float) -> bool:
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
         return process.wait_gone(self.pid, self.started, timeout)
 
     def stop(self, timeout: float = 5, console_to: Path | None = None) -> None:
@@ -332,13 +339,13 @@ class Machine:
         to ``console_to`` first, when given)."""
         if self._state is State.STOPPED:
             return
+        agent = self.agent
+        if agent is None and self._state is State.RUNNING and self.alive():
+            with contextlib.suppress(SandboxError, AgentGone, OSError):
+                agent = self.attach(timeout=2)
         if self._state is not State.FAILED:
             self._move(State.STOPPING)
         if self.alive():
-            agent = self.agent
-            if agent is None:
-                with contextlib.suppress(SandboxError, AgentGone, OSError):
-                    agent = self.attach(timeout=2)
             if agent is not None and not agent.closed:
                 with contextlib.suppress(Exception):
                     agent.poweroff(timeout=timeout)
@@ -351,6 +358,7 @@ class Machine:
             self.agent.close()
             self.agent = None
         self._release()
+        self.wait_keeper(2)
         if console_to is not None:
             with contextlib.suppress(OSError):
                 paths.punch_head(Path(self.plan.console_log), CONSOLE_KEEP)
@@ -363,6 +371,25 @@ class Machine:
         sweep()  # and whatever dead machines left behind
         if self._state is State.STOPPING:
             self._move(State.STOPPED)
+
+    def wait_keeper(self, timeout: float) -> bool:
+        """Wait until QEMU's keeper is done (it has written QEMU's exit status and let go
+        of ``alive.lock``)."""
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = paths.try_lock(self.dir / "alive.lock", create=False)
+            if fd is not None:
+                os.close(fd)
+                return True
+            if time.monotonic() > deadline or not self.dir.exists():
+                return False
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """Kill QEMU now; a machine killed before it was being stopped has failed."""
