@@ -98,3 +98,34 @@ def workdir(text: str) -> str:
     if not text.startswith("/"):
         raise InputError(f"--workdir {text!r}: expected an absolute guest path")
     return posixpath.normpath(text)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str | None, option: str) -> float | None:
+    """``90``, ``90s``, ``10m``, ``2h``, ``1d``: a positive number of seconds."""
+    if text is None:
+        return None
+    body, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    value = seconds(body, option) if body else None
+    if value is None:
+        raise InputError(f"{option} {text!r}: expected a duration such as 90s, 10m, 2h or 1d")
+    return value * _UNITS[unit]
+
+
+def guest_path(spec: str) -> tuple[str | None, str]:
+    """``NAME:/path`` (a sandbox's path) or a host path (``-``: a tar stream)."""
+    name, sep, path = spec.partition(":")
+    if sep and "/" not in name and name:
+        if not path.startswith("/"):
+            raise InputError(f"{spec!r}: the path in a sandbox must be absolute")
+        return name, posixpath.normpath(path)
+    return None, spec
+
+
+def count(text: str, option: str) -> int:
+    """A whole number, 0 or more."""
+    if not text.isdigit():
+        raise InputError(f"{option} {text!r}: expected a whole number")
+    return int(text)

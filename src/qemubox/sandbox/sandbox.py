@@ -65,6 +65,7 @@ class Sandbox:
         self.spec: ValidSession | None = self.session.validate()
         self.plan: MachinePlan | None = None
         self.machine: Machine | None = None
+        self.name: str | None = None  # a named sandbox's
         self._closed = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -95,6 +96,11 @@ class Sandbox:
         return self
 
     def _start(self, detach: bool) -> None:
+        self._launch(detach)
+        self._get_ready()
+
+    def _launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
+        """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`)."""
         plan = self.make_plan()
         with Machine.runtime_dir(plan) as alive_lock:
             plan = self.plan = prepare.realize(plan)
@@ -102,11 +108,17 @@ class Sandbox:
                 warnings.warn(
                     f"using TCG (software emulation): {plan.accel_note}",
                     AccelWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
-            self.machine = Machine.launch(plan, alive_lock, detached=detach)
+            self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
+
+    def _get_ready(self) -> None:
+        """Wait for the guest, set it up; a detached one then outlives us."""
+        assert self.machine is not None and self.spec is not None
         self.machine.attach(self.spec.boot_timeout)
         self._setup()
+        if self.machine.detached:
+            self.machine.release()
 
     def _setup(self) -> None:
         """Mount disks and shares, configure the network: steps the agent performs after
@@ -137,17 +149,22 @@ class Sandbox:
                 )
 
     def detach(self) -> str:
-        """Leave the VM running (it must have been started with ``detach=True``); returns
-        its id, for :meth:`attach` from any process."""
+        """Leave the VM running (it must have been started with ``detach=True``, or be
+        named); returns its name or id, for :meth:`attach` from any process."""
         if self.machine is None or not self.machine.detached:
             raise SandboxError("only a sandbox started with detach=True can be left running")
-        self.machine.detach()
-        self._closed = True
-        return self.machine.id
+        self._leave()
+        return self.name or self.machine.id
 
     @classmethod
-    def attach(cls, machine_id: str, timeout: float = 10) -> Sandbox:
-        """A sandbox for a VM that another process (or this one) left running."""
+    def attach(cls, name: str, timeout: float = 10) -> Sandbox:
+        """A sandbox for a VM that another process (or this one) left running: a named
+        sandbox's name, or the id :meth:`detach` returned."""
+        from qemubox.sandbox import named
+
+        if named.SANDBOXES.exists(name):
+            return named.attach(name, timeout)
+        machine_id = name
         machine = Machine.open(machine_id)
         if machine.state is not State.RUNNING:
             raise SandboxError(f"sandbox {machine_id} is {machine.state.value}")
@@ -155,10 +172,66 @@ class Sandbox:
         box = cls.__new__(cls)  # no session: the machine's plan says what it is
         box.session, box.spec = None, None
         box.plan, box.machine, box._closed = machine.plan, machine, False
+        box.name = None
         return box
 
+    # --- named sandboxes ------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        session: Session | None = None,
+        ttl: float | None = None,
+        image: str = "minimal",
+    ) -> Sandbox:
+        """Make the named sandbox ``name`` and start it; it lives on after this process
+        (:meth:`detach` to leave it, :meth:`stop` to power it off, :meth:`remove` to
+        delete it). ``ttl``: stop it after that many seconds with no client."""
+        from qemubox.sandbox import named
+
+        return named.create(name, session or Session(), ttl, image)
+
+    @staticmethod
+    def list() -> list:
+        """The named sandboxes, as :class:`qemubox.sandbox.named.Status` records."""
+        from qemubox.sandbox import named
+
+        return named.list_all()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Power a named sandbox off (it can be started again); any other sandbox is
+        closed."""
+        if self.name is None:
+            self.close()
+            return
+        from qemubox.sandbox import named
+
+        self._leave()
+        named.stop(self.name, timeout)
+
+    def remove(self, force: bool = False) -> None:
+        """Delete a named sandbox: stopped first, or killed with ``force``."""
+        if self.name is None:
+            raise SandboxError("only a named sandbox can be removed")
+        from qemubox.sandbox import named
+
+        self._leave()
+        if not force:
+            named.stop(self.name)
+        named.remove(self.name, force)
+
+    def _leave(self) -> None:
+        if self.machine is not None and not self._closed:
+            self.machine.detach()
+        self._closed = True
+
     def close(self) -> None:
-        """Power the guest off (syncing its disks), stop QEMU, remove the runtime files."""
+        """Power the guest off (syncing its disks), stop QEMU, remove the runtime files. A
+        named sandbox is left running (:meth:`stop` powers it off)."""
+        if self.name is not None:
+            self._leave()
+            return
         if self._closed:
             return
         self._closed = True

@@ -222,3 +222,22 @@ def _console_log(path: str | None) -> Path | None:
     if not os.access(p.parent, os.W_OK):
         raise InputError(f"console log {path!r}: directory {p.parent} is not writable")
     return p
+
+
+def session_to_dict(s: Session) -> dict:
+    """A session as plain data (JSON), for records."""
+    from dataclasses import asdict
+
+    data = asdict(s)
+    data["ports"] = [list(p) for p in s.ports]
+    return data
+
+
+def session_from_dict(data: dict) -> Session:
+    """The session a record holds (see :func:`session_to_dict`)."""
+    known = {f for f in Session.__dataclass_fields__}
+    values = {k: v for k, v in data.items() if k in known}
+    values["shares"] = [FSShare(**sh) for sh in data.get("shares", [])]
+    values["disks"] = [Disk(**d) for d in data.get("disks", [])]
+    values["ports"] = [(int(h), int(g)) for h, g in data.get("ports", [])]
+    return Session(**values)

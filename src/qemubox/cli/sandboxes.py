@@ -1,0 +1,207 @@
+"""Named sandboxes on the command line: create, exec, ls, inspect, stop, kill, start, rm, cp,
+logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from qemubox.cli.common import CONTEXT
+from qemubox.cli.run import make_session, named_options, run_command, session_options
+from qemubox.errors import InputError
+
+
+@click.command(context_settings=CONTEXT)
+@session_options
+@named_options
+@click.argument("name")
+def create(name, image, ttl, **options):
+    """Start the named sandbox NAME in the background; returns once it is ready.
+
+    It outlives this command and the terminal; `qemubox exec NAME -- CMD` runs commands in
+    it, `qemubox stop NAME` powers it off (its disks kept), `qemubox rm NAME` removes it.
+    """
+    from qemubox.cli import parse
+    from qemubox.sandbox.sandbox import Sandbox
+
+    ttl = parse.duration(ttl, "--ttl")
+    Sandbox.create(name, make_session(options), ttl, image).detach()
+    click.echo(name)
+
+
+@click.command("exec", context_settings={**CONTEXT, "allow_interspersed_args": False})
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--workdir", default="/", show_default=True, metavar="DIR")
+@click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
+@click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True)
+def exec_(name, command, env, workdir, interactive, timeout):
+    """Run COMMAND in the running sandbox NAME; exit with its exit status (as `run`)."""
+    from qemubox.cli import parse
+    from qemubox.sandbox import named
+
+    if command[:1] == ("--",):  # NAME -- COMMAND: options end at NAME, the "--" is ours
+        command = command[1:]
+    if not command:
+        raise InputError("exec needs a COMMAND after NAME")
+    timeout = parse.seconds(timeout, "--timeout")
+    command_env = parse.env(env, os.environ)
+    cwd = parse.workdir(workdir)
+    sandbox = named.attach(name)
+    try:
+        return run_command(sandbox, command, command_env, cwd, interactive, timeout)
+    finally:
+        sandbox.detach()
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = int(time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _until(t: float | None) -> str:
+    if t is None:
+        return "-"
+    s = int(t - time.time())
+    return "now" if s <= 0 else f"in {_ago(time.time() - s)}"
+
+
+@click.command("ls", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sandbox, as a list.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Stopped and failed ones too.")
+def ls(as_json, show_all):
+    """List the named sandboxes (running ones; -a: all)."""
+    from qemubox.sandbox import named
+
+    found = [s for s in named.list_all() if show_all or s.state in ("starting", "running")]
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in found], indent=2))
+        return
+    rows = [("NAME", "STATE", "IMAGE", "KERNEL", "MEMORY", "CPUS", "UP", "PORTS", "EXPIRES")]
+    for s in found:
+        state = s.state + (f" ({s.note})" if s.note and s.state != "running" else "")
+        expires = "in use" if s.in_use and s.ttl else _until(s.expires)
+        ports = ",".join(f"{h}->{g}" for h, g in s.ports) or "-"
+        rows.append(
+            (
+                s.name,
+                state,
+                s.image,
+                s.kernel or "-",
+                s.memory,
+                str(s.cpus),
+                _ago(s.started),
+                ports,
+                expires,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("name")
+def inspect(name):
+    """NAME's record as JSON: its session, state and, while it runs, its machine plan."""
+    from qemubox.sandbox import named
+
+    click.echo(json.dumps(named.record(name), indent=2, sort_keys=True))
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "-t",
+    "--time",
+    "wait",
+    default="10",
+    show_default=True,
+    metavar="S",
+    help="Seconds the guest has to power off before it is killed.",
+)
+@click.option("--expired", is_flag=True, hidden=True)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def stop(names, wait, expired):
+    """Power the sandboxes off cleanly (disks synced); they keep their disks for `start`."""
+    from qemubox.cli import parse
+    from qemubox.sandbox import named
+
+    wait = parse.seconds(wait, "--time")
+    for name in names:
+        named.stop(name, wait, expired=expired)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def kill(names):
+    """Kill the sandboxes' VMs at once (no clean power-off)."""
+    from qemubox.sandbox import named
+
+    for name in names:
+        named.kill(name)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def start(names):
+    """Boot stopped sandboxes again, with their disks as they were."""
+    from qemubox.sandbox import named
+
+    for name in names:
+        box = named.start(name)
+        if box is not None:
+            box.detach()
+
+
+@click.command("rm", context_settings=CONTEXT)
+@click.option("-f", "--force", is_flag=True, help="Kill running ones first.")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def rm(names, force):
+    """Remove sandboxes and the files they own (disks given a PATH stay)."""
+    from qemubox.sandbox import named
+
+    for name in names:
+        named.remove(name, force)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the guest writes.")
+@click.option("-n", "--tail", "lines", metavar="N", help="Only the last N lines.")
+@click.argument("name")
+def logs(name, follow, lines):
+    """NAME's console: of its current run, or of its last one."""
+    from qemubox.cli import parse
+    from qemubox.sandbox import console
+
+    count = parse.count(lines, "--tail") if lines is not None else None
+    out = sys.stdout.buffer
+    for chunk in console.read(name, count, follow):
+        out.write(chunk)
+        out.flush()
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("dst")
+def cp(src, dst):
+    """Copy files or directory trees between the host and a sandbox, modes kept.
+
+    One of SRC and DST is NAME:/path; the other a host path, or - for a tar stream on
+    standard input (to a sandbox) or output (from one)."""
+    from qemubox.sandbox import copy
+
+    copy.cp(src, dst)
+    return None
+
+
+COMMANDS = (create, exec_, ls, inspect, stop, kill, start, rm, logs, cp)

@@ -1,0 +1,386 @@
+"""Named sandboxes: sandboxes that outlive the process that made them, kept as records under
+the state directory (``sandboxes/<name>/``: ``record.json``, the console log of the last
+run, the disks it was given without a path).
+
+A record says what the sandbox is (its session, image, idle limit) and which machine runs it
+now; whether that machine lives is never taken from the record but observed (its
+``alive.lock``, which QEMU and its keeper hold) and the record is then brought up to date:
+a VM that died, or a host that restarted, shows as stopped or failed, never as running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from qemubox import paths
+from qemubox.errors import BusyError, InputError, QemuboxError
+from qemubox.store import Store
+from qemubox.vm.machine import Machine
+from qemubox.vm.spec import Session, session_from_dict, session_to_dict
+
+SANDBOXES = Store("sandboxes", "sandbox")
+IMAGES = ("minimal",)
+STOP_TIMEOUT = 10  # seconds a clean power-off may take before QEMU is killed
+
+# What a sandbox is doing, as observed.
+STARTING, RUNNING, STOPPED, FAILED = "starting", "running", "stopped", "failed"
+
+
+@dataclass(frozen=True)
+class Status:
+    """One sandbox as ``ls`` shows it."""
+
+    name: str
+    state: str
+    note: str  # why it stopped or failed
+    image: str
+    kernel: str
+    memory: str
+    cpus: int
+    created: float
+    started: float | None  # when the current run began
+    ports: tuple[tuple[int, int], ...]  # (host, guest), of the current run
+    ttl: float | None
+    expires: float | None  # when an idle sandbox will be stopped
+    in_use: bool  # a client is attached
+    machine: str | None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        data = asdict(self)
+        data["ports"] = [list(p) for p in self.ports]
+        return data
+
+
+# --- observing ----------------------------------------------------------------------------------
+
+
+def _observe(record: dict) -> tuple[str, str, int | None]:
+    """(state, note, QEMU's exit status) of the record's current run, from the machine's
+    runtime directory."""
+    machine = record.get("machine")
+    if not machine:
+        return record.get("last", STOPPED), record.get("note", ""), None
+    d = paths.machine_runtime_dir(machine)
+    if not (d / "machine.json").exists():
+        return STOPPED, "its VM is gone (the host restarted, or its files were removed)", None
+    fd = paths.try_lock(d / "alive.lock", create=False)
+    if fd is None:
+        return (RUNNING if record.get("ready") else STARTING), "", None
+    os.close(fd)
+    try:
+        code: int | None = int((d / "exit").read_text())
+    except (OSError, ValueError):
+        code = None
+    if not record.get("ready"):
+        return FAILED, "it did not finish starting", code
+    if code == 0:
+        return STOPPED, "the guest powered off", code
+    if code is not None and code > 128:
+        return FAILED, f"QEMU was killed by signal {code - 128}", code
+    return FAILED, f"QEMU ended with status {code}", code
+
+
+def _settle(name: str, record: dict, state: str, note: str) -> dict:
+    """Close the record's run: keep its console log, remove its runtime files. Under the
+    sandbox's lock."""
+    machine = record.get("machine")
+    if machine:
+        d = paths.machine_runtime_dir(machine)
+        log = d / "console.log"
+        if log.exists():
+            kept = SANDBOXES.dir(name) / "console.log"
+            with contextlib.suppress(OSError):
+                if kept.exists():
+                    os.replace(kept, kept.with_name("console.log.old"))
+                paths.copy_data(log, kept)
+        shutil.rmtree(d, ignore_errors=True)
+    record = {
+        **record,
+        "machine": None,
+        "ready": False,
+        "last": state,
+        "note": note,
+        "ended": time.time(),
+    }
+    SANDBOXES.write(name, record)
+    return record
+
+
+def _up_to_date(name: str, mine: bool = True) -> tuple[dict, str, str]:
+    """The record brought up to date with what is observed: (record, state, note). Only
+    with the sandbox's lock held (``mine``) is the record written."""
+    record = SANDBOXES.read(name)
+    state, note, _ = _observe(record)
+    if mine and record.get("machine") and state in (STOPPED, FAILED):
+        record = _settle(name, record, state, note)
+    return record, state, note
+
+
+def _current(name: str, wait: bool = True) -> tuple[dict, str, str]:
+    with SANDBOXES.locked(name, wait) as mine:
+        return _up_to_date(name, mine)
+
+
+def status(name: str) -> Status:
+    record, state, note = _current(name, wait=False)
+    session = session_from_dict(record["session"])
+    machine = record.get("machine") if state in (STARTING, RUNNING) else None
+    ports: tuple[tuple[int, int], ...] = ()
+    kernel = record.get("kernel") or session.kernel or ""
+    in_use = False
+    expires = None
+    if machine:
+        d = paths.machine_runtime_dir(machine)
+        with contextlib.suppress(QemuboxError, OSError, KeyError, ValueError):
+            plan = Machine.open(machine).plan
+            ports = tuple((p.host, p.guest) for p in plan.ports)
+        in_use = _attached(d)
+        ttl = record.get("ttl")
+        if ttl and not in_use:
+            with contextlib.suppress(OSError):
+                expires = (d / "active").stat().st_mtime + ttl
+    return Status(
+        name=name,
+        state=state,
+        note=note,
+        image=record.get("image", "minimal"),
+        kernel=kernel,
+        memory=str(session.memory),
+        cpus=session.cpus,
+        created=record["created"],
+        started=record.get("started") if machine else None,
+        ports=ports,
+        ttl=record.get("ttl"),
+        expires=expires,
+        in_use=in_use,
+        machine=machine,
+    )
+
+
+def _attached(runtime_dir: Path) -> bool:
+    """Whether a client holds the machine (a free lock is taken and let go at once)."""
+    fd = paths.try_lock(runtime_dir / "attach.lock", create=False)
+    if fd is None:
+        return (runtime_dir / "attach.lock").exists()
+    os.close(fd)
+    return False
+
+
+def list_all() -> list[Status]:
+    found = []
+    for name in SANDBOXES.names():
+        with contextlib.suppress(InputError):  # removed meanwhile
+            found.append(status(name))
+    return found
+
+
+def record(name: str) -> dict:
+    """What ``inspect`` shows: the record as it is now, with the status and, while it runs,
+    the machine's plan."""
+    current = status(name)
+    data = dict(SANDBOXES.read(name))
+    data["status"] = current.to_dict()
+    if current.machine:
+        with contextlib.suppress(QemuboxError, OSError):
+            data["plan"] = Machine.open(current.machine).plan.to_dict()
+    return data
+
+
+# --- making and starting ------------------------------------------------------------------------
+
+
+def _own_session(name: str, session: Session) -> Session:
+    """The session as the record keeps it: paths absolute, disks without a path given one in
+    the sandbox's directory (so that they outlive a stop); the console log is the
+    sandbox's own (``logs``)."""
+    home = SANDBOXES.dir(name)
+    shares = [replace(sh, host_path=str(Path(sh.host_path).absolute())) for sh in session.shares]
+    disks = [
+        replace(d, path=str(Path(d.path).absolute() if d.path else home / f"disk{i}.img"))
+        for i, d in enumerate(session.disks)
+    ]
+    return replace(session, shares=shares, disks=disks, console_log=None)
+
+
+def create(name: str, session: Session, ttl: float | None = None, image: str = "minimal"):
+    """Make a sandbox and start it; returns the started :class:`Sandbox` (attached, its
+    machine released: detach or close it). A failed start leaves nothing."""
+    SANDBOXES.check_name(name)
+    if image not in IMAGES:
+        raise InputError(f"unknown image {image!r} (known: {', '.join(IMAGES)})")
+    if ttl is not None and ttl <= 0:
+        raise InputError(f"ttl must be positive, got {ttl}")
+    session.validate()  # before anything is made
+    SANDBOXES.make(name)
+    try:
+        kept = _own_session(name, session)
+        SANDBOXES.write(
+            name,
+            {
+                "name": name,
+                "created": time.time(),
+                "session": session_to_dict(kept),
+                "image": image,
+                "ttl": ttl,
+                "machine": None,
+                "ready": False,
+                "last": STOPPED,
+                "note": "",
+            },
+        )
+        return _boot(name)
+    except BaseException:
+        SANDBOXES.remove(name)
+        raise
+
+
+def start(name: str):
+    """Boot a stopped sandbox again (its disks as they were); returns the started
+    :class:`Sandbox`, or None when it was running already."""
+    try:
+        return _boot(name)
+    except _AlreadyRunning:
+        return None
+
+
+class _AlreadyRunning(Exception):
+    pass
+
+
+def _boot(name: str):
+    from qemubox.sandbox.sandbox import Sandbox
+
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        if state in (STARTING, RUNNING):
+            raise _AlreadyRunning
+        box = Sandbox(session_from_dict(record["session"]))
+        ttl = record.get("ttl")
+        on_idle = shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
+        try:
+            box._launch(True, int(ttl) if ttl else 0, on_idle if ttl else "")
+        except BaseException:
+            box.close()
+            raise
+        assert box.machine is not None
+        kernel = box.machine.plan.kernel
+        record = {
+            **record,
+            "machine": box.machine.id,
+            "ready": False,
+            "started": time.time(),
+            "kernel": kernel.version or Path(kernel.image).name,
+        }
+        SANDBOXES.write(name, record)
+    try:
+        box._get_ready()
+    except BaseException as err:
+        box.close()
+        with SANDBOXES.locked(name):
+            why = str(err) if isinstance(err, QemuboxError) else type(err).__name__
+            _settle(name, SANDBOXES.read(name), FAILED, f"it did not start: {why}")
+        raise
+    with SANDBOXES.locked(name):
+        record = SANDBOXES.read(name)
+        if record.get("machine") == box.machine.id:
+            SANDBOXES.write(name, {**record, "ready": True, "note": ""})
+    box.name = name
+    return box
+
+
+# --- using and ending ---------------------------------------------------------------------------
+
+
+def attach(name: str, timeout: float = 10):
+    """The running sandbox ``name``, attached."""
+    from qemubox.sandbox.sandbox import Sandbox
+
+    record, state, note = _current(name)
+    if state == STARTING:
+        raise BusyError(f"sandbox {name!r} is still starting")
+    if state != RUNNING:
+        why = f" ({note})" if note else ""
+        raise InputError(f"sandbox {name!r} is {state}{why}: start it with `qemubox start {name}`")
+    box = Sandbox.attach(record["machine"], timeout)
+    box.name = name
+    return box
+
+
+def stop(name: str, timeout: float = STOP_TIMEOUT, expired: bool = False) -> bool:
+    """Power the sandbox off cleanly (its disks synced), killing it after ``timeout``
+    seconds; False when it was not running."""
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        if state not in (STARTING, RUNNING):
+            return False
+        runtime_dir = paths.machine_runtime_dir(record["machine"])
+        if expired and (state == STARTING or _attached(runtime_dir)):
+            return False  # a client came back meanwhile
+        Machine.open(record["machine"]).stop(
+            timeout, console_to=SANDBOXES.dir(name) / "console.log"
+        )
+        note = f"stopped after {_duration(record['ttl'])} unused" if expired else ""
+        _settle(name, record, STOPPED, note)
+    return True
+
+
+def kill(name: str) -> bool:
+    """Kill the sandbox's QEMU now; False when it was not running."""
+    with SANDBOXES.locked(name):
+        return _kill(name)
+
+
+def _kill(name: str) -> bool:
+    record, state, _ = _up_to_date(name)
+    if state not in (STARTING, RUNNING):
+        return False
+    machine = Machine.open(record["machine"])
+    machine.kill()
+    machine.wait_keeper(5)
+    _settle(name, record, STOPPED, "killed")
+    return True
+
+
+def remove(name: str, force: bool = False) -> None:
+    """Remove a stopped sandbox and the files it owns (disks given a path stay); a running
+    one only with ``force`` (it is killed)."""
+    with SANDBOXES.locked(name):
+        _, state, _ = _up_to_date(name)
+        if state in (STARTING, RUNNING):
+            if not force:
+                raise InputError(
+                    f"sandbox {name!r} is {state}: stop it first, or remove it with -f"
+                )
+            _kill(name)
+        SANDBOXES.remove(name)
+
+
+def console_log(name: str) -> Path:
+    """The console log of the current run, or of the last one."""
+    record, state, _ = _current(name)
+    if state in (STARTING, RUNNING):
+        return paths.machine_runtime_dir(record["machine"]) / "console.log"
+    return SANDBOXES.dir(name) / "console.log"
+
+
+def is_running(name: str) -> bool:
+    return _current(name)[1] in (STARTING, RUNNING)
+
+
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return "0s"
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
