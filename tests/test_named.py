@@ -1,0 +1,252 @@
+"""Named sandboxes, for real: the whole lifecycle through the command line, what `ls` says
+after QEMU dies, idle expiry, names refused, two commands at once, and the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import qemubox
+
+from qemubox.qemu import process
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """A state directory of the test's own (the CLI in subprocesses inherits it)."""
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(d))
+    yield d
+    for name in os.listdir(d / "sandboxes") if (d / "sandboxes").is_dir() else []:
+        qemubox("rm", "-f", name)
+
+
+def ls(*flags: str) -> list[dict]:
+    r = qemubox("ls", "--json", *flags)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def by_name(name: str) -> dict:
+    (found,) = [s for s in ls("-a") if s["name"] == name]
+    return found
+
+
+def test_full_lifecycle_through_the_cli(kernel, state, tmp_path):
+    r = qemubox("create", "--kernel", kernel, "-m", "256M", "--disk", "64M:/data", "box")
+    assert (r.code, r.out) == (0, "box\n"), r.err
+    assert by_name("box")["state"] == "running"
+    for i in range(3):
+        r = qemubox("exec", "box", "--", "sh", "-c", f"echo {i} >> /data/n; cat /data/n; exit {i}")
+        assert r.code == i and r.out.split() == [str(k) for k in range(i + 1)], r.err
+    # cp both ways: a tree with modes and a symlink, a file renamed, a tar stream
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(src / "sub" / "run.sh", 0o750)
+    os.chmod(src / "sub", 0o711)
+    os.symlink("run.sh", src / "sub" / "link")
+    assert qemubox("cp", src, "box:/data/").code == 0
+    r = qemubox(
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%a %n' /data/tree/sub /data/tree/sub/run.sh; /data/tree/sub/link",
+    )
+    assert r.out.split("\n")[:3] == ["711 /data/tree/sub", "750 /data/tree/sub/run.sh", "ran"], r
+    assert qemubox("cp", src / "sub" / "run.sh", "box:/data/renamed").code == 0
+    back = tmp_path / "back"
+    back.mkdir()
+    assert qemubox("cp", "box:/data/tree", back / "copy").code == 0
+    assert (back / "copy" / "sub" / "run.sh").read_text() == "#!/bin/sh\necho ran\n"
+    assert oct(os.stat(back / "copy" / "sub" / "run.sh").st_mode & 0o777) == "0o750"
+    assert os.readlink(back / "copy" / "sub" / "link") == "run.sh"
+    assert qemubox("cp", "box:/data/renamed", back).code == 0
+    assert (back / "renamed").read_text().endswith("echo ran\n")
+    tar = subprocess.run(
+        [sys.executable, "-m", "qemubox", "cp", "box:/data/n", "-"], capture_output=True
+    )
+    listing = subprocess.run(["tar", "-t"], input=tar.stdout, capture_output=True)
+    assert listing.stdout.split() == [b"n"], tar.stderr
+    # logs: what the guest wrote to its console
+    qemubox("exec", "box", "--", "sh", "-c", "echo hello-console > /dev/console")
+    time.sleep(0.3)
+    r = qemubox("logs", "-n", "2", "box")
+    assert "hello-console" in r.out and len(r.out.splitlines()) <= 2, r
+    # stop: clean (the disk keeps what was written), start: the same disk
+    assert qemubox("stop", "box").code == 0
+    assert by_name("box")["state"] == "stopped"
+    assert "box" not in [s["name"] for s in ls()]  # running ones only without -a
+    assert "hello-console" in qemubox("logs", "box").out  # the last run's
+    r = qemubox("exec", "box", "--", "true")
+    assert r.code == 2 and "is stopped" in r.err and "qemubox start box" in r.err
+    assert qemubox("start", "box").code == 0
+    r = qemubox("exec", "box", "--", "cat", "/data/n")
+    assert r.out.split() == ["0", "1", "2"], r
+    assert qemubox("rm", "box").code == 2  # running
+    assert by_name("box")["state"] == "running"
+    assert qemubox("stop", "box").code == 0
+    assert qemubox("rm", "box").code == 0
+    assert ls("-a") == []
+    assert not (state / "sandboxes" / "box").exists()
+
+
+def test_a_killed_qemu_shows_as_failed_and_rm_works(kernel, state):
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "victim").code == 0
+    machine = by_name("victim")["machine"]
+    from qemubox import paths
+
+    record = json.loads((paths.machine_runtime_dir(machine) / "machine.json").read_text())
+    os.kill(record["pid"], signal.SIGKILL)
+    assert process.wait_gone(record["pid"], record["started"], 5)
+    time.sleep(0.3)  # the keeper writes QEMU's status down
+    status = by_name("victim")
+    assert status["state"] == "failed" and "signal 9" in status["note"], status
+    r = qemubox("exec", "victim", "--", "true")
+    assert r.code == 2 and "failed" in r.err
+    assert qemubox("rm", "victim").code == 0
+    assert ls("-a") == []
+
+
+def test_a_sandbox_unused_for_its_ttl_is_stopped(kernel, state):
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "--ttl", "3s", "brief").code == 0
+    first = by_name("brief")
+    assert first["ttl"] == 3 and first["expires"] is not None
+    # in use (a client attached) holds it
+    r = qemubox("exec", "brief", "--", "sleep", "5")
+    assert r.code == 0, r.err
+    assert by_name("brief")["state"] == "running"
+    deadline = time.monotonic() + 20
+    while by_name("brief")["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    status = by_name("brief")
+    assert status["state"] == "stopped" and "3s unused" in status["note"], status
+
+
+@pytest.mark.parametrize("name", ["-x", "a b", "x" * 64, ".hidden", "a/b", "", "é"])
+def test_bad_names_are_refused_in_one_line(name, state):
+    r = qemubox("create", "--", name) if name.startswith("-") else qemubox("create", name)
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r
+
+
+def test_unknown_and_duplicate_names(kernel, state):
+    for args in (
+        ("exec", "nope", "--", "true"),
+        ("stop", "nope"),
+        ("rm", "nope"),
+        ("logs", "nope"),
+        ("inspect", "nope"),
+        ("start", "nope"),
+        ("cp", "nope:/x", "/tmp"),
+    ):
+        r = qemubox(*args)
+        assert r.code == 2 and "no sandbox named 'nope'" in r.err, (args, r)
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "twice").code == 0
+    r = qemubox("create", "--kernel", kernel, "-m", "256M", "twice")
+    assert r.code == 2 and "already exists" in r.err
+    assert by_name("twice")["state"] == "running"
+
+
+def test_two_execs_at_once_in_one_sandbox(kernel, state):
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "pair").code == 0
+    results = {}
+
+    def work(i):
+        results[i] = qemubox("exec", "pair", "--", "sh", "-c", f"sleep 2; echo {i}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i].out for i in range(2)] == ["0\n", "1\n"], results
+    assert time.monotonic() - start < 8  # side by side, not one after the other
+
+
+def test_the_python_api_on_the_same_records(kernel, state):
+    from qemubox import Sandbox, Session
+
+    sb = Sandbox.create("api", Session(memory="256M", kernel=kernel))
+    assert sb.exec(["sh", "-c", "echo kept > /tmp/mark"]).exit_code == 0
+    sb.detach()
+    assert [s.name for s in Sandbox.list()] == ["api"]
+    again = Sandbox.attach("api")
+    assert again.read_file("/tmp/mark") == b"kept\n"
+    again.stop()
+    assert Sandbox.list()[0].state == "stopped"
+    again.remove()
+    assert Sandbox.list() == []
+
+
+def test_run_with_a_name_keeps_the_sandbox_and_run_d_returns_at_once(kernel, state):
+    r = qemubox(
+        "run",
+        "--name",
+        "kept",
+        "--kernel",
+        kernel,
+        "-m",
+        "256M",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /tmp/x; exit 3",
+    )
+    assert r.code == 3
+    assert qemubox("exec", "kept", "--", "cat", "/tmp/x").out == "hi\n"
+    r = qemubox("run", "--name", "gone", "--rm", "--kernel", kernel, "-m", "256M", "--", "true")
+    assert r.code == 0 and "gone" not in [s["name"] for s in ls("-a")]
+    r = qemubox(
+        "run",
+        "-d",
+        "--name",
+        "bg",
+        "--kernel",
+        kernel,
+        "-m",
+        "256M",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo from-the-background",
+    )
+    assert (r.code, r.out) == (0, "bg\n"), r.err
+    deadline = time.monotonic() + 10
+    while "from-the-background" not in qemubox("logs", "bg").out and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert "from-the-background" in qemubox("logs", "bg").out
+    r = qemubox("run", "-d", "--name", "bad", "--kernel", kernel, "-m", "256M", "--", "no-such-cmd")
+    assert r.code != 0 and "no-such-cmd" in r.err
+
+
+def test_a_create_killed_while_booting_leaves_no_running_sandbox(kernel, state):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "create", "--kernel", kernel, "-m", "256M", "half"],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rec = Path(state, "sandboxes", "half", "record.json")
+        if rec.exists() and json.loads(rec.read_text()).get("machine"):
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    found = [s for s in ls("-a") if s["name"] == "half"]
+    assert found == [] or found[0]["state"] == "failed", found
+    if found:
+        assert qemubox("rm", "half").code == 0
