@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import qemubox
 
+from helpers import qemubox
 from qemubox.qemu import process
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]

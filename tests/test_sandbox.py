@@ -649,8 +649,16 @@ def test_a_detached_guest_is_attached_from_other_processes(kernel):
     try:
         assert first.read_file("/tmp/mark") == b"from-the-starter\n"
         assert first.state.value == "running"
-        with pytest.raises(BusyError, match="in use by another client"):
+        others = [Sandbox.attach(machine_id) for _ in range(3)]  # 4 client slots
+        assert [o.exec(["echo", str(i)]).stdout for i, o in enumerate(others)] == [
+            b"0\n",
+            b"1\n",
+            b"2\n",
+        ]
+        with pytest.raises(BusyError, match="in use by 4 clients"):
             Sandbox.attach(machine_id)
+        for other in others:
+            other.detach()
         first.detach()
         again = Sandbox.attach(machine_id)
         assert again.read_file("/tmp/mark") == b"from-the-starter\n"

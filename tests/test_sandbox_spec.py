@@ -176,12 +176,16 @@ def test_base_command_line(tmp_path):
         assert flag in args
     assert option(args, "-machine") == ["microvm,rtc=on"]
     assert option(args, "-accel") == ["tcg"] and option(args, "-cpu") == ["max"]
-    assert "virtserialport,chardev=agent,name=qemubox.agent" in option(args, "-device")
     assert not option(args, "-netdev") and not option(args, "-fsdev")
-    chardevs = option(args, "-chardev")
-    assert f"socket,id=qmp,path={tmp_path}/qmp.sock,server=on,wait=off" in chardevs
-    # QEMU owns the agent's socket too: any process can attach to the guest.
-    assert f"socket,id=agent,path={tmp_path}/agent.sock,server=on,wait=off" in chardevs
+    chardevs, devices = option(args, "-chardev"), option(args, "-device")
+    # One agent port and one monitor per client slot, each a socket QEMU owns: any
+    # process can attach to the guest, several at once.
+    for k in range(4):
+        assert f"virtserialport,chardev=agent{k},name=qemubox.agent.{k}-of-4" in devices
+        assert f"socket,id=qmp{k},path={tmp_path}/qmp{k}.sock,server=on,wait=off" in chardevs
+        assert f"socket,id=agent{k},path={tmp_path}/agent{k}.sock,server=on,wait=off" in chardevs
+        assert f"chardev=qmp{k},mode=control" in option(args, "-mon")
+    assert "virtserialport,chardev=agent4,name=qemubox.agent.4-of-4" not in devices
     kvm = qemu.qemu_args(config(tmp_path, accel="kvm"))
     assert option(kvm, "-cpu") == ["host"]
 

@@ -82,7 +82,7 @@ def new_machine_id() -> str:
 
 def machine_runtime_dir(machine_id: str) -> Path:
     path = runtime_root() / machine_id
-    longest = path / "agent.sock"
+    longest = path / "agent99.sock"
     if len(str(longest)) > SOCKET_PATH_MAX:
         path = Path(tempfile.gettempdir()) / f"qemubox-{os.getuid()}" / machine_id
     return path
@@ -173,6 +173,18 @@ def try_lock(path: Path, create: bool = True) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds a lock on ``path`` (as /proc/locks says: looking does not
+    take the lock, so it never makes another process's :func:`try_lock` fail)."""
+    try:
+        st = path.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(line.split()[5] == dev for line in locks.splitlines() if len(line.split()) > 5)
 
 
 def read_json(path: Path) -> dict:

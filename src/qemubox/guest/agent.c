@@ -3,16 +3,21 @@
  *
  * As PID 1 it mounts the kernel file systems, loads the modules listed in
  * /etc/qemubox/modules, brings up the loopback interface, then serves the host over the
- * virtio-serial port named "qemubox.agent": it runs commands (argv, env, cwd, stdin),
+ * virtio-serial ports named "qemubox.agent.K-of-N" (N client slots, each a client of its
+ * own, served side by side): it runs commands (argv, env, cwd, stdin),
  * streams their stdout and stderr separately, reports exit status or signal, signals
  * process groups, mounts file systems, and powers off. It reaps every orphan.
  *
  * The wire format is qemubox/guest/protocol.py's, which documents it; the constants below
  * mirror it (a test compares them). In short: frames of u8 type, u32 id, u32 payload length
  * and the payload, little-endian; zero bytes between frames are padding. A client begins
- * with HELLO(nonce) and gets READY(nonce, version, release). When the host side of the
- * port closes, or a new client says HELLO, the commands of the previous client are killed:
- * nobody is left to read their output.
+ * with HELLO(nonce) and gets READY(nonce, version, release). When the host side of a
+ * port closes, or a new client says HELLO on it, the commands of the port's previous client
+ * are killed: nobody is left to read their output.
+ *
+ * Writes to the host never block: each port has an output queue, flushed as the port takes
+ * it; a command's output is read only while its port's queue is short, so a slow (or
+ * stopped) client holds back its own commands and nobody else's.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -54,10 +59,23 @@ enum {
 #define STDIN_WINDOW (1024 * 1024)
 #define EXEC_STDIN 1
 #define MAX_EXECS 64
+#define MAX_PORTS 16
+#define QUEUE_HIGH (256 * 1024) /* a port's queue above this: its commands' output waits */
 #define DRAIN_GRACE_MS 100
+
+struct port {
+	int fd;
+	int connected;          /* a host client is on the other end of the port */
+	int lost;               /* it went away: end its commands at the next safe point */
+	unsigned char *rbuf;    /* what the client sent, not yet a whole frame */
+	size_t rlen, rcap;
+	unsigned char *out;     /* frames for the client, not yet taken by the port */
+	size_t olen, ocap;
+};
 
 struct exec {
 	int used;
+	struct port *port;      /* the client's */
 	uint32_t id;
 	pid_t pid;
 	int out, err, in;       /* our ends; -1 when closed */
@@ -69,9 +87,8 @@ struct exec {
 };
 
 static struct exec execs[MAX_EXECS];
-static int port = -1;
-static int connected;          /* a host client is on the other end of the port */
-static int lost;               /* it went away: end its commands at the next safe point */
+static struct port ports[MAX_PORTS];
+static int nports;
 
 static long long now_ms(void)
 {
@@ -88,44 +105,61 @@ static void die(const char *what)
 	_exit(1);
 }
 
-/* Write to the host. The port is non-blocking: wait while the host is slow, give up the
- * write when the host goes away (a later client resynchronises on its own). */
-static int write_port(const void *buf, size_t len)
+/* Queue bytes for the port's client (dropped when there is none: a later client
+ * resynchronises on its own). */
+static void queue(struct port *p, const void *buf, size_t len)
 {
-	const char *p = buf;
-	while (len && connected) {
-		ssize_t n = write(port, p, len);
-		if (n < 0) {
-			struct pollfd pfd = { .fd = port, .events = POLLOUT };
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN)
-				die("write to host");
-			if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
-				die("poll");
-			if ((pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT)) {
-				connected = 0;
-				lost = 1;
-			}
-			continue;
-		}
-		p += n;
-		len -= n;
+	if (!p->connected)
+		return;
+	if (p->olen + len > p->ocap) {
+		size_t cap = p->ocap ? p->ocap : 65536;
+		while (cap < p->olen + len)
+			cap *= 2;
+		p->out = realloc(p->out, cap);
+		if (!p->out)
+			die("queue");
+		p->ocap = cap;
 	}
-	return len ? -1 : 0;
+	memcpy(p->out + p->olen, buf, len);
+	p->olen += len;
 }
 
-static void send_frame(uint8_t type, uint32_t id, const void *payload, uint32_t len)
+/* Hand the port what it takes now. */
+static void flush_port(struct port *p)
+{
+	size_t done = 0;
+	while (done < p->olen) {
+		ssize_t n = write(p->fd, p->out + done, p->olen - done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN) {
+				p->connected = 0;
+				p->lost = 1;
+				p->olen = done = 0;
+			}
+			break;
+		}
+		done += n;
+	}
+	memmove(p->out, p->out + done, p->olen - done);
+	p->olen -= done;
+}
+
+static void send_frame(struct port *p, uint8_t type, uint32_t id, const void *payload,
+		       uint32_t len)
 {
 	unsigned char head[HEADER];
 	head[0] = type;
 	memcpy(head + 1, &id, 4);
 	memcpy(head + 5, &len, 4);
-	if (write_port(head, HEADER) == 0 && len)
-		write_port(payload, len);
+	queue(p, head, HEADER);
+	if (len)
+		queue(p, payload, len);
+	flush_port(p);
 }
 
-static void send_error(uint32_t id, int err, const char *message)
+static void send_error(struct port *p, uint32_t id, int err, const char *message)
 {
 	char buf[1024];
 	uint32_t e = err;
@@ -134,7 +168,7 @@ static void send_error(uint32_t id, int err, const char *message)
 		n = sizeof(buf) - 4;
 	memcpy(buf, &e, 4);
 	memcpy(buf + 4, message, n);
-	send_frame(FR_ERROR, id, buf, 4 + n);
+	send_frame(p, FR_ERROR, id, buf, 4 + n);
 }
 
 static void close_fd(int *fd)
@@ -146,11 +180,11 @@ static void close_fd(int *fd)
 
 /* The client that started these commands is gone: kill them, forget them (reap() still
  * collects the processes). */
-static void end_all_commands(void)
+static void end_all_commands(struct port *p)
 {
 	for (int i = 0; i < MAX_EXECS; i++) {
 		struct exec *e = &execs[i];
-		if (!e->used)
+		if (!e->used || e->port != p)
 			continue;
 		if (!e->exited)
 			kill(-e->pid, SIGKILL);
@@ -164,9 +198,6 @@ static void end_all_commands(void)
 }
 
 /* --- reading frames from the host ------------------------------------------------------ */
-
-static unsigned char *rbuf;
-static size_t rlen, rcap;
 
 struct reader {
 	const unsigned char *p, *end;
@@ -201,10 +232,10 @@ static char *get_str(struct reader *r)
 	return s;
 }
 
-static struct exec *find_exec(uint32_t id)
+static struct exec *find_exec(struct port *p, uint32_t id)
 {
 	for (int i = 0; i < MAX_EXECS; i++)
-		if (execs[i].used && execs[i].id == id)
+		if (execs[i].used && execs[i].port == p && execs[i].id == id)
 			return &execs[i];
 	return NULL;
 }
@@ -214,7 +245,7 @@ static void set_nonblock(int fd)
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
-static void do_exec(uint32_t id, struct reader *r)
+static void do_exec(struct port *port, uint32_t id, struct reader *r)
 {
 	uint32_t flags = get_u32(r), argc = get_u32(r);
 	char **argv, **envp;
@@ -225,7 +256,7 @@ static void do_exec(uint32_t id, struct reader *r)
 	pid_t pid;
 
 	if (r->bad || argc == 0 || argc > 65536) {
-		send_error(id, EINVAL, "bad exec request");
+		send_error(port, id, EINVAL, "bad exec request");
 		return;
 	}
 	argv = calloc(argc + 1, sizeof(char *));
@@ -233,7 +264,7 @@ static void do_exec(uint32_t id, struct reader *r)
 		argv[i] = get_str(r);
 	envc = get_u32(r);
 	if (r->bad || envc > 65536) {
-		send_error(id, EINVAL, "bad exec request");
+		send_error(port, id, EINVAL, "bad exec request");
 		return;
 	}
 	envp = calloc(envc + 1, sizeof(char *));
@@ -241,7 +272,7 @@ static void do_exec(uint32_t id, struct reader *r)
 		envp[i] = get_str(r);
 	cwd = get_str(r);
 	if (r->bad) {
-		send_error(id, EINVAL, "bad exec request");
+		send_error(port, id, EINVAL, "bad exec request");
 		return;
 	}
 	for (int i = 0; i < MAX_EXECS; i++)
@@ -250,17 +281,17 @@ static void do_exec(uint32_t id, struct reader *r)
 			break;
 		}
 	if (!e) {
-		send_error(id, EAGAIN, "too many commands running at once");
+		send_error(port, id, EAGAIN, "too many commands running at once");
 		return;
 	}
 	if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(report, O_CLOEXEC) ||
 	    ((flags & 1) && pipe2(in, O_CLOEXEC))) {
-		send_error(id, errno, "pipe");
+		send_error(port, id, errno, "pipe");
 		return;
 	}
 	pid = fork();
 	if (pid < 0) {
-		send_error(id, errno, "fork");
+		send_error(port, id, errno, "fork");
 		return;
 	}
 	if (pid == 0) {
@@ -310,7 +341,7 @@ static void do_exec(uint32_t id, struct reader *r)
 			snprintf(msg, sizeof(msg), "%s %s: %s",
 				 note[0] == 'c' ? "cannot change directory to" : "cannot run",
 				 note[0] == 'c' ? cwd : argv[0], strerror(saved));
-			send_error(id, saved, msg);
+			send_error(port, id, saved, msg);
 			close(out[0]);
 			close(err[0]);
 			if (flags & 1)
@@ -319,6 +350,7 @@ static void do_exec(uint32_t id, struct reader *r)
 		}
 	}
 	e->used = 1;
+	e->port = port;
 	e->id = id;
 	e->pid = pid;
 	e->out = out[0];
@@ -354,7 +386,7 @@ static void close_stdin(struct exec *e)
 static void ack_stdin(struct exec *e, uint32_t n)
 {
 	if (n)
-		send_frame(FR_STDIN_ACK, e->id, &n, 4);
+		send_frame(e->port, FR_STDIN_ACK, e->id, &n, 4);
 }
 
 /* Hand the command what it will take of its stdin; the host learns how much (it keeps at
@@ -384,9 +416,9 @@ static void flush_stdin(struct exec *e)
 		close_stdin(e);
 }
 
-static void do_stdin(uint32_t id, const unsigned char *data, size_t len)
+static void do_stdin(struct port *port, uint32_t id, const unsigned char *data, size_t len)
 {
-	struct exec *e = find_exec(id);
+	struct exec *e = find_exec(port, id);
 	if (!e)
 		return;
 	if (e->in < 0) {
@@ -399,7 +431,7 @@ static void do_stdin(uint32_t id, const unsigned char *data, size_t len)
 		e->in_eof = 1;
 	} else {
 		if (e->inlen + len > STDIN_WINDOW + MAX_PAYLOAD) {
-			send_error(id, EPROTO, "the host sent stdin past its window");
+			send_error(port, id, EPROTO, "the host sent stdin past its window");
 			return;
 		}
 		e->inbuf = realloc(e->inbuf, e->inlen + len);
@@ -477,16 +509,16 @@ static int resolve_source(const char *source, char *out, size_t outlen)
 	return 0;
 }
 
-static void do_mount(uint32_t id, struct reader *r)
+static void do_mount(struct port *port, uint32_t id, struct reader *r)
 {
 	char *source = get_str(r), *target = get_str(r), *fstype = get_str(r), *data = get_str(r);
 	uint32_t flags = get_u32(r);
 	char dev[512], msg[1024];
 	if (r->bad) {
-		send_error(id, EINVAL, "bad mount request");
+		send_error(port, id, EINVAL, "bad mount request");
 	} else if (resolve_source(source, dev, sizeof(dev)) < 0) {
 		snprintf(msg, sizeof(msg), "mount %s: no such device", source);
-		send_error(id, errno, msg);
+		send_error(port, id, errno, msg);
 	} else {
 		long long until = now_ms() + DEVICE_WAIT_MS;
 		int rc;
@@ -498,9 +530,9 @@ static void do_mount(uint32_t id, struct reader *r)
 		if (rc < 0) {
 			snprintf(msg, sizeof(msg), "mount %s on %s (%s): %s", dev, target, fstype,
 				 strerror(errno));
-			send_error(id, errno, msg);
+			send_error(port, id, errno, msg);
 		} else {
-			send_frame(FR_OK, id, NULL, 0);
+			send_frame(port, FR_OK, id, NULL, 0);
 		}
 	}
 	free(source);
@@ -509,17 +541,17 @@ static void do_mount(uint32_t id, struct reader *r)
 	free(data);
 }
 
-static void hello(uint32_t id, const unsigned char *p, size_t len)
+static void hello(struct port *port, uint32_t id, const unsigned char *p, size_t len)
 {
 	unsigned char buf[NONCE_SIZE + 4 + 256];
 	uint32_t version = VERSION;
 	size_t n;
 	FILE *f;
 	if (len != NONCE_SIZE) {
-		send_error(id, EINVAL, "bad hello");
+		send_error(port, id, EINVAL, "bad hello");
 		return;
 	}
-	end_all_commands(); /* an earlier client's */
+	end_all_commands(port); /* an earlier client's */
 	memcpy(buf, p, NONCE_SIZE);
 	memcpy(buf + NONCE_SIZE, &version, 4);
 	n = NONCE_SIZE + 4;
@@ -533,123 +565,131 @@ static void hello(uint32_t id, const unsigned char *p, size_t len)
 		}
 		fclose(f);
 	}
-	send_frame(FR_READY, id, buf, n);
+	send_frame(port, FR_READY, id, buf, n);
 }
 
-static void handle_frame(uint8_t type, uint32_t id, const unsigned char *p, size_t len)
+static void handle_frame(struct port *port, uint8_t type, uint32_t id, const unsigned char *p,
+			 size_t len)
 {
 	struct reader r = { p, p + len, 0 };
 	struct exec *e;
 	switch (type) {
 	case FR_HELLO:
-		hello(id, p, len);
+		hello(port, id, p, len);
 		break;
 	case FR_EXEC:
-		do_exec(id, &r);
+		do_exec(port, id, &r);
 		break;
 	case FR_STDIN:
-		do_stdin(id, p, len);
+		do_stdin(port, id, p, len);
 		break;
 	case FR_SIGNAL:
-		e = find_exec(id);
+		e = find_exec(port, id);
 		if (e && !e->exited && len == 4)
 			kill(-e->pid, (int)get_u32(&r));
 		break;
 	case FR_MOUNT:
-		do_mount(id, &r);
+		do_mount(port, id, &r);
 		break;
 	case FR_PING:
-		send_frame(FR_PONG, id, p, len);
+		send_frame(port, FR_PONG, id, p, len);
 		break;
 	case FR_POWEROFF:
 		sync();
-		send_frame(FR_OK, id, NULL, 0);
+		send_frame(port, FR_OK, id, NULL, 0);
+		/* the answer must reach the host before the machine goes */
+		for (int tries = 0; port->olen && port->connected && tries < 100; tries++) {
+			struct pollfd pfd = { .fd = port->fd, .events = POLLOUT };
+			poll(&pfd, 1, 10);
+			flush_port(port);
+		}
 		reboot(RB_POWER_OFF);
 		break;
 	case FR_BYE:
-		end_all_commands();
-		send_frame(FR_OK, id, NULL, 0);
+		end_all_commands(port);
+		send_frame(port, FR_OK, id, NULL, 0);
 		break;
 	default:
-		send_error(id, EINVAL, "unknown request");
+		send_error(port, id, EINVAL, "unknown request");
 	}
 }
-
-static unsigned char *rbuf;
-static size_t rlen, rcap;
 
 /* The host side closed: whatever it had running dies with it, and what it sent last may
  * end in the middle of a frame. The port is not drained: a new client may already be on it,
  * and its HELLO must survive. A client that follows an unclean one pads first, which
  * completes any partial frame still queued. */
-static void disconnect(void)
+static void disconnect(struct port *p)
 {
-	connected = 0;
-	end_all_commands();
-	rlen = 0;
+	p->connected = 0;
+	end_all_commands(p);
+	p->rlen = 0;
+	p->olen = 0;
 }
 
 /* Whether a host client is on the port (the port says HUP while there is none). */
-static int host_present(void)
+static int host_present(struct port *p)
 {
-	struct pollfd pfd = { .fd = port, .events = POLLIN };
+	struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
 	return poll(&pfd, 1, 0) >= 0 && !(pfd.revents & POLLHUP);
 }
 
 /* Read what the port has; handle every complete frame. */
-static void read_port(void)
+static void read_port(struct port *p)
 {
 	size_t off = 0;
 	ssize_t n;
-	if (!rbuf) {
-		rcap = HEADER + MAX_PAYLOAD + CHUNK;
-		rbuf = malloc(rcap);
+	if (!p->rbuf) {
+		p->rcap = HEADER + MAX_PAYLOAD + CHUNK;
+		p->rbuf = malloc(p->rcap);
+		if (!p->rbuf)
+			die("read buffer");
 	}
-	n = read(port, rbuf + rlen, rcap - rlen);
+	n = read(p->fd, p->rbuf + p->rlen, p->rcap - p->rlen);
 	if (n < 0) {
 		if (errno != EINTR && errno != EAGAIN)
 			die("read from host");
 		return;
 	}
 	if (n == 0) {
-		connected = 0;
-		lost = 1;
+		p->connected = 0;
+		p->lost = 1;
 		return;
 	}
-	rlen += n;
-	while (connected) {
+	p->rlen += n;
+	while (p->connected) {
 		uint32_t id, len;
-		while (off < rlen && rbuf[off] == 0) /* padding */
+		while (off < p->rlen && p->rbuf[off] == 0) /* padding */
 			off++;
-		if (rlen - off < HEADER)
+		if (p->rlen - off < HEADER)
 			break;
-		memcpy(&id, rbuf + off + 1, 4);
-		memcpy(&len, rbuf + off + 5, 4);
+		memcpy(&id, p->rbuf + off + 1, 4);
+		memcpy(&len, p->rbuf + off + 5, 4);
 		if (len > MAX_PAYLOAD) {
 			/* Not a frame of ours: an earlier client's remains. Drop it all; the next
 			 * client pads and says HELLO. */
-			off = rlen;
+			off = p->rlen;
 			break;
 		}
-		if (rlen - off < HEADER + (size_t)len)
+		if (p->rlen - off < HEADER + (size_t)len)
 			break;
-		handle_frame(rbuf[off], id, rbuf + off + HEADER, len);
+		handle_frame(p, p->rbuf[off], id, p->rbuf + off + HEADER, len);
 		off += HEADER + len;
 	}
-	if (off > rlen)
-		off = rlen;
-	memmove(rbuf, rbuf + off, rlen - off);
-	rlen -= off;
+	if (off > p->rlen)
+		off = p->rlen;
+	memmove(p->rbuf, p->rbuf + off, p->rlen - off);
+	p->rlen -= off;
 }
 
-/* Forward up to max chunks of a command's stdout or stderr; closes the fd at EOF. */
-static void pump(struct exec *e, int *fd, uint8_t type, int max)
+/* Forward up to max chunks of a command's stdout or stderr (while its client keeps up,
+ * unless forced); closes the fd at EOF. */
+static void pump(struct exec *e, int *fd, uint8_t type, int max, int force)
 {
 	static char buf[CHUNK];
-	while (max-- > 0 && e->used && *fd >= 0) {
+	while (max-- > 0 && e->used && *fd >= 0 && (force || e->port->olen < QUEUE_HIGH)) {
 		ssize_t n = read(*fd, buf, sizeof(buf));
 		if (n > 0) {
-			send_frame(type, e->id, buf, n);
+			send_frame(e->port, type, e->id, buf, n);
 			continue;
 		}
 		if (n < 0 && errno == EINTR)
@@ -668,8 +708,10 @@ static void finish_if_done(struct exec *e, long long now)
 	/* Background processes may keep the pipes open: do not wait for them for long. */
 	if ((e->out >= 0 || e->err >= 0) && now - e->exited_at < DRAIN_GRACE_MS)
 		return;
-	pump(e, &e->out, FR_STDOUT, 16);
-	pump(e, &e->err, FR_STDERR, 16);
+	if (e->port->olen >= QUEUE_HIGH) /* its client is behind: what is left waits */
+		return;
+	pump(e, &e->out, FR_STDOUT, 16, 1);
+	pump(e, &e->err, FR_STDERR, 16, 1);
 	if (!e->used)
 		return;
 	close_fd(&e->out);
@@ -682,8 +724,9 @@ static void finish_if_done(struct exec *e, long long now)
 		result[0] = 0;
 		result[1] = WEXITSTATUS(e->status);
 	}
-	send_frame(FR_EXIT, e->id, result, sizeof(result));
+	send_frame(e->port, FR_EXIT, e->id, result, sizeof(result));
 	memset(e, 0, sizeof(*e));
+	e->out = e->err = e->in = -1;
 }
 
 static void reap(long long now)
@@ -763,14 +806,27 @@ static void loopback_up(void)
 	close(s);
 }
 
-static int open_port(void)
+/* The name of a port of ours: "qemubox.agent.K-of-N". */
+static int our_port(const char *name, int *k, int *n)
+{
+	char rest;
+	return sscanf(name, "qemubox.agent.%d-of-%d%c", k, n, &rest) == 2 && *n > 0 &&
+	       *n <= MAX_PORTS && *k >= 0 && *k < *n;
+}
+
+/* Open every port of ours, once all N have appeared. */
+static int open_ports(void)
 {
 	for (int tries = 0; tries < 1000; tries++) {
 		DIR *d = opendir("/sys/class/virtio-ports");
 		struct dirent *de;
+		char devs[MAX_PORTS][300];
+		int want = 0, found = 0;
+		memset(devs, 0, sizeof(devs));
 		while (d && (de = readdir(d))) {
 			char path[512], name[128] = "";
 			FILE *f;
+			int k, n;
 			snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", de->d_name);
 			f = fopen(path, "r");
 			if (!f)
@@ -778,19 +834,24 @@ static int open_port(void)
 			if (fgets(name, sizeof(name), f))
 				name[strcspn(name, "\n")] = 0;
 			fclose(f);
-			if (!strcmp(name, "qemubox.agent")) {
-				int fd;
-				snprintf(path, sizeof(path), "/dev/%s", de->d_name);
-				closedir(d);
-				fd = open(path, O_RDWR | O_CLOEXEC);
-				if (fd >= 0)
-					return fd;
-				d = NULL;
-				break;
+			if (!our_port(name, &k, &n))
+				continue;
+			want = n;
+			if (!devs[k][0]) {
+				snprintf(devs[k], sizeof(devs[k]), "/dev/%s", de->d_name);
+				found++;
 			}
 		}
 		if (d)
 			closedir(d);
+		if (want && found == want) {
+			for (int k = 0; k < want; k++) {
+				ports[k].fd = open(devs[k], O_RDWR | O_CLOEXEC);
+				if (ports[k].fd < 0)
+					return -1;
+			}
+			return nports = want;
+		}
 		usleep(10000);
 	}
 	errno = ENODEV;
@@ -817,44 +878,55 @@ int main(void)
 	sigprocmask(SIG_BLOCK, &mask, NULL);
 	sigdelset(&mask, SIGPIPE);
 	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-	port = open_port();
-	if (port < 0)
-		die("cannot find the virtio port qemubox.agent");
+	if (open_ports() < 0)
+		die("cannot find the virtio ports qemubox.agent.*");
 	/* SIGIO tells us when a host client comes or goes (and when data arrives). */
-	fcntl(port, F_SETOWN, getpid());
-	fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_NONBLOCK | O_ASYNC);
+	for (int k = 0; k < nports; k++) {
+		fcntl(ports[k].fd, F_SETOWN, getpid());
+		fcntl(ports[k].fd, F_SETFL, fcntl(ports[k].fd, F_GETFL) | O_NONBLOCK | O_ASYNC);
+	}
 
 	for (;;) {
-		struct pollfd pfds[2 + 3 * MAX_EXECS];
-		struct exec *owner[2 + 3 * MAX_EXECS];
-		int kind[2 + 3 * MAX_EXECS];
-		int n = 0, timeout = -1;
+		struct pollfd pfds[1 + MAX_PORTS + 3 * MAX_EXECS];
+		struct exec *owner[1 + MAX_PORTS + 3 * MAX_EXECS];
+		int kind[1 + MAX_PORTS + 3 * MAX_EXECS];
+		int n = 0, timeout = -1, any_absent = 0;
 		long long now = now_ms();
 
-		if (lost) {
-			lost = 0;
-			disconnect();
-		}
-		if (!connected && host_present())
-			connected = 1;
-		/* Without a client the port only says HUP: wait for SIGIO instead (and look
-		 * again now and then, should a notification be missed). */
-		pfds[n] = (struct pollfd){ .fd = connected ? port : -1, .events = POLLIN };
-		kind[n++] = 0;
 		pfds[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
 		kind[n++] = 1;
-		if (!connected)
+		for (int k = 0; k < nports; k++) {
+			struct port *p = &ports[k];
+			if (p->lost) {
+				p->lost = 0;
+				disconnect(p);
+			}
+			if (!p->connected && host_present(p))
+				p->connected = 1;
+			/* Without a client the port only says HUP: wait for SIGIO instead (and look
+			 * again now and then, should a notification be missed). */
+			if (!p->connected)
+				any_absent = 1;
+			pfds[n] = (struct pollfd){
+				.fd = p->connected ? p->fd : -1,
+				.events = POLLIN | (p->olen ? POLLOUT : 0),
+			};
+			kind[n++] = 0;
+		}
+		if (any_absent)
 			timeout = 1000;
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
+			int keeping_up;
 			if (!e->used)
 				continue;
-			if (e->out >= 0) {
+			keeping_up = e->port->olen < QUEUE_HIGH;
+			if (e->out >= 0 && keeping_up) {
 				owner[n] = e;
 				kind[n] = 2;
 				pfds[n++] = (struct pollfd){ .fd = e->out, .events = POLLIN };
 			}
-			if (e->err >= 0) {
+			if (e->err >= 0 && keeping_up) {
 				owner[n] = e;
 				kind[n] = 3;
 				pfds[n++] = (struct pollfd){ .fd = e->err, .events = POLLIN };
@@ -875,26 +947,34 @@ int main(void)
 		if (poll(pfds, n, timeout) < 0 && errno != EINTR)
 			die("poll");
 		now = now_ms();
-		for (int i = 2; i < n; i++) {
+		for (int i = 1 + nports; i < n; i++) {
 			if (!pfds[i].revents || !owner[i]->used)
 				continue;
 			if (kind[i] == 2)
-				pump(owner[i], &owner[i]->out, FR_STDOUT, 1);
+				pump(owner[i], &owner[i]->out, FR_STDOUT, 1, 0);
 			else if (kind[i] == 3)
-				pump(owner[i], &owner[i]->err, FR_STDERR, 1);
+				pump(owner[i], &owner[i]->err, FR_STDERR, 1, 0);
 			else if (kind[i] == 4)
 				flush_stdin(owner[i]);
 		}
-		if (pfds[1].revents) {
+		if (pfds[0].revents) {
 			struct signalfd_siginfo si;
 			while (read(sfd, &si, sizeof(si)) > 0)
 				;
 		}
 		reap(now);
-		if (connected && (pfds[0].revents & POLLIN))
-			read_port();
-		else if (connected && (pfds[0].revents & (POLLHUP | POLLERR)))
-			lost = 1;
+		for (int k = 0; k < nports; k++) {
+			struct port *p = &ports[k];
+			short ev = pfds[1 + k].revents;
+			if (!p->connected)
+				continue;
+			if (ev & POLLOUT)
+				flush_port(p);
+			if (ev & POLLIN)
+				read_port(p);
+			else if (ev & (POLLHUP | POLLERR))
+				p->lost = 1;
+		}
 		for (int i = 0; i < MAX_EXECS; i++)
 			finish_if_done(&execs[i], now);
 	}

@@ -15,7 +15,7 @@ from qemubox.vm.plan import MachinePlan
 GUEST_IP = "10.0.2.15"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
-AGENT_PORT = "qemubox.agent"
+AGENT_PORT = "qemubox.agent.{slot}-of-{slots}"  # the agent finds its ports by this name
 
 
 def escape(value: str | Path) -> str:
@@ -114,16 +114,7 @@ def qemu_args(plan: MachinePlan) -> list[str]:
         f"file,id=console,path={escape(plan.console_log)}",
         "-serial",
         "chardev:console",
-        "-chardev",
-        f"socket,id=qmp,path={escape(plan.qmp_socket)},server=on,wait=off",
-        "-mon",
-        "chardev=qmp,mode=control",
-        "-chardev",
-        f"socket,id=agent,path={escape(plan.agent_socket)},server=on,wait=off",
-        "-device",
-        _device(plan, "serial"),
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        *client_args(plan),
         "-device",
         _device(plan, "rng"),
         *share_args(plan),
@@ -133,6 +124,23 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     if plan.balloon:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
     return args + confinement_args(plan)
+
+
+def client_args(plan: MachinePlan) -> list[str]:
+    """One QMP monitor and one agent port per client slot, each a listening socket."""
+    args = ["-device", _device(plan, "serial")]
+    for k in range(plan.slots):
+        args += [
+            "-chardev",
+            f"socket,id=qmp{k},path={escape(plan.qmp_socket(k))},server=on,wait=off",
+            "-mon",
+            f"chardev=qmp{k},mode=control",
+            "-chardev",
+            f"socket,id=agent{k},path={escape(plan.agent_socket(k))},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent{k},name={AGENT_PORT.format(slot=k, slots=plan.slots)}",
+        ]
+    return args
 
 
 def confinement_args(plan: MachinePlan) -> list[str]:

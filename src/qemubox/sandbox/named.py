@@ -167,12 +167,8 @@ def status(name: str) -> Status:
 
 
 def _attached(runtime_dir: Path) -> bool:
-    """Whether a client holds the machine (a free lock is taken and let go at once)."""
-    fd = paths.try_lock(runtime_dir / "attach.lock", create=False)
-    if fd is None:
-        return (runtime_dir / "attach.lock").exists()
-    os.close(fd)
-    return False
+    """Whether a client is attached to the machine."""
+    return any(paths.is_locked(lock) for lock in runtime_dir.glob("attach*.lock"))
 
 
 def list_all() -> list[Status]:

@@ -6,10 +6,11 @@ inherit a lock on ``alive.lock`` and hold it as long as they live (the keeper un
 written QEMU's exit status to ``exit``), so a directory whose lock can be taken belongs to a
 dead machine, whatever its pid says.
 
-Any process can attach to a running machine, one at a time: the attached client holds
-``attach.lock`` and the agent connection (and, when used, the QMP monitor). A second
-client gets BusyError. A client that leaves without saying BYE (killed) leaves ``dirty``
-behind, and the next one resynchronises the agent's stream first.
+Any process can attach to a running machine, as many at once as the plan has client slots:
+a client takes the first free slot K, holding ``attachK.lock``, the agent port
+``agentK.sock`` and, when used, the QMP monitor ``qmpK.sock``. With every slot taken, a
+client gets BusyError. A client that leaves without saying BYE (killed) leaves ``dirtyK``
+behind, and the next one on that slot resynchronises the agent's stream first.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Machine:
         self._proc = None  # QEMU's keeper, when we started it
         self.keeper: tuple[int, int | None] | None = None  # its pid and start time
         self._attach_fd: int | None = None
+        self.slot = 0  # the client slot this client holds, while attached
         self.agent: AgentClient | None = None
         self._monitor = None
         self.io_errors: list[str] = []  # host I/O errors QEMU reported as the guest stopped
@@ -210,17 +212,23 @@ class Machine:
             return self.agent
         if self._state not in (State.STARTING, State.RUNNING):
             raise SandboxError(f"machine {self.id} is {self._state.value}")
-        self._attach_fd = paths.try_lock(self.dir / "attach.lock")
-        if self._attach_fd is None:
-            raise BusyError(f"sandbox {self.id} is in use by another client")
+        for slot in range(self.plan.slots):
+            self._attach_fd = paths.try_lock(self.dir / f"attach{slot}.lock")
+            if self._attach_fd is not None:
+                self.slot = slot
+                break
+        else:
+            raise BusyError(
+                f"sandbox {self.id} is in use by {self.plan.slots} clients, as many as it takes"
+            )
         booting = self._state is State.STARTING
         when = "while booting" if booting else "while attaching"
-        dirty = self.dir / "dirty"
+        dirty = self.dir / f"dirty{self.slot}"
         try:
             resync = dirty.exists()
             dirty.touch()
             self.agent = AgentClient.attach(
-                Path(self.plan.agent_socket),
+                Path(self.plan.agent_socket(self.slot)),
                 timeout,
                 alive=lambda: self.check_alive(when),
                 resync=resync,
@@ -255,7 +263,7 @@ class Machine:
             self.agent = None
             if clean:
                 with contextlib.suppress(OSError):
-                    (self.dir / "dirty").unlink()
+                    (self.dir / f"dirty{self.slot}").unlink()
         self._release()
 
     def _release(self) -> None:
@@ -273,7 +281,7 @@ class Machine:
         if self._monitor is None:
             from qemubox.qemu.qmp import Monitor
 
-            self._monitor = Monitor(self.plan.qmp_socket)
+            self._monitor = Monitor(self.plan.qmp_socket(self.slot))
         return self._monitor
 
     def host_io_errors(self, settle: bool = True) -> list[str]:

@@ -58,6 +58,15 @@ class PortPlan:
     guest: int
 
 
+CLIENT_SLOTS = 4  # one more than the commands a user runs side by side: `stop` needs one
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
 @dataclass(frozen=True)
 class MachinePlan:
     arch: str
@@ -77,17 +86,16 @@ class MachinePlan:
     ports: tuple[PortPlan, ...] = ()
     balloon: bool = False
     run_as: str | None = None  # the user QEMU drops to once its files are open (when root)
+    slots: int = CLIENT_SLOTS  # clients that can be attached at once
     schema: int = field(default=SCHEMA)
 
     # --- places -----------------------------------------------------------------------------
 
-    @property
-    def qmp_socket(self) -> str:
-        return f"{self.runtime_dir}/qmp.sock"
+    def qmp_socket(self, slot: int) -> str:
+        return f"{self.runtime_dir}/qmp{slot}.sock"
 
-    @property
-    def agent_socket(self) -> str:
-        return f"{self.runtime_dir}/agent.sock"
+    def agent_socket(self, slot: int) -> str:
+        return f"{self.runtime_dir}/agent{slot}.sock"
 
     @property
     def console_log(self) -> str:
@@ -112,7 +120,7 @@ class MachinePlan:
                 f"a machine plan of schema {data.get('schema')!r}; this qemubox reads {SCHEMA}"
             )
         try:
-            values = {f.name: data[f.name] for f in fields(cls)}
+            values = {f.name: data[f.name] for f in fields(cls) if f.name in data or _required(f)}
             values["kernel"] = KernelPlan(**values["kernel"])
             values["features"] = tuple(values["features"])
             values["shares"] = tuple(SharePlan(**s) for s in values["shares"])
