@@ -250,3 +250,59 @@ def test_a_create_killed_while_booting_leaves_no_running_sandbox(kernel, state):
     assert found == [] or found[0]["state"] == "failed", found
     if found:
         assert qemubox("rm", "half").code == 0
+
+
+def test_exec_t_gives_a_terminal_like_docker_exec_it(kernel, state):
+    """Driven through a pty, as a terminal would: the guest's terminal has our size and
+    follows it, ^C interrupts the guest's foreground program and not the shell, and the
+    shell's exit status is ours."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "term").code == 0
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "exec", "-t", "term", "--", "sh"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+
+    def until(token: bytes, within: float = 15) -> bool:
+        deadline = time.monotonic() + within
+        while token not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen.extend(os.read(master, 65536))
+                except OSError:
+                    break
+        return token in seen
+
+    try:
+        assert until(b"# "), bytes(seen)
+        os.write(master, b"stty size; tty\n")
+        assert until(b"33 101") and until(b"/dev/pts/"), bytes(seen)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        cli.send_signal(signal.SIGWINCH)  # what the terminal's kernel would send it
+        time.sleep(0.5)
+        os.write(master, b"stty size\n")
+        assert until(b"40 120"), bytes(seen)
+        os.write(master, b"sleep 100\n")
+        time.sleep(1)
+        os.write(master, b"\x03")
+        time.sleep(0.5)
+        os.write(master, b"echo status=$?\n")
+        assert until(b"status=130"), bytes(seen)
+        os.write(master, b"exit 7\n")
+        assert cli.wait(15) == 7
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        os.close(master)

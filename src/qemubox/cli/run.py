@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from qemubox.cli import terminal
 from qemubox.cli.common import CONTEXT, say
 from qemubox.errors import Exit, InputError
 
@@ -112,26 +113,36 @@ def make_session(options: dict, timeout: float | None = None, console_log: str |
     )
 
 
-def run_command(sandbox, command, env, cwd, interactive, timeout) -> int:
+def run_command(sandbox, command, env, cwd, interactive, timeout, tty=False) -> int:
     """Run ``command`` in ``sandbox`` with our stdin (when ``interactive``), stdout and
-    stderr; returns the exit status qemubox exits with."""
+    stderr; returns the exit status qemubox exits with. With ``tty`` it runs on a
+    pseudo-terminal in the guest, the size of ours, fed our stdin: ours is put in raw mode
+    meanwhile (so ^C reaches the guest's program) and its size changes follow."""
     # When our reader goes away (`| head -1`), end as any writer to a closed pipe does:
     # killed by SIGPIPE, at once, the VM with us. (The agent's socket is written with
     # MSG_NOSIGNAL: a VM that dies is reported, not taken for a closed pipe.)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    result = sandbox.exec(
-        list(command),
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-        on_stdout=_writer(sys.stdout.buffer),
-        on_stderr=_writer(sys.stderr.buffer),
-        stdin_stream=sys.stdin.buffer if interactive else None,
-    )
+    with terminal.forwarded(sandbox, tty) as size:
+        result = sandbox.exec(
+            list(command),
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            on_stdout=_writer(sys.stdout.buffer),
+            on_stderr=_writer(sys.stderr.buffer),
+            stdin_stream=_raw_stdin() if interactive or tty else None,
+            tty=size,
+        )
     if result.timed_out:
         say(f"qemubox: the command timed out after {timeout:g} s and was killed")
         return Exit.TIMEOUT
     return result.exit_code
+
+
+def _raw_stdin():
+    """Our stdin, unbuffered: a read returns what is there (a key, at a terminal), and a
+    reader still blocked at exit holds no lock the interpreter's shutdown would wait for."""
+    return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
 
 
 def _writer(stream):

@@ -37,10 +37,11 @@ def create(name, image, ttl, **options):
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE")
 @click.option("-w", "--workdir", default="/", show_default=True, metavar="DIR")
 @click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Run it on a pseudo-terminal, fed standard input.")
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
-def exec_(name, command, env, workdir, interactive, timeout):
+def exec_(name, command, env, workdir, interactive, tty, timeout):
     """Run COMMAND in the running sandbox NAME; exit with its exit status (as `run`)."""
     from qemubox.cli import parse
     from qemubox.sandbox import named
@@ -51,10 +52,12 @@ def exec_(name, command, env, workdir, interactive, timeout):
         raise InputError("exec needs a COMMAND after NAME")
     timeout = parse.seconds(timeout, "--timeout")
     command_env = parse.env(env, os.environ)
+    if tty and "TERM" not in command_env:
+        command_env["TERM"] = os.environ.get("TERM", "xterm")
     cwd = parse.workdir(workdir)
     sandbox = named.attach(name)
     try:
-        return run_command(sandbox, command, command_env, cwd, interactive, timeout)
+        return run_command(sandbox, command, command_env, cwd, interactive, timeout, tty)
     finally:
         sandbox.detach()
 

@@ -41,12 +41,13 @@
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
 enum {
 	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
-	FR_POWEROFF = 7, FR_BYE = 8,
+	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9,
 	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
 	FR_PONG = 26, FR_STDIN_ACK = 27,
 };
@@ -58,6 +59,7 @@ enum {
 #define NONCE_SIZE 16
 #define STDIN_WINDOW (1024 * 1024)
 #define EXEC_STDIN 1
+#define EXEC_TTY 2
 #define MAX_EXECS 64
 #define MAX_PORTS 16
 #define QUEUE_HIGH (256 * 1024) /* a port's queue above this: its commands' output waits */
@@ -78,7 +80,8 @@ struct exec {
 	struct port *port;      /* the client's */
 	uint32_t id;
 	pid_t pid;
-	int out, err, in;       /* our ends; -1 when closed */
+	int out, err, in;       /* our ends; -1 when closed (a terminal's: out and in) */
+	int tty;                /* out is a pseudo-terminal's master */
 	int exited, status;
 	long long exited_at;    /* ms, when the process ended */
 	char *inbuf;            /* stdin received, not yet taken by the command */
@@ -245,13 +248,29 @@ static void set_nonblock(int fd)
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
+/* A pseudo-terminal of rows x cols: its master (ours), and its slave's path in name. */
+static int open_tty(uint32_t rows, uint32_t cols, char *name, size_t len)
+{
+	struct winsize ws = { .ws_row = rows, .ws_col = cols };
+	int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (master < 0)
+		return -1;
+	if (grantpt(master) || unlockpt(master) || ptsname_r(master, name, len) ||
+	    ioctl(master, TIOCSWINSZ, &ws)) {
+		close(master);
+		return -1;
+	}
+	return master;
+}
+
 static void do_exec(struct port *port, uint32_t id, struct reader *r)
 {
-	uint32_t flags = get_u32(r), argc = get_u32(r);
-	char **argv, **envp;
-	char *cwd;
-	uint32_t envc;
-	int out[2], err[2], in[2] = { -1, -1 }, report[2];
+	uint32_t flags = get_u32(r), argc = get_u32(r), envc = 0, rows = 0, cols = 0;
+	char **argv = NULL, **envp = NULL;
+	char *cwd = NULL;
+	char tty_name[128] = "";
+	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 }, report[2] = { -1, -1 };
+	int tty = flags & EXEC_TTY, master = -1;
 	struct exec *e = NULL;
 	pid_t pid;
 
@@ -264,16 +283,21 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		argv[i] = get_str(r);
 	envc = get_u32(r);
 	if (r->bad || envc > 65536) {
+		envc = 0;
 		send_error(port, id, EINVAL, "bad exec request");
-		return;
+		goto done;
 	}
 	envp = calloc(envc + 1, sizeof(char *));
 	for (uint32_t i = 0; i < envc; i++)
 		envp[i] = get_str(r);
 	cwd = get_str(r);
-	if (r->bad) {
+	if (tty) {
+		rows = get_u32(r);
+		cols = get_u32(r);
+	}
+	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535))) {
 		send_error(port, id, EINVAL, "bad exec request");
-		return;
+		goto done;
 	}
 	for (int i = 0; i < MAX_EXECS; i++)
 		if (!execs[i].used) {
@@ -282,17 +306,21 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		}
 	if (!e) {
 		send_error(port, id, EAGAIN, "too many commands running at once");
-		return;
+		goto done;
 	}
-	if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(report, O_CLOEXEC) ||
-	    ((flags & 1) && pipe2(in, O_CLOEXEC))) {
+	if (tty && (master = open_tty(rows, cols, tty_name, sizeof(tty_name))) < 0) {
+		send_error(port, id, errno, "cannot open a pseudo-terminal");
+		goto done;
+	}
+	if ((!tty && (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC))) ||
+	    pipe2(report, O_CLOEXEC) || (!tty && (flags & EXEC_STDIN) && pipe2(in, O_CLOEXEC))) {
 		send_error(port, id, errno, "pipe");
-		return;
+		goto fail;
 	}
 	pid = fork();
 	if (pid < 0) {
 		send_error(port, id, errno, "fork");
-		return;
+		goto fail;
 	}
 	if (pid == 0) {
 		unsigned char note[1 + sizeof(int)];
@@ -301,12 +329,25 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		setsid();
-		if (flags & 1)
-			dup2(in[0], 0);
-		else
-			dup2(open("/dev/null", O_RDONLY), 0);
-		dup2(out[1], 1);
-		dup2(err[1], 2);
+		note[0] = 't';
+		if (tty) {
+			/* the session's controlling terminal: ^C at it signals the foreground job */
+			int slave = open(tty_name, O_RDWR);
+			if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0)
+				goto report;
+			dup2(slave, 0);
+			dup2(slave, 1);
+			dup2(slave, 2);
+			if (slave > 2)
+				close(slave);
+		} else {
+			if (flags & EXEC_STDIN)
+				dup2(in[0], 0);
+			else
+				dup2(open("/dev/null", O_RDONLY), 0);
+			dup2(out[1], 1);
+			dup2(err[1], 2);
+		}
 		note[0] = 'c';
 		/* execvpe searches our own PATH: the command's PATH, when given, is the one. */
 		for (uint32_t i = 0; i < envc; i++)
@@ -316,55 +357,66 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 			execvpe(argv[0], argv, envp);
 			note[0] = 'x';
 		}
+report:
 		saved = errno;
 		memcpy(note + 1, &saved, sizeof(saved));
 		write(report[1], note, sizeof(note));
 		_exit(127);
 	}
-	close(out[1]);
-	close(err[1]);
-	close(report[1]);
-	if (flags & 1)
-		close(in[0]);
+	close_fd(&out[1]);
+	close_fd(&err[1]);
+	close_fd(&report[1]);
+	close_fd(&in[0]);
 	{
 		unsigned char note[1 + sizeof(int)];
 		ssize_t n;
 		do
 			n = read(report[0], note, sizeof(note));
 		while (n < 0 && errno == EINTR);
-		close(report[0]);
+		close_fd(&report[0]);
 		if (n == (ssize_t)sizeof(note)) {
 			int saved, status;
 			char msg[1024];
 			memcpy(&saved, note + 1, sizeof(saved));
 			waitpid(pid, &status, 0);
-			snprintf(msg, sizeof(msg), "%s %s: %s",
-				 note[0] == 'c' ? "cannot change directory to" : "cannot run",
-				 note[0] == 'c' ? cwd : argv[0], strerror(saved));
+			if (note[0] == 't')
+				snprintf(msg, sizeof(msg), "cannot open terminal %s: %s", tty_name,
+					 strerror(saved));
+			else
+				snprintf(msg, sizeof(msg), "%s %s: %s",
+					 note[0] == 'c' ? "cannot change directory to" : "cannot run",
+					 note[0] == 'c' ? cwd : argv[0], strerror(saved));
 			send_error(port, id, saved, msg);
-			close(out[0]);
-			close(err[0]);
-			if (flags & 1)
-				close(in[1]);
-			goto done;
+			goto fail;
 		}
 	}
 	e->used = 1;
 	e->port = port;
 	e->id = id;
 	e->pid = pid;
-	e->out = out[0];
-	e->err = err[0];
-	e->in = (flags & 1) ? in[1] : -1;
+	e->tty = tty;
+	e->out = tty ? master : out[0];
+	e->err = tty ? -1 : err[0];
+	e->in = tty ? fcntl(master, F_DUPFD_CLOEXEC, 0) : ((flags & EXEC_STDIN) ? in[1] : -1);
 	e->exited = 0;
 	e->exited_at = 0;
 	e->inbuf = NULL;
 	e->inlen = 0;
 	e->in_eof = 0;
 	set_nonblock(e->out);
-	set_nonblock(e->err);
+	if (e->err >= 0)
+		set_nonblock(e->err);
 	if (e->in >= 0)
 		set_nonblock(e->in);
+	goto done;
+fail:
+	close_fd(&master);
+	for (int i = 0; i < 2; i++) {
+		close_fd(&out[i]);
+		close_fd(&err[i]);
+		close_fd(&in[i]);
+		close_fd(&report[i]);
+	}
 done:
 	for (uint32_t i = 0; i < argc; i++)
 		free(argv[i]);
@@ -373,6 +425,16 @@ done:
 	free(argv);
 	free(envp);
 	free(cwd);
+}
+
+static void do_resize(struct port *port, uint32_t id, struct reader *r)
+{
+	struct exec *e = find_exec(port, id);
+	uint32_t rows = get_u32(r), cols = get_u32(r);
+	struct winsize ws = { .ws_row = rows, .ws_col = cols };
+	/* the kernel tells the terminal's foreground job (SIGWINCH) */
+	if (e && e->tty && e->out >= 0 && !r->bad && rows && cols && rows < 65536 && cols < 65536)
+		ioctl(e->out, TIOCSWINSZ, &ws);
 }
 
 static void close_stdin(struct exec *e)
@@ -590,6 +652,9 @@ static void handle_frame(struct port *port, uint8_t type, uint32_t id, const uns
 		break;
 	case FR_MOUNT:
 		do_mount(port, id, &r);
+		break;
+	case FR_RESIZE:
+		do_resize(port, id, &r);
 		break;
 	case FR_PING:
 		send_frame(port, FR_PONG, id, p, len);

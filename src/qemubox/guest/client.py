@@ -312,13 +312,16 @@ class AgentClient:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         max_output: int | None = None,
+        tty: tuple[int, int] | None = None,
     ) -> tuple[int, Pending]:
-        """Start a command; its frames then arrive in the returned Pending."""
+        """Start a command (on a pseudo-terminal of ``tty`` rows and columns, when given);
+        its frames then arrive in the returned Pending."""
         payload = p.exec_request(
             [a.encode() if isinstance(a, str) else a for a in argv],
             [f"{k}={v}".encode() for k, v in env.items()],
             cwd.encode(),
             with_stdin,
+            tty,
         )
         ident, pend = self._new(
             is_exec=True, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output
@@ -329,6 +332,10 @@ class AgentClient:
             self.finish(ident)
             raise
         return ident, pend
+
+    def resize(self, ident: int, rows: int, columns: int) -> None:
+        """Give a command's terminal a new size (its foreground job gets SIGWINCH)."""
+        self._send(Frame.RESIZE, ident, p.resize_request(rows, columns), timeout=5)
 
     def write_stdin(
         self, ident: int, pend: Pending, data: bytes, stop: threading.Event | None = None

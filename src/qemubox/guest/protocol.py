@@ -42,6 +42,7 @@ class Frame(IntEnum):
     PING = 6  # anything, echoed by PONG
     POWEROFF = 7  # sync and power off; answered by OK
     BYE = 8  # the client leaves: end its commands; answered by OK
+    RESIZE = 9  # u32 rows, u32 columns: the size of a command's terminal
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes
@@ -57,6 +58,7 @@ _VALUES = frozenset(f.value for f in Frame)
 HOST_FRAMES = frozenset(f for f in Frame if f < 20)
 GUEST_FRAMES = frozenset(f for f in Frame if f >= 20)
 EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
+EXEC_TTY = 2  # ExecRequest flag: the command runs on a pseudo-terminal (rows, columns follow)
 
 
 def encode(kind: Frame, ident: int, payload: bytes = b"") -> bytes:
@@ -108,16 +110,33 @@ class Reader:
 # --- payloads -----------------------------------------------------------------------------------
 
 
-def exec_request(argv: list[bytes], env: list[bytes], cwd: bytes, with_stdin: bool) -> bytes:
-    payload = struct.pack("<II", EXEC_STDIN if with_stdin else 0, len(argv))
+def exec_request(
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    with_stdin: bool,
+    tty: tuple[int, int] | None = None,
+) -> bytes:
+    """An EXEC payload; with ``tty`` (rows, columns) the command gets a pseudo-terminal for
+    its stdin, stdout and stderr (its output then comes as STDOUT only)."""
+    flags = (EXEC_STDIN if with_stdin or tty else 0) | (EXEC_TTY if tty else 0)
+    payload = struct.pack("<II", flags, len(argv))
     payload += b"".join(_str(a) for a in argv)
     payload += struct.pack("<I", len(env)) + b"".join(_str(e) for e in env)
     payload += _str(cwd)
+    if tty:
+        payload += resize_request(*tty)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
             f"the command and its environment take {len(payload)} bytes (at most {MAX_PAYLOAD})"
         )
     return payload
+
+
+def resize_request(rows: int, columns: int) -> bytes:
+    if not (0 < rows < 1 << 16 and 0 < columns < 1 << 16):
+        raise ValueError(f"a terminal of {rows} rows and {columns} columns")
+    return struct.pack("<II", rows, columns)
 
 
 def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:

@@ -66,6 +66,7 @@ class Sandbox:
         self.plan: MachinePlan | None = None
         self.machine: Machine | None = None
         self.name: str | None = None  # a named sandbox's
+        self._terminals: set[int] = set()  # ids of running tty commands
         self._closed = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class Sandbox:
         box = cls.__new__(cls)  # no session: the machine's plan says what it is
         box.session, box.spec = None, None
         box.plan, box.machine, box._closed = machine.plan, machine, False
-        box.name = None
+        box.name, box._terminals = None, set()
         return box
 
     # --- named sandboxes ------------------------------------------------------------------------
@@ -301,6 +302,7 @@ class Sandbox:
         on_stderr: Callable[[bytes], None] | None = None,
         stdin_stream=None,
         max_output: int | None = None,
+        tty: tuple[int, int] | None = None,
     ) -> ExecResult:
         """Run argv in the guest; returns its exit code and output.
 
@@ -309,7 +311,9 @@ class Sandbox:
         says ``truncated``). ``stdin`` is fed and closed; ``stdin_stream`` (a binary file)
         is forwarded as it is read, at the pace the command reads it. On ``timeout``
         (default: the session's) the command's process group is killed and ``timed_out``
-        is set.
+        is set. With ``tty`` (rows, columns) the command runs on a pseudo-terminal of that
+        size: its stdin, stdout and stderr are the terminal (all output comes as stdout;
+        :meth:`resize_terminals` changes the size).
         """
         agent = self._agent()
         if not argv:
@@ -317,15 +321,18 @@ class Sandbox:
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
         full_env = {**DEFAULT_ENV, **(env or {})}
-        with_stdin = stdin is not None or stdin_stream is not None
+        with_stdin = stdin is not None or stdin_stream is not None or tty is not None
         stop_pump = threading.Event()
+        ident = -1
         try:
             try:
                 ident, pend = agent.start(
-                    argv, full_env, cwd, with_stdin, on_stdout, on_stderr, max_output
+                    argv, full_env, cwd, with_stdin, on_stdout, on_stderr, max_output, tty
                 )
             except ValueError as err:
                 raise InputError(str(err)) from None
+            if tty is not None:
+                self._terminals.add(ident)
             if stdin_stream is not None:
                 threading.Thread(
                     target=self._pump_stdin,
@@ -360,6 +367,7 @@ class Sandbox:
             raise VMDied("the guest agent went away", self.console_tail()) from None
         finally:
             stop_pump.set()
+            self._terminals.discard(ident)
         assert self.machine is not None
         self._raise_host_io(self.machine.host_io_errors())
         status = pend.status
@@ -372,6 +380,13 @@ class Sandbox:
             timed_out,
             pend.truncated,
         )
+
+    def resize_terminals(self, rows: int, columns: int) -> None:
+        """Give the terminals of this client's running ``tty`` commands a new size."""
+        agent = self._agent()
+        for ident in list(self._terminals):
+            with contextlib.suppress(SendTimeout, AgentGone):
+                agent.resize(ident, rows, columns)
 
     def _kill_command(self, agent: AgentClient, ident: int, pend) -> None:
         """SIGKILL a timed-out command; a guest that does not let it go within seconds (it
