@@ -194,6 +194,52 @@ def test_shares_read_only_read_write_and_literal_paths(kernel, tmp_path):
     assert (evil / "file").read_text() == "literal\n"
 
 
+def test_virtiofs_shares_read_write_and_read_only_even_after_a_remount(kernel, tmp_path):
+    """virtiofs shares, through the CLI as a user types it: read, written, and a read-only
+    one that a guest remounting it read-write still cannot change (virtiofsd serves it from
+    a read-only bind mount); with a share over 9p beside them, and no virtiofsd left."""
+    ro, rw, nine = tmp_path / "ro,x=y", tmp_path / "rw", tmp_path / "9p"
+    for d in (ro, rw, nine):
+        d.mkdir()
+    (ro / "file").write_text("host data\n")
+    (nine / "file").write_text("over 9p\n")
+    script = (
+        "cat /ro/file; echo guest > /rw/new; mkdir -p /rw/d/e; "
+        "mount -o remount,rw /ro; echo changed > /ro/file || echo refused; "
+        "grep -c ' virtiofs ' /proc/mounts"
+    )
+    r = qemubox(
+        "run",
+        "--kernel",
+        kernel,
+        "-m",
+        "256M",
+        "--share-fs",
+        "virtiofs",
+        "-v",
+        f"{ro}:/ro:ro",
+        "-v",
+        f"{rw}:/rw",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert r.code == 0, r.err
+    assert r.out.split("\n")[:3] == ["host data", "refused", "2"], r.out
+    assert (ro / "file").read_text() == "host data\n"
+    assert (rw / "new").read_text() == "guest\n" and (rw / "d" / "e").is_dir()
+    session = Session(
+        memory="256M",
+        kernel=kernel,
+        shares=[FSShare(str(rw), "/rw", fs="virtiofs"), FSShare(str(nine), "/nine")],
+    )
+    with Sandbox(session) as box:
+        assert box.read_file("/rw/new") == b"guest\n"
+        assert box.read_file("/nine/file") == b"over 9p\n"
+    assert subprocess.run(["pgrep", "-f", "virtiofsd.*" + str(rw)]).returncode == 1
+
+
 def test_persistent_disk_keeps_data_and_is_never_reformatted(kernel, tmp_path):
     image = tmp_path / "data.img"
     session = Session(

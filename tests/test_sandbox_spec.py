@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -266,3 +267,35 @@ def test_compat_key_follows_what_the_guest_sees(tmp_path):
 def test_bad_plans(text, message):
     with pytest.raises(InputError, match=message):
         MachinePlan.from_json(text)
+
+
+def test_virtiofs_command_line_and_daemons(tmp_path):
+    shares = (
+        SharePlan("a", "/srv/a,b", "/a", True, "mapped-xattr", "virtiofs"),
+        SharePlan("n", "/srv/n", "/n", False, "mapped-xattr", "9p"),
+    )
+    plan = config(tmp_path, shares=shares)
+    args = qemu.qemu_args(plan)
+    assert option(args, "-object") == ["memory-backend-memfd,id=ram0,size=512M,share=on"]
+    assert option(args, "-machine") == ["microvm,rtc=on,memory-backend=ram0"]
+    assert "virtio-mmio.force-legacy=false" in option(args, "-global")
+    assert f"socket,id=fs0,path={tmp_path}/fs0.sock" in option(args, "-chardev")
+    assert "vhost-user-fs-device,chardev=fs0,tag=a" in option(args, "-device")
+    assert any(d.startswith("virtio-9p-device,fsdev=fs1") for d in option(args, "-device"))
+    ((command, socket),) = qemu.virtiofsd_commands(plan)
+    assert socket == f"{tmp_path}/fs0.sock"
+    assert command[:4] == ["unshare", "-m", "--propagation", "private"]  # read-only view
+    assert "source=/srv/a\\,b" in command  # virtiofsd's option syntax, escaped
+    plain = config(tmp_path, shares=(replace(shares[0], read_only=False),))
+    ((command, _),) = qemu.virtiofsd_commands(plain)
+    assert command[0].endswith("virtiofsd")
+    assert option(qemu.qemu_args(config(tmp_path)), "-object") == []  # only when needed
+
+
+def test_virtiofs_share_validation(tmp_path, monkeypatch):
+    share = FSShare(str(tmp_path), "/mnt", fs="virtiofs")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(InputError, match="virtiofsd must run as root"):
+        Session(shares=[share]).validate()
+    with pytest.raises(InputError, match="share fs must be one of 9p, virtiofs"):
+        Session(shares=[replace(share, fs="nfs")]).validate()

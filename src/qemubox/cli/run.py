@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import click
 
@@ -25,6 +26,13 @@ _SESSION_OPTIONS = [
         multiple=True,
         metavar="HOST:GUEST[:ro]",
         help="Share a host directory (9p); repeatable.",
+    ),
+    click.option(
+        "--share-fs",
+        default="9p",
+        show_default=True,
+        type=click.Choice(["9p", "virtiofs"]),
+        help="What -v and --share use (virtiofs: faster; needs root).",
     ),
     click.option(
         "--share",
@@ -93,14 +101,13 @@ def make_session(options: dict, timeout: float | None = None, console_log: str |
     from qemubox.cli import parse
     from qemubox.vm.spec import Session
 
+    fs = options.pop("share_fs")
+    shares = [*map(parse.volume, options.pop("volumes")), *map(parse.share, options.pop("shares"))]
     return Session(
         memory=options.pop("memory"),
         cpus=parse.cpus(options.pop("cpus")),
         balloon=options.pop("balloon"),
-        shares=[
-            *map(parse.volume, options.pop("volumes")),
-            *map(parse.share, options.pop("shares")),
-        ],
+        shares=[replace(share, fs=fs) for share in shares],
         disks=[parse.disk(d) for d in options.pop("disks")],
         network=options.pop("net"),
         ports=[parse.publish(p) for p in options.pop("publish")],

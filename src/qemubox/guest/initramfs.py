@@ -25,6 +25,7 @@ BASE_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_rng")
 FEATURE_MODULES = {
     "disks": ("virtio_blk", "ext4"),
     "shares": ("9pnet_virtio", "9p"),
+    "virtiofs": ("virtiofs",),
     "network": ("virtio_net", "af_packet"),
     "balloon": ("virtio_balloon",),
 }

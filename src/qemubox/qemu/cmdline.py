@@ -37,7 +37,17 @@ def _cpu(accel: str) -> str:
 
 def machine_args(plan: MachinePlan) -> list[str]:
     machine = "microvm,rtc=on" if plan.machine == "microvm" else plan.machine
+    memory = []
+    if plan.shared_memory:  # virtiofsd maps guest RAM: a shared memory file
+        machine += ",memory-backend=ram0"
+        memory = [
+            "-object",
+            f"memory-backend-memfd,id=ram0,size={plan.memory_mib}M,share=on",
+        ]
+        if plan.machine == "microvm":  # vhost-user devices speak virtio 1.0, not legacy mmio
+            memory += ["-global", "virtio-mmio.force-legacy=false"]
     return [
+        *memory,
         "-machine",
         machine,
         "-accel",
@@ -54,6 +64,15 @@ def machine_args(plan: MachinePlan) -> list[str]:
 def share_args(plan: MachinePlan) -> list[str]:
     args = []
     for i, share in enumerate(plan.shares):
+        if share.fs == "virtiofs":
+            fs = "vhost-user-fs-device" if plan.machine == "microvm" else "vhost-user-fs-pci"
+            args += [
+                "-chardev",
+                f"socket,id=fs{i},path={escape(plan.virtiofs_socket(i))}",
+                "-device",
+                f"{fs},chardev=fs{i},tag={escape(share.tag)}",
+            ]
+            continue
         fsdev = (
             f"local,id=fs{i},path={escape(share.host_path)},security_model={share.security_model}"
         )
@@ -66,6 +85,39 @@ def share_args(plan: MachinePlan) -> list[str]:
             f"{_device(plan, '9p')},fsdev=fs{i},mount_tag={escape(share.tag)}",
         ]
     return args
+
+
+# virtiofsd serving a share read-only: in a mount namespace of its own, where the shared
+# directory is a read-only bind mount of itself (this virtiofsd has no read-only option; a
+# guest remounting its share read-write still cannot write).
+_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+
+
+def virtiofsd_commands(plan: MachinePlan) -> list[tuple[list[str], str]]:
+    """The virtiofsd daemons the plan's virtiofs shares need, started before QEMU, with the
+    socket each listens on (it exits when QEMU goes)."""
+    from qemubox.vm.spec import VIRTIOFSD
+
+    commands = []
+    for i, share in enumerate(plan.shares):
+        if share.fs != "virtiofs":
+            continue
+        source = share.host_path.replace("\\", "\\\\").replace(",", "\\,")
+        daemon = [
+            VIRTIOFSD,
+            f"--socket-path={plan.virtiofs_socket(i)}",
+            "-o",
+            f"source={source}",
+            "-o",
+            "cache=auto",
+            "-o",
+            "announce_submounts",
+        ]
+        if share.read_only:
+            unshare = ["unshare", "-m", "--propagation", "private"]
+            daemon = [*unshare, "sh", "-c", _READ_ONLY, "sh", share.host_path, *daemon]
+        commands.append((daemon, plan.virtiofs_socket(i)))
+    return commands
 
 
 def disk_args(plan: MachinePlan) -> list[str]:

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import threading
@@ -22,6 +23,8 @@ _PR_SET_PDEATHSIG = 1
 #   parent-death signal; QEMU's own would be cleared by ``-runas``) and kills QEMU; SIGUSR1
 #   releases it (a detached machine, once it is set up: a starter killed while it boots
 #   leaves nothing behind);
+# - it starts QEMU's helpers first (virtiofsd: each waited for until its socket is there)
+#   and ends them after QEMU;
 # - it keeps the console log small: the log's head is punched out when more than twice
 #   ``keep`` bytes are on disk (the file's size and QEMU's offset stay valid);
 # - when ``idle`` seconds pass with no client attached (no ``attach*.lock`` locked, as
@@ -30,11 +33,13 @@ _PR_SET_PDEATHSIG = 1
 # - it writes QEMU's exit status to ``exit``, holding ``alive.lock`` (its standard input,
 #   and QEMU's fd 3) until then, so that whoever finds the lock free also finds the status.
 # Its children other than QEMU do not inherit the lock.
-_KEEPER = r"""d=$1 keep=$2 idle=$3 on_idle=$4; shift 4
+_KEEPER = r"""d=$1 keep=$2 idle=$3 on_idle=$4 helpers=$5; shift 5
 trap '' HUP USR1
 exec 3<&0
+h=
+eval "$helpers"
 "$@" & q=$!
-trap 'sig=1; [ -n "$tied" ] && kill -KILL "$q" 2>/dev/null' HUP
+trap 'sig=1; [ -n "$tied" ] && kill -KILL "$q" $h 2>/dev/null' HUP
 trap 'sig=1; tied=' USR1
 tied=1
 read -r _ _ _ ppid _ < /proc/$$/stat
@@ -42,19 +47,19 @@ read -r _ _ _ ppid _ < /proc/$$/stat
 (
   exec 0</dev/null 3<&-
   trap - HUP USR1
-  log="$d/console.log" fired=
+  log="$d/console.log"
   while sleep 1 && kill -0 $$ 2>/dev/null; do
     set -- $(stat -c '%s %b' "$log" 2>/dev/null)
     if [ $# = 2 ] && [ $(($2 * 512)) -gt $((2 * keep)) ]; then
       fallocate -p -o 0 -l $(($1 - keep)) "$log" 2>/dev/null
     fi
-    [ "$idle" -gt 0 ] && [ -z "$fired" ] || continue
+    [ "$idle" -gt 0 ] || continue
     for f in "$d"/attach*.lock; do
       [ -e "$f" ] && grep -q ":$(stat -c %i "$f") " /proc/locks && touch "$d/active"
     done
     [ -e "$d/active" ] || touch "$d/active"
     if [ $(($(date +%s) - $(stat -c %Y "$d/active"))) -ge "$idle" ]; then
-      fired=1
+      touch "$d/active"  # should it not stop the machine, try again after another while
       sh -c "$on_idle" </dev/null >>"$d/keeper.log" 2>&1 &
     fi
   done
@@ -64,7 +69,7 @@ while :; do
   wait "$q"; rc=$?
   [ -n "$sig" ] || break
 done
-kill "$t" 2>/dev/null
+kill "$t" $h 2>/dev/null
 echo "$rc" > "$d/exit"
 """
 
@@ -79,6 +84,19 @@ class Keeping:
     lock_fd: int
     idle: int = 0
     on_idle: str = ""
+    helpers: tuple[tuple[tuple[str, ...], str], ...] = ()  # (command, the socket it makes)
+
+    def _helpers(self) -> str:
+        """Shell lines starting each helper without the lock, then waiting (5 s at most,
+        and only while it lives) for its socket."""
+        lines = []
+        for command, socket in self.helpers:
+            lines.append(
+                f'{shlex.join(command)} </dev/null 3<&- & h="$h $!"; n=0; '
+                f"while [ ! -S {shlex.quote(socket)} ] && [ $n -lt 500 ] && "
+                "kill -0 $! 2>/dev/null; do sleep 0.01; n=$((n + 1)); done"
+            )
+        return "\n".join(lines)
 
     def args(self, qemu: Sequence[str]) -> list[str]:
         return [
@@ -90,6 +108,7 @@ class Keeping:
             str(self.console_keep),
             str(self.idle),
             self.on_idle,
+            self._helpers(),
             *qemu,
         ]
 

@@ -131,7 +131,10 @@ class Sandbox:
                 agent.mount(f"serial:{disk.serial}", disk.mount_point, "ext4")
             for share in self.plan.shares:
                 flags = MS_RDONLY if share.read_only else 0
-                agent.mount(share.tag, share.mount_point, "9p", NINEP_OPTIONS, flags)
+                if share.fs == "virtiofs":
+                    agent.mount(share.tag, share.mount_point, "virtiofs", "", flags)
+                else:
+                    agent.mount(share.tag, share.mount_point, "9p", NINEP_OPTIONS, flags)
         except GuestError as err:
             raise SandboxError(f"the guest cannot mount: {err}", self.console_tail()) from None
         if self.plan.network != "none":

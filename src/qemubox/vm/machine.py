@@ -38,7 +38,7 @@ from qemubox.errors import (
 )
 from qemubox.guest.client import AgentClient, AgentGone
 from qemubox.qemu import process
-from qemubox.qemu.cmdline import qemu_args
+from qemubox.qemu.cmdline import qemu_args, virtiofsd_commands
 from qemubox.vm.plan import MachinePlan
 
 CONSOLE_TAIL_LINES = 30
@@ -150,7 +150,10 @@ class Machine:
             raise KernelError(
                 f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
             )
-        keeping = process.Keeping(Path(plan.runtime_dir), CONSOLE_KEEP, lock_fd, idle, on_idle)
+        helpers = tuple((tuple(command), socket) for command, socket in virtiofsd_commands(plan))
+        keeping = process.Keeping(
+            Path(plan.runtime_dir), CONSOLE_KEEP, lock_fd, idle, on_idle, helpers
+        )
         proc = process.spawn(qemu_args(plan), keeping, Path(plan.runtime_dir) / "qemu.log")
         pid = process.qemu_pid(proc)
         machine = cls(plan, pid, process.start_time(pid), detached)

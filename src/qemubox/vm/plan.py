@@ -32,13 +32,14 @@ class KernelPlan:
 
 @dataclass(frozen=True)
 class SharePlan:
-    """A host directory shared over 9p."""
+    """A host directory shared over 9p (served by QEMU) or virtiofs (served by virtiofsd)."""
 
     tag: str
     host_path: str
     mount_point: str
     read_only: bool
-    security_model: str
+    security_model: str  # 9p's
+    fs: str = "9p"
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ class MachinePlan:
 
     def agent_socket(self, slot: int) -> str:
         return f"{self.runtime_dir}/agent{slot}.sock"
+
+    def virtiofs_socket(self, share: int) -> str:
+        return f"{self.runtime_dir}/fs{share}.sock"
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether guest RAM must be a shared memory file (virtiofsd maps it)."""
+        return any(s.fs == "virtiofs" for s in self.shares)
 
     @property
     def console_log(self) -> str:

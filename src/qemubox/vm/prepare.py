@@ -55,8 +55,9 @@ QEMU_USER = "nobody"
 def _qemu_user(spec: ValidSession) -> str | None:
     """Whom QEMU runs as once it has opened its files, when qemubox is root: ``nobody``.
     A 9p share is served by QEMU at run time with the host's permissions, so a session
-    with shares keeps root (the shared files would otherwise be read as ``nobody``)."""
-    if os.geteuid() != 0 or spec.shares:
+    with 9p shares keeps root (the shared files would otherwise be read as ``nobody``);
+    virtiofs shares are served by virtiofsd, not QEMU."""
+    if os.geteuid() != 0 or any(s.fs == "9p" for s in spec.shares):
         return None
     try:
         pwd.getpwnam(QEMU_USER)
