@@ -22,7 +22,7 @@ from pathlib import Path
 from qemubox import paths
 from qemubox.errors import BusyError, InputError, QemuboxError
 from qemubox.store import Store
-from qemubox.vm.machine import Machine
+from qemubox.vm.machine import OWNER, Machine
 from qemubox.vm.spec import Session, session_from_dict, session_to_dict
 
 SANDBOXES = Store("sandboxes", "sandbox")
@@ -268,6 +268,7 @@ def _boot(name: str):
             box.close()
             raise
         assert box.machine is not None
+        paths.atomic_write(box.machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
         kernel = box.machine.plan.kernel
         record = {
             **record,

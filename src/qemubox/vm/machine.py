@@ -63,13 +63,21 @@ _MOVES = {
 }
 
 
+OWNER = "owner"  # in a runtime directory: the record that settles the machine's end itself
+
+
 def sweep(root: Path | None = None) -> None:
     """Remove the runtime directories of dead machines (provably dead: nobody holds their
-    ``alive.lock``). Directories being made (no lock file yet) and live ones are left."""
+    ``alive.lock``). Directories being made (no lock file yet) and live ones are left, and
+    so are those of machines whose owner's record still exists (a named sandbox keeps its
+    machine's exit status and console log until it notices the end)."""
     root = root or paths.runtime_root()
     if not root.is_dir():
         return
     for d in root.iterdir():
+        with contextlib.suppress(OSError):
+            if Path((d / OWNER).read_text()).exists():
+                continue
         fd = paths.try_lock(d / "alive.lock", create=False)
         if fd is not None:
             shutil.rmtree(d, ignore_errors=True)
