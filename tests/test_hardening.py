@@ -18,6 +18,7 @@ from qemubox.errors import HostIOError
 from qemubox.qemu import process
 from qemubox.sandbox.sandbox import Sandbox
 from qemubox.vm import machine as machine_mod
+from qemubox.vm.machine import Machine
 from qemubox.vm.spec import Disk, Session
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
@@ -164,7 +165,11 @@ def test_a_detached_guest_with_no_client_keeps_its_console_log_small(kernel, mon
         assert log.stat().st_size >= 8 * keep, "the guest did not write its console"
         assert _on_disk_soon(log, 2 * keep + (1 << 20)) <= 2 * keep + (1 << 20)
     finally:
-        Sandbox.attach(machine_id).close()
+        try:
+            Sandbox.attach(machine_id).close()
+        except Exception:  # never leave it running
+            Machine.open(machine_id).kill()
+            raise
 
 
 STARTER_KILLED_WHILE_BOOTING = """
