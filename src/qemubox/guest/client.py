@@ -1,6 +1,6 @@
 """The host side of the agent protocol: one client attached to one guest agent.
 
-QEMU owns the agent's socket (a listening chardev) and serves one client at a time; a
+QEMU owns each agent port's socket (a listening chardev) and serves one client on it; a
 client says HELLO, the agent answers READY and ends whatever an earlier client left
 running. Within a process, one client carries any number of requests at once (ids tell
 their frames apart); a reader thread dispatches the guest's frames to the request they

@@ -1,8 +1,8 @@
 """The QEMU command line, built by pure functions from a machine plan.
 
-Every user string is escaped for QEMU's option syntax. QEMU owns both sockets (the QMP
-monitor and the agent's virtio-serial port) as listening chardevs, so any process can
-attach to a running machine, one client at a time.
+Every user string is escaped for QEMU's option syntax. QEMU owns the sockets (a QMP
+monitor and an agent virtio-serial port per client slot) as listening chardevs, so any
+process can attach to a running machine, as many at once as it has slots.
 """
 
 from __future__ import annotations
