@@ -28,8 +28,8 @@ _PR_SET_PDEATHSIG = 1
 # - it keeps the console log small: the log's head is punched out when more than twice
 #   ``keep`` bytes are on disk (the file's size and QEMU's offset stay valid);
 # - when ``idle`` seconds pass with no client attached (no ``attach*.lock`` locked, as
-#   /proc/locks says: trying the lock would race a client) and
-#   ``active`` untouched, it runs ``on_idle`` (a shell command) once;
+#   /proc/locks says: trying the lock would race a client) and ``active`` untouched, it
+#   runs ``on_idle`` (a shell command), and again after as long if QEMU still runs;
 # - it writes QEMU's exit status to ``exit``, holding ``alive.lock`` (its standard input,
 #   and QEMU's fd 3) until then, so that whoever finds the lock free also finds the status.
 # Its children other than QEMU do not inherit the lock.
