@@ -304,3 +304,52 @@ def test_eight_named_sandboxes_alive_at_once(kernel, state):
     with ThreadPoolExecutor(8) as pool:
         said = list(pool.map(lambda n: qemubox("exec", n, "--", "echo", n).out, names))
     assert said == [f"{n}\n" for n in names]
+
+
+def test_kill_inspect_the_ls_table_logs_f_and_a_tar_stream_in(kernel, state, tmp_path):
+    """The verbs the lifecycle test does not walk through."""
+    assert (
+        qemubox(
+            "create", "--kernel", kernel, "-m", "256M", "-p", "0:80", "--net", "restricted", "verbs"
+        ).code
+        == 0
+    )
+    record = json.loads(qemubox("inspect", "verbs").out)
+    assert record["status"]["state"] == "running" and record["plan"]["ports"][0]["guest"] == 80
+    table = qemubox("ls").out.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "STATE",
+        "IMAGE",
+        "KERNEL",
+        "MEMORY",
+        "CPUS",
+        "UP",
+        "PORTS",
+        "EXPIRES",
+    ]
+    assert table[1].split()[:2] == ["verbs", "running"] and "->80" in table[1]
+    # a tar stream into a directory of the sandbox
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "f").write_text("streamed\n")
+    tar = subprocess.run(["tar", "-c", "-C", str(tmp_path / "in"), "f"], capture_output=True)
+    cp = subprocess.run(
+        [sys.executable, "-m", "qemubox", "cp", "-", "verbs:/tmp"], input=tar.stdout
+    )
+    assert cp.returncode == 0
+    assert qemubox("exec", "verbs", "--", "cat", "/tmp/f").out == "streamed\n"
+    # logs -f follows the console until the sandbox stops
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "logs", "-f", "verbs"], stdout=subprocess.PIPE
+    )
+    qemubox("exec", "verbs", "--", "sh", "-c", "echo followed-line > /dev/console")
+    time.sleep(1)
+    r = qemubox("kill", "verbs")
+    assert r.code == 0, r.err
+    out, _ = follow.communicate(timeout=15)
+    assert b"followed-line" in out and follow.returncode == 0
+    status = by_name("verbs")
+    assert (status["state"], status["note"]) == ("stopped", "killed")
+    r = qemubox("run", "--name", "x", "--console-log", tmp_path / "c.log", "--", "true")
+    assert r.code == 2 and "--console-log goes without --name" in r.err
+    assert qemubox("rm", "verbs").code == 0

@@ -124,7 +124,7 @@ class TimedOut(SandboxError):
 
 
 class BusyError(SandboxError):
-    """Another client is attached to the sandbox's agent."""
+    """Every client slot of the sandbox is taken (or it is still starting)."""
 
     exit_code = Exit.BUSY
 

@@ -202,6 +202,8 @@ def run(command, env, workdir, timeout, console_log, dry_run, interactive, **opt
             raise InputError("-d, --rm, --ttl and --image go with --name")
     elif detach and (remove or interactive):
         raise InputError("-d goes with neither --rm nor -i")
+    elif console_log:
+        raise InputError(f"--console-log goes without --name (see: qemubox logs {name})")
     if dry_run:
         from qemubox.qemu.cmdline import qemu_args
 

@@ -201,10 +201,10 @@ def cp(src, dst):
 
     One of SRC and DST is NAME:/path; the other a host path, or - for a tar stream on
     standard input (to a sandbox) or output (from one)."""
+    from qemubox.cli import parse
     from qemubox.sandbox import copy
 
-    copy.cp(src, dst)
-    return None
+    copy.cp(parse.guest_path(src), parse.guest_path(dst))
 
 
 COMMANDS = (create, exec_, ls, inspect, stop, kill, start, rm, logs, cp)

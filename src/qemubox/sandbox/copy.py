@@ -20,13 +20,12 @@ from pathlib import Path
 from qemubox.errors import InputError, SandboxError
 
 
-def cp(src: str, dst: str) -> None:
-    """``qemubox cp SRC DST``: one side is ``NAME:/path``, the other a host path or ``-``."""
-    from qemubox.cli.parse import guest_path
+def cp(src: tuple[str | None, str], dst: tuple[str | None, str]) -> None:
+    """``qemubox cp SRC DST``, each side a (sandbox name or None, path) pair: one side is a
+    sandbox's path, the other a host path or ``-``."""
     from qemubox.sandbox import named
 
-    src_box, src_path = guest_path(src)
-    dst_box, dst_path = guest_path(dst)
+    (src_box, src_path), (dst_box, dst_path) = src, dst
     if (src_box is None) == (dst_box is None):
         raise InputError("cp: exactly one of SRC and DST must be NAME:/path (a sandbox's path)")
     box = named.attach(src_box or dst_box)

@@ -233,7 +233,9 @@ def create(name: str, session: Session, ttl: float | None = None, image: str = "
                 "note": "",
             },
         )
-        return _boot(name)
+        box = _boot(name)
+        assert box is not None  # nobody else knows the name yet
+        return box
     except BaseException:
         SANDBOXES.remove(name)
         raise
@@ -242,14 +244,7 @@ def create(name: str, session: Session, ttl: float | None = None, image: str = "
 def start(name: str):
     """Boot a stopped sandbox again (its disks as they were); returns the started
     :class:`Sandbox`, or None when it was running already."""
-    try:
-        return _boot(name)
-    except _AlreadyRunning:
-        return None
-
-
-class _AlreadyRunning(Exception):
-    pass
+    return _boot(name)
 
 
 def _boot(name: str):
@@ -258,7 +253,7 @@ def _boot(name: str):
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)
         if state in (STARTING, RUNNING):
-            raise _AlreadyRunning
+            return None
         box = Sandbox(session_from_dict(record["session"]))
         ttl = record.get("ttl")
         on_idle = shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
