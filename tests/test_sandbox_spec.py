@@ -284,7 +284,12 @@ def test_virtiofs_command_line_and_daemons(tmp_path):
     assert any(d.startswith("virtio-9p-device,fsdev=fs1") for d in option(args, "-device"))
     ((command, socket),) = qemu.virtiofsd_commands(plan)
     assert socket == f"{tmp_path}/fs0.sock"
-    assert command[:4] == ["unshare", "-m", "--propagation", "private"]  # read-only view
+    view = f"{tmp_path}/ro0"
+    assert command[1:5] == ["-m", "qemubox.qemu.readonly", "/srv/a,b", view]  # read-only
+    assert f"source={view}" in command and "announce_submounts" in command
+    ((command, _),) = qemu.virtiofsd_commands(
+        config(tmp_path, shares=(replace(shares[0], read_only=False),))
+    )
     assert "source=/srv/a\\,b" in command  # virtiofsd's option syntax, escaped
     plain = config(tmp_path, shares=(replace(shares[0], read_only=False),))
     ((command, _),) = qemu.virtiofsd_commands(plain)

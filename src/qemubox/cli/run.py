@@ -72,10 +72,17 @@ _SESSION_OPTIONS = [
     click.option(
         "--accel", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
     ),
+    click.option(
+        "--image",
+        default="minimal",
+        show_default=True,
+        metavar="IMAGE",
+        help="The root: minimal, host (this machine's / read-only), debian, an image of "
+        "`qemubox image ls`, or an ext4/qcow2 file.",
+    ),
 ]
 
 _NAMED_OPTIONS = [
-    click.option("--image", default="minimal", show_default=True, help="The root: minimal."),
     click.option(
         "--ttl",
         metavar="DURATION",
@@ -117,7 +124,14 @@ def make_session(options: dict, timeout: float | None = None, console_log: str |
         boot_timeout=parse.seconds(options.pop("boot_timeout"), "--boot-timeout"),
         accel=options.pop("accel"),
         console_log=console_log,
+        image=options.pop("image"),
     )
+
+
+def default_workdir(session) -> str:
+    """Where a command starts unless told: in a host root, where we are (it is there, at
+    the same path); elsewhere at /."""
+    return os.getcwd() if session.image == "host" else "/"
 
 
 def run_command(sandbox, command, env, cwd, interactive, timeout, tty=False) -> int:
@@ -165,7 +179,12 @@ def _writer(stream):
 @click.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
 @session_options
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE")
-@click.option("-w", "--workdir", default="/", show_default=True, metavar="DIR")
+@click.option(
+    "-w",
+    "--workdir",
+    metavar="DIR",
+    help="Where COMMAND starts (default: /; with --image host, ours).",
+)
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
 @click.option("--console-log", metavar="FILE", help="Keep the guest console log here.")
 @click.option("--dry-run", is_flag=True, help="Print the QEMU command line; run nothing.")
@@ -192,14 +211,14 @@ def run(command, env, workdir, timeout, console_log, dry_run, interactive, **opt
     from qemubox.sandbox.sandbox import Sandbox
 
     name, detach, remove = options.pop("name"), options.pop("detach"), options.pop("remove")
-    image, ttl = options.pop("image"), parse.duration(options.pop("ttl"), "--ttl")
+    ttl = parse.duration(options.pop("ttl"), "--ttl")
     timeout = parse.seconds(timeout, "--timeout")
     session = make_session(options, timeout, console_log)
     command_env = parse.env(env, os.environ)
-    cwd = parse.workdir(workdir)
+    cwd = parse.workdir(workdir or default_workdir(session))
     if name is None:
-        if detach or remove or ttl or image != "minimal":
-            raise InputError("-d, --rm, --ttl and --image go with --name")
+        if detach or remove or ttl:
+            raise InputError("-d, --rm and --ttl go with --name")
     elif detach and (remove or interactive):
         raise InputError("-d goes with neither --rm nor -i")
     elif console_log:
@@ -212,7 +231,7 @@ def run(command, env, workdir, timeout, console_log, dry_run, interactive, **opt
     if name is None:
         with Sandbox(session) as sandbox:
             return run_command(sandbox, command, command_env, cwd, interactive, timeout)
-    sandbox = Sandbox.create(name, session, ttl, image)
+    sandbox = Sandbox.create(name, session, ttl)
     try:
         if detach:
             _start_in_background(sandbox, command, command_env, cwd)

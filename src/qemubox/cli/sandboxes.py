@@ -19,7 +19,7 @@ from qemubox.errors import InputError
 @session_options
 @named_options
 @click.argument("name")
-def create(name, image, ttl, **options):
+def create(name, ttl, **options):
     """Start the named sandbox NAME in the background; returns once it is ready.
 
     It outlives this command and the terminal; `qemubox exec NAME -- CMD` runs commands in
@@ -29,7 +29,7 @@ def create(name, image, ttl, **options):
     from qemubox.sandbox.sandbox import Sandbox
 
     ttl = parse.duration(ttl, "--ttl")
-    Sandbox.create(name, make_session(options), ttl, image).detach()
+    Sandbox.create(name, make_session(options), ttl).detach()
     click.echo(name)
 
 

@@ -2,7 +2,10 @@
  * qemubox guest agent: the sandbox guest's /init.
  *
  * As PID 1 it mounts the kernel file systems, loads the modules listed in
- * /etc/qemubox/modules, brings up the loopback interface, then serves the host over the
+ * /etc/qemubox/modules, brings up the loopback interface, switches to the root the kernel
+ * command line names ("qemubox.root=disk:SERIAL", or "virtiofs:TAG" / "9p:TAG" for a
+ * read-only host directory under a tmpfs overlay; by default the initramfs stays the root),
+ * keeping its busybox at /run/qemubox/busybox, then serves the host over the
  * virtio-serial ports named "qemubox.agent.K-of-N" (N client slots, each a client of its
  * own, served side by side): it runs commands (argv, env, cwd, stdin),
  * streams their stdout and stderr separately, reports exit status or signal, signals
@@ -871,6 +874,124 @@ static void loopback_up(void)
 	close(s);
 }
 
+/* --- the root ------------------------------------------------------------------------- */
+
+#define NEWROOT "/newroot"
+#define OWN_DIR "/run/qemubox"
+#define OWN_BUSYBOX OWN_DIR "/busybox" /* qemubox's own commands, whatever the root holds */
+
+static void boot_fail(const char *what, const char *detail)
+{
+	fprintf(stderr, "qemubox-agent: cannot set up the root: %s: %s\n", what, detail);
+	sync();
+	reboot(RB_POWER_OFF);
+	_exit(1);
+}
+
+/* Our busybox stays reachable at OWN_BUSYBOX after the root changes: a bind mount of the
+ * initramfs's, under /run, which moves with it. */
+static void keep_busybox(void)
+{
+	int fd;
+	mkdir(OWN_DIR, 0755);
+	fd = open(OWN_BUSYBOX, O_WRONLY | O_CREAT | O_CLOEXEC, 0755);
+	if (fd >= 0)
+		close(fd);
+	if (mount("/bin/busybox", OWN_BUSYBOX, NULL, MS_BIND, NULL) < 0)
+		fprintf(stderr, "qemubox-agent: keeping busybox: %s\n", strerror(errno));
+}
+
+/* The value of "qemubox.root=" on the kernel command line, if any. */
+static int root_argument(char *out, size_t len)
+{
+	char line[4096] = "", *tok, *save;
+	FILE *f = fopen("/proc/cmdline", "r");
+	if (!f)
+		return 0;
+	if (!fgets(line, sizeof(line), f))
+		line[0] = 0;
+	fclose(f);
+	for (tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save))
+		if (!strncmp(tok, "qemubox.root=", 13)) {
+			snprintf(out, len, "%s", tok + 13);
+			return 1;
+		}
+	return 0;
+}
+
+/* mount(2), waiting a little for a device or a channel that is still probing. */
+static int mount_waiting(const char *source, const char *target, const char *fstype,
+			 unsigned long flags, const char *data)
+{
+	long long until = now_ms() + DEVICE_WAIT_MS;
+	int rc;
+	while ((rc = mount(source, target, fstype, flags, data)) < 0 &&
+	       (errno == ENOENT || errno == ENODEV || errno == ENXIO) && now_ms() < until)
+		usleep(10000);
+	return rc;
+}
+
+/* "disk:SERIAL": an ext4 disk (the host keeps its base image unchanged under a
+ * copy-on-write overlay). "virtiofs:TAG" or "9p:TAG": a host directory, read-only, under an
+ * overlay whose writes live in memory. */
+static void mount_root(const char *arg)
+{
+	char dev[512];
+	const char *source = strchr(arg, ':');
+	if (!source)
+		boot_fail(arg, "expected KIND:SOURCE");
+	source++;
+	mkdir(NEWROOT, 0755);
+	if (!strncmp(arg, "disk:", 5)) {
+		char serial[300];
+		snprintf(serial, sizeof(serial), "serial:%s", source);
+		if (resolve_source(serial, dev, sizeof(dev)) < 0)
+			boot_fail(arg, "no disk with that serial");
+		if (mount_waiting(dev, NEWROOT, "ext4", 0, NULL) < 0)
+			boot_fail(dev, strerror(errno));
+	} else if (!strncmp(arg, "virtiofs:", 9) || !strncmp(arg, "9p:", 3)) {
+		int ninep = arg[0] == '9';
+		const char *options =
+			ninep ? "trans=virtio,version=9p2000.L,msize=524288,cache=loose" : NULL;
+		mkdir(OWN_DIR "/lower", 0755);
+		mkdir(OWN_DIR "/rw", 0755);
+		if (mount_waiting(source, OWN_DIR "/lower", ninep ? "9p" : "virtiofs", MS_RDONLY,
+				  options) < 0)
+			boot_fail(source, strerror(errno));
+		if (mount("tmpfs", OWN_DIR "/rw", "tmpfs", 0, "mode=0755") < 0)
+			boot_fail("tmpfs", strerror(errno));
+		mkdir(OWN_DIR "/rw/upper", 0755);
+		mkdir(OWN_DIR "/rw/work", 0755);
+		if (mount("overlay", NEWROOT, "overlay", 0,
+			  "lowerdir=" OWN_DIR "/lower,upperdir=" OWN_DIR "/rw/upper,workdir=" OWN_DIR
+			  "/rw/work") < 0)
+			boot_fail("overlay", strerror(errno));
+	} else {
+		boot_fail(arg, "unknown kind of root");
+	}
+}
+
+/* Make the mounted root "/": the kernel file systems move into it, then it moves over the
+ * initramfs (which stays, unreachable but for our busybox). */
+static void switch_root(void)
+{
+	static const char *const moved[] = { "/dev", "/proc", "/sys", "/run", "/tmp" };
+	char arg[512];
+	if (!root_argument(arg, sizeof(arg)))
+		return;
+	mount_root(arg);
+	for (size_t i = 0; i < sizeof(moved) / sizeof(*moved); i++) {
+		char target[64];
+		snprintf(target, sizeof(target), NEWROOT "%s", moved[i]);
+		mkdir_p(target);
+		if (mount(moved[i], target, NULL, MS_MOVE, NULL) < 0)
+			boot_fail(target, strerror(errno));
+	}
+	if (chdir(NEWROOT) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+	    chdir("/") < 0)
+		boot_fail(NEWROOT, strerror(errno));
+}
+
 /* The name of a port of ours: "qemubox.agent.K-of-N". */
 static int our_port(const char *name, int *k, int *n)
 {
@@ -933,6 +1054,8 @@ int main(void)
 		load_modules();
 		loopback_up();
 		sethostname("qemubox", 7);
+		keep_busybox();
+		switch_root();
 	}
 	for (int i = 0; i < MAX_EXECS; i++)
 		execs[i].out = execs[i].err = execs[i].in = -1;

@@ -16,6 +16,7 @@ from qemubox.apt import apt_install, download_for_arch
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
 from qemubox.paths import cache_dir, fill
+from qemubox.qemu.cmdline import DNS
 from qemubox.vm.plan import KernelPlan
 
 HOST_BUSYBOX = Path("/bin/busybox")
@@ -28,6 +29,7 @@ FEATURE_MODULES = {
     "virtiofs": ("virtiofs",),
     "network": ("virtio_net", "af_packet"),
     "balloon": ("virtio_balloon",),
+    "overlay": ("overlay",),  # a host root's writes
 }
 OPTIONAL_MODULES = {"virtio_mmio", "virtio_pci", "virtio_rng", "af_packet"}
 
@@ -35,7 +37,7 @@ _ETC = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     "etc/group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
     "etc/hosts": "127.0.0.1 localhost qemubox\n::1 localhost\n",
-    "etc/resolv.conf": "nameserver 10.0.2.3\n",
+    "etc/resolv.conf": f"nameserver {DNS}\n",
     "etc/hostname": "qemubox\n",
 }
 

@@ -59,6 +59,15 @@ HOST_FRAMES = frozenset(f for f in Frame if f < 20)
 GUEST_FRAMES = frozenset(f for f in Frame if f >= 20)
 EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
 EXEC_TTY = 2  # ExecRequest flag: the command runs on a pseudo-terminal (rows, columns follow)
+# The agent keeps its initramfs's busybox here whatever the root: qemubox's own commands
+# (network setup, cp, file transfers) run on it, so any root serves them.
+GUEST_BUSYBOX = "/run/qemubox/busybox"
+
+
+def own_shell(script: str, *args: str) -> list[str]:
+    """argv running ``script`` (with ``$1``... = ``args``) in the agent's busybox shell,
+    whose applets win over the root's commands."""
+    return [GUEST_BUSYBOX, "sh", "-c", script, "sh", *args]
 
 
 def encode(kind: Frame, ident: int, payload: bytes = b"") -> bytes:

@@ -7,10 +7,11 @@ process can attach to a running machine, as many at once as it has slots.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.vm.plan import MachinePlan
+from qemubox.vm.plan import ROOT_ID, MachinePlan
 
 GUEST_IP = "10.0.2.15"
 GATEWAY = "10.0.2.2"
@@ -63,7 +64,7 @@ def machine_args(plan: MachinePlan) -> list[str]:
 
 def share_args(plan: MachinePlan) -> list[str]:
     args = []
-    for i, share in enumerate(plan.shares):
+    for i, share in enumerate(plan.exported):
         if share.fs == "virtiofs":
             fs = "vhost-user-fs-device" if plan.machine == "microvm" else "vhost-user-fs-pci"
             args += [
@@ -78,6 +79,8 @@ def share_args(plan: MachinePlan) -> list[str]:
         )
         if share.read_only:
             fsdev += ",readonly=on"
+        if share.tag == ROOT_ID:  # a whole tree of host file systems: no inode clashes
+            fsdev += ",multidevs=remap"
         args += [
             "-fsdev",
             fsdev,
@@ -87,51 +90,57 @@ def share_args(plan: MachinePlan) -> list[str]:
     return args
 
 
-# virtiofsd serving a share read-only: in a mount namespace of its own, where the shared
-# directory is a read-only bind mount of itself (this virtiofsd has no read-only option; a
-# guest remounting its share read-write still cannot write).
-_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
-
-
 def virtiofsd_commands(plan: MachinePlan) -> list[tuple[list[str], str]]:
     """The virtiofsd daemons the plan's virtiofs shares need, started before QEMU, with the
     socket each listens on (it exits when QEMU goes)."""
     from qemubox.vm.spec import VIRTIOFSD
 
     commands = []
-    for i, share in enumerate(plan.shares):
+    for i, share in enumerate(plan.exported):
         if share.fs != "virtiofs":
             continue
-        source = share.host_path.replace("\\", "\\\\").replace(",", "\\,")
+        view = share.host_path
+        if share.read_only:  # a read-only view of it, made by the helper below
+            view = plan.read_only_view(i)
         daemon = [
             VIRTIOFSD,
             f"--socket-path={plan.virtiofs_socket(i)}",
             "-o",
-            f"source={source}",
+            "source=" + view.replace("\\", "\\\\").replace(",", "\\,"),
             "-o",
             "cache=auto",
-            "-o",
-            "announce_submounts",
         ]
-        if share.read_only:
-            unshare = ["unshare", "-m", "--propagation", "private"]
-            daemon = [*unshare, "sh", "-c", _READ_ONLY, "sh", share.host_path, *daemon]
+        if share.tag != ROOT_ID:
+            # Mounts under the share as mounts in the guest (distinct inode numbers). Not
+            # for a root: overlayfs would not look into them.
+            daemon += ["-o", "announce_submounts"]
+        if share.read_only:  # virtiofsd has no read-only option: see qemu/readonly.py
+            helper = [sys.executable, "-m", "qemubox.qemu.readonly", share.host_path, view]
+            daemon = [*helper, *daemon]
         commands.append((daemon, plan.virtiofs_socket(i)))
     return commands
 
 
+def _drive(plan: MachinePlan, ident: str, path: str, fmt: str, serial: str) -> list[str]:
+    return [
+        "-drive",
+        # A host I/O error (a full host filesystem) is the guest's I/O error, reported as
+        # an event: QEMU's default pauses the VM silently.
+        f"file={escape(path)},if=none,id={ident},format={fmt},cache=writeback,"
+        "discard=unmap,werror=report,rerror=report",
+        "-device",
+        f"{_device(plan, 'blk')},drive={ident},serial={escape(serial)}",
+    ]
+
+
 def disk_args(plan: MachinePlan) -> list[str]:
+    """A disk root (its qcow2 overlay, which names the image it reads from), then the
+    session's disks."""
     args = []
+    if plan.root.kind == "disk":
+        args += _drive(plan, "root", plan.root.overlay, "qcow2", ROOT_ID)
     for i, disk in enumerate(plan.disks):
-        args += [
-            "-drive",
-            # A host I/O error (a full host filesystem) is the guest's I/O error, reported
-            # as an event: QEMU's default pauses the VM silently.
-            f"file={escape(disk.path)},if=none,id=disk{i},format=raw,cache=writeback,"
-            "discard=unmap,werror=report,rerror=report",
-            "-device",
-            f"{_device(plan, 'blk')},drive=disk{i},serial={escape(disk.serial)}",
-        ]
+        args += _drive(plan, f"disk{i}", disk.path, "raw", disk.serial)
     return args
 
 

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from qemubox.errors import InputError, SandboxError
+from qemubox.guest.protocol import own_shell
 
 
 def cp(src: tuple[str | None, str], dst: tuple[str | None, str]) -> None:
@@ -44,7 +45,7 @@ def _guest_kind(box, path: str) -> str:
         'if [ -d "$1" ]; then echo dir; elif [ -e "$1" ] || [ -L "$1" ]; then echo file; '
         "else echo none; fi"
     )
-    r = box.exec(["sh", "-c", script, "sh", path], timeout=30)
+    r = box.exec(own_shell(script, path), timeout=30)
     return r.stdout.decode().strip() or "none"
 
 
@@ -101,7 +102,7 @@ def to_guest(box, host: str, guest: str) -> None:
 
 def _untar_in_guest(box, into: str, stream, label: str) -> None:
     script = 'umask 0; cd "$1" && tar -x -o -f -'
-    r = box.exec(["sh", "-c", script, "sh", into], stdin_stream=stream, timeout=None)
+    r = box.exec(own_shell(script, into), stdin_stream=stream, timeout=None)
     if r.exit_code != 0:
         raise _fail(f"cp: cannot copy to {label}", r)
 
@@ -125,7 +126,7 @@ def from_guest(box, guest: str, host: str) -> None:
     top = posixpath.basename(guest.rstrip("/")) or "."
     parent = posixpath.dirname(guest.rstrip("/")) or "/"
     script = 'cd "$1" && tar -c -f - "$2"'
-    argv = ["sh", "-c", script, "sh", parent, top]
+    argv = own_shell(script, parent, top)
     if host == "-":
         out = sys.stdout.buffer
         r = box.exec(argv, on_stdout=out.write, timeout=None)

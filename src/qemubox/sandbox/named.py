@@ -26,7 +26,7 @@ from qemubox.vm.machine import OWNER, Machine
 from qemubox.vm.spec import Session, session_from_dict, session_to_dict
 
 SANDBOXES = Store("sandboxes", "sandbox")
-IMAGES = ("minimal",)
+ROOT_OVERLAY = "root.qcow2"  # a disk root's writes, in the sandbox's directory
 STOP_TIMEOUT = 10  # seconds a clean power-off may take before QEMU is killed
 
 # What a sandbox is doing, as observed.
@@ -194,31 +194,32 @@ def record(name: str) -> dict:
 # --- making and starting ------------------------------------------------------------------------
 
 
-def _own_session(name: str, session: Session) -> Session:
+def _own_session(name: str, session: Session, image: str) -> Session:
     """The session as the record keeps it: paths absolute, disks without a path given one in
-    the sandbox's directory (so that they outlive a stop); the console log is the
-    sandbox's own (``logs``)."""
+    the sandbox's directory (so that they outlive a stop), and so is a disk root's overlay;
+    the console log is the sandbox's own (``logs``)."""
     home = SANDBOXES.dir(name)
     shares = [replace(sh, host_path=str(Path(sh.host_path).absolute())) for sh in session.shares]
     disks = [
         replace(d, path=str(Path(d.path).absolute() if d.path else home / f"disk{i}.img"))
         for i, d in enumerate(session.disks)
     ]
-    return replace(session, shares=shares, disks=disks, console_log=None)
+    overlay = session.overlay or str(home / ROOT_OVERLAY)
+    return replace(
+        session, shares=shares, disks=disks, console_log=None, image=image, overlay=overlay
+    )
 
 
-def create(name: str, session: Session, ttl: float | None = None, image: str = "minimal"):
+def create(name: str, session: Session, ttl: float | None = None):
     """Make a sandbox and start it; returns the started :class:`Sandbox` (attached, its
     machine released: detach or close it). A failed start leaves nothing."""
     SANDBOXES.check_name(name)
-    if image not in IMAGES:
-        raise InputError(f"unknown image {image!r} (known: {', '.join(IMAGES)})")
     if ttl is not None and ttl <= 0:
         raise InputError(f"ttl must be positive, got {ttl}")
-    session.validate()  # before anything is made
+    image = session.validate().image  # checked before anything is made
     SANDBOXES.make(name)
     try:
-        kept = _own_session(name, session)
+        kept = _own_session(name, session, image)
         SANDBOXES.write(
             name,
             {
@@ -271,6 +272,7 @@ def _boot(name: str):
             "ready": False,
             "started": time.time(),
             "kernel": kernel.version or Path(kernel.image).name,
+            "base": box.machine.plan.root.base,  # a disk root's image: kept while we are
         }
         SANDBOXES.write(name, record)
     try:

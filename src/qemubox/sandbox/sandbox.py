@@ -26,6 +26,7 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
     VMDied,
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
+from qemubox.guest.protocol import own_shell
 from qemubox.qemu.cmdline import GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare
 from qemubox.vm.machine import Machine, State
@@ -139,12 +140,10 @@ class Sandbox:
             raise SandboxError(f"the guest cannot mount: {err}", self.console_tail()) from None
         if self.plan.network != "none":
             r = self.exec(
-                [
-                    "sh",
-                    "-c",
+                own_shell(
                     f"ip link set eth0 up && ip addr add {GUEST_IP}/24 "
-                    f"dev eth0 && ip route add default via {GATEWAY}",
-                ],
+                    f"dev eth0 && ip route add default via {GATEWAY}"
+                ),
                 timeout=30,
             )
             if r.exit_code != 0:
@@ -187,14 +186,13 @@ class Sandbox:
         name: str,
         session: Session | None = None,
         ttl: float | None = None,
-        image: str = "minimal",
     ) -> Sandbox:
         """Make the named sandbox ``name`` and start it; it lives on after this process
         (:meth:`detach` to leave it, :meth:`stop` to power it off, :meth:`remove` to
         delete it). ``ttl``: stop it after that many seconds with no client."""
         from qemubox.sandbox import named
 
-        return named.create(name, session or Session(), ttl, image)
+        return named.create(name, session or Session(), ttl)
 
     @staticmethod
     def list() -> list:
@@ -434,16 +432,14 @@ class Sandbox:
             self.machine.wait_gone(5)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        r = self.exec(
-            ["sh", "-c", 'cat > "$1" && chmod "$2" "$1"', "sh", path, f"{mode:o}"], stdin=data
-        )
+        r = self.exec(own_shell('cat > "$1" && chmod "$2" "$1"', path, f"{mode:o}"), stdin=data)
         if r.exit_code != 0:
             raise SandboxError(
                 f"cannot write {path} in the guest: {r.stderr.decode(errors='replace').strip()}"
             )
 
     def read_file(self, path: str) -> bytes:
-        r = self.exec(["cat", "--", path])
+        r = self.exec(own_shell('cat -- "$1"', path))
         if r.exit_code != 0:
             raise SandboxError(
                 f"cannot read {path} in the guest: {r.stderr.decode(errors='replace').strip()}"

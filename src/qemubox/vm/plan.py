@@ -53,6 +53,39 @@ class DiskPlan:
     ephemeral: bool  # made for this machine, removed with it
 
 
+ROOT_ID = "qemubox-root"  # the root disk's serial, the root share's tag
+
+
+@dataclass(frozen=True)
+class RootPlan:
+    """The guest's root. ``initramfs``: the busybox initramfs itself (in memory).
+    ``disk``: an ext4 image booted through a qcow2 overlay that takes every write, so the
+    image (``base``) is never written. ``share``: a host directory (``base``) shared
+    read-only, under an overlay whose writes stay in guest memory."""
+
+    kind: str = "initramfs"
+    image: str = "minimal"  # as the user named it
+    base: str = ""
+    base_format: str = "raw"  # a disk's: raw or qcow2
+    overlay: str = ""  # a disk's writes; "" until planned
+    fs: str = "virtiofs"  # a share's: 9p or virtiofs
+    recipe: dict | None = None  # how to build ``base`` when it is missing
+
+    def kernel_argument(self) -> str:
+        """What tells the agent (``qemubox.root=``) where its root is."""
+        if self.kind == "disk":
+            return f"qemubox.root=disk:{ROOT_ID}"
+        if self.kind == "share":
+            return f"qemubox.root={self.fs}:{ROOT_ID}"
+        return ""
+
+    def share(self) -> SharePlan | None:
+        """A share root as the share it is exported as."""
+        if self.kind != "share":
+            return None
+        return SharePlan(ROOT_ID, self.base, "/", True, "none", self.fs)
+
+
 @dataclass(frozen=True)
 class PortPlan:
     host: int  # 0 until prepared: any free port
@@ -88,6 +121,7 @@ class MachinePlan:
     balloon: bool = False
     run_as: str | None = None  # the user QEMU drops to once its files are open (when root)
     slots: int = CLIENT_SLOTS  # clients that can be attached at once
+    root: RootPlan = field(default_factory=RootPlan)
     schema: int = field(default=SCHEMA)
 
     # --- places -----------------------------------------------------------------------------
@@ -101,10 +135,20 @@ class MachinePlan:
     def virtiofs_socket(self, share: int) -> str:
         return f"{self.runtime_dir}/fs{share}.sock"
 
+    def read_only_view(self, share: int) -> str:
+        """Where a read-only virtiofs share is mounted for its virtiofsd alone."""
+        return f"{self.runtime_dir}/ro{share}"
+
+    @property
+    def exported(self) -> tuple[SharePlan, ...]:
+        """Every directory the host exports: the session's shares, then a share root."""
+        root = self.root.share()
+        return self.shares + ((root,) if root else ())
+
     @property
     def shared_memory(self) -> bool:
         """Whether guest RAM must be a shared memory file (virtiofsd maps it)."""
-        return any(s.fs == "virtiofs" for s in self.shares)
+        return any(s.fs == "virtiofs" for s in self.exported)
 
     @property
     def console_log(self) -> str:
@@ -135,6 +179,8 @@ class MachinePlan:
             values["shares"] = tuple(SharePlan(**s) for s in values["shares"])
             values["disks"] = tuple(DiskPlan(**d) for d in values["disks"])
             values["ports"] = tuple(PortPlan(**pt) for pt in values["ports"])
+            if "root" in values:
+                values["root"] = RootPlan(**values["root"])
             return cls(**values)
         except (KeyError, TypeError) as err:
             raise InputError(f"a malformed machine plan: {err}") from None
@@ -167,6 +213,7 @@ class MachinePlan:
             "disks": [d.serial for d in self.disks],
             "network": self.network,
             "balloon": self.balloon,
+            "root": [self.root.kind, self.root.base, self.root.fs],
         }
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
@@ -190,13 +237,18 @@ def make_plan(
     initrd: str,
     tsc_khz: int | None,
     run_as: str | None = None,
+    root: RootPlan | None = None,
 ) -> MachinePlan:
-    """The plan of a VM for a validated session (``vm.spec.ValidSession``). Pure."""
+    """The plan of a VM for a validated session (``vm.spec.ValidSession``), whose root is
+    ``root`` (the initramfs by default). Pure."""
     record = arches.get(kernel.arch)
     disks = tuple(
         d if d.path else replace(d, path=f"{runtime_dir}/disk{i}.img")
         for i, d in enumerate(session.disks)
     )
+    root = root or RootPlan()
+    if root.kind == "disk" and not root.overlay:
+        root = replace(root, overlay=f"{runtime_dir}/root.qcow2")
     return MachinePlan(
         arch=record.name,
         machine=record.machine(kernel.mmio),
@@ -207,7 +259,7 @@ def make_plan(
         kernel=kernel,
         initrd=initrd,
         features=session.features(),
-        append=kernel_cmdline(record, accel, tsc_khz),
+        append=kernel_cmdline(record, accel, tsc_khz, root.kernel_argument()),
         runtime_dir=runtime_dir,
         shares=session.shares,
         disks=disks,
@@ -215,4 +267,5 @@ def make_plan(
         ports=session.ports,
         balloon=session.balloon,
         run_as=run_as,
+        root=root,
     )

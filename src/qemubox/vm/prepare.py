@@ -14,10 +14,11 @@ from qemubox import arch as arches
 from qemubox import paths
 from qemubox.errors import InputError
 from qemubox.guest import initramfs
+from qemubox.image import catalog
 from qemubox.kernel.artifacts import choose_kernel
 from qemubox.qemu.accel import choose_accel
 from qemubox.qemu.cmdline import host_tsc_khz
-from qemubox.vm.plan import DiskPlan, MachinePlan, PortPlan, make_plan
+from qemubox.vm.plan import DiskPlan, MachinePlan, PortPlan, RootPlan, make_plan
 from qemubox.vm.spec import ValidSession
 
 
@@ -37,6 +38,7 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         probe=not dry_run,
     )
     initrd = initramfs.initramfs_path(kernel, spec.features())
+    root = catalog.root_plan(spec.image, record.debian_arch, spec.root_fs, spec.overlay or "")
     return make_plan(
         spec,
         kernel,
@@ -46,6 +48,7 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         str(initrd),
         host_tsc_khz(),
         _qemu_user(spec),
+        root,
     )
 
 
@@ -57,7 +60,8 @@ def _qemu_user(spec: ValidSession) -> str | None:
     A 9p share is served by QEMU at run time with the host's permissions, so a session
     with 9p shares keeps root (the shared files would otherwise be read as ``nobody``);
     virtiofs shares are served by virtiofsd, not QEMU."""
-    if os.geteuid() != 0 or any(s.fs == "9p" for s in spec.shares):
+    host_root_9p = spec.root_kind == "share" and spec.root_fs == "9p"
+    if os.geteuid() != 0 or host_root_9p or any(s.fs == "9p" for s in spec.shares):
         return None
     try:
         pwd.getpwnam(QEMU_USER)
@@ -74,6 +78,9 @@ def realize(plan: MachinePlan) -> MachinePlan:
         raise InputError(f"the initramfs came out at {built}, planned at {plan.initrd}")
     for disk in plan.disks:
         prepare_disk(disk)
+    if plan.root.kind == "disk":
+        catalog.ensure_built(plan.root)
+        make_overlay(plan.root)
     ports = tuple(PortPlan(p.host or free_port(), p.guest) for p in plan.ports)
     return replace(plan, ports=ports)
 
@@ -139,6 +146,31 @@ def _is_ext4(path: Path) -> bool:
     with open(path, "rb") as fh:
         fh.seek(1024 + 0x38)  # the superblock's magic
         return fh.read(2) == b"\x53\xef"
+
+
+def make_overlay(root: RootPlan) -> None:
+    """A disk root's qcow2 overlay over its image, unless it is there (a stopped named
+    sandbox's root, as it left it). Made aside and linked into place."""
+    overlay = Path(root.overlay)
+    if overlay.exists():
+        return
+    tmp = paths.temp_beside(overlay)
+    try:
+        create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", root.base_format]
+        proc = subprocess.run(
+            [*create, "-b", root.base, str(tmp)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            raise InputError(f"cannot make the root overlay {overlay} over {root.base}: {why}")
+        os.link(tmp, overlay)
+    except FileExistsError:
+        pass  # made meanwhile: the same empty overlay
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_disk(disk: DiskPlan) -> None:

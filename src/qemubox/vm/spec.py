@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemubox.errors import InputError
+from qemubox.image import catalog
 from qemubox.vm.plan import DiskPlan, PortPlan, SharePlan
 
 SECURITY_MODELS = ("passthrough", "mapped-xattr", "mapped-file", "none")
@@ -87,6 +88,10 @@ class Session:
     boot_timeout: float = 60.0
     accel: str = "auto"
     console_log: str | None = None
+    # The root: minimal (the initramfs), host (this machine's / read-only, writes in
+    # memory), debian, an image built with `qemubox image build`, or an ext4/qcow2 file.
+    image: str = "minimal"
+    overlay: str | None = None  # where a disk root's writes go (default: with the VM)
 
     def validate(self) -> ValidSession:
         return validate(self)
@@ -110,15 +115,21 @@ class ValidSession:
     boot_timeout: float
     accel: str
     console_log: Path | None
+    image: str = "minimal"  # a name, or an image file's absolute path
+    root_kind: str = "initramfs"  # initramfs, disk or share
+    root_fs: str = "9p"  # a share root's
+    overlay: str | None = None
 
     def features(self) -> tuple[str, ...]:
         """What the guest needs drivers for, beyond its console and agent port."""
+        fs = {s.fs for s in self.shares} | ({self.root_fs} if self.root_kind == "share" else set())
         wanted = {
-            "disks": bool(self.disks),
-            "shares": any(s.fs == "9p" for s in self.shares),
-            "virtiofs": any(s.fs == "virtiofs" for s in self.shares),
+            "disks": bool(self.disks) or self.root_kind == "disk",
+            "shares": "9p" in fs,
+            "virtiofs": "virtiofs" in fs,
             "network": self.network != "none",
             "balloon": self.balloon,
+            "overlay": self.root_kind == "share",
         }
         return tuple(name for name, on in wanted.items() if on)
 
@@ -204,6 +215,8 @@ def validate(s: Session) -> ValidSession:
             raise InputError(f"--modules {s.modules}: no modules.dep there")
     if s.timeout is not None and s.timeout <= 0:
         raise InputError(f"timeout must be positive, got {s.timeout}")
+    image, root_kind = catalog.check(s.image)
+    overlay = _overlay(s.overlay) if root_kind == "disk" else None
     return ValidSession(
         memory=memory,
         cpus=s.cpus,
@@ -218,7 +231,29 @@ def validate(s: Session) -> ValidSession:
         boot_timeout=s.boot_timeout,
         accel=s.accel,
         console_log=_console_log(s.console_log),
+        image=image,
+        root_kind=root_kind,
+        root_fs=_root_fs() if root_kind == "share" else "9p",
+        overlay=overlay,
     )
+
+
+def _root_fs() -> str:
+    """How a host root is shared: virtiofs where virtiofsd can run (root), else 9p."""
+    return "virtiofs" if os.geteuid() == 0 and os.access(VIRTIOFSD, os.X_OK) else "9p"
+
+
+def _overlay(path: str | None) -> str | None:
+    """A disk root's overlay file: absolute, in an existing directory; one that exists
+    already must be qcow2 (it is the root as a stopped sandbox left it)."""
+    if not path:
+        return None
+    p = Path(path).expanduser().absolute()
+    if not p.parent.is_dir():
+        raise InputError(f"overlay {path!r}: directory {p.parent} does not exist")
+    if p.exists() and catalog.file_format(p) != "qcow2":
+        raise InputError(f"overlay {path!r} exists and is not a qcow2 file")
+    return str(p)
 
 
 def _check_virtiofs(host_path: str) -> None:

@@ -1,0 +1,146 @@
+"""Building a Debian root image: debootstrap (minbase and the recipe's packages) from the
+mirror the host's apt sources name, a little configuration for a qemubox guest, then an
+ext4 image made from the tree without mounting anything (``mkfs.ext4 -d``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qemubox import arch as arches
+from qemubox import paths
+from qemubox.apt import apt_install
+from qemubox.errors import InputError, ToolError
+from qemubox.image.recipe import Recipe
+from qemubox.qemu.cmdline import DNS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+ROOT_SIZE = 4 << 30  # the guest's / (a sparse file: only what is written takes space)
+IMAGE_FILE = "root.img"
+MANIFEST = "manifest.json"
+# What a qemubox guest expects of its root: its name, and user networking's resolver.
+_ETC = {
+    "etc/hostname": "qemubox\n",
+    "etc/hosts": "127.0.0.1 localhost qemubox\n::1 localhost\n",
+    "etc/resolv.conf": f"nameserver {DNS}\n",
+}
+
+
+def images_dir() -> Path:
+    return paths.cache_dir() / "images"
+
+
+def built_path(recipe: Recipe) -> Path:
+    """Where the image of ``recipe`` is (or will be) in the cache."""
+    return images_dir() / recipe.key() / IMAGE_FILE
+
+
+def manifest(recipe: Recipe) -> dict | None:
+    path = images_dir() / recipe.key() / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_can_build(recipe: Recipe) -> None:
+    """Root, debootstrap, this machine's architecture: a one-line error that says what to
+    do otherwise."""
+    if recipe.distribution != "debian":
+        raise InputError(f"cannot build a {recipe.distribution} image: only debian is known")
+    host = arches.host()
+    if recipe.arch != host.debian_arch:
+        raise InputError(
+            f"cannot build a {recipe.arch} image on this {host.debian_arch} machine "
+            "(debootstrap runs the packages' scripts)"
+        )
+    if os.geteuid() != 0:
+        raise InputError(
+            "building a Debian image needs root (debootstrap makes files of every owner): "
+            "run this qemubox command as root once; later sandboxes use the cached image"
+        )
+    if shutil.which("debootstrap") is None:
+        apt_install("debootstrap", "building a Debian image needs debootstrap")
+
+
+def _describe():
+    """debootstrap's "I: Retrieving pkg 1.0" lines, as progress words."""
+    fetched = 0
+    verbs = {"Retrieving": "downloading", "Extracting": "extracting", "Unpacking": "unpacking"}
+    verbs["Configuring"] = "configuring"
+
+    def describe(line: str) -> str | None:
+        nonlocal fetched
+        words = line.split()
+        if len(words) < 3 or words[0] != "I:" or words[1] not in verbs:
+            return None
+        fetched += words[1] == "Retrieving"
+        return f"{verbs[words[1]]} {words[2].rstrip('.')} ({fetched} packages fetched)"
+
+    return describe
+
+
+def build(recipe: Recipe, mirror: str, label: str, console: Console | None = None) -> Path:
+    """The image of ``recipe``, built once (concurrent builders wait for each other)."""
+    target = built_path(recipe)
+    if target.exists():
+        return target
+    check_can_build(recipe)
+    from qemubox.progress import run_logged  # rich, only when building
+
+    log = images_dir() / f"{recipe.key()}.log"
+    debs = images_dir() / "debs" / recipe.suite / recipe.arch
+    debs.mkdir(parents=True, exist_ok=True)
+
+    def make(tmp: Path) -> None:
+        tree = tmp / "tree"
+        tmp.mkdir()
+        run_logged(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--arch={recipe.arch}",
+                "--components=main",
+                f"--include={','.join(recipe.packages)}",
+                f"--cache-dir={debs}",
+                recipe.suite,
+                str(tree),
+                mirror,
+            ],
+            log,
+            label,
+            _describe(),
+            console=console,
+            interrupted=f"{label}: interrupted; nothing was kept",
+        )
+        for name, text in _ETC.items():
+            (tree / name).unlink(missing_ok=True)
+            (tree / name).write_text(text)
+        for deb in (tree / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        image = tmp / IMAGE_FILE
+        with open(image, "xb") as fh:
+            fh.truncate(ROOT_SIZE)
+        proc = subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "qemubox-root", "-d", str(tree), str(image)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ToolError(f"mkfs.ext4 -d for the image failed: {proc.stderr.strip()[-300:]}")
+        shutil.rmtree(tree)
+        image.chmod(0o444)  # the base of copy-on-write overlays: never written
+        info = {"recipe": recipe.to_dict(), "mirror": mirror, "built": time.time()}
+        info["bytes"] = image.stat().st_blocks * 512
+        paths.write_json(tmp / MANIFEST, info)
+
+    paths.fill(target.parent, make)
+    return target

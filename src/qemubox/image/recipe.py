@@ -1,0 +1,65 @@
+"""An image recipe: everything that decides a built Debian root, as plain data. Its key
+names the built image in the cache: same inputs, same image, built once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+
+from qemubox.errors import InputError
+
+# Bumped whenever the build steps change what comes out.
+BUILD_VERSION = 1
+DEFAULT_SUITE = "bookworm"
+BASE_PACKAGES = ("ca-certificates", "python3")
+# Debian policy: lower case letters, digits, '+', '-', '.'; at least two; a letter or digit
+# first.
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: str
+    arch: str  # Debian's name: amd64, arm64
+    packages: tuple[str, ...]  # sorted, each once; besides debootstrap's minbase
+    distribution: str = "debian"
+
+    def key(self) -> str:
+        data = {**asdict(self), "build": BUILD_VERSION}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_packages(self, more: tuple[str, ...]) -> Recipe:
+        return Recipe(self.suite, self.arch, tuple(sorted({*self.packages, *more})))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "packages": list(self.packages)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        try:
+            return cls(
+                suite=data["suite"],
+                arch=data["arch"],
+                packages=tuple(data["packages"]),
+                distribution=data.get("distribution", "debian"),
+            )
+        except (KeyError, TypeError) as err:
+            raise InputError(f"a malformed image recipe: {err}") from None
+
+
+def debian(arch: str, suite: str = DEFAULT_SUITE) -> Recipe:
+    """The ``debian`` image: minbase with Python and CA certificates."""
+    return Recipe(suite, arch, tuple(sorted(BASE_PACKAGES)))
+
+
+def parse_packages(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``a,b c`` (or a list) as Debian package names; a bad name is an error naming it."""
+    items = text.replace(",", " ").split() if isinstance(text, str) else list(text)
+    for name in items:
+        if not isinstance(name, str) or not _PACKAGE_RE.fullmatch(name):
+            raise InputError(
+                f"invalid package name {name!r}: lower-case letters, digits, '+', '-', '.'"
+            )
+    return tuple(sorted(set(items)))
