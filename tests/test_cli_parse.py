@@ -17,10 +17,17 @@ from qemubox.vm.spec import Disk, FSShare
         ("/src:/mnt", FSShare("/src", "/mnt")),
         ("/src:/mnt:ro", FSShare("/src", "/mnt", read_only=True)),
         ("/a:b:/mnt:rw", FSShare("/a:b", "/mnt")),
+        ("/srv/src", FSShare("/srv/src", "/srv/src")),  # at the same path
+        ("/srv/src:ro", FSShare("/srv/src", "/srv/src", read_only=True)),
     ],
 )
 def test_volume(spec, share):
     assert parse.volume(spec) == share
+
+
+def test_volume_alone_is_at_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse.volume("sub") == FSShare("sub", f"{tmp_path}/sub")
 
 
 def test_share_and_disk_and_publish():
@@ -37,7 +44,7 @@ def test_env_takes_unset_keys_from_the_host():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: parse.volume("/tmp"), "expected HOST:GUEST"),
+        (lambda: parse.volume("/tmp:x"), "expected HOST:GUEST"),
         (lambda: parse.share("/tmp:/mnt"), "expected HOST:TAG:GUEST"),
         (lambda: parse.disk("1G"), "expected SIZE:GUEST"),
         (lambda: parse.publish("80"), "expected HOST_PORT:GUEST_PORT"),
@@ -59,7 +66,7 @@ def test_bad_values(call, message):
     ("args", "message"),
     [
         (["-v", "relative:/mnt"], "share host path is not a directory: relative"),
-        (["-v", "/tmp"], "expected HOST:GUEST"),
+        (["-v", "/tmp:rel"], "expected HOST:GUEST"),
         (["--share", "/tmp:/mnt"], "expected HOST:TAG:GUEST"),
         (["--disk", "lots:/d"], "invalid disk size"),
         (["--disk", "1B:/d"], "disk size '1B' is too small"),

@@ -10,6 +10,7 @@ import click
 
 from qemubox import __version__
 from qemubox.cli.common import CONTEXT, say
+from qemubox.cli.images import image
 from qemubox.cli.kconfig import kconfig
 from qemubox.cli.kernel import kernel
 from qemubox.cli.run import run
@@ -23,7 +24,7 @@ def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
 
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS):
+for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image):
     cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------

@@ -9,3 +9,23 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def say(message: str) -> None:
     click.echo(message, err=True)
+
+
+def ago(t: float | None) -> str:
+    """How long ago ``t`` (a time.time()) was: 5s, 3m, 2h, 1d; ``-`` for none."""
+    import time
+
+    if not t:
+        return "-"
+    s = int(time.time() - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    """Rows (the first one the header) in aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

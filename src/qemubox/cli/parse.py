@@ -4,6 +4,7 @@ option and the value."""
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Mapping
 
@@ -27,8 +28,10 @@ def _ro_suffix(spec: str) -> tuple[str, bool]:
 
 
 def volume(spec: str) -> FSShare:
-    """``-v HOST:GUEST[:ro]``"""
+    """``-v HOST:GUEST[:ro]``, or ``-v DIR[:ro]``: DIR at the same (absolute) path."""
     body, ro = _ro_suffix(spec)
+    if ":" not in body and body:
+        return FSShare(host_path=body, mount_point=os.path.abspath(body), read_only=ro)
     host, guest = _split_guest(body, "--volume")
     return FSShare(host_path=host, mount_point=guest, read_only=ro)
 

@@ -25,7 +25,7 @@ _SESSION_OPTIONS = [
         "volumes",
         multiple=True,
         metavar="HOST:GUEST[:ro]",
-        help="Share a host directory (9p); repeatable.",
+        help="Share a host directory (9p); repeatable. DIR alone: at the same path.",
     ),
     click.option(
         "--share-fs",

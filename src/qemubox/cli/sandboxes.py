@@ -10,7 +10,7 @@ import time
 
 import click
 
-from qemubox.cli.common import CONTEXT
+from qemubox.cli.common import CONTEXT, ago, table
 from qemubox.cli.run import make_session, named_options, run_command, session_options
 from qemubox.errors import InputError
 
@@ -62,21 +62,11 @@ def exec_(name, command, env, workdir, interactive, tty, timeout):
         sandbox.detach()
 
 
-def _ago(t: float | None) -> str:
-    if not t:
-        return "-"
-    s = int(time.time() - t)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s // size}{unit}"
-    return f"{s}s"
-
-
 def _until(t: float | None) -> str:
     if t is None:
         return "-"
     s = int(t - time.time())
-    return "now" if s <= 0 else f"in {_ago(time.time() - s)}"
+    return "now" if s <= 0 else f"in {ago(time.time() - s)}"
 
 
 @click.command("ls", context_settings=CONTEXT)
@@ -103,14 +93,12 @@ def ls(as_json, show_all):
                 s.kernel or "-",
                 s.memory,
                 str(s.cpus),
-                _ago(s.started),
+                ago(s.started),
                 ports,
                 expires,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    table(rows)
 
 
 @click.command(context_settings=CONTEXT)

@@ -179,6 +179,18 @@ def list_all() -> list[Status]:
     return found
 
 
+def image_users() -> dict[str, list[str]]:
+    """Which sandboxes boot from which image file (a disk root's base, which their overlay
+    reads): image file -> sandbox names."""
+    users: dict[str, list[str]] = {}
+    for name in SANDBOXES.names():
+        with contextlib.suppress(InputError):
+            base = SANDBOXES.read(name).get("base")
+            if base:
+                users.setdefault(base, []).append(name)
+    return users
+
+
 def record(name: str) -> dict:
     """What ``inspect`` shows: the record as it is now, with the status and, while it runs,
     the machine's plan."""
