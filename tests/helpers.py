@@ -73,3 +73,29 @@ def boot_bare(arch, kernel, initrd=None, append="", timeout=120) -> str:
         args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
     )
     return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+def data_digest(path) -> str:
+    """A digest of a file's bytes, as sha256 over the sha256 of each MiB: the same bytes
+    give the same digest however the file system stores them, and the holes of a large
+    sparse image are not read (a MiB with no data hashes as zeros)."""
+    import hashlib
+
+    step = 1 << 20
+    zero = hashlib.sha256(bytes(step)).digest()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fd, end = fh.fileno(), os.fstat(fh.fileno()).st_size
+        h.update(str(end).encode())
+        for at in range(0, end, step):
+            size = min(step, end - at)
+            try:
+                has_data = os.lseek(fd, at, os.SEEK_DATA) < at + size
+            except OSError:  # only a hole from here to the end
+                has_data = False
+            if not has_data:
+                h.update(zero if size == step else hashlib.sha256(bytes(size)).digest())
+                continue
+            fh.seek(at)
+            h.update(hashlib.sha256(fh.read(size)).digest())
+    return h.hexdigest()

@@ -972,15 +972,20 @@ static void mount_root(const char *arg)
 }
 
 /* Make the mounted root "/": the kernel file systems move into it, then it moves over the
- * initramfs (which stays, unreachable but for our busybox). */
+ * initramfs (which stays, unreachable but for our busybox). A host root keeps the host's
+ * /tmp in view (the directory we were started from may be there; writes go to memory
+ * anyway); a disk root gets a fresh one. */
 static void switch_root(void)
 {
 	static const char *const moved[] = { "/dev", "/proc", "/sys", "/run", "/tmp" };
+	size_t count = sizeof(moved) / sizeof(*moved);
 	char arg[512];
 	if (!root_argument(arg, sizeof(arg)))
 		return;
 	mount_root(arg);
-	for (size_t i = 0; i < sizeof(moved) / sizeof(*moved); i++) {
+	if (strncmp(arg, "disk:", 5))
+		count--; /* not /tmp */
+	for (size_t i = 0; i < count; i++) {
 		char target[64];
 		snprintf(target, sizeof(target), NEWROOT "%s", moved[i]);
 		mkdir_p(target);

@@ -29,6 +29,11 @@ def is_path(image: str) -> bool:
     return "/" in image or image.startswith(".") or image.endswith((".img", ".qcow2", ".raw"))
 
 
+def is_qcow2(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == QCOW2_MAGIC
+
+
 def file_format(path: Path) -> str:
     """``qcow2`` or ``raw`` (ext4); anything else is refused."""
     try:

@@ -46,6 +46,8 @@ CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write w
 RECORD = "machine.json"
 
 
+AGENT_GAVE_UP = "qemubox-agent: cannot "  # how the agent's fatal errors begin, on the console
+
 class State(Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -341,6 +343,9 @@ class Machine:
         if "Kernel panic" in tail:
             line = next(ln for ln in tail.splitlines() if "Kernel panic" in ln)
             raise KernelPanic(line[line.index("Kernel panic") :].strip(), tail)
+        fatal = [ln for ln in tail.splitlines() if ln.startswith(AGENT_GAVE_UP)]
+        if fatal:  # the agent said why it powered off (a root it could not mount...)
+            raise BootError(f"the guest could not start: {fatal[-1].split(': ', 1)[1]}", tail)
         qemu_says = self._qemu_log().splitlines()
         if not tail and qemu_says:
             raise KernelError(f"QEMU failed: {qemu_says[-1]}", tail)

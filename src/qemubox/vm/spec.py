@@ -251,7 +251,7 @@ def _overlay(path: str | None) -> str | None:
     p = Path(path).expanduser().absolute()
     if not p.parent.is_dir():
         raise InputError(f"overlay {path!r}: directory {p.parent} does not exist")
-    if p.exists() and catalog.file_format(p) != "qcow2":
+    if p.exists() and not catalog.is_qcow2(p):
         raise InputError(f"overlay {path!r} exists and is not a qcow2 file")
     return str(p)
 
