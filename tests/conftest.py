@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -15,3 +16,17 @@ def kernel(tmp_path_factory):
     r = qemubox("kernel", "build", "-o", out, timeout=3000)
     assert r.code == 0, r.err[-2000:]
     return str(out / "vmlinuz")
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """A state directory of the test's own (the CLI in subprocesses inherits it); named
+    sandboxes left in it are removed."""
+    from helpers import qemubox
+
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(d))
+    yield d
+    for name in os.listdir(d / "sandboxes") if (d / "sandboxes").is_dir() else []:
+        qemubox("rm", "-f", name)

@@ -113,19 +113,6 @@ def test_image_names_and_files(tmp_path, monkeypatch):
     assert Session(image="./root.img").validate().image == str(ext4)
 
 
-KERNEL_ARGS = dict(
-    arch="x86_64",
-    machine="microvm",
-    accel="tcg",
-    accel_note="",
-    cpus=1,
-    memory_mib=512,
-    initrd="/i",
-    features=(),
-    runtime_dir="/run/x",
-)
-
-
 def plan_with(root: RootPlan, tmp_path) -> MachinePlan:
     from qemubox.vm.plan import KernelPlan
 

@@ -26,16 +26,6 @@ def debian_image() -> Path:
     return debian.build(r, sources.mirror(r.suite), "building image debian")
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    d = tmp_path / "state"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(d))
-    yield d
-    for name in os.listdir(d / "sandboxes") if (d / "sandboxes").is_dir() else []:
-        qemubox("rm", "-f", name)
-
-
 def test_debian_runs_commands_as_minimal_does_and_its_image_never_changes(
     kernel, debian_image, tmp_path
 ):

@@ -20,17 +20,6 @@ from qemubox.qemu import process
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    """A state directory of the test's own (the CLI in subprocesses inherits it)."""
-    d = tmp_path / "state"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(d))
-    yield d
-    for name in os.listdir(d / "sandboxes") if (d / "sandboxes").is_dir() else []:
-        qemubox("rm", "-f", name)
-
-
 def ls(*flags: str) -> list[dict]:
     r = qemubox("ls", "--json", *flags)
     assert r.code == 0, r.err
