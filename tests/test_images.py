@@ -107,11 +107,13 @@ def test_the_host_root_is_read_only_and_the_workdir_is_ours(kernel, tmp_path):
     assert (work / "hello.txt").read_text() == "from host\n"  # the guest wrote to memory
     assert not Path("/usr/qemubox-probe").exists()
     # -v DIR: the directory itself, writable, at the same path
+    # -v DIR: the directory itself, writable, at the same path; the guest's own resolver
     r = qemubox(
-        "run", "--kernel", kernel, "--image", "host", "-v", work, "--",
-        "sh", "-c", "echo kept > out.txt", cwd=work,
+        "run", "--kernel", kernel, "--image", "host", "-v", work, "--net", "restricted", "--",
+        "sh", "-c", "echo kept > out.txt; cat /etc/resolv.conf", cwd=work,
     )  # fmt: skip
-    assert r.code == 0 and (work / "out.txt").read_text() == "kept\n", r.err
+    assert (r.code, r.out) == (0, "nameserver 10.0.2.3\n"), r.err
+    assert (work / "out.txt").read_text() == "kept\n"
 
 
 def test_the_host_root_over_9p(kernel, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,14 +190,5 @@ def remove(name: str, arch: str, used: dict[str, list[str]]) -> None:
         IMAGES.remove(name)
     still = [i.name for i in list_all(arch) if i.base == str(path) and i.name != name]
     if not still and path.parent.is_dir():
-        import shutil
-
         shutil.rmtree(path.parent, ignore_errors=True)
         (path.parent.parent / f"{path.parent.name}.log").unlink(missing_ok=True)
-
-
-def disk_usage(path: str) -> int:
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return 0

@@ -27,7 +27,7 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.guest.protocol import own_shell
-from qemubox.qemu.cmdline import GATEWAY, GUEST_IP, qemu_args
+from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import KernelPlan, MachinePlan
@@ -139,13 +139,13 @@ class Sandbox:
         except GuestError as err:
             raise SandboxError(f"the guest cannot mount: {err}", self.console_tail()) from None
         if self.plan.network != "none":
-            r = self.exec(
-                own_shell(
-                    f"ip link set eth0 up && ip addr add {GUEST_IP}/24 "
-                    f"dev eth0 && ip route add default via {GATEWAY}"
-                ),
-                timeout=30,
+            script = (
+                f"ip link set eth0 up && ip addr add {GUEST_IP}/24 "
+                f"dev eth0 && ip route add default via {GATEWAY}"
             )
+            if self.plan.root.kind == "share":  # the host's resolver is not the guest's
+                script += f" && rm -f /etc/resolv.conf && echo nameserver {DNS} > /etc/resolv.conf"
+            r = self.exec(own_shell(script), timeout=30)
             if r.exit_code != 0:
                 raise SandboxError(
                     f"network setup failed: {r.stderr.decode().strip()}", self.console_tail()

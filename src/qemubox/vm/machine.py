@@ -44,9 +44,8 @@ from qemubox.vm.plan import MachinePlan
 CONSOLE_TAIL_LINES = 30
 CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write without end
 RECORD = "machine.json"
-
-
 AGENT_GAVE_UP = "qemubox-agent: cannot "  # how the agent's fatal errors begin, on the console
+
 
 class State(Enum):
     STARTING = "starting"
