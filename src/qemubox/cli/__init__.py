@@ -13,6 +13,7 @@ from qemubox.cli.common import CONTEXT, say
 from qemubox.cli.images import image
 from qemubox.cli.kconfig import kconfig
 from qemubox.cli.kernel import kernel
+from qemubox.cli.matrix import matrix
 from qemubox.cli.run import run
 from qemubox.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS
 from qemubox.errors import Exit, QemuboxError
@@ -24,7 +25,7 @@ def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
 
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image):
+for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix):
     cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------
