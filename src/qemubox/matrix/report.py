@@ -48,15 +48,21 @@ def junit(results: list[CellResult], name: str) -> ET.ElementTree:
             )
             counts["tests"] += 1
             time_sum += r.duration
+            subs = _flat(r.subtests)
+            bad = sum(1 for _, status in subs if status == "fail")
             if r.status == FAIL:
                 counts["failures"] += 1
-                why = r.error or f"exit status {r.exit_code}"
+                why = r.error or (
+                    f"{bad} of {len(subs)} subtests failed"
+                    if r.exit_code == 0 and bad
+                    else f"exit status {r.exit_code}"
+                )
                 ET.SubElement(case, "failure", message=why).text = _text(r.stderr)
             elif r.status == ERROR:
                 counts["errors"] += 1
                 ET.SubElement(case, "error", message=r.error).text = _text(r.console_tail)
             ET.SubElement(case, "system-out").text = _text(r.stdout)
-            for sub, status in _flat(r.subtests):
+            for sub, status in subs:
                 sub_case = ET.SubElement(
                     suite, "testcase", classname=f"{suite_name}.{r.test}", name=sub, time="0"
                 )
