@@ -1,0 +1,210 @@
+"""Matrices for real: 2 kernels × 2 configs × 2 commands built incrementally and run here
+and on a 2-worker Dask LocalCluster with identical results; a panicking cell reported with
+its console while the others pass; a worker killed mid-cell (its VM dies with it, the cell
+runs again elsewhere); Ctrl-C leaves no QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from junitparser import JUnitXml
+
+from helpers import qemubox
+from qemubox.matrix import Matrix
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+KTAP = """KTAP version 1
+1..2
+    KTAP version 1
+    # Subtest: suite_a
+    1..2
+    ok 1 test_one
+    not ok 2 test_two
+not ok 1 suite_a
+ok 2 suite_b # SKIP no hardware
+"""
+
+MATRIX = """
+[defaults]
+memory = "256M"
+timeout = 120
+
+[[kernel]]
+name = "base"
+profile = "minimal"
+
+[[kernel]]
+name = "named"
+profile = "minimal"
+config = ['CONFIG_DEFAULT_HOSTNAME="matrix"']
+
+[matrix]
+config = [[], ["CONFIG_LOG_BUF_SHIFT=17"]]
+
+[[test]]
+name = "release"
+command = ["uname", "-r"]
+
+[[test]]
+name = "ktap"
+command = "cat /mnt/data/results.ktap"
+volumes = ["data:/mnt/data:ro"]
+"""
+
+
+def qemus_under(pid: int) -> set[int]:
+    """QEMU processes descending from ``pid``."""
+    rows = [
+        line.split(None, 2)
+        for line in subprocess.run(
+            ["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True, text=True
+        ).stdout.splitlines()
+    ]
+    ours, found = {pid}, set()
+    for _ in range(6):
+        ours |= {int(p) for p, pp, _ in rows if int(pp) in ours}
+    for p, _, comm in rows:
+        if int(p) in ours and comm.startswith("qemu-system"):
+            found.add(int(p))
+    return found
+
+
+def gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def matrix_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "results.ktap").write_text(KTAP)
+    (tmp_path / "m.toml").write_text(MATRIX)
+    return tmp_path
+
+
+def cluster(**kw):
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        resources={"VM": 1},
+        dashboard_address=None,
+        **kw,
+    )
+
+
+def comparable(records: list[dict]) -> list[tuple]:
+    return [
+        (r["cell"], r["status"], r["exit_code"], r["stdout"], json.dumps(r["subtests"]))
+        for r in records
+    ]
+
+
+def test_a_matrix_here_and_on_a_dask_cluster(matrix_dir, kernel):
+    from distributed import Client
+
+    out, xml = matrix_dir / "out.json", matrix_dir / "out.xml"
+    r = qemubox("matrix", matrix_dir / "m.toml", "--json", out, "--junit", xml, timeout=3000)
+    assert r.code == 1, r.err  # the KTAP suite has a failing subtest
+    records = json.loads(out.read_text())
+    assert len(records) == 8
+    by_cell = {rec["cell"]: rec for rec in records}
+    release = by_cell["named/release[config=CONFIG_LOG_BUF_SHIFT=17]"]
+    assert (release["status"], release["exit_code"]) == ("pass", 0)
+    assert release["stdout"].startswith("6.12") and release["duration"] > 0
+    ktap_cell = by_cell["base/ktap[config=-]"]
+    assert ktap_cell["status"] == "fail" and ktap_cell["exit_code"] == 0
+    (suite_a, suite_b) = ktap_cell["subtests"]
+    assert (suite_a["name"], suite_a["status"], suite_b["status"]) == ("suite_a", "fail", "skip")
+    assert [s["status"] for s in suite_a["subtests"]] == ["pass", "fail"]
+    assert "4 passed, 4 failed, 0 errors" in r.err
+    assert JUnitXml.fromfile(str(xml)).tests == 8 + 4 * 4
+    # the same matrix on a cluster: the same results, cell by cell
+    with cluster() as c, Client(c) as client:
+        results = Matrix.from_file(matrix_dir / "m.toml").run(client=client)
+    remote = [res.to_dict() for res in results]
+    assert comparable(remote) == comparable(records)
+    assert all(res["worker"].startswith("tcp://") for res in remote)
+
+
+def test_a_panicking_cell_is_reported_with_its_console(matrix_dir, kernel):
+    (matrix_dir / "p.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n'
+        '[[test]]\nname = "panic"\ncommand = "echo c > /proc/sysrq-trigger"\n\n'
+        '[[test]]\nname = "fine"\ncommand = ["true"]\n'
+    )
+    r = qemubox("matrix", matrix_dir / "p.toml", "--json", matrix_dir / "p.json")
+    assert r.code == 1
+    panic, fine = json.loads((matrix_dir / "p.json").read_text())
+    assert panic["status"] == "error" and "Kernel panic" in panic["error"]
+    assert "sysrq" in panic["console_tail"].lower()
+    assert "guest console" in r.err
+    assert (fine["status"], fine["exit_code"]) == ("pass", 0)
+
+
+def test_a_cell_on_a_killed_worker_runs_again_elsewhere(matrix_dir, kernel):
+    from distributed import Client
+
+    (matrix_dir / "k.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n[[test]]\nname = "slow"\ncommand = "sleep 6; echo survived"\n'
+    )
+    m = Matrix.from_file(matrix_dir / "k.toml")
+    with cluster() as c, Client(c) as client:
+        pids = client.run(os.getpid)  # worker address -> pid
+        out: list = []
+        runner = threading.Thread(target=lambda: out.extend(m.run(client=client)))
+        runner.start()
+        victim, qemu = None, set()
+        deadline = time.monotonic() + 120
+        while not qemu and time.monotonic() < deadline:
+            for address, pid in pids.items():
+                qemu = qemus_under(pid)
+                if qemu:
+                    victim = address
+                    break
+            time.sleep(0.2)
+        assert qemu, "no cell started"
+        os.kill(pids[victim], signal.SIGKILL)
+        assert all(gone(p, 10) for p in qemu)  # its VM died with it
+        runner.join(timeout=300)
+    (result,) = out
+    assert (result.status, result.stdout) == ("pass", "survived\n"), result.error
+    assert result.worker != victim
+
+
+def test_ctrl_c_leaves_no_qemu(matrix_dir, kernel):
+    (matrix_dir / "c.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n[[test]]\nname = "long"\ncommand = ["sleep", "60"]\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "matrix", str(matrix_dir / "c.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    qemu: set[int] = set()
+    deadline = time.monotonic() + 120
+    while not qemu and time.monotonic() < deadline:
+        qemu = qemus_under(proc.pid)
+        time.sleep(0.2)
+    assert qemu, "no cell started"
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert all(gone(p, 10) for p in qemu)
