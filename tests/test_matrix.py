@@ -208,3 +208,22 @@ def test_ctrl_c_leaves_no_qemu(matrix_dir, kernel):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
     assert all(gone(p, 10) for p in qemu)
+
+
+def test_fail_fast_on_a_cluster_stops_the_running_cells_vms(matrix_dir, kernel):
+    from distributed import Client
+
+    (matrix_dir / "f.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n'
+        '[[test]]\nname = "long"\ncommand = ["sleep", "60"]\n\n'
+        '[[test]]\nname = "fails"\ncommand = "sleep 3; exit 1"\n'
+    )
+    m = Matrix.from_file(matrix_dir / "f.toml")
+    start = time.monotonic()
+    with cluster() as c, Client(c) as client:
+        pids = client.run(os.getpid)
+        long_cell, failed = m.run(client=client, keep_going=False)
+        left = set().union(*(qemus_under(p) for p in pids.values()))
+    assert (failed.status, failed.exit_code) == ("fail", 1)
+    assert (long_cell.status, long_cell.error) == ("error", "cancelled")
+    assert time.monotonic() - start < 45 and not left
