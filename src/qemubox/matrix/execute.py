@@ -50,6 +50,7 @@ class CellResult:
     error: str = ""  # why the cell could not run to its end
     subtests: list[dict] = field(default_factory=list)  # from KTAP output
     worker: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # boot, command, teardown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,6 +158,7 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             warnings.simplefilter("ignore")  # the TCG notice: once per run, not per cell
             box = Sandbox(cell.session(kernel.image, kernel.modules))
             box.start()
+        booted = time.monotonic()
         o = dict(cell.test.options)
         r = box.exec(
             list(cell.test.command),
@@ -177,6 +179,7 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             error=f"timed out after {o.get('timeout'):g} s" if r.timed_out else "",
         )
         result.exit_code = r.exit_code
+        result.timings = {"boot": booted - start, "command": time.monotonic() - booted}
     except (QemuboxError, OSError) as err:
         why = "cancelled" if stop.is_set() and cancelled() else str(err)
         result = _result(cell, ERROR, error=why, console_tail=getattr(err, "console_tail", ""))
@@ -185,9 +188,14 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
                 result.console_tail = box.console_tail()
     finally:
         stop.set()
+        before_close = time.monotonic()
         if box is not None:
             box.close()
-    result.duration = round(time.monotonic() - start, 3)
+    end = time.monotonic()
+    if result.timings:
+        result.timings["teardown"] = end - before_close
+        result.timings = {k: round(v, 3) for k, v in result.timings.items()}
+    result.duration = round(end - start, 3)
     return result
 
 
