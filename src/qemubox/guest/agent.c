@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -50,7 +51,7 @@
 
 enum {
 	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
-	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9,
+	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10,
 	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
 	FR_PONG = 26, FR_STDIN_ACK = 27,
 };
@@ -606,6 +607,44 @@ static void do_mount(struct port *port, uint32_t id, struct reader *r)
 	free(data);
 }
 
+/* A guest restored from a snapshot shares its clock and its RNG's state with every other
+ * clone: take the host's time, credit the host's random bytes and reseed the CRNG now. */
+#define RENEW_SEED 64
+static void renew(struct port *port, uint32_t id, const unsigned char *p, size_t len)
+{
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[RENEW_SEED];
+	} seed;
+	uint64_t ns;
+	struct timespec ts;
+	int fd;
+	if (len != 8 + RENEW_SEED) {
+		send_error(port, id, EINVAL, "bad renew");
+		return;
+	}
+	memcpy(&ns, p, 8);
+	ts.tv_sec = ns / 1000000000ULL;
+	ts.tv_nsec = ns % 1000000000ULL;
+	if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
+		send_error(port, id, errno, "setting the clock");
+		return;
+	}
+	seed.entropy_count = RENEW_SEED * 8;
+	seed.buf_size = RENEW_SEED;
+	memcpy(seed.buf, p + 8, RENEW_SEED);
+	fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, RNDADDENTROPY, &seed) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0) {
+		send_error(port, id, errno, "reseeding the RNG");
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	close(fd);
+	send_frame(port, FR_OK, id, NULL, 0);
+}
+
 static void hello(struct port *port, uint32_t id, const unsigned char *p, size_t len)
 {
 	unsigned char buf[NONCE_SIZE + 4 + 256];
@@ -661,6 +700,9 @@ static void handle_frame(struct port *port, uint8_t type, uint32_t id, const uns
 		break;
 	case FR_PING:
 		send_frame(port, FR_PONG, id, p, len);
+		break;
+	case FR_RENEW:
+		renew(port, id, p, len);
 		break;
 	case FR_POWEROFF:
 		sync();

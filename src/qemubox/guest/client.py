@@ -299,6 +299,10 @@ class AgentClient:
     ) -> None:
         self.request(Frame.MOUNT, p.mount_request(source, target, fstype, options, flags))
 
+    def renew(self) -> None:
+        """Give a restored guest the host's time and fresh randomness (its RNG reseeded)."""
+        self.request(Frame.RENEW, p.renew_request(time.time_ns(), os.urandom(p.RENEW_SEED)))
+
     def poweroff(self, timeout: float = 10) -> None:
         """Sync the guest's file systems and power it off."""
         self.request(Frame.POWEROFF, timeout=timeout)

@@ -43,6 +43,7 @@ class Frame(IntEnum):
     POWEROFF = 7  # sync and power off; answered by OK
     BYE = 8  # the client leaves: end its commands; answered by OK
     RESIZE = 9  # u32 rows, u32 columns: the size of a command's terminal
+    RENEW = 10  # u64 ns since the epoch, then seed bytes: a restored guest's clock and RNG
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes
@@ -146,6 +147,15 @@ def resize_request(rows: int, columns: int) -> bytes:
     if not (0 < rows < 1 << 16 and 0 < columns < 1 << 16):
         raise ValueError(f"a terminal of {rows} rows and {columns} columns")
     return struct.pack("<II", rows, columns)
+
+
+RENEW_SEED = 64  # bytes of host randomness a RENEW carries
+
+
+def renew_request(now_ns: int, seed: bytes) -> bytes:
+    if len(seed) != RENEW_SEED:
+        raise ValueError(f"a seed of {len(seed)} bytes, not {RENEW_SEED}")
+    return struct.pack("<Q", now_ns) + seed
 
 
 def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:

@@ -39,7 +39,15 @@ def _cpu(accel: str) -> str:
 def machine_args(plan: MachinePlan) -> list[str]:
     machine = "microvm,rtc=on" if plan.machine == "microvm" else plan.machine
     memory = []
-    if plan.shared_memory:  # virtiofsd maps guest RAM: a shared memory file
+    if plan.snapshot:  # RAM in a file: shared while a template is recorded, private after
+        share = "on" if plan.snapshot.role == "record" else "off"
+        machine += ",memory-backend=ram0"
+        memory = [
+            "-object",
+            f"memory-backend-file,id=ram0,size={plan.memory_mib}M,"
+            f"mem-path={escape(plan.snapshot.ram)},share={share}",
+        ]
+    elif plan.shared_memory:  # virtiofsd maps guest RAM: a shared memory file
         machine += ",memory-backend=ram0"
         memory = [
             "-object",
@@ -184,6 +192,8 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     ]
     if plan.balloon:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
+    if plan.snapshot and plan.snapshot.role == "restore":
+        args += ["-incoming", "defer"]  # the state comes over QMP (see vm/snapshot.py)
     return args + confinement_args(plan)
 
 

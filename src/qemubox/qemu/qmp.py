@@ -29,6 +29,11 @@ class Monitor:
         except ExecuteError as err:
             raise SandboxError(f"QEMU refused {name}: {err}") from None
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file (SCM_RIGHTS), known to it as ``name`` (``fd:NAME``)."""
+        self._qmp.send_fd_scm(fd)
+        self.command("getfd", fdname=name)
+
     def wait_event(self, names: set[str], timeout: float) -> dict[str, Any] | None:
         """The first event named in ``names``, waiting up to ``timeout`` seconds; None when
         none came. Other events are kept for the next wait."""

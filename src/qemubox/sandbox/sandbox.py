@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qemubox import paths
@@ -28,7 +28,7 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.guest.protocol import own_shell
 from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
-from qemubox.vm import prepare
+from qemubox.vm import prepare, snapshot
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import KernelPlan, MachinePlan
 from qemubox.vm.spec import Session, ValidSession, parse_size
@@ -46,6 +46,10 @@ KILL_GRACE = 3  # seconds a killed command has to report its end
 
 class AccelWarning(UserWarning):
     pass
+
+
+class SnapshotWarning(UserWarning):
+    """A snapshot could not be recorded or restored: the sandbox booted instead."""
 
 
 @dataclass
@@ -102,22 +106,52 @@ class Sandbox:
         self._get_ready()
 
     def _launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
-        """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`)."""
-        plan = self.make_plan()
-        with Machine.runtime_dir(plan) as alive_lock:
-            plan = self.plan = prepare.realize(plan)
-            if plan.accel_note:  # said once the VM is sure to start
-                warnings.warn(
-                    f"using TCG (software emulation): {plan.accel_note}",
-                    AccelWarning,
-                    stacklevel=5,
-                )
-            self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
+        """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`) — from a
+        snapshot when the session asks and allows it; a snapshot that cannot be restored is
+        dropped and the machine boots."""
+        for use_snapshot in (self.spec.snapshot, False):
+            plan = self.make_plan()
+            with Machine.runtime_dir(plan) as alive_lock:
+                plan = self.plan = prepare.realize(plan)
+                if plan.accel_note and not use_snapshot:  # said once the VM is sure to start
+                    warnings.warn(
+                        f"using TCG (software emulation): {plan.accel_note}",
+                        AccelWarning,
+                        stacklevel=5,
+                    )
+                if use_snapshot:
+                    plan = self.plan = self._with_snapshot(plan)
+                self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
+            if plan.snapshot is None:
+                return
+            try:
+                snapshot.load(plan)
+                return
+            except snapshot.SnapshotError as err:
+                self.machine.kill()
+                self.machine.stop(1)
+                self.machine = None
+                snapshot.remove(plan.snapshot.key)
+                warnings.warn(f"{err}; booting instead", SnapshotWarning, stacklevel=5)
+
+    def _with_snapshot(self, plan: MachinePlan) -> MachinePlan:
+        """The plan restoring its snapshot (recorded now if there is none yet)."""
+        assert self.spec is not None
+        if snapshot.unfit(plan):
+            return plan
+        try:
+            found = snapshot.find(plan) or snapshot.record(plan, self.spec.boot_timeout)
+        except (SandboxError, OSError) as err:
+            warnings.warn(f"no snapshot recorded: {err}", SnapshotWarning, stacklevel=6)
+            return plan
+        return replace(plan, snapshot=found)
 
     def _get_ready(self) -> None:
         """Wait for the guest, set it up; a detached one then outlives us."""
         assert self.machine is not None and self.spec is not None
-        self.machine.attach(self.spec.boot_timeout)
+        agent = self.machine.attach(self.spec.boot_timeout)
+        if self.plan is not None and self.plan.snapshot is not None:
+            agent.renew()  # a clone's own clock and randomness, before anything runs
         self._setup()
         if self.machine.detached:
             self.machine.release()

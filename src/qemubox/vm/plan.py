@@ -87,6 +87,19 @@ class RootPlan:
 
 
 @dataclass(frozen=True)
+class SnapshotPlan:
+    """A booted guest saved as its RAM (a file on tmpfs) and its device state. ``record``:
+    boot with RAM shared into ``ram`` and save the state once the agent is ready.
+    ``restore``: map ``ram`` privately (the clone's writes stay its own; the template never
+    changes) and load ``state`` instead of booting."""
+
+    role: str  # record or restore
+    key: str
+    ram: str
+    state: str
+
+
+@dataclass(frozen=True)
 class PortPlan:
     host: int  # 0 until prepared: any free port
     guest: int
@@ -122,6 +135,7 @@ class MachinePlan:
     run_as: str | None = None  # the user QEMU drops to once its files are open (when root)
     slots: int = CLIENT_SLOTS  # clients that can be attached at once
     root: RootPlan = field(default_factory=RootPlan)
+    snapshot: SnapshotPlan | None = None
     schema: int = field(default=SCHEMA)
 
     # --- places -----------------------------------------------------------------------------
@@ -181,6 +195,8 @@ class MachinePlan:
             values["ports"] = tuple(PortPlan(**pt) for pt in values["ports"])
             if "root" in values:
                 values["root"] = RootPlan(**values["root"])
+            if values.get("snapshot"):
+                values["snapshot"] = SnapshotPlan(**values["snapshot"])
             return cls(**values)
         except (KeyError, TypeError) as err:
             raise InputError(f"a malformed machine plan: {err}") from None

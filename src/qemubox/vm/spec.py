@@ -92,6 +92,9 @@ class Session:
     # memory), debian, an image built with `qemubox image build`, or an ext4/qcow2 file.
     image: str = "minimal"
     overlay: str | None = None  # where a disk root's writes go (default: with the VM)
+    # Start from a snapshot of a booted guest (recorded by the first start of its kind)
+    # when the session allows it (see vm/snapshot.py); otherwise boot.
+    snapshot: bool = False
 
     def validate(self) -> ValidSession:
         return validate(self)
@@ -119,6 +122,7 @@ class ValidSession:
     root_kind: str = "initramfs"  # initramfs, disk or share
     root_fs: str = "9p"  # a share root's
     overlay: str | None = None
+    snapshot: bool = False
 
     def features(self) -> tuple[str, ...]:
         """What the guest needs drivers for, beyond its console and agent port."""
@@ -235,6 +239,7 @@ def validate(s: Session) -> ValidSession:
         root_kind=root_kind,
         root_fs=_root_fs() if root_kind == "share" else "9p",
         overlay=overlay,
+        snapshot=bool(s.snapshot),
     )
 
 

@@ -1,0 +1,252 @@
+"""Snapshots of booted guests, and starts that restore one instead of booting.
+
+A snapshot is recorded once per key — everything that decides what a booted guest holds:
+kernel, initramfs (agent, modules), machine, accelerator, size, device layout, QEMU — by a
+template machine that boots with its RAM shared into a file on tmpfs, waits for the agent,
+stops, and saves its device state (``x-ignore-shared``: the RAM stays in the file, the
+state is some 60 kB). A restore maps that file privately (``share=off``: each clone's writes
+are its own, the template never changes and its pages are shared between clones), loads the
+state over QMP (``-incoming defer``, an ``fd:`` channel: QEMU's seccomp filter forbids
+``exec:``) and continues. Nothing of a session is in a snapshot: shares, disks and the
+network are set up after the restore, as after a boot, and the clone's clock and RNG are
+renewed before the first command.
+
+Files: ``/dev/shm/qemubox-<uid>/<key>.ram`` (tmpfs, gone at reboot) and
+``<cache>/snapshots/<key>/`` (``state``, ``meta.json``); a snapshot is whole only with all
+three, and is recorded again otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from qemubox import paths
+from qemubox.errors import SandboxError
+from qemubox.vm.plan import MachinePlan, SnapshotPlan
+
+FORMAT = 1  # bumped when what a snapshot holds changes
+MIGRATION_TIMEOUT = 30.0
+
+
+class SnapshotError(SandboxError):
+    """A snapshot could not be recorded or restored (the caller boots cold instead)."""
+
+
+def unfit(plan: MachinePlan) -> str | None:
+    """Why this machine cannot start from a snapshot, if it cannot."""
+    if plan.shared_memory:
+        return "virtiofs needs guest RAM shared with virtiofsd"
+    if plan.balloon:
+        return "a balloon and a RAM template do not mix"
+    if plan.root.kind != "initramfs":
+        return "its root is mounted while it boots"
+    if plan.ports:
+        return "published ports are bound by the template too"
+    return None
+
+
+def _file_id(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def key(plan: MachinePlan) -> str:
+    """What decides a booted guest, as a digest: equal keys restore each other's snapshots."""
+    qemu = plan.arch_record.qemu_binary
+    layout = {
+        "format": FORMAT,
+        "arch": plan.arch,
+        "machine": plan.machine,
+        "accel": plan.accel,
+        "cpus": plan.cpus,
+        "memory_mib": plan.memory_mib,
+        "kernel": _file_id(plan.kernel.image),
+        "initrd": _file_id(plan.initrd),
+        "append": plan.append,
+        "qemu": _file_id(shutil.which(qemu) or qemu),
+        "slots": plan.slots,
+        "shares": [(s.tag, s.read_only, s.security_model, s.fs) for s in plan.shares],
+        "disks": [(d.serial, d.size) for d in plan.disks],
+        "network": plan.network,
+    }
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def ram_dir() -> Path:
+    """Ours on tmpfs (a directory someone else made there is refused)."""
+    d = Path("/dev/shm") / f"qemubox-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return paths.trusted(d)
+
+
+def store_dir() -> Path:
+    return paths.cache_dir() / "snapshots"
+
+
+def _places(k: str) -> tuple[Path, Path, Path]:
+    d = store_dir() / k
+    return ram_dir() / f"{k}.ram", d / "state", d / "meta.json"
+
+
+def find(plan: MachinePlan) -> SnapshotPlan | None:
+    """The snapshot this plan can restore, when one is whole."""
+    k = key(plan)
+    ram, state, meta = _places(k)
+    if ram.is_file() and state.is_file() and meta.is_file():
+        return SnapshotPlan("restore", k, str(ram), str(state))
+    return None
+
+
+def remove(k: str) -> None:
+    ram, state, _ = _places(k)
+    ram.unlink(missing_ok=True)
+    shutil.rmtree(state.parent, ignore_errors=True)
+
+
+def _monitor(plan: MachinePlan, deadline: float):
+    """QMP on the first slot, before any client: the starter's, while the machine starts."""
+    from qemubox.qemu.qmp import Monitor
+
+    path = plan.qmp_socket(0)
+    while True:
+        try:
+            return Monitor(path)
+        except Exception as err:  # qemu.qmp's ConnectError while QEMU makes the socket
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"no QMP at {path}: {err}") from None
+            time.sleep(0.002)
+
+
+def _wait_migration(mon, deadline: float) -> None:
+    while True:
+        status = mon.command("query-migrate").get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            info = mon.command("query-migrate")
+            raise SnapshotError(f"migration {status}: {info.get('error-desc', '')}".strip())
+        time.sleep(0.002)
+
+
+def _ignore_shared(mon) -> None:
+    caps = [{"capability": "x-ignore-shared", "state": True}]
+    mon.command("migrate-set-capabilities", capabilities=caps)
+
+
+def save(machine) -> None:
+    """Stop a recording machine whose agent is ready (its client gone) and save its
+    device state into the plan's state file."""
+    snap = machine.plan.snapshot
+    assert snap is not None and snap.role == "record"
+    mon = machine.monitor()
+    mon.command("stop")
+    _ignore_shared(mon)
+    fd = os.open(snap.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        mon.send_fd("snapshot", fd)
+    finally:
+        os.close(fd)
+    mon.command("migrate", uri="fd:snapshot")
+    _wait_migration(mon, time.monotonic() + MIGRATION_TIMEOUT)
+
+
+def load(plan: MachinePlan) -> None:
+    """Bring a machine started with ``-incoming defer`` to its snapshot, running."""
+    snap = plan.snapshot
+    assert snap is not None and snap.role == "restore"
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    mon = _monitor(plan, deadline)
+    try:
+        _ignore_shared(mon)
+        try:
+            fd = os.open(snap.state, os.O_RDONLY)
+        except OSError as err:
+            raise SnapshotError(f"snapshot state {snap.state}: {err.strerror}") from None
+        try:
+            mon.send_fd("snapshot", fd)
+        finally:
+            os.close(fd)
+        mon.command("migrate-incoming", uri="fd:snapshot")
+        _wait_migration(mon, deadline)
+        mon.command("cont")
+    except (SandboxError, OSError, EOFError) as err:
+        raise SnapshotError(f"restoring snapshot {snap.key} failed: {err}") from None
+    finally:
+        mon.close()
+
+
+def record(plan: MachinePlan, boot_timeout: float) -> SnapshotPlan:
+    """The snapshot for ``plan``'s key, recorded now by a template machine if there is none
+    (concurrent recorders of one key wait for each other)."""
+    from qemubox.vm import prepare
+    from qemubox.vm.machine import Machine
+
+    k = key(plan)
+    ram, state, meta = _places(k)
+    with paths.locked(store_dir() / f".{k}.lock"):
+        found = find(plan)
+        if found:
+            return found
+        state.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        ram_tmp, state_tmp = ram.with_name(f".{tag}.ram"), state.with_name(f".{tag}.state")
+        tdir = paths.machine_runtime_dir(paths.new_machine_id())
+        disks = tuple(
+            replace(d, path=f"{tdir}/disk{i}.img") if d.ephemeral else d
+            for i, d in enumerate(plan.disks)
+        )
+        template = replace(
+            plan,
+            runtime_dir=str(tdir),
+            disks=disks,
+            snapshot=SnapshotPlan("record", k, str(ram_tmp), str(state_tmp)),
+        )
+        try:
+            with Machine.runtime_dir(template) as lock_fd:
+                for disk in template.disks:
+                    if disk.ephemeral:
+                        prepare.prepare_disk(disk)
+                machine = Machine.launch(template, lock_fd)
+            try:
+                machine.attach(boot_timeout)
+                machine.agent.close()  # the snapshot holds no client
+                machine.agent = None
+                save(machine)
+            finally:
+                machine.kill()
+                machine.wait_keeper(5)
+                shutil.rmtree(tdir, ignore_errors=True)
+            os.replace(ram_tmp, ram)
+            os.replace(state_tmp, state)
+            info = {"key": k, "recorded": time.time(), "kernel": plan.kernel.image}
+            info |= {"memory_mib": plan.memory_mib, "host": socket.gethostname()}
+            paths.write_json(meta, info)
+        finally:
+            ram_tmp.unlink(missing_ok=True)
+            state_tmp.unlink(missing_ok=True)
+    return SnapshotPlan("restore", k, str(ram), str(state))
+
+
+def list_all() -> list[dict]:
+    """The snapshots kept: key, when recorded, bytes of RAM file (on tmpfs) and state."""
+    out = []
+    root = store_dir()
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not d.is_dir():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads((d / "meta.json").read_text())
+            ram = ram_dir() / f"{d.name}.ram"
+            info["ram_bytes"] = ram.stat().st_blocks * 512 if ram.exists() else 0
+            info["state_bytes"] = (d / "state").stat().st_size
+            info["whole"] = ram.exists()
+            out.append(info)
+    return out
