@@ -116,13 +116,14 @@ def _monitor(plan: MachinePlan, deadline: float):
     from qemubox.qemu.qmp import Monitor
 
     path = plan.qmp_socket(0)
-    while True:
-        try:
-            return Monitor(path)
-        except Exception as err:  # qemu.qmp's ConnectError while QEMU makes the socket
-            if time.monotonic() > deadline:
-                raise SnapshotError(f"no QMP at {path}: {err}") from None
-            time.sleep(0.002)
+    while not os.path.exists(path):  # QEMU makes it as it starts
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"QEMU made no QMP socket at {path}")
+        time.sleep(0.002)
+    try:
+        return Monitor(path)
+    except Exception as err:  # qemu.qmp's ConnectError: QEMU gone meanwhile
+        raise SnapshotError(f"no QMP at {path}: {err}") from None
 
 
 def _wait_migration(mon, deadline: float) -> None:
@@ -177,8 +178,9 @@ def load(plan: MachinePlan) -> None:
         mon.command("migrate-incoming", uri="fd:snapshot")
         _wait_migration(mon, deadline)
         mon.command("cont")
-    except (SandboxError, OSError, EOFError) as err:
-        raise SnapshotError(f"restoring snapshot {snap.key} failed: {err}") from None
+    except Exception as err:  # refused, or QEMU gone (it exits on a state it cannot load)
+        why = str(err) or type(err).__name__
+        raise SnapshotError(f"restoring snapshot {snap.key} failed: {why}") from None
     finally:
         mon.close()
 

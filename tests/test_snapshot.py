@@ -1,0 +1,104 @@
+"""Snapshot-restored starts, for real: clones that share nothing they write, with their own
+clock and randomness; a share slot pointed at other host directories; a changed kernel
+never restored; a damaged snapshot dropped for a boot, with a warning."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+
+import pytest
+
+from qemubox import FSShare, Sandbox, Session
+from qemubox.sandbox.sandbox import SnapshotWarning
+from qemubox.vm import snapshot
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+
+@pytest.fixture
+def own_kernel(kernel, tmp_path):
+    """A copy of the kernel: snapshots of this test's own, removed afterwards."""
+    copy = tmp_path / "vmlinuz"
+    shutil.copy(kernel, copy)
+    keys: list[str] = []
+    yield str(copy), keys
+    for k in keys:
+        snapshot.remove(k)
+
+
+RANDOM = "head -c 16 /dev/urandom | od -An -tx1; cat /proc/sys/kernel/random/uuid"
+
+
+def session(kernel: str, **kw) -> Session:
+    return Session(memory="256M", kernel=kernel, snapshot=True, **kw)
+
+
+def test_restored_sandboxes_are_independent_clones(own_kernel):
+    kernel, keys = own_kernel
+    with Sandbox(session(kernel)) as first:  # records the snapshot, then restores it
+        assert first.plan.snapshot is not None and first.plan.snapshot.role == "restore"
+        keys.append(first.plan.snapshot.key)
+        first.exec(["sh", "-c", "echo mine > /tmp/x"])
+        one = first.exec(["sh", "-c", RANDOM])
+    time.sleep(2)  # the template's clock is behind by now
+    with Sandbox(session(kernel)) as second:
+        assert second.plan.snapshot.key == keys[0]
+        r = second.exec(["sh", "-c", "test -e /tmp/x && echo seen; date +%s"])
+        assert "seen" not in r.stdout.decode()
+        assert abs(int(r.stdout) - time.time()) <= 1
+        two = second.exec(["sh", "-c", RANDOM])
+    a, b = one.stdout.decode().splitlines(), two.stdout.decode().splitlines()
+    assert a[0] != b[0] and a[1] != b[1]  # other random bytes, another uuid
+
+
+def test_one_share_slot_other_host_directories(own_kernel, tmp_path):
+    kernel, keys = own_kernel
+    seen = []
+    for name in ("left", "right"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "who").write_text(name)
+        with Sandbox(session(kernel, shares=[FSShare(str(d), "/mnt/s", "data")])) as box:
+            assert box.plan.snapshot is not None
+            keys.append(box.plan.snapshot.key)
+            seen.append(box.read_file("/mnt/s/who").decode())
+            box.write_file("/mnt/s/back", name.encode())
+    assert seen == ["left", "right"] and keys[0] == keys[1]
+    assert (tmp_path / "left" / "back").read_text() == "left"
+
+
+def test_a_changed_kernel_is_never_restored(own_kernel):
+    kernel, keys = own_kernel
+    with Sandbox(session(kernel)) as box:
+        keys.append(box.plan.snapshot.key)
+    with open(kernel, "ab") as fh:  # another kernel file (the same bytes boot still)
+        fh.write(b"\0")
+    with Sandbox(session(kernel)) as box:
+        keys.append(box.plan.snapshot.key)
+        assert box.exec(["true"]).exit_code == 0
+    assert keys[0] != keys[1]
+
+
+def test_a_damaged_snapshot_is_dropped_and_the_guest_boots(own_kernel):
+    kernel, keys = own_kernel
+    with Sandbox(session(kernel)) as box:
+        snap = box.plan.snapshot
+        keys.append(snap.key)
+    with open(snap.state, "r+b") as fh:
+        fh.truncate(100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Sandbox(session(kernel)) as box:
+            assert box.plan.snapshot is None  # booted
+            assert box.exec(["echo", "ok"]).stdout == b"ok\n"
+    assert any(issubclass(w.category, SnapshotWarning) for w in caught)
+    with Sandbox(session(kernel)) as box:  # recorded afresh
+        assert box.plan.snapshot is not None and box.plan.snapshot.role == "restore"
+
+
+def test_sessions_a_snapshot_cannot_hold_boot(own_kernel):
+    kernel, _ = own_kernel
+    with Sandbox(session(kernel, balloon=True)) as box:
+        assert box.plan.snapshot is None and box.exec(["true"]).exit_code == 0
