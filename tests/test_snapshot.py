@@ -4,9 +4,11 @@ never restored; a damaged snapshot dropped for a boot, with a warning."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,25 @@ def test_sessions_a_snapshot_cannot_hold_boot(own_kernel):
     kernel, _ = own_kernel
     with Sandbox(session(kernel, balloon=True)) as box:
         assert box.plan.snapshot is None and box.exec(["true"]).exit_code == 0
+
+
+def test_the_command_line(kernel, tmp_path):
+    from helpers import qemubox
+
+    env = {"QEMUBOX_CACHE_DIR": str(tmp_path / "cache")}  # snapshots of this test's own
+    run = ("run", "--kernel", kernel, "-m", "256M", "--snapshot", "--timings", "--", "true")
+    first = qemubox(*run, env=env)
+    assert first.code == 0 and "record the snapshot" in first.err, first.err
+    second = qemubox(*run, env=env)
+    phases = [line.split()[0] for line in second.err.splitlines() if line.endswith(" ms")]
+    assert phases == [
+        "prepare", "QEMU", "restore", "agent", "session", "command", "teardown", "total"
+    ]  # fmt: skip
+    (snap,) = json.loads(qemubox("snapshot", "ls", "--json", env=env).out)
+    assert snap["whole"] and snap["memory_mib"] == 256 and snap["ram_bytes"] > 0
+    r = qemubox("snapshot", "prune", "--max-size", "1K", env=env)
+    assert r.code == 0 and "removed 1 snapshot" in r.err
+    assert json.loads(qemubox("snapshot", "ls", "--json", env=env).out) == []
+    assert not (Path(snapshot.ram_dir()) / f"{snap['key']}.ram").exists()
+    r = qemubox("snapshot", "rm", "nope", env=env)
+    assert r.code == 2 and "no snapshot 'nope'" in r.err

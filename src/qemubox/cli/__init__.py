@@ -16,6 +16,7 @@ from qemubox.cli.kernel import kernel
 from qemubox.cli.matrix import matrix
 from qemubox.cli.run import run
 from qemubox.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS
+from qemubox.cli.snapshots import snapshot
 from qemubox.errors import Exit, QemuboxError
 
 
@@ -25,7 +26,7 @@ def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
 
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix):
+for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot):
     cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------

@@ -73,6 +73,12 @@ _SESSION_OPTIONS = [
         "--accel", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
     ),
     click.option(
+        "--snapshot/--no-snapshot",
+        default=False,
+        show_default=True,
+        help="Start from a snapshot of a booted guest (recorded by the first such start).",
+    ),
+    click.option(
         "--image",
         default="minimal",
         show_default=True,
@@ -125,6 +131,7 @@ def make_session(options: dict, timeout: float | None = None, console_log: str |
         accel=options.pop("accel"),
         console_log=console_log,
         image=options.pop("image"),
+        snapshot=options.pop("snapshot"),
     )
 
 
@@ -188,13 +195,14 @@ def _writer(stream):
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
 @click.option("--console-log", metavar="FILE", help="Keep the guest console log here.")
 @click.option("--dry-run", is_flag=True, help="Print the QEMU command line; run nothing.")
+@click.option("--timings", is_flag=True, help="Print where the time went, on stderr.")
 @click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
 @click.option("--name", metavar="NAME", help="Make it a named sandbox, which stays after COMMAND.")
 @named_options
 @click.option("-d", "--detach", is_flag=True, help="With --name: start COMMAND and return at once.")
 @click.option("--rm", "remove", is_flag=True, help="With --name: remove the sandbox after COMMAND.")
 @click.argument("command", nargs=-1, required=True)
-def run(command, env, workdir, timeout, console_log, dry_run, interactive, **options):
+def run(command, env, workdir, timeout, console_log, dry_run, timings, interactive, **options):
     """Boot a sandbox, run COMMAND in it, and exit with its exit status.
 
     Its stdout and stderr stream to ours as they come. Exit status: the command's, 128+N
@@ -230,7 +238,12 @@ def run(command, env, workdir, timeout, console_log, dry_run, interactive, **opt
         return 0
     if name is None:
         with Sandbox(session) as sandbox:
-            return run_command(sandbox, command, command_env, cwd, interactive, timeout)
+            code = run_command(sandbox, command, command_env, cwd, interactive, timeout)
+            sandbox.phase("command")
+        sandbox.phase("teardown")
+        if timings:
+            _print_timings(sandbox.timings)
+        return code
     sandbox = Sandbox.create(name, session, ttl)
     try:
         if detach:
@@ -243,6 +256,13 @@ def run(command, env, workdir, timeout, console_log, dry_run, interactive, **opt
             sandbox.remove(force=True)
         else:
             sandbox.detach()
+
+
+def _print_timings(phases: list[tuple[str, float]]) -> None:
+    width = max(len(name) for name, _ in phases)
+    for name, seconds in phases:
+        say(f"{name:<{width}}  {seconds * 1000:8.1f} ms")
+    say(f"{'total':<{width}}  {sum(s for _, s in phases) * 1000:8.1f} ms")
 
 
 def _start_in_background(sandbox, command, env, cwd) -> None:

@@ -73,6 +73,9 @@ class Sandbox:
         self.name: str | None = None  # a named sandbox's
         self._terminals: set[int] = set()  # ids of running tty commands
         self._closed = False
+        # Where the time went: (phase, seconds), in order (see phase()).
+        self.timings: list[tuple[str, float]] = []
+        self._since = time.monotonic()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -105,6 +108,12 @@ class Sandbox:
         self._launch(detach)
         self._get_ready()
 
+    def phase(self, name: str) -> None:
+        """Close the current phase of :attr:`timings` as ``name``."""
+        now = time.monotonic()
+        self.timings.append((name, now - self._since))
+        self._since = now
+
     def _launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
         """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`) — from a
         snapshot when the session asks and allows it; a snapshot that cannot be restored is
@@ -121,11 +130,14 @@ class Sandbox:
                     )
                 if use_snapshot:
                     plan = self.plan = self._with_snapshot(plan)
+                self.phase("prepare")
                 self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
+            self.phase("QEMU start")
             if plan.snapshot is None:
                 return
             try:
                 snapshot.load(plan)
+                self.phase("restore")
                 return
             except snapshot.SnapshotError as err:
                 self.machine.kill()
@@ -140,7 +152,11 @@ class Sandbox:
         if snapshot.unfit(plan):
             return plan
         try:
-            found = snapshot.find(plan) or snapshot.record(plan, self.spec.boot_timeout)
+            found = snapshot.find(plan)
+            if found is None:
+                self.phase("prepare")
+                found = snapshot.record(plan, self.spec.boot_timeout)
+                self.phase("record the snapshot (a boot)")
         except (SandboxError, OSError) as err:
             warnings.warn(f"no snapshot recorded: {err}", SnapshotWarning, stacklevel=6)
             return plan
@@ -150,9 +166,12 @@ class Sandbox:
         """Wait for the guest, set it up; a detached one then outlives us."""
         assert self.machine is not None and self.spec is not None
         agent = self.machine.attach(self.spec.boot_timeout)
-        if self.plan is not None and self.plan.snapshot is not None:
+        restored = self.plan is not None and self.plan.snapshot is not None
+        self.phase("agent ready" if restored else "kernel boot to agent ready")
+        if restored:
             agent.renew()  # a clone's own clock and randomness, before anything runs
         self._setup()
+        self.phase("session setup")
         if self.machine.detached:
             self.machine.release()
 

@@ -252,3 +252,26 @@ def list_all() -> list[dict]:
             info["whole"] = ram.exists()
             out.append(info)
     return out
+
+
+def prune(older_than: float | None = None, max_bytes: int | None = None) -> list[str]:
+    """Remove the snapshots that cannot serve (their RAM file gone with a reboot, their
+    kernel gone), those recorded more than ``older_than`` seconds ago, then the oldest
+    until they take at most ``max_bytes``. Returns the keys removed."""
+    removed = []
+    kept = []
+    now = time.time()
+    for info in sorted(list_all(), key=lambda i: i.get("recorded", 0)):
+        stale = not info["whole"] or not os.path.exists(info.get("kernel", ""))
+        if stale or (older_than is not None and now - info.get("recorded", 0) > older_than):
+            remove(info["key"])
+            removed.append(info["key"])
+        else:
+            kept.append(info)
+    total = sum(i["ram_bytes"] + i["state_bytes"] for i in kept)
+    while max_bytes is not None and kept and total > max_bytes:
+        oldest = kept.pop(0)
+        remove(oldest["key"])
+        removed.append(oldest["key"])
+        total -= oldest["ram_bytes"] + oldest["state_bytes"]
+    return removed
