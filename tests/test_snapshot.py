@@ -126,3 +126,40 @@ def test_the_command_line(kernel, tmp_path):
     assert not (Path(snapshot.ram_dir()) / f"{snap['key']}.ram").exists()
     r = qemubox("snapshot", "rm", "nope", env=env)
     assert r.code == 2 and "no snapshot 'nope'" in r.err
+
+
+def test_pause_and_resume_three_times(kernel, state, tmp_path):
+    from helpers import qemubox
+
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "pz").code == 0
+    start = "setsid sh -c 'while :; do echo t >> /tmp/ticks; sleep 1; done' </dev/null "
+    start += ">/dev/null 2>&1 & echo $! > /tmp/pid"
+    assert qemubox("exec", "pz", "--", "sh", "-c", start).code == 0
+    for round_ in range(3):
+        r = qemubox("exec", "pz", "--", "sh", "-c", f"echo {round_} >> /root/rounds")
+        assert r.code == 0, r.err
+        r = qemubox("pause", "pz")
+        assert r.code == 0, r.err
+        (status,) = json.loads(qemubox("ls", "-a", "--json").out)
+        assert status["state"] == "paused" and status["machine"] is None
+        assert (state / "sandboxes" / "pz" / "paused.state").stat().st_size > 1 << 20
+        assert qemubox("resume", "pz").code == 0
+        r = qemubox(
+            "exec", "pz", "--", "sh", "-c",
+            "cat /root/rounds; kill -0 $(cat /tmp/pid) && echo alive; date +%s",
+        )  # fmt: skip
+        lines = r.out.split()
+        assert lines[:-1] == [*map(str, range(round_ + 1)), "alive"], r.err
+        assert abs(int(lines[-1]) - time.time()) <= 1  # the clock caught up
+    assert not (state / "sandboxes" / "pz" / "paused.state").exists()
+    assert qemubox("pause", "pz").code == 0
+    assert qemubox("stop", "pz").code == 0  # a paused one: its state dropped
+    (status,) = json.loads(qemubox("ls", "-a", "--json").out)
+    assert status["state"] == "stopped" and "paused state dropped" in status["note"]
+    r = qemubox("resume", "pz")
+    assert r.code == 2 and "only a paused one" in r.err
+    share = tmp_path / "s"
+    share.mkdir()
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "-v", f"{share}:/s", "sh9").code == 0
+    r = qemubox("pause", "sh9")
+    assert r.code == 2 and "9p shares mounted" in r.err

@@ -145,13 +145,33 @@ def kill(names):
 @click.command(context_settings=CONTEXT)
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def start(names):
-    """Boot stopped sandboxes again, with their disks as they were."""
+    """Boot stopped sandboxes again, with their disks as they were (paused: resume)."""
     from qemubox.sandbox import named
 
     for name in names:
         box = named.start(name)
         if box is not None:
             box.detach()
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def pause(names):
+    """Save running sandboxes whole (memory, processes, devices) and end their VMs."""
+    from qemubox.sandbox import named
+
+    for name in names:
+        named.pause(name)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def resume(names):
+    """Bring paused sandboxes back as they were."""
+    from qemubox.sandbox import named
+
+    for name in names:
+        named.resume(name)
 
 
 @click.command("rm", context_settings=CONTEXT)
@@ -195,4 +215,4 @@ def cp(src, dst):
     copy.cp(parse.guest_path(src), parse.guest_path(dst))
 
 
-COMMANDS = (create, exec_, ls, inspect, stop, kill, start, rm, logs, cp)
+COMMANDS = (create, exec_, ls, inspect, stop, kill, start, pause, resume, rm, logs, cp)

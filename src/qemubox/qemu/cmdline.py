@@ -39,7 +39,7 @@ def _cpu(accel: str) -> str:
 def machine_args(plan: MachinePlan) -> list[str]:
     machine = "microvm,rtc=on" if plan.machine == "microvm" else plan.machine
     memory = []
-    if plan.snapshot:  # RAM in a file: shared while a template is recorded, private after
+    if plan.snapshot and plan.snapshot.ram:  # RAM in a file: shared while recorded, then private
         share = "on" if plan.snapshot.role == "record" else "off"
         machine += ",memory-backend=ram0"
         memory = [
@@ -192,7 +192,7 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     ]
     if plan.balloon:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
-    if plan.snapshot and plan.snapshot.role == "restore":
+    if plan.snapshot and plan.snapshot.role in ("restore", "resume"):
         args += ["-incoming", "defer"]  # the state comes over QMP (see vm/snapshot.py)
     return args + confinement_args(plan)
 

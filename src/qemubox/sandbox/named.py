@@ -31,6 +31,9 @@ STOP_TIMEOUT = 10  # seconds a clean power-off may take before QEMU is killed
 
 # What a sandbox is doing, as observed.
 STARTING, RUNNING, STOPPED, FAILED = "starting", "running", "stopped", "failed"
+PAUSED = "paused"  # saved whole (RAM and devices) to a file, no QEMU
+PAUSED_STATE = "paused.state"
+SAVE_TIMEOUT = 300  # seconds writing or reading a paused guest may take
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,105 @@ def create(name: str, session: Session, ttl: float | None = None):
 
 
 def start(name: str):
-    """Boot a stopped sandbox again (its disks as they were); returns the started
-    :class:`Sandbox`, or None when it was running already."""
+    """Boot a stopped sandbox again (its disks as they were), or resume a paused one;
+    returns the started :class:`Sandbox`, or None when it was running already."""
+    if _current(name)[1] == PAUSED:
+        resume(name)
+        return None
     return _boot(name)
+
+
+# --- pausing --------------------------------------------------------------------------------------
+
+
+def _unpausable(plan) -> str | None:
+    if plan.shared_memory:
+        return "its virtiofs shares cannot be saved (virtiofsd's state is not)"
+    if plan.shares or plan.root.kind == "share":
+        return "it has 9p shares mounted, which QEMU cannot save"
+    return None
+
+
+def pause(name: str) -> None:
+    """Save the running sandbox whole — RAM, devices, its processes and files in memory —
+    to a file in its directory, and end its QEMU: no CPU, no memory held."""
+    from qemubox.vm import snapshot
+
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        if state != RUNNING:
+            raise InputError(f"sandbox {name!r} is {state}: only a running one can be paused")
+        machine = Machine.open(record["machine"])
+        why = _unpausable(machine.plan)
+        if why:
+            raise InputError(f"sandbox {name!r} cannot be paused: {why}")
+        if _attached(machine.dir):
+            raise BusyError(f"sandbox {name!r} is in use by a client: pause it when it is not")
+        path = SANDBOXES.dir(name) / PAUSED_STATE
+        agent = machine.attach(timeout=10)
+        agent.close()  # the saved guest holds no client
+        machine.agent = None
+        try:
+            snapshot.save(machine.monitor(), str(path), whole=True, timeout=SAVE_TIMEOUT)
+            with contextlib.suppress(Exception):
+                machine.monitor().command("quit")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                machine.monitor().command("cont")  # as it was
+            path.unlink(missing_ok=True)
+            machine.detach()
+            raise
+        machine.detach()
+        machine.wait_gone(10)
+        machine.wait_keeper(5)
+        plan = machine.plan.to_dict()
+        record = _settle(name, record, PAUSED, "")
+        SANDBOXES.write(name, {**record, "paused": {"plan": plan, "at": time.time()}})
+
+
+def resume(name: str) -> None:
+    """Bring a paused sandbox back as it was: processes, files, network; its clock set to
+    the host's."""
+    from qemubox.vm import snapshot
+    from qemubox.vm.plan import MachinePlan, SnapshotPlan
+
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        if state != PAUSED:
+            raise InputError(f"sandbox {name!r} is {state}: only a paused one can be resumed")
+        paused = MachinePlan.from_dict(record["paused"]["plan"])
+        path = SANDBOXES.dir(name) / PAUSED_STATE
+        template = paused.snapshot.ram if paused.snapshot else ""
+        if template and not os.path.exists(template):
+            raise InputError(
+                f"sandbox {name!r} cannot be resumed: the snapshot it was started from is gone "
+                f"({template}); stop it (its paused state is then dropped) and start it again"
+            )
+        plan = replace(
+            paused,
+            runtime_dir=str(paths.machine_runtime_dir(paths.new_machine_id())),
+            snapshot=SnapshotPlan("resume", "", template, str(path)),
+        )
+        ttl = record.get("ttl")
+        on_idle = shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
+        with Machine.runtime_dir(plan) as alive_lock:
+            idle = int(ttl) if ttl else 0
+            machine = Machine.launch(plan, alive_lock, True, idle, on_idle if ttl else "")
+        try:
+            snapshot.load(plan, timeout=SAVE_TIMEOUT)
+            agent = machine.attach(timeout=30)
+            agent.renew()  # the time that passed; fresh randomness
+        except BaseException:
+            machine.kill()
+            machine.stop(1)
+            raise
+        paths.atomic_write(machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
+        machine.release()
+        machine.detach()
+        record = {k: v for k, v in record.items() if k != "paused"}
+        record |= {"machine": machine.id, "ready": True, "started": time.time(), "note": ""}
+        SANDBOXES.write(name, record)
+        path.unlink(missing_ok=True)
 
 
 def _boot(name: str):
@@ -326,6 +425,11 @@ def stop(name: str, timeout: float = STOP_TIMEOUT, expired: bool = False) -> boo
     seconds; False when it was not running."""
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)
+        if state == PAUSED and not expired:  # its saved state dropped: stopped
+            (SANDBOXES.dir(name) / PAUSED_STATE).unlink(missing_ok=True)
+            record = {k: v for k, v in record.items() if k != "paused"}
+            SANDBOXES.write(name, {**record, "last": STOPPED, "note": "its paused state dropped"})
+            return True
         if state not in (STARTING, RUNNING):
             return False
         runtime_dir = paths.machine_runtime_dir(record["machine"])

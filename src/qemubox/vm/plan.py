@@ -91,9 +91,11 @@ class SnapshotPlan:
     """A booted guest saved as its RAM (a file on tmpfs) and its device state. ``record``:
     boot with RAM shared into ``ram`` and save the state once the agent is ready.
     ``restore``: map ``ram`` privately (the clone's writes stay its own; the template never
-    changes) and load ``state`` instead of booting."""
+    changes) and load ``state`` instead of booting. ``resume``: load ``state``, which holds
+    the whole RAM too (a paused sandbox's; ``ram`` is the template it was restored from, if
+    it was)."""
 
-    role: str  # record or restore
+    role: str  # record, restore or resume
     key: str
     ram: str
     state: str

@@ -142,31 +142,31 @@ def _ignore_shared(mon) -> None:
     mon.command("migrate-set-capabilities", capabilities=caps)
 
 
-def save(machine) -> None:
-    """Stop a recording machine whose agent is ready (its client gone) and save its
-    device state into the plan's state file."""
-    snap = machine.plan.snapshot
-    assert snap is not None and snap.role == "record"
-    mon = machine.monitor()
+def save(mon, state: str, whole: bool = False, timeout: float = MIGRATION_TIMEOUT) -> None:
+    """Stop a machine (its clients gone) and save its device state into ``state``: with
+    ``whole``, its RAM too (a pause); otherwise RAM stays in its shared file (a template)."""
     mon.command("stop")
-    _ignore_shared(mon)
-    fd = os.open(snap.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if not whole:
+        _ignore_shared(mon)
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         mon.send_fd("snapshot", fd)
     finally:
         os.close(fd)
     mon.command("migrate", uri="fd:snapshot")
-    _wait_migration(mon, time.monotonic() + MIGRATION_TIMEOUT)
+    _wait_migration(mon, time.monotonic() + timeout)
 
 
-def load(plan: MachinePlan) -> None:
-    """Bring a machine started with ``-incoming defer`` to its snapshot, running."""
+def load(plan: MachinePlan, timeout: float = MIGRATION_TIMEOUT) -> None:
+    """Bring a machine started with ``-incoming defer`` to its snapshot (or its paused
+    state), running."""
     snap = plan.snapshot
-    assert snap is not None and snap.role == "restore"
-    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    assert snap is not None and snap.role in ("restore", "resume")
+    deadline = time.monotonic() + timeout
     mon = _monitor(plan, deadline)
     try:
-        _ignore_shared(mon)
+        if snap.role == "restore":
+            _ignore_shared(mon)
         try:
             fd = os.open(snap.state, os.O_RDONLY)
         except OSError as err:
@@ -221,7 +221,7 @@ def record(plan: MachinePlan, boot_timeout: float) -> SnapshotPlan:
                 machine.attach(boot_timeout)
                 machine.agent.close()  # the snapshot holds no client
                 machine.agent = None
-                save(machine)
+                save(machine.monitor(), str(state_tmp))
             finally:
                 machine.kill()
                 machine.wait_keeper(5)
