@@ -163,3 +163,14 @@ def test_pause_and_resume_three_times(kernel, state, tmp_path):
     assert qemubox("create", "--kernel", kernel, "-m", "256M", "-v", f"{share}:/s", "sh9").code == 0
     r = qemubox("pause", "sh9")
     assert r.code == 2 and "9p shares mounted" in r.err
+
+
+def test_a_sandbox_restored_from_a_snapshot_pauses_and_resumes(kernel, state):
+    from helpers import qemubox
+
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "--snapshot", "ps").code == 0
+    assert qemubox("exec", "ps", "--", "sh", "-c", "echo kept > /tmp/f").code == 0
+    assert qemubox("pause", "ps").code == 0
+    r = qemubox("resume", "ps")
+    assert r.code == 0, r.err
+    assert qemubox("exec", "ps", "--", "cat", "/tmp/f").out == "kept\n"

@@ -137,8 +137,8 @@ def _wait_migration(mon, deadline: float) -> None:
         time.sleep(0.002)
 
 
-def _ignore_shared(mon) -> None:
-    caps = [{"capability": "x-ignore-shared", "state": True}]
+def _ignore_shared(mon, on: bool = True) -> None:
+    caps = [{"capability": "x-ignore-shared", "state": on}]
     mon.command("migrate-set-capabilities", capabilities=caps)
 
 
@@ -146,8 +146,7 @@ def save(mon, state: str, whole: bool = False, timeout: float = MIGRATION_TIMEOU
     """Stop a machine (its clients gone) and save its device state into ``state``: with
     ``whole``, its RAM too (a pause); otherwise RAM stays in its shared file (a template)."""
     mon.command("stop")
-    if not whole:
-        _ignore_shared(mon)
+    _ignore_shared(mon, not whole)  # explicit: a restored machine has it on
     fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         mon.send_fd("snapshot", fd)
