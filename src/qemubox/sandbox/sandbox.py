@@ -122,7 +122,8 @@ class Sandbox:
             plan = self.make_plan()
             with Machine.runtime_dir(plan) as alive_lock:
                 plan = self.plan = prepare.realize(plan)
-                if plan.accel_note and not use_snapshot:  # said once the VM is sure to start
+                first = use_snapshot == self.spec.snapshot
+                if plan.accel_note and first:  # said once the VM is sure to start
                     warnings.warn(
                         f"using TCG (software emulation): {plan.accel_note}",
                         AccelWarning,
