@@ -253,6 +253,12 @@ def test_compat_key_follows_what_the_guest_sees(tmp_path):
     assert plan.compat_key() == elsewhere.compat_key()  # where it runs does not matter
     bigger = make_plan(Session(memory="1G").validate(), KERNEL, "tcg", "", "/r", "/i", None)
     assert bigger.compat_key() != plan.compat_key()
+    disk = Session(disks=[Disk("16M", "/d")]).validate()
+    small = make_plan(disk, KERNEL, "tcg", "", "/r", "/i", None)
+    large = make_plan(replace(disk, disks=(replace(disk.disks[0], size=32 << 20),)), KERNEL,
+                      "tcg", "", "/r", "/i", None)  # fmt: skip
+    assert small.compat_key() != large.compat_key()  # the device says its size
+    assert replace(plan, slots=2).compat_key() != plan.compat_key()
 
 
 @pytest.mark.parametrize(

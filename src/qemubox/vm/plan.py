@@ -227,9 +227,10 @@ class MachinePlan:
             "version": self.kernel.version,
             "initrd": self.initrd,
             "append": self.append,
-            "shares": [(s.tag, s.read_only, s.security_model) for s in self.shares],
-            "disks": [d.serial for d in self.disks],
+            "shares": [(s.tag, s.read_only, s.security_model, s.fs) for s in self.shares],
+            "disks": [(d.serial, d.size) for d in self.disks],  # a disk's size is the device's
             "network": self.network,
+            "slots": self.slots,
             "balloon": self.balloon,
             "root": [self.root.kind, self.root.base, self.root.fs],
         }

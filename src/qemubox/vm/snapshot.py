@@ -59,25 +59,19 @@ def _file_id(path: str) -> list:
 
 
 def key(plan: MachinePlan) -> str:
-    """What decides a booted guest, as a digest: equal keys restore each other's snapshots."""
+    """What decides a booted guest, as a digest: the plan's own (``compat_key``: machine,
+    size, command line, device layout), and the files behind the paths it names — a
+    kernel, initramfs or QEMU rebuilt in place is another guest. Equal keys restore each
+    other's snapshots."""
     qemu = plan.arch_record.qemu_binary
-    layout = {
+    inputs = {
         "format": FORMAT,
-        "arch": plan.arch,
-        "machine": plan.machine,
-        "accel": plan.accel,
-        "cpus": plan.cpus,
-        "memory_mib": plan.memory_mib,
+        "plan": plan.compat_key(),
         "kernel": _file_id(plan.kernel.image),
         "initrd": _file_id(plan.initrd),
-        "append": plan.append,
         "qemu": _file_id(shutil.which(qemu) or qemu),
-        "slots": plan.slots,
-        "shares": [(s.tag, s.read_only, s.security_model, s.fs) for s in plan.shares],
-        "disks": [(d.serial, d.size) for d in plan.disks],
-        "network": plan.network,
     }
-    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def ram_dir() -> Path:
