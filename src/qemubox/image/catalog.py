@@ -82,9 +82,9 @@ def recipe_of(name: str, arch: str) -> recipe.Recipe:
     return recipe.Recipe.from_dict(data["recipe"])
 
 
-def root_plan(image: str, arch: str, share_fs: str, overlay: str = "") -> RootPlan:
-    """The root a checked image name gives a machine of ``arch`` (nothing is built)."""
-    image, kind = check(image)
+def root_plan(image: str, kind: str, arch: str, share_fs: str, overlay: str = "") -> RootPlan:
+    """The root an image gives a machine of ``arch``, from what :func:`check` made of it
+    (nothing is built)."""
     if kind == "initramfs":
         return RootPlan()
     if kind == "share":

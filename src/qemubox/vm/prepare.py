@@ -38,7 +38,9 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
         probe=not dry_run,
     )
     initrd = initramfs.initramfs_path(kernel, spec.features())
-    root = catalog.root_plan(spec.image, record.debian_arch, spec.root_fs, spec.overlay or "")
+    root = catalog.root_plan(
+        spec.image, spec.root_kind, record.debian_arch, spec.root_fs, spec.overlay or ""
+    )
     return make_plan(
         spec,
         kernel,
