@@ -132,14 +132,25 @@ def stop(names, wait, expired):
         named.stop(name, wait, expired=expired)
 
 
-@click.command(context_settings=CONTEXT)
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
-def kill(names):
-    """Kill the sandboxes' VMs at once (no clean power-off)."""
-    from qemubox.sandbox import named
+def _for_each(verb: str, doc: str) -> click.Command:
+    """A command doing ``named.<verb>(NAME)`` for each NAME given."""
 
-    for name in names:
-        named.kill(name)
+    @click.command(verb, context_settings=CONTEXT, help=doc)
+    @click.argument("names", nargs=-1, required=True, metavar="NAME...")
+    def command(names):
+        from qemubox.sandbox import named
+
+        for name in names:
+            getattr(named, verb)(name)
+
+    return command
+
+
+kill = _for_each("kill", "Kill the sandboxes' VMs at once (no clean power-off).")
+pause = _for_each(
+    "pause", "Save running sandboxes whole (memory, processes, devices) and end their VMs."
+)
+resume = _for_each("resume", "Bring paused sandboxes back as they were.")
 
 
 @click.command(context_settings=CONTEXT)
@@ -152,26 +163,6 @@ def start(names):
         box = named.start(name)
         if box is not None:
             box.detach()
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
-def pause(names):
-    """Save running sandboxes whole (memory, processes, devices) and end their VMs."""
-    from qemubox.sandbox import named
-
-    for name in names:
-        named.pause(name)
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
-def resume(names):
-    """Bring paused sandboxes back as they were."""
-    from qemubox.sandbox import named
-
-    for name in names:
-        named.resume(name)
 
 
 @click.command("rm", context_settings=CONTEXT)

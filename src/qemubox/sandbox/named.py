@@ -155,7 +155,7 @@ def status(name: str) -> Status:
         name=name,
         state=state,
         note=note,
-        image=record.get("image", "minimal"),
+        image=session.image,
         kernel=kernel,
         memory=str(session.memory),
         cpus=session.cpus,
@@ -241,7 +241,6 @@ def create(name: str, session: Session, ttl: float | None = None):
                 "name": name,
                 "created": time.time(),
                 "session": session_to_dict(kept),
-                "image": image,
                 "ttl": ttl,
                 "machine": None,
                 "ready": False,
@@ -337,11 +336,8 @@ def resume(name: str) -> None:
             runtime_dir=str(paths.machine_runtime_dir(paths.new_machine_id())),
             snapshot=SnapshotPlan("resume", "", template, str(path)),
         )
-        ttl = record.get("ttl")
-        on_idle = shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
         with Machine.runtime_dir(plan) as alive_lock:
-            idle = int(ttl) if ttl else 0
-            machine = Machine.launch(plan, alive_lock, True, idle, on_idle if ttl else "")
+            machine = Machine.launch(plan, alive_lock, True, *_idle_action(name, record))
         try:
             snapshot.load(plan, timeout=SAVE_TIMEOUT)
             agent = machine.attach(timeout=30)
@@ -359,6 +355,15 @@ def resume(name: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def _idle_action(name: str, record: dict) -> tuple[int, str]:
+    """What the keeper of the sandbox's QEMU does once it has been unused for its ttl
+    (seconds; 0: never): stop it, as `qemubox stop --expired` does."""
+    ttl = record.get("ttl")
+    if not ttl:
+        return 0, ""
+    return int(ttl), shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
+
+
 def _boot(name: str):
     from qemubox.sandbox.sandbox import Sandbox
 
@@ -367,10 +372,8 @@ def _boot(name: str):
         if state in (STARTING, RUNNING):
             return None
         box = Sandbox(session_from_dict(record["session"]))
-        ttl = record.get("ttl")
-        on_idle = shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
         try:
-            box._launch(True, int(ttl) if ttl else 0, on_idle if ttl else "")
+            box._launch(True, *_idle_action(name, record))
         except BaseException:
             box.close()
             raise
