@@ -228,3 +228,22 @@ def test_fail_fast_on_a_cluster_stops_the_running_cells_vms(matrix_dir, kernel):
     assert (failed.status, failed.exit_code) == ("fail", 1)
     assert (long_cell.status, long_cell.error) == ("error", "cancelled")
     assert time.monotonic() - start < 45 and not left
+
+
+def test_a_kernel_that_cannot_be_built_fails_its_cells_only(matrix_dir, kernel):
+    from distributed import Client
+
+    (matrix_dir / "b.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n'
+        '[[kernel]]\nname = "bad"\nconfig = ["CONFIG_QEMUBOX_NO_SUCH_OPTION=y"]\n\n'
+        '[[test]]\nname = "true"\ncommand = ["true"]\n'
+    )
+    r = qemubox("matrix", matrix_dir / "b.toml", "--json", matrix_dir / "b.json")
+    assert r.code == 1, r.err
+    here = json.loads((matrix_dir / "b.json").read_text())
+    with cluster() as c, Client(c) as client:
+        there = [res.to_dict() for res in Matrix.from_file(matrix_dir / "b.toml").run(client)]
+    for base, bad in (here, there):
+        assert (base["status"], base["exit_code"]) == ("pass", 0)
+        assert bad["status"] == "error" and bad["error"].startswith("kernel bad: ")
+        assert "did not get their wanted values" in bad["error"], bad["error"]

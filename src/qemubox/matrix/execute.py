@@ -335,12 +335,13 @@ def _run_on(client, matrix: Matrix, keep_going: bool, events: Events) -> list[Ce
 
 
 def _task_error(cell: Cell, err: Exception) -> str:
-    name = type(err).__name__
-    if name == "KilledWorker":
+    """Why a cell's task raised: a cell catches its own errors, so what reaches here is its
+    kernel's build failing, or its workers dying."""
+    from distributed import KilledWorker
+
+    if isinstance(err, KilledWorker):
         return "its workers died while running it (retried, then given up)"
-    if isinstance(err, QemuboxError):
-        return f"kernel {cell.kernel.name}: {err}" if "build" in str(err) else str(err)
-    return f"{name}: {err}"
+    return f"kernel {cell.kernel.name}: {err if isinstance(err, QemuboxError) else repr(err)}"
 
 
 def run_matrix(
