@@ -247,3 +247,22 @@ def test_a_kernel_that_cannot_be_built_fails_its_cells_only(matrix_dir, kernel):
         assert (base["status"], base["exit_code"]) == ("pass", 0)
         assert bad["status"] == "error" and bad["error"].startswith("kernel bad: ")
         assert "did not get their wanted values" in bad["error"], bad["error"]
+
+
+def test_the_command_line_on_a_scheduler(matrix_dir, kernel):
+    (matrix_dir / "s.toml").write_text(
+        '[[kernel]]\nname = "base"\n\n[[test]]\nname = "echo"\ncommand = ["echo", "hi"]\n'
+    )
+    with cluster(scheduler_port=0) as c:
+        r = qemubox(
+            "matrix", matrix_dir / "s.toml", "--scheduler", c.scheduler_address,
+            "--json", matrix_dir / "s.json",
+        )  # fmt: skip
+        assert r.code == 0, r.err
+        (cell,) = json.loads((matrix_dir / "s.json").read_text())
+        assert (cell["status"], cell["stdout"]) == ("pass", "hi\n")
+        assert cell["worker"] in c.scheduler_info["workers"]
+        r = qemubox("matrix", matrix_dir / "s.toml", "--scheduler", c.scheduler_address, "-j", "2")
+        assert r.code == 2 and "--jobs goes without --scheduler" in r.err
+    r = qemubox("matrix", matrix_dir / "s.toml", "--scheduler", "tcp://127.0.0.1:9")
+    assert r.code == 2 and "cannot reach it" in r.err and len(r.err.strip().splitlines()) == 1
