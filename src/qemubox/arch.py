@@ -25,6 +25,7 @@ class Arch:
     cross_package: str  # the Debian package with that compiler
     cross_libc: str  # the Debian package with its libc (for the static guest agent)
     fragments: tuple[str, ...] = ()  # shipped fragments every guest kernel of this arch needs
+    firmware: str | None = None  # what boots a disk when no -kernel is given (None: QEMU's)
 
     def machine(self, mmio: bool) -> str:
         """The QEMU machine: the lean virtio-mmio one when the kernel can use it."""
@@ -70,6 +71,7 @@ ARCHES: dict[str, Arch] = {
             cross_package="gcc-aarch64-linux-gnu",
             cross_libc="libc6-dev-arm64-cross",
             fragments=("arm64",),
+            firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
         ),
     )
 }

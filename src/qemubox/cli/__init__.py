@@ -17,6 +17,7 @@ from qemubox.cli.matrix import matrix
 from qemubox.cli.run import run
 from qemubox.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS
 from qemubox.cli.snapshots import snapshot
+from qemubox.cli.vms import vm
 from qemubox.errors import Exit, QemuboxError
 
 
@@ -26,7 +27,7 @@ def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
 
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot):
+for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot, vm):
     cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------

@@ -37,6 +37,11 @@ def images_dir() -> Path:
     return paths.cache_dir() / "images"
 
 
+def debs_dir(suite: str, arch: str) -> Path:
+    """Where downloaded packages are kept, for every debootstrap of ``suite`` on ``arch``."""
+    return images_dir() / "debs" / suite / arch
+
+
 def built_path(recipe: Recipe) -> Path:
     """Where the image of ``recipe`` is (or will be) in the cache."""
     return images_dir() / recipe.key() / IMAGE_FILE
@@ -70,7 +75,7 @@ def check_can_build(recipe: Recipe) -> None:
         apt_install("debootstrap", "building a Debian image needs debootstrap")
 
 
-def _describe():
+def debootstrap_progress():
     """debootstrap's "I: Retrieving pkg 1.0" lines, as progress words."""
     fetched = 0
     verbs = {"Retrieving": "downloading", "Extracting": "extracting", "Unpacking": "unpacking"}
@@ -96,7 +101,7 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
     from qemubox.progress import run_logged  # rich, only when building
 
     log = images_dir() / f"{recipe.key()}.log"
-    debs = images_dir() / "debs" / recipe.suite / recipe.arch
+    debs = debs_dir(recipe.suite, recipe.arch)
     debs.mkdir(parents=True, exist_ok=True)
 
     def make(tmp: Path) -> None:
@@ -116,7 +121,7 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
             ],
             log,
             label,
-            _describe(),
+            debootstrap_progress(),
             console=console,
             interrupted=f"{label}: interrupted; nothing was kept",
         )

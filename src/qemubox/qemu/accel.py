@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,14 @@ def _probe(arch: str, kernel: Path | str) -> tuple[bool, str]:
 def choose_accel(
     requested: str,
     binary: str,
-    kernel: Path | str,
+    kernel: Path | str | Callable[[], Path | str],
     guest_arch: str,
     host_arch: str,
     probe: bool = True,
 ) -> AccelChoice:
     """The accelerator to use for ``requested`` (auto, kvm or tcg). Without ``probe``, an
-    unknown verdict counts as TCG and nothing is booted."""
+    unknown verdict counts as TCG and nothing is booted. ``kernel`` (what the probe boots)
+    may be a function, called only when a probe runs."""
     if requested == "tcg" or (requested == "auto" and guest_arch != host_arch):
         return AccelChoice("tcg", "")
     if requested == "kvm":
@@ -107,7 +109,7 @@ def choose_accel(
     if verdict is None:
         if not probe:
             return AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
-        works, reason = _probe(guest_arch, kernel)
+        works, reason = _probe(guest_arch, kernel() if callable(kernel) else kernel)
         verdict = {"works": works, "reason": reason}
         with updating_json(path) as verdicts:
             verdicts[key] = verdict

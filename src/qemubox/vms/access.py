@@ -1,0 +1,155 @@
+"""Getting into a running VM: ssh with the VM's own key (interactive, or a command with its
+real exit status), and its serial console's socket."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from qemubox import paths
+from qemubox.errors import InputError, ToolError
+from qemubox.vms import config as vmconfig
+from qemubox.vms import control
+from qemubox.vms.layout import VmDir
+
+DEFAULT_USER = "vmuser"
+DETACH = b"\x1d"  # Ctrl-]
+SSH_FAILED = 255  # what ssh exits with when it, not the command, failed
+
+
+def user_of(vm: VmDir) -> str:
+    return paths.read_json(vm.install_record).get("user") or DEFAULT_USER
+
+
+def ssh_args(vm: VmDir, port: int, user: str, batch: bool) -> list[str]:
+    args = [
+        "ssh",
+        "-p",
+        str(port),
+        "-i",
+        str(vm.ssh_key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        f"UserKnownHostsFile={vm.known_hosts}",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+    ]
+    if batch:
+        args += ["-T", "-o", "BatchMode=yes"]
+    return [*args, f"{user}@127.0.0.1"]
+
+
+def _port(vm: VmDir) -> int:
+    control.must_run(vm)
+    port = vmconfig.load(vm.config).ssh_port
+    if port is None:
+        raise InputError(f"{vm.config}: no ssh_port, so qemubox does not know where ssh is")
+    if not vm.ssh_key.is_file():
+        raise InputError(f"VM {vm.name!r} has no ssh key ({vm.ssh_key})")
+    return port
+
+
+def ssh(vm: VmDir, command: Sequence[str]) -> None:
+    """This process becomes ssh: a login shell, or ``command`` as the remote shell's words."""
+    args = ssh_args(vm, _port(vm), user_of(vm), batch=False)
+    if command:
+        args += ["--", *command]
+    os.execvp(args[0], args)
+
+
+def exec_command(vm: VmDir, argv: Sequence[str], wait: float = 0) -> int:
+    """Run ``argv`` (each word kept as it is) in the VM; its exit status. ``wait``: keep
+    trying that many seconds while ssh cannot get in (a VM still booting)."""
+    if not argv:
+        raise InputError("vm exec needs a command after --")
+    args = ssh_args(vm, _port(vm), user_of(vm), batch=True)
+    args += ["--", shlex.join(argv)]
+    deadline = time.monotonic() + wait
+    while True:
+        proc = subprocess.run(args, stdin=None if sys.stdin.isatty() else sys.stdin, check=False)
+        if proc.returncode != SSH_FAILED:
+            return proc.returncode
+        if time.monotonic() >= deadline:
+            raise ToolError(f"cannot reach VM {vm.name!r} over ssh (is sshd up in it?)")
+        time.sleep(2)
+
+
+def console(vm: VmDir) -> None:
+    """Attach the terminal to the VM's serial console until Ctrl-] (or, without a
+    terminal, until standard input ends)."""
+    control.must_run(vm)
+    if not vm.console.exists():
+        raise InputError(
+            f"VM {vm.name!r} has its console on the terminal that started it "
+            f"(run it with -d to attach later)"
+        )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(vm.console))
+    except OSError as exc:
+        raise ToolError(f"cannot attach to {vm.name!r}'s console: {exc.strerror}") from None
+    fd = sys.stdin.fileno()
+    tty = os.isatty(fd)
+    saved = None
+    if tty:
+        import termios
+        import tty as ttymod
+
+        saved = termios.tcgetattr(fd)
+        ttymod.setraw(fd)
+        os.write(sys.stderr.fileno(), b"[attached; Ctrl-] detaches]\r\n")
+    try:
+        _relay(sock, fd, tty)
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            os.write(sys.stderr.fileno(), b"\r\n[detached]\r\n")
+        sock.close()
+
+
+def _relay(sock: socket.socket, fd: int, tty: bool) -> None:
+    out = sys.stdout.fileno()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
+    stdin_open = True
+    quiet_until = None  # without a terminal: after input ends, print what follows a while
+    while True:
+        timeout = None if quiet_until is None else max(0.0, quiet_until - time.monotonic())
+        events = sel.select(timeout)
+        if not events and quiet_until is not None:
+            return
+        for key, _ in events:
+            if key.fileobj is sock:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                os.write(out, data)
+                if quiet_until is not None:
+                    quiet_until = time.monotonic() + 1.0
+            elif stdin_open:
+                data = os.read(fd, 4096)
+                if tty and DETACH in data:
+                    data = data.split(DETACH, 1)[0]
+                    if data:
+                        sock.sendall(data)
+                    return
+                if not data:
+                    sel.unregister(fd)
+                    stdin_open = False
+                    quiet_until = time.monotonic() + 1.0
+                    continue
+                sock.sendall(data.replace(b"\n", b"\r") if not tty else data)
