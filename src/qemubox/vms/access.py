@@ -74,15 +74,32 @@ def exec_command(vm: VmDir, argv: Sequence[str], wait: float = 0) -> int:
     if not argv:
         raise InputError("vm exec needs a command after --")
     args = ssh_args(vm, _port(vm), user_of(vm), batch=True)
-    args += ["--", shlex.join(argv)]
+    if wait > 0:
+        _wait_for_ssh(vm, args, wait)
+    proc = subprocess.run([*args, "--", shlex.join(argv)], check=False)
+    if proc.returncode == SSH_FAILED and _unreachable(args):
+        raise ToolError(f"cannot reach VM {vm.name!r} over ssh (is sshd up in it?)")
+    return proc.returncode
+
+
+def _unreachable(args: list[str]) -> bool:
+    quiet = subprocess.run(
+        [*args, "--", "true"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    return quiet.returncode != 0
+
+
+def _wait_for_ssh(vm: VmDir, args: list[str], wait: float) -> None:
+    """Quietly try ssh until it gets in, for at most ``wait`` seconds."""
     deadline = time.monotonic() + wait
-    while True:
-        proc = subprocess.run(args, stdin=None if sys.stdin.isatty() else sys.stdin, check=False)
-        if proc.returncode != SSH_FAILED:
-            return proc.returncode
-        if time.monotonic() >= deadline:
-            raise ToolError(f"cannot reach VM {vm.name!r} over ssh (is sshd up in it?)")
-        time.sleep(2)
+    while _unreachable(args):
+        if time.monotonic() >= deadline or control.running(vm) is None:
+            raise ToolError(f"cannot reach VM {vm.name!r} over ssh within {wait:g} s")
+        time.sleep(1)
 
 
 def console(vm: VmDir) -> None:

@@ -46,6 +46,7 @@ BASE_PACKAGES = (
     "tzdata",
     "ca-certificates",
     "grub-pc-bin",
+    "grub2-common",
 )
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
