@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import qemubox
 
+from helpers import qemubox
 from qemubox import arch as arches
 from qemubox.errors import InputError
 from qemubox.vms import conf, install
