@@ -19,7 +19,7 @@ done
 # and what it takes to build a kernel.
 pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd
       linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev libncurses-dev
-      python3-venv ca-certificates debootstrap)
+      python3-venv ca-certificates debootstrap openssh-client)
 if [ "$dev" = 1 ]; then
   # The --explain tests run against a second kernel generation too; the arm64 cross build
   # is booted on QEMU's virt machine.
