@@ -134,6 +134,9 @@ def test_installed_debian_boots_with_its_own_kernel_and_answers_ssh(debian):
     assert vm(env, "exec", "deb", "--", "sh", "-c", "exit 7").code == 7
     r = vm(env, "exec", "deb", "--", "printf", "%s|", "a b", "$HOME", "'")
     assert r.out == "a b|$HOME|'|"
+    # ssh: the command goes through the guest's shell, as ssh's does
+    r = vm(env, "ssh", "deb", "--", "echo $((40 + 2)) $USER", timeout=60)
+    assert (r.code, r.out) == (0, "42 vmuser\n"), r.err
     # autologin on the serial console, as vmuser
     wait_console(top, "deb", r"vmuser@deb:~\$", 60)
     r = vm(env, "console", "deb", stdin="echo console-$((6*7))\n", timeout=60)
@@ -166,7 +169,9 @@ def test_a_host_built_kernel_loads_its_module_over_9p(debian, module_kernel):
             "sh", "-c",
             "uname -r; sudo -n modprobe isofs && grep -w iso9660 /proc/filesystems; "
             f"findmnt -n -o FSTYPE,OPTIONS /lib/modules/{release}/build; "
-            "sudo -n systemctl reload qemubox-modules && echo reloaded",
+            "sudo -n systemctl reload qemubox-modules && echo reloaded; "
+            "sudo -n systemctl stop qemubox-modules; "
+            f"mountpoint -q /lib/modules/{release} || echo unmounted",
             timeout=BOOT + 60,
         )  # fmt: skip
         out = check.out.splitlines()
@@ -174,8 +179,9 @@ def test_a_host_built_kernel_loads_its_module_over_9p(debian, module_kernel):
         assert out[0] == release
         assert out[1].split() == ["iso9660"]
         assert out[2].startswith("9p ") and "ro" in out[2].split()[1].split(",")
-        assert out[3] == "reloaded"
-        assert vm(env, "stop", "deb").code == 0
+        assert out[3:] == ["reloaded", "unmounted"]
+        r = vm(env, "stop", "deb")  # the vm fragment has the power button
+        assert r.code == 0 and "powered off" in r.out, r.out + r.err
 
 
 @needs_root
@@ -208,9 +214,17 @@ def test_aarch64_vm_boots_a_host_built_arm64_kernel(where, tmp_path):
     # its blank disk has no root file system: the kernel boots, then says so
     text = wait_console(top, "arm", r"VFS: Unable to mount root fs|Kernel panic", 300)
     assert "Linux version" in text and "Machine model: linux,dummy-virt" in text
+    r = vm(env, "run", "arm", "-k", str(out), "-d")
+    assert r.code == 2 and "already running" in r.err
+    r = vm(env, "stop", "arm", "--timeout", "3")  # a panicked kernel ignores the button
+    assert r.code == 0 and re.search(r"powered off|killed", r.out)
+    # in the foreground the console is this process's output; options after -- are QEMU's
+    r = vm(env, "run", "arm", "-k", str(out), "-a", "panic=-1", "--", "-no-reboot", timeout=300)
+    assert r.code == 0, r.err
+    assert "Linux version" in r.out and "Kernel panic" in r.out
     r = vm(env, "run", "arm", "-k", str(tmp_path), "-n")  # a directory that is no build
     assert r.code == 2 and "neither a kernel build directory" in r.err
-    r = vm(env, "stop", "arm", "--timeout", "3")
-    assert r.code == 0 and re.search(r"powered off|killed", r.out)
+    r = vm(env, "stop", "arm")  # not running any more
+    assert r.code == 2 and "is not running" in r.err
     assert vm(env, "rm", "arm").code == 0
     assert not (top / "vms/arm").exists()

@@ -164,11 +164,11 @@ def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
     )
     target, plan = runner.plan(_where(), request, Path.cwd(), probe=not dry_run)
     hint = runner.gdb_hint(plan)
+    if hint:
+        say(f"qemubox: {hint}")
     if dry_run:
         click.echo(shlex.join(qemu_command(plan)))
         return
-    if hint:
-        say(f"qemubox: {hint}")
     if detach:
         pid = runner.start(target, plan)
         click.echo(f"{name} is running (pid {pid}); console: qemubox vm console {name}")

@@ -101,13 +101,10 @@ def stop(vm: VmDir, timeout: float) -> str:
             mon.close()
     start = time.monotonic()
     if asked and process.wait_gone(found.pid, found.started, timeout):
-        how = f"powered off in {time.monotonic() - start:.1f} s"
-    else:
-        process.kill(found.pid, found.started)
-        process.wait_gone(found.pid, found.started, 5)
-        how = f"killed (no power-off within {timeout:g} s)" if asked else "killed"
-    shutil.rmtree(vm.runtime, ignore_errors=True)
-    return how
+        shutil.rmtree(vm.runtime, ignore_errors=True)
+        return f"powered off in {time.monotonic() - start:.1f} s"
+    kill(vm)
+    return f"killed (no power-off within {timeout:g} s)" if asked else "killed"
 
 
 def kill(vm: VmDir) -> None:
@@ -118,34 +115,33 @@ def kill(vm: VmDir) -> None:
     shutil.rmtree(vm.runtime, ignore_errors=True)
 
 
-def disk_info(disk: Path) -> dict:
-    """``virtual-size`` and ``actual-size`` (bytes) of a disk image; empty when unreadable.
+def _qemu_img(verb: str, disk: Path) -> object:
+    """What ``qemu-img VERB --output=json`` says of a disk; None when it cannot say.
     ``-U``: a running VM holds a lock on its disk, and looking must not need it."""
     proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(disk)],
+        ["qemu-img", verb, "-U", "--output=json", str(disk)],
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        return {}
-    with contextlib.suppress(ValueError):
+        return None
+    try:
         return json.loads(proc.stdout)
-    return {}
+    except ValueError:
+        return None
+
+
+def disk_info(disk: Path) -> dict:
+    """``virtual-size`` and ``actual-size`` (bytes) of a disk image; empty when unreadable."""
+    info = _qemu_img("info", disk)
+    return info if isinstance(info, dict) else {}
 
 
 def disk_has_data(disk: Path) -> bool:
-    """Whether anything was ever written to the disk (a blank new qcow2 has no data)."""
-    proc = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", str(disk)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return True  # unreadable: assume it holds something
-    try:
-        extents = json.loads(proc.stdout)
-    except ValueError:
+    """Whether anything was ever written to the disk (a blank new qcow2 has no data); an
+    unreadable disk counts as holding something."""
+    extents = _qemu_img("map", disk)
+    if not isinstance(extents, list):
         return True
     return any(e.get("data") for e in extents)

@@ -52,8 +52,10 @@ reload)
     depmod "$release"
     ;;
 stop)
-    if mountpoint -q "$dir/build"; then umount "$dir/build"; fi
-    if mountpoint -q "$dir"; then umount "$dir"; fi
+    # Running programs keep depmod's index files mapped: those mounts go once unused.
+    for m in "$dir/build" "$dir"; do
+        if mountpoint -q "$m"; then umount "$m" 2>/dev/null || umount --lazy "$m"; fi
+    done
     rmdir "$dir" 2>/dev/null || true
     ;;
 *)
