@@ -299,7 +299,7 @@ def test_install_spec_defaults():
 def test_install_spec_refusals(change, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         spec = _spec(**change)
-        install.render(spec, None)
+        install.render(spec, None, "/a")
 
 
 def test_mbr_entry():
@@ -310,7 +310,7 @@ def test_mbr_entry():
 
 def test_install_script_quotes_values_and_parses(tmp_path):
     spec = _spec(packages="gdb")
-    script = install.render(spec, "/cache/debs dir")
+    script = install.render(spec, "/cache/debs dir", "/a")
     head = script.split("set -euo pipefail")[0]
     assert "hostname=my-vm\n" in head and "debs='/cache/debs dir'\n" in head
     assert f"size_bytes={4 << 30}\n" in head
@@ -328,8 +328,10 @@ def test_install_script_quotes_values_and_parses(tmp_path):
     ).stdout.split("|")
     assert values[0] == ",".join(spec.packages) and values[1] == spec.mirror
     assert values[2] == "".join(f"\\x{b:02x}" for b in install.mbr_entry(spec.size))
-    assert install.script_key(script) == install.script_key(install.render(spec, "/cache/debs dir"))
-    assert install.script_key(script) != install.script_key(install.render(_spec(), "/x"))
+    assert install.script_key(script) == install.script_key(
+        install.render(spec, "/cache/debs dir", "/a")
+    )
+    assert install.script_key(script) != install.script_key(install.render(_spec(), "/x", "/a"))
 
 
 def test_the_modules_mounter_is_valid_shell(tmp_path):

@@ -119,21 +119,29 @@ def test_installed_debian_boots_with_its_own_kernel_and_answers_ssh(debian):
     assert r.code == 0, r.err
     facts = vm(
         env, "exec", "deb", "--wait", str(BOOT), "--",
-        "sh", "-c", "id -un; hostname; sudo -n id -u; sudo -n passwd -S root; "
+        "sh", "-c", "systemctl is-system-running --wait; "
+        "id -un; hostname; sudo -n id -u; sudo -n passwd -S root; "
         "systemctl is-active ssh qemubox-modules; uname -r; "
         "ls /lib/modules/$(uname -r)/kernel >/dev/null && echo own-modules",
         timeout=BOOT + 60,
     )  # fmt: skip
     assert facts.code == 0, facts.err
-    lines = facts.out.splitlines()
+    system, *lines = facts.out.splitlines()
+    assert system == "running"  # booted, no unit failed
     assert lines[:3] == ["vmuser", "deb", "0"]
     assert lines[3].startswith("root L ")  # root's password is locked
     assert lines[4:6] == ["active", "active"]
     assert lines[6].endswith("-amd64") and lines[7] == "own-modules"  # Debian's kernel
-    # the command's real exit status, its words kept as they are
-    assert vm(env, "exec", "deb", "--", "sh", "-c", "exit 7").code == 7
-    r = vm(env, "exec", "deb", "--", "printf", "%s|", "a b", "$HOME", "'")
-    assert r.out == "a b|$HOME|'|"
+    # the command's real exit status, its words kept as they are, through the guest agent
+    # (vm install puts it in) or ssh alike, as the VM's user
+    for via in ("agent", "ssh"):
+        assert vm(env, "exec", "deb", "--via", via, "--", "sh", "-c", "exit 7").code == 7
+        r = vm(env, "exec", "deb", "--via", via, "--", "printf", "%s|", "a b", "$HOME", "'")
+        assert r.out == "a b|$HOME|'|"
+        r = vm(env, "exec", "deb", "--via", via, "--", "sh", "-c", "id -un; wc -c", stdin="12345")
+        assert (r.code, r.out.split()) == (0, ["vmuser", "5"]), r.err
+        r = vm(env, "exec", "deb", "--via", via, "--", "no-such-command")
+        assert r.code == 127, (via, r.code, r.err)
     # ssh: the command goes through the guest's shell, as ssh's does
     r = vm(env, "ssh", "deb", "--", "echo $((40 + 2)) $USER", timeout=60)
     assert (r.code, r.out) == (0, "42 vmuser\n"), r.err
@@ -167,6 +175,7 @@ def test_a_host_built_kernel_loads_its_module_over_9p(debian, module_kernel):
         check = vm(
             env, "exec", "deb", "--wait", str(BOOT), "--",
             "sh", "-c",
+            "systemctl is-system-running --wait; systemctl --failed --plain --no-legend; "
             "uname -r; sudo -n modprobe isofs && grep -w iso9660 /proc/filesystems; "
             f"findmnt -n -o FSTYPE,OPTIONS /lib/modules/{release}/build; "
             "sudo -n systemctl reload qemubox-modules && echo reloaded; "
@@ -174,8 +183,9 @@ def test_a_host_built_kernel_loads_its_module_over_9p(debian, module_kernel):
             f"mountpoint -q /lib/modules/{release} || echo unmounted",
             timeout=BOOT + 60,
         )  # fmt: skip
-        out = check.out.splitlines()
+        system, *out = check.out.splitlines()
         assert check.code == 0, (check.out, check.err, console_log(top, "deb")[-3000:])
+        assert system == "running", check.out  # booted, no unit failed
         assert out[0] == release
         assert out[1].split() == ["iso9660"]
         assert out[2].startswith("9p ") and "ro" in out[2].split()[1].split(",")

@@ -83,6 +83,7 @@ def install(name, release, mirror, user, hostname, packages, timezone, locale, e
     sshd, autologin on the serial console, DHCP on the NIC, and the modules mounter for
     kernels run with -k. Installs are cached by their script: the same inputs again take
     seconds."""
+    from qemubox.guest.initramfs import agent_binary
     from qemubox.image import sources
     from qemubox.image.debian import debs_dir
     from qemubox.vms import config as vmconfig
@@ -114,7 +115,8 @@ def install(name, release, mirror, user, hostname, packages, timezone, locale, e
             timezone,
             locale,
         )
-        text = installer.render(spec, str(debs_dir(release, spec.arch)))
+        agent = agent_binary(cfg.arch)
+        text = installer.render(spec, str(debs_dir(release, spec.arch)), str(agent))
     if edit:
         from qemubox import paths
 
@@ -255,13 +257,21 @@ def ssh(name, command):
 
 @vm.command("exec", context_settings=CONTEXT)
 @click.argument("name")
-@click.option("--wait", default=0.0, metavar="SECONDS", help="Keep trying while sshd is not up.")
+@click.option("--wait", default=0.0, metavar="SECONDS", help="Keep trying while the VM boots.")
+@click.option(
+    "--via",
+    type=click.Choice(["auto", "agent", "ssh"]),
+    default="auto",
+    show_default=True,
+    help="auto: the guest agent when vm install put one in, else ssh.",
+)
 @click.argument("command", nargs=-1, required=True)
-def exec_(name, wait, command):
-    """Run COMMAND (its words kept as they are) in VM NAME; exit with its status."""
+def exec_(name, wait, via, command):
+    """Run COMMAND (its words kept as they are) in VM NAME as its user, in a login shell;
+    exit with its status."""
     from qemubox.vms import access
 
-    return access.exec_command(_vm(name).must_exist(), command, wait)
+    return access.exec_command(_vm(name).must_exist(), command, wait, via)
 
 
 @vm.command(context_settings=CONTEXT)

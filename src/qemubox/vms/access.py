@@ -19,6 +19,7 @@ from qemubox.vms import control
 from qemubox.vms.layout import VmDir
 
 DEFAULT_USER = "vmuser"
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}  # runuser -l makes the rest
 DETACH = b"\x1d"  # Ctrl-]
 SSH_FAILED = 255  # what ssh exits with when it, not the command, failed
 
@@ -68,11 +69,18 @@ def ssh(vm: VmDir, command: Sequence[str]) -> None:
     os.execvp(args[0], args)
 
 
-def exec_command(vm: VmDir, argv: Sequence[str], wait: float = 0) -> int:
-    """Run ``argv`` (each word kept as it is) in the VM; its exit status. ``wait``: keep
-    trying that many seconds while ssh cannot get in (a VM still booting)."""
+def exec_command(vm: VmDir, argv: Sequence[str], wait: float = 0, via: str = "auto") -> int:
+    """Run ``argv`` (each word kept as it is) in the VM, as its user in a login shell; its
+    exit status. Through the guest agent when the install put one in (``via`` auto or
+    agent), else ssh. ``wait``: keep trying that many seconds while the VM boots."""
     if not argv:
         raise InputError("vm exec needs a command after --")
+    control.must_run(vm)
+    has_agent = bool(paths.read_json(vm.install_record).get("agent"))
+    if via == "agent" and not has_agent:
+        raise InputError(f"VM {vm.name!r} has no guest agent (vm install puts one in)")
+    if via != "ssh" and has_agent:
+        return _exec_agent(vm, argv, wait)
     args = ssh_args(vm, _port(vm), user_of(vm), batch=True)
     if wait > 0:
         _wait_for_ssh(vm, args, wait)
@@ -100,6 +108,52 @@ def _wait_for_ssh(vm: VmDir, args: list[str], wait: float) -> None:
         if time.monotonic() >= deadline or control.running(vm) is None:
             raise ToolError(f"cannot reach VM {vm.name!r} over ssh within {wait:g} s")
         time.sleep(1)
+
+
+def _exec_agent(vm: VmDir, argv: Sequence[str], wait: float) -> int:
+    """The command through the guest agent: output streamed as it comes, standard input
+    forwarded when it is not a terminal."""
+    from qemubox.errors import GuestError
+    from qemubox.guest.client import AgentClient, AgentGone, exec_exit_code
+
+    def alive() -> None:
+        if control.running(vm) is None:
+            raise ToolError(f"VM {vm.name!r} stopped")
+
+    try:
+        agent = AgentClient.attach(vm.agent, max(wait, 10), alive, resync=True)
+    except (TimeoutError, AgentGone) as exc:
+        raise ToolError(f"the guest agent of {vm.name!r} does not answer ({exc})") from None
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(stream):
+        def put(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+
+        return put
+
+    login = ["runuser", "-l", user_of(vm), "-c", shlex.join(argv)]
+    feed = not sys.stdin.isatty()
+    try:
+        ident, pend = agent.start(login, ENV, "/", feed, write(out), write(err))
+        if feed:
+            while chunk := sys.stdin.buffer.read1(65536):
+                if not agent.write_stdin(ident, pend, chunk):
+                    break
+            else:
+                agent.close_stdin(ident)
+        agent.wait(ident, pend, None)
+    except GuestError as exc:
+        err.write(f"qemubox: {exc}\n".encode())
+        return exec_exit_code(exc)
+    except AgentGone:
+        raise ToolError(f"the guest agent of {vm.name!r} went away") from None
+    finally:
+        agent.bye()
+        agent.close()
+    assert pend.status is not None
+    return pend.status.code
 
 
 def console(vm: VmDir) -> None:

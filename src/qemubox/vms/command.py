@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemubox.qemu.cmdline import escape
+from qemubox.qemu.cmdline import AGENT_PORT, escape
 from qemubox.vms.config import VmConfig
 from qemubox.vms.guestfiles import KEYS_NAME
 from qemubox.vms.kernel import HostKernel
@@ -34,6 +34,7 @@ class RunPlan:
     name: str | None = None
     firmware: Path | None = None  # booting the disk without -kernel, where QEMU has none
     ssh_key: Path | None = None  # a public key handed to the guest (fw_cfg) at every boot
+    agent: Path | None = None  # the socket of a virtio-serial port for the guest agent
 
 
 def _names(options: tuple[str, ...], *flags: str) -> bool:
@@ -114,6 +115,15 @@ def qemu_command(plan: RunPlan) -> list[str]:
         args += ["-append", " ".join(cmdline(plan))]
     if plan.ssh_key is not None:
         args += ["-fw_cfg", f"name={KEYS_NAME},file={escape(plan.ssh_key)}"]
+    if plan.agent is not None:
+        args += [
+            "-device",
+            "virtio-serial-pci,id=qemubox-serial",
+            "-chardev",
+            f"socket,id=qemubox-agent,path={escape(plan.agent)},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=qemubox-agent,name={AGENT_PORT.format(slot=0, slots=1)}",
+        ]
     if plan.qmp is not None:
         args += ["-qmp", f"unix:{escape(plan.qmp)},server=on,wait=off"]
     if plan.pidfile is not None:

@@ -138,3 +138,19 @@ Name=en* eth*
 [Network]
 DHCP=yes
 """
+
+# The guest agent (the one sandboxes boot with), for `vm exec` without ssh: udev starts it
+# when `vm run`'s virtio-serial port appears, so a boot without that port has no failed unit.
+AGENT_RULE = """\
+SUBSYSTEM=="virtio-ports", ATTR{name}=="qemubox.agent.0-of-1", TAG+="systemd", \\
+    ENV{SYSTEMD_WANTS}+="qemubox-agent.service"
+"""
+
+AGENT_UNIT = """\
+[Unit]
+Description=qemubox guest agent (qemubox vm exec)
+
+[Service]
+ExecStart=/usr/local/sbin/qemubox-agent
+Restart=on-failure
+"""

@@ -153,8 +153,9 @@ def _heredoc(path: str, text: str, mode: str = "644") -> str:
     )
 
 
-def render(spec: InstallSpec, debs: str | None) -> str:
-    """The install script: values first, then the steps; run as ``bash install.sh DISK``."""
+def render(spec: InstallSpec, debs: str | None, agent: str) -> str:
+    """The install script: values first, then the steps; run as ``bash install.sh DISK``.
+    ``agent``: the guest agent's binary, copied in for ``vm exec``."""
     values = {
         "release": spec.release,
         "mirror": spec.mirror,
@@ -168,6 +169,7 @@ def render(spec: InstallSpec, debs: str | None) -> str:
         "console": spec.console,
         "dns": DNS,
         "debs": debs or "",
+        "agent": agent,
     }
     head = [
         "#!/bin/bash",
@@ -198,6 +200,8 @@ def render(spec: InstallSpec, debs: str | None) -> str:
                 guestfiles.SERIAL_AUTOLOGIN.format(user=spec.user),
             ),
             _heredoc("/etc/systemd/network/80-qemubox.network", guestfiles.NETWORK),
+            _heredoc("/etc/udev/rules.d/60-qemubox-agent.rules", guestfiles.AGENT_RULE),
+            _heredoc("/etc/systemd/system/qemubox-agent.service", guestfiles.AGENT_UNIT),
         ]
     )
     return "\n".join(head) + _STEPS.replace("@FILES@\n", files)
@@ -263,6 +267,7 @@ fi
 echo "LANG=$locale" > "$mnt/etc/default/locale"
 echo "kernel.sysrq = 1" > "$mnt/etc/sysctl.d/50-qemubox-sysrq.conf"
 @FILES@
+install -m 755 "$agent" "$mnt/usr/local/sbin/qemubox-agent"
 in_root systemctl enable systemd-networkd.service qemubox-modules.service qemubox-keys.service
 in_root systemctl mask systemd-firstboot.service
 
@@ -420,6 +425,7 @@ def place(vm: VmDir, disk: Path, force: bool) -> list[str]:
 def remember(vm: VmDir, spec: InstallSpec | None, script: str, seconds: float) -> None:
     facts = asdict(spec) if spec else {"user": DEFAULT_USER, "script": "edited"}
     facts |= {"key": script_key(script), "seconds": round(seconds, 1), "at": time.time()}
+    facts["agent"] = "/usr/local/sbin/qemubox-agent" in script
     paths.write_json(vm.install_record, facts)
 
 

@@ -85,6 +85,10 @@ class VmDir:
         return self.runtime / "qmp.sock"
 
     @property
+    def agent(self) -> Path:
+        return self.runtime / "agent.sock"
+
+    @property
     def pidfile(self) -> Path:
         return self.runtime / "qemu.pid"
 

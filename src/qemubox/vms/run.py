@@ -81,6 +81,7 @@ def plan(where: VmPaths, req: RunRequest, cwd: Path, probe: bool) -> tuple[VmDir
         name=req.name,
         firmware=firmware,
         ssh_key=vm.ssh_public_key if vm.ssh_public_key.is_file() else None,
+        agent=vm.agent,
     )
     if req.detach:
         run_plan = replace(run_plan, console=vm.console, console_log=vm.console_log)
