@@ -186,7 +186,7 @@ def test_building_needs_root_and_this_architecture(monkeypatch):
 
 
 def test_debootstrap_progress_words():
-    describe = debian._describe()
+    describe = debian.debootstrap_progress()
     assert describe("I: Retrieving libc6 2.36-9\n") == "downloading libc6 (1 packages fetched)"
     assert describe("I: Configuring ca-certificates...\n") == (
         "configuring ca-certificates (1 packages fetched)"
