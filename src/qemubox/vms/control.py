@@ -67,7 +67,6 @@ def start_detached(vm: VmDir, args: list[str]) -> int:
             stdout=err,
             stderr=err,
             start_new_session=True,
-            cwd=vm.root,
         )
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:

@@ -122,5 +122,4 @@ def exec_foreground(vm: VmDir, run_plan: RunPlan) -> None:
     control.prepare_runtime(vm)
     args = qemu_command(run_plan)
     control.record(vm, os.getpid(), **_facts(run_plan, "foreground"))
-    os.chdir(vm.root)
-    os.execvp(args[0], args)
+    os.execvp(args[0], args)  # in the caller's directory: relative paths are the caller's
