@@ -6,11 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from qemubox.errors import InputError, ToolError
-
-
-def _last_line(text: str) -> str:
-    return (text.strip().splitlines() or ["no output"])[-1]
+from qemubox.errors import InputError, ToolError, last_line
 
 
 def apt_install(package: str, why: str) -> None:
@@ -25,7 +21,7 @@ def apt_install(package: str, why: str) -> None:
         check=False,
     )
     if proc.returncode != 0:
-        raise ToolError(f"apt-get install {package} failed: {_last_line(proc.stderr)}")
+        raise ToolError(f"apt-get install {package} failed: {last_line(proc.stderr)}")
 
 
 def apt_download(package: str, directory: Path) -> Path:
@@ -39,7 +35,7 @@ def apt_download(package: str, directory: Path) -> Path:
     )
     debs = sorted(directory.glob("*.deb"))
     if proc.returncode != 0 or not debs:
-        raise ToolError(f"apt-get download {package} failed: {_last_line(proc.stderr)}")
+        raise ToolError(f"apt-get download {package} failed: {last_line(proc.stderr)}")
     return debs[-1]
 
 
@@ -64,7 +60,7 @@ def download_for_arch(package: str, debian_arch: str, directory: Path, state: Pa
             ["apt-get", *options, "update"], capture_output=True, text=True, check=False
         )
         if proc.returncode != 0:
-            raise ToolError(f"apt-get update for {debian_arch} failed: {_last_line(proc.stderr)}")
+            raise ToolError(f"apt-get update for {debian_arch} failed: {last_line(proc.stderr)}")
     proc = subprocess.run(
         ["apt-get", *options, "download", package],
         cwd=directory,
@@ -75,6 +71,6 @@ def download_for_arch(package: str, debian_arch: str, directory: Path, state: Pa
     debs = sorted(directory.glob(f"*_{debian_arch}.deb"))
     if proc.returncode != 0 or not debs:
         raise ToolError(
-            f"apt-get download {package} ({debian_arch}) failed: {_last_line(proc.stderr)}"
+            f"apt-get download {package} ({debian_arch}) failed: {last_line(proc.stderr)}"
         )
     return debs[-1]

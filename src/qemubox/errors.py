@@ -21,6 +21,11 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def last_line(text: str, default: str = "no output") -> str:
+    """The last line a failing tool printed: what its one-line error quotes."""
+    return (text.strip().splitlines() or [default])[-1]
+
+
 class Exit(IntEnum):
     """qemubox's exit statuses. A command run in a sandbox exits with its own status,
     128+N when signal N killed it."""

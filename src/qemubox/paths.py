@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -239,6 +240,16 @@ def copy_data(src: Path, dst: Path) -> None:
         except OSError:  # all hole, or no SEEK_DATA here
             fin.seek(0)
         shutil.copyfileobj(fin, fout)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<path>.bak`` (or, when that is taken, a dated ``.bak``) so that
+    nothing the user had is lost; returns the new name."""
+    backup = path.with_name(path.name + ".bak")
+    if backup.exists():
+        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+    os.replace(path, backup)
+    return backup
 
 
 def write_keeping_old(path: Path, text: str) -> Path | None:

@@ -12,8 +12,6 @@ import click
 
 from qemubox.cli.common import CONTEXT, say, table
 
-_PASS = {**CONTEXT, "ignore_unknown_options": False}
-
 
 def _where():
     from qemubox.vms import conf

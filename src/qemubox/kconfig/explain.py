@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from qemubox.errors import ToolError
+from qemubox.errors import ToolError, last_line
 from qemubox.kconfig.verify import Mismatch
 from qemubox.linux.tree import KernelTree
 
@@ -41,7 +41,7 @@ def explain_mismatches(
     try:
         answer = json.loads(proc.stdout)
     except ValueError:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = last_line(proc.stderr)
         raise ToolError(f"cannot explain the mismatches: {last}") from None
     if "error" in answer:
         raise ToolError(answer["error"])

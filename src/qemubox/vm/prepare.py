@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox import paths
-from qemubox.errors import InputError
+from qemubox.errors import InputError, last_line
 from qemubox.guest import initramfs
 from qemubox.image import catalog
 from qemubox.kernel.artifacts import choose_kernel
@@ -140,7 +140,7 @@ def _check_ext4(path: Path) -> None:
         )
     proc = subprocess.run(["dumpe2fs", "-h", str(path)], capture_output=True, text=True)
     if proc.returncode != 0 or "Filesystem features" not in proc.stdout:
-        why = (proc.stderr.strip().splitlines() or ["unreadable superblock"])[-1]
+        why = last_line(proc.stderr, "unreadable superblock")
         raise InputError(f"disk {path} is not a usable ext4 image: {why}")
 
 
@@ -166,7 +166,7 @@ def make_overlay(root: RootPlan) -> None:
             check=False,
         )
         if proc.returncode != 0:
-            why = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            why = last_line(proc.stderr, "failed")
             raise InputError(f"cannot make the root overlay {overlay} over {root.base}: {why}")
         os.link(tmp, overlay)
     except FileExistsError:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import paths
-from qemubox.errors import InputError, ToolError
+from qemubox.errors import InputError, KernelError, last_line
 from qemubox.qemu import process
 from qemubox.vms.layout import VmDir
 
@@ -71,14 +71,13 @@ def start_detached(vm: VmDir, args: list[str]) -> int:
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            text = log.read_text(errors="replace").strip()
-            why = (text.splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise ToolError(f"QEMU could not start VM {vm.name!r}: {why}")
+            why = last_line(log.read_text(errors="replace"), f"exit status {proc.returncode}")
+            raise KernelError(f"QEMU could not start VM {vm.name!r}: {why}")
         if vm.qmp.exists():
             return proc.pid
         time.sleep(0.02)
     proc.kill()
-    raise ToolError(f"QEMU did not open its monitor within {START_SECONDS:.0f} s")
+    raise KernelError(f"QEMU did not open its monitor within {START_SECONDS:.0f} s")
 
 
 def _monitor(vm: VmDir):

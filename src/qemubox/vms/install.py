@@ -392,20 +392,11 @@ def cached_disk(script: str, label: str, console=None) -> Path:
     return target
 
 
-def place(vm: VmDir, disk: Path, force: bool) -> list[str]:
-    """Copy an installed disk over the VM's; the old one is kept when it held anything."""
+def place(vm: VmDir, disk: Path, keep_old: bool) -> list[str]:
+    """Copy an installed disk over the VM's, first setting the old one aside if asked."""
     notes = []
-    if vm.disk.exists() and control.disk_has_data(vm.disk):
-        if not force:
-            raise InputError(
-                f"VM {vm.name!r}'s disk already holds data: --force installs anew, keeping "
-                "it as a backup"
-            )
-        backup = vm.disk.with_name(vm.disk.name + ".bak")
-        if backup.exists():
-            backup = vm.disk.with_name(f"{vm.disk.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        os.replace(vm.disk, backup)
-        notes.append(f"kept the old disk as {backup}")
+    if keep_old:
+        notes.append(f"kept the old disk as {paths.set_aside(vm.disk)}")
     tmp = paths.temp_beside(vm.disk)
     proc = subprocess.run(
         ["cp", "--reflink=auto", "--sparse=always", str(disk), str(tmp)],
@@ -449,7 +440,8 @@ def install(vm: VmDir, script: str, spec: InstallSpec | None, force: bool) -> li
     check_can_install()
     if control.running(vm) is not None:
         raise InputError(f"VM {vm.name!r} is running: stop it before installing")
-    if vm.disk.exists() and control.disk_has_data(vm.disk) and not force:
+    holds_data = vm.disk.exists() and control.disk_has_data(vm.disk)
+    if holds_data and not force:
         raise InputError(
             f"VM {vm.name!r}'s disk already holds data: --force installs anew, keeping it "
             "as a backup"
@@ -463,6 +455,6 @@ def install(vm: VmDir, script: str, spec: InstallSpec | None, force: bool) -> li
         land_in_shell(vm, vm.install_script, exc)
         tail = getattr(exc, "log_tail", "")
         raise type(exc)(f"{exc}; the script is {vm.install_script}", tail) from None
-    notes = place(vm, disk, force)
+    notes = place(vm, disk, keep_old=holds_data)
     remember(vm, spec, script, time.monotonic() - start)
     return notes

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.errors import InputError
+from qemubox.errors import InputError, last_line
 
 _CONFIG_ARCH = (("CONFIG_ARM64=y", "arm64"), ("CONFIG_X86_64=y", "x86_64"))
 
@@ -72,8 +72,7 @@ def host_kernel(build: Path) -> HostKernel:
     )
     name = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0 or not name:
-        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise InputError(f"-k {build}: make -s image_name failed: {why}")
+        raise InputError(f"-k {build}: make -s image_name failed: {last_line(proc.stderr)}")
     image = build / name
     if not image.is_file():
         raise InputError(f"-k {build}: no kernel image at {image} (is the kernel built?)")

@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.errors import InputError, ToolError
+from qemubox import paths
+from qemubox.errors import InputError, ToolError, last_line
 from qemubox.vm.prepare import free_port
 from qemubox.vm.spec import parse_size
 from qemubox.vms import config as vmconfig
@@ -30,18 +30,10 @@ def _ports_taken(vms: Path) -> set[int]:
     return taken
 
 
-def _backup_name(path: Path) -> Path:
-    backup = path.with_name(path.name + ".bak")
-    if backup.exists():
-        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-    return backup
-
-
 def _run(args: list[str], what: str) -> None:
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ToolError(f"{what} failed: {why}")
+        raise ToolError(f"{what} failed: {last_line(proc.stderr)}")
 
 
 def create(
@@ -66,8 +58,7 @@ def create(
             raise InputError(f"VM {name!r} is running: stop it before re-creating it")
         for old in (vm.disk, vm.config):
             if old.exists():
-                backup = _backup_name(old)
-                os.replace(old, backup)
+                backup = paths.set_aside(old)
                 notes.append(f"kept the old {old.name} as {backup}")
         for derived in (vm.install_record, vm.ssh_key, vm.ssh_public_key):
             derived.unlink(missing_ok=True)
