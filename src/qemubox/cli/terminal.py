@@ -22,25 +22,35 @@ def size(fd: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def raw(fd: int) -> Iterator[bool]:
+    """The terminal on ``fd`` in raw mode for the block, restored after; yields whether
+    ``fd`` is a terminal at all (nothing is changed when it is not)."""
+    if not os.isatty(fd):
+        yield False
+        return
+    saved = termios.tcgetattr(fd)
+    ttys.setraw(fd, termios.TCSANOW)
+    try:
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
 def forwarded(sandbox, wanted: bool) -> Iterator[tuple[int, int] | None]:
     """Yields the terminal size for ``Sandbox.exec(tty=...)`` (None unless ``wanted``)."""
     if not wanted:
         yield None
         return
     stdin = sys.stdin.fileno()
-    saved = None
-    if os.isatty(stdin):
-        saved = termios.tcgetattr(stdin)
-        ttys.setraw(stdin, termios.TCSANOW)
 
     def resized(*_) -> None:
         with contextlib.suppress(Exception):
             sandbox.resize_terminals(*size(stdin))
 
-    previous = signal.signal(signal.SIGWINCH, resized)
-    try:
-        yield size(stdin)
-    finally:
-        signal.signal(signal.SIGWINCH, previous)
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+    with raw(stdin):
+        previous = signal.signal(signal.SIGWINCH, resized)
+        try:
+            yield size(stdin)
+        finally:
+            signal.signal(signal.SIGWINCH, previous)

@@ -149,6 +149,7 @@ def install(name, release, mirror, user, hostname, packages, timezone, locale, e
 def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
     """Run VM NAME: QEMU with its config.py's options; the serial console and QEMU's
     monitor on this terminal (Ctrl-A X quits), or in the background with -d."""
+    from qemubox.qemu.accel import tcg_warning
     from qemubox.vms import run as runner
     from qemubox.vms.command import qemu_command
 
@@ -163,6 +164,8 @@ def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
         accel=accel,
     )
     target, plan = runner.plan(_where(), request, Path.cwd(), probe=not dry_run)
+    if plan.accel_note:
+        say(f"qemubox: warning: {tcg_warning(plan.accel_note)}")
     hint = runner.gdb_hint(plan)
     if hint:
         say(f"qemubox: {hint}")
@@ -276,6 +279,15 @@ def exec_(name, wait, via, command):
 @click.argument("name")
 def console(name):
     """Attach to the serial console of VM NAME (run with -d); Ctrl-] detaches."""
+    from qemubox.cli import terminal
     from qemubox.vms import access
 
-    access.console(_vm(name).must_exist())
+    sock = access.console(_vm(name).must_exist())
+    with terminal.raw(sys.stdin.fileno()) as on_terminal:
+        if on_terminal:
+            say("[attached; Ctrl-] detaches]\r")
+        try:
+            access.relay(sock, on_terminal)
+        finally:
+            if on_terminal:
+                say("\r\n[detached]\r")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from qemubox import paths
-from qemubox.errors import InputError, ToolError
+from qemubox.errors import BootError, GuestError, InputError, VMDied
 from qemubox.vms import config as vmconfig
 from qemubox.vms import control
 from qemubox.vms.layout import VmDir
@@ -24,8 +24,9 @@ DETACH = b"\x1d"  # Ctrl-]
 SSH_FAILED = 255  # what ssh exits with when it, not the command, failed
 
 
-def user_of(vm: VmDir) -> str:
-    return paths.read_json(vm.install_record).get("user") or DEFAULT_USER
+def user_of(installed: dict) -> str:
+    """The user ``vm install`` made (its record), for ssh and commands."""
+    return installed.get("user") or DEFAULT_USER
 
 
 def ssh_args(vm: VmDir, port: int, user: str, batch: bool) -> list[str]:
@@ -52,7 +53,6 @@ def ssh_args(vm: VmDir, port: int, user: str, batch: bool) -> list[str]:
 
 
 def _port(vm: VmDir) -> int:
-    control.must_run(vm)
     port = vmconfig.load(vm.config).ssh_port
     if port is None:
         raise InputError(f"{vm.config}: no ssh_port, so qemubox does not know where ssh is")
@@ -63,7 +63,8 @@ def _port(vm: VmDir) -> int:
 
 def ssh(vm: VmDir, command: Sequence[str]) -> None:
     """This process becomes ssh: a login shell, or ``command`` as the remote shell's words."""
-    args = ssh_args(vm, _port(vm), user_of(vm), batch=False)
+    control.must_run(vm)
+    args = ssh_args(vm, _port(vm), user_of(paths.read_json(vm.install_record)), batch=False)
     if command:
         args += ["--", *command]
     os.execvp(args[0], args)
@@ -76,17 +77,17 @@ def exec_command(vm: VmDir, argv: Sequence[str], wait: float = 0, via: str = "au
     if not argv:
         raise InputError("vm exec needs a command after --")
     control.must_run(vm)
-    has_agent = bool(paths.read_json(vm.install_record).get("agent"))
-    if via == "agent" and not has_agent:
+    installed = paths.read_json(vm.install_record)
+    if via == "agent" and not installed.get("agent"):
         raise InputError(f"VM {vm.name!r} has no guest agent (vm install puts one in)")
-    if via != "ssh" and has_agent:
-        return _exec_agent(vm, argv, wait)
-    args = ssh_args(vm, _port(vm), user_of(vm), batch=True)
+    if via != "ssh" and installed.get("agent"):
+        return _exec_agent(vm, argv, user_of(installed), wait)
+    args = ssh_args(vm, _port(vm), user_of(installed), batch=True)
     if wait > 0:
         _wait_for_ssh(vm, args, wait)
     proc = subprocess.run([*args, "--", shlex.join(argv)], check=False)
     if proc.returncode == SSH_FAILED and _unreachable(args):
-        raise ToolError(f"cannot reach VM {vm.name!r} over ssh (is sshd up in it?)")
+        raise BootError(f"cannot reach VM {vm.name!r} over ssh (is sshd up in it?)")
     return proc.returncode
 
 
@@ -106,24 +107,23 @@ def _wait_for_ssh(vm: VmDir, args: list[str], wait: float) -> None:
     deadline = time.monotonic() + wait
     while _unreachable(args):
         if time.monotonic() >= deadline or control.running(vm) is None:
-            raise ToolError(f"cannot reach VM {vm.name!r} over ssh within {wait:g} s")
+            raise BootError(f"cannot reach VM {vm.name!r} over ssh within {wait:g} s")
         time.sleep(1)
 
 
-def _exec_agent(vm: VmDir, argv: Sequence[str], wait: float) -> int:
+def _exec_agent(vm: VmDir, argv: Sequence[str], user: str, wait: float) -> int:
     """The command through the guest agent: output streamed as it comes, standard input
     forwarded when it is not a terminal."""
-    from qemubox.errors import GuestError
     from qemubox.guest.client import AgentClient, AgentGone, exec_exit_code
 
     def alive() -> None:
         if control.running(vm) is None:
-            raise ToolError(f"VM {vm.name!r} stopped")
+            raise VMDied(f"VM {vm.name!r} stopped")
 
     try:
         agent = AgentClient.attach(vm.agent, max(wait, 10), alive, resync=True)
     except (TimeoutError, AgentGone) as exc:
-        raise ToolError(f"the guest agent of {vm.name!r} does not answer ({exc})") from None
+        raise BootError(f"the guest agent of {vm.name!r} does not answer ({exc})") from None
     out, err = sys.stdout.buffer, sys.stderr.buffer
 
     def write(stream):
@@ -133,7 +133,7 @@ def _exec_agent(vm: VmDir, argv: Sequence[str], wait: float) -> int:
 
         return put
 
-    login = ["runuser", "-l", user_of(vm), "-c", shlex.join(argv)]
+    login = ["runuser", "-l", user, "-c", shlex.join(argv)]
     feed = not sys.stdin.isatty()
     try:
         ident, pend = agent.start(login, ENV, "/", feed, write(out), write(err))
@@ -148,7 +148,7 @@ def _exec_agent(vm: VmDir, argv: Sequence[str], wait: float) -> int:
         err.write(f"qemubox: {exc}\n".encode())
         return exec_exit_code(exc)
     except AgentGone:
-        raise ToolError(f"the guest agent of {vm.name!r} went away") from None
+        raise VMDied(f"the guest agent of {vm.name!r} went away") from None
     finally:
         agent.bye()
         agent.close()
@@ -156,9 +156,8 @@ def _exec_agent(vm: VmDir, argv: Sequence[str], wait: float) -> int:
     return pend.status.code
 
 
-def console(vm: VmDir) -> None:
-    """Attach the terminal to the VM's serial console until Ctrl-] (or, without a
-    terminal, until standard input ends)."""
+def console(vm: VmDir) -> socket.socket:
+    """A connection to the serial console of a VM run with -d."""
     control.must_run(vm)
     if not vm.console.exists():
         raise InputError(
@@ -169,29 +168,20 @@ def console(vm: VmDir) -> None:
     try:
         sock.connect(str(vm.console))
     except OSError as exc:
-        raise ToolError(f"cannot attach to {vm.name!r}'s console: {exc.strerror}") from None
-    fd = sys.stdin.fileno()
-    tty = os.isatty(fd)
-    saved = None
-    if tty:
-        import termios
-        import tty as ttymod
-
-        saved = termios.tcgetattr(fd)
-        ttymod.setraw(fd)
-        os.write(sys.stderr.fileno(), b"[attached; Ctrl-] detaches]\r\n")
-    try:
-        _relay(sock, fd, tty)
-    finally:
-        if saved is not None:
-            import termios
-
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-            os.write(sys.stderr.fileno(), b"\r\n[detached]\r\n")
         sock.close()
+        raise VMDied(f"cannot attach to {vm.name!r}'s console: {exc.strerror}") from None
+    return sock
 
 
-def _relay(sock: socket.socket, fd: int, tty: bool) -> None:
+def relay(sock: socket.socket, terminal: bool) -> None:
+    """Standard input to the console and the console to standard output: until Ctrl-] on
+    a ``terminal`` (the caller puts it in raw mode), else until standard input ends and
+    the console has been quiet a second."""
+    with sock:
+        _relay(sock, sys.stdin.fileno(), terminal)
+
+
+def _relay(sock: socket.socket, fd: int, terminal: bool) -> None:
     out = sys.stdout.fileno()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
@@ -213,7 +203,7 @@ def _relay(sock: socket.socket, fd: int, tty: bool) -> None:
                     quiet_until = time.monotonic() + 1.0
             elif stdin_open:
                 data = os.read(fd, 4096)
-                if tty and DETACH in data:
+                if terminal and DETACH in data:
                     data = data.split(DETACH, 1)[0]
                     if data:
                         sock.sendall(data)
@@ -223,4 +213,4 @@ def _relay(sock: socket.socket, fd: int, tty: bool) -> None:
                     stdin_open = False
                     quiet_until = time.monotonic() + 1.0
                     continue
-                sock.sendall(data.replace(b"\n", b"\r") if not tty else data)
+                sock.sendall(data if terminal else data.replace(b"\n", b"\r"))
