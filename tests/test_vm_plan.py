@@ -448,6 +448,19 @@ def test_install_edit_writes_the_script(home):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+def test_a_vm_qemu_cannot_start_is_one_line(home):
+    """QEMU itself refusing the command: its own words, exit 125, nothing left running."""
+    assert qemubox("vm", "create", "box", "-s", "1G", env=home).code == 0
+    r = qemubox("vm", "run", "box", "-d", "--accel", "tcg", "--", "-no-such-option", env=home)
+    assert r.code == 125, r.err
+    assert r.err.strip() == (
+        "qemubox: error: QEMU could not start VM 'box': "
+        "qemu-system-x86_64: -no-such-option: invalid option"
+    )
+    (row,) = json.loads(qemubox("vm", "list", "--json", env=home).out)
+    assert not row["running"]
+
+
 def test_dry_run_prints_a_command_that_shell_splits_back(home, tmp_path):
     assert qemubox("vm", "create", "box", "-s", "1G", env=home).code == 0
     r = qemubox("vm", "run", "box", "-n", "--accel", "tcg", "--", "-S", "-name", "x y", env=home)

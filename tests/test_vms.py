@@ -207,6 +207,33 @@ def test_install_refuses_a_disk_with_data_and_keeps_it_with_force(debian):
     backup.unlink()
 
 
+@needs_root
+def test_install_script_edited_and_failing(debian, tmp_path):
+    """-e writes the script, --script runs it (the same text: the cached install); a script
+    that fails leaves the disk alone and says where the script and its log are."""
+    top, env = debian
+    script = top / "vms/deb/install.sh"
+    script.unlink(missing_ok=True)
+    assert vm(env, "install", "deb", "-e").code == 0
+    r = vm(env, "install", "deb", "--script", str(script), "--force", timeout=3000)
+    assert r.code == 0, r.err
+    record = json.loads((top / "vms/deb/installed.json").read_text())
+    assert (record["script"], record["user"], record["agent"]) == ("edited", "vmuser", True)
+    (top / "vms/deb/deb.qcow2.bak").unlink()
+    disk = (top / "vms/deb/deb.qcow2").stat()
+    bad = tmp_path / "bad.sh"
+    bad.write_text("echo '### 1/1 trying'\necho 'no such mirror' >&2\nexit 3\n")
+    r = vm(env, "install", "deb", "--script", str(bad), "--force")
+    assert r.code != 0
+    last = r.err.strip().splitlines()[-1]
+    assert last.startswith("qemubox: error: bash failed (exit 3)")
+    assert last.endswith(f"; the script is {script}") and "no such mirror" in r.err
+    assert script.read_text() == bad.read_text()  # at hand to mend; the old one kept
+    assert script.with_name("install.sh.old").is_file()
+    assert (top / "vms/deb/deb.qcow2").stat().st_ino == disk.st_ino
+    assert not (top / "vms/deb/deb.qcow2.bak").exists()
+
+
 def test_aarch64_vm_boots_a_host_built_arm64_kernel(where, tmp_path):
     top, env = where
     out = tmp_path / "arm64"

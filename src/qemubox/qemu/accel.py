@@ -32,6 +32,11 @@ class AccelChoice:
     reason: str  # why TCG, when it is TCG on a host that has /dev/kvm
 
 
+def tcg_warning(reason: str) -> str:
+    """What the user is told when KVM is there but a guest runs under TCG anyway."""
+    return f"using TCG (software emulation): {reason}"
+
+
 def qemu_identity(binary: str) -> str:
     """Stands for the QEMU version without running QEMU: the binary's path, size and mtime
     (an upgrade changes them)."""

@@ -27,6 +27,7 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.guest.protocol import own_shell
+from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare, snapshot
 from qemubox.vm.machine import Machine, State
@@ -125,7 +126,7 @@ class Sandbox:
                 first = use_snapshot == self.spec.snapshot
                 if plan.accel_note and first:  # said once the VM is sure to start
                     warnings.warn(
-                        f"using TCG (software emulation): {plan.accel_note}",
+                        tcg_warning(plan.accel_note),
                         AccelWarning,
                         stacklevel=5,
                     )

@@ -35,6 +35,7 @@ class RunPlan:
     firmware: Path | None = None  # booting the disk without -kernel, where QEMU has none
     ssh_key: Path | None = None  # a public key handed to the guest (fw_cfg) at every boot
     agent: Path | None = None  # the socket of a virtio-serial port for the guest agent
+    accel_note: str = ""  # why TCG on a host with /dev/kvm, if so
 
 
 def _names(options: tuple[str, ...], *flags: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from qemubox import paths
@@ -75,7 +76,7 @@ class VmDir:
 
     # --- while running: sockets and a pid, in a short private directory --------------------
 
-    @property
+    @cached_property
     def runtime(self) -> Path:
         tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]
         return paths.runtime_root() / "vm" / f"{self.name[:40]}-{tag}"

@@ -75,6 +75,7 @@ def plan(where: VmPaths, req: RunRequest, cwd: Path, probe: bool) -> tuple[VmDir
         append=req.append,
         extra=req.extra,
         accel=accel.accel,
+        accel_note=accel.reason,
         qmp=vm.qmp,
         pidfile=vm.pidfile,
         gdb_port=free_port() if req.gdb else None,
