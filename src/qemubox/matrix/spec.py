@@ -160,6 +160,16 @@ class _Reader:
             raise self.fail(key, f"expected a non-empty string, got {value!r}")
         return value
 
+    def _each(self, key: str, value: object, parse):
+        """Each string of the list ``value``, as (its place, itself, ``parse(it)``); an
+        element ``parse`` refuses is an error naming that element."""
+        for i, text in enumerate(self._strings(key, value)):
+            try:
+                parsed = parse(text)
+            except InputError as err:
+                raise self.fail(f"{key}[{i}]", str(err)) from None
+            yield f"{key}[{i}]", text, parsed
+
     def _strings(self, key: str, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise self.fail(key, f"expected a list of strings, got {value!r}")
@@ -272,26 +282,18 @@ class _Reader:
             return tuple(sorted(value.items()))
         if name == "volumes":
             out = []
-            for i, v in enumerate(self._strings(key, value)):
-                try:
-                    share = notation.volume(v)
-                except InputError as err:
-                    raise self.fail(f"{key}[{i}]", str(err)) from None
+            for where, _, share in self._each(key, value, notation.volume):
                 host = self._path(share.host_path)
                 if not Path(host).is_dir():
-                    raise self.fail(f"{key}[{i}]", f"no such directory: {host}")
+                    raise self.fail(where, f"no such directory: {host}")
                 out.append(f"{host}:{share.mount_point}" + (":ro" if share.read_only else ""))
             return tuple(out)
         if name == "disks":
             out = []
-            for i, v in enumerate(self._strings(key, value)):
-                try:
-                    d = notation.disk(v)
-                except InputError as err:
-                    raise self.fail(f"{key}[{i}]", str(err)) from None
+            for where, text, d in self._each(key, value, notation.disk):
                 if d.path:  # shared by cells running at once: refused
-                    raise self.fail(f"{key}[{i}]", "a matrix cell's disks are ephemeral: no PATH")
-                out.append(v)
+                    raise self.fail(where, "a matrix cell's disks are ephemeral: no PATH")
+                out.append(text)
             return tuple(out)
         raise self.fail(key, "unknown key")  # pragma: no cover - RUN_KEYS lists the above
 
