@@ -106,6 +106,19 @@ cpus = 2
         (EXAMPLE.replace('profile = "minimal"', 'profile = "tiny"', 1), "kernel 'base'.profile"),
         (EXAMPLE.replace("volumes", "volumez"), "test 'suite'.volumez: unknown key"),
         (EXAMPLE.replace("data:/mnt", "nodir:/mnt"), "test 'suite'.volumes[0]: no such directory"),
+        (EXAMPLE.replace('"data:/mnt/data:ro"', '"data:rel"'), "test 'suite'.volumes[0]: "),
+        (
+            EXAMPLE.replace("volumes = [", 'disks = ["64M:/s", "64M:/t:/x.img"]\nvolumes = ['),
+            "test 'suite'.disks[1]: a matrix cell's disks are ephemeral: no PATH",
+        ),
+        (
+            EXAMPLE.replace("volumes = [", 'disks = ["huge:/d"]\nvolumes = ['),
+            "test 'suite'.disks[0]: invalid disk size 'huge'",
+        ),
+        (
+            EXAMPLE.replace("volumes = [", 'disks = ["64K:/d"]\nvolumes = ['),
+            "test 'suite'.disks[0]: disk size '64K' is too small",
+        ),
         (EXAMPLE.replace("LOG_BUF_SHIFT=16", "LOG_BUF_SHIFT"), "kernel 'small-log'.config"),
         (EXAMPLE.replace('command = ["uname", "-r"]', "command = []"), "test 'uname'.command"),
         (EXAMPLE.replace("timeout = 120", "timeout = -1"), "defaults.timeout: expected a positive"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from qemubox.errors import InputError
-from qemubox.vm.spec import Disk, FSShare
+from qemubox.vm.spec import Disk, FSShare, disk_size
 
 
 def _split_guest(spec: str, what: str) -> tuple[str, str]:
@@ -50,6 +50,7 @@ def disk(spec: str) -> Disk:
     if not sep or not rest.startswith("/"):
         raise InputError(f"--disk {spec!r}: expected SIZE:GUEST[:PATH]")
     guest, sep, path = rest.partition(":")
+    disk_size(size)  # said now, not when a machine is planned
     return Disk(size=size, mount_point=guest, path=path or None)
 
 

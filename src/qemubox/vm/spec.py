@@ -40,6 +40,14 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return value
 
 
+def disk_size(text: str | int) -> int:
+    """A disk's size in bytes: a size (see :func:`parse_size`) of at least 1M."""
+    size = parse_size(text, "disk size")
+    if size < 1 << 20:
+        raise InputError(f"disk size {text!r} is too small (at least 1M)")
+    return size
+
+
 def _absolute_guest_path(path: str, what: str) -> str:
     if not path.startswith("/"):
         raise InputError(f"{what} must be an absolute guest path, got {path!r}")
@@ -199,9 +207,7 @@ def validate(s: Session) -> ValidSession:
         )
     disks = []
     for i, disk in enumerate(s.disks):
-        size = parse_size(disk.size, "disk size")
-        if size < 1 << 20:
-            raise InputError(f"disk size {disk.size!r} is too small (at least 1M)")
+        size = disk_size(disk.size)
         point = _absolute_guest_path(disk.mount_point, "disk mount point")
         claim(point)
         path = Path(disk.path) if disk.path else None
