@@ -81,40 +81,17 @@ def install(name, release, mirror, user, hostname, packages, timezone, locale, e
     sshd, autologin on the serial console, DHCP on the NIC, and the modules mounter for
     kernels run with -k. Installs are cached by their script: the same inputs again take
     seconds."""
-    from qemubox.guest.initramfs import agent_binary
-    from qemubox.image import sources
-    from qemubox.image.debian import debs_dir
-    from qemubox.vms import config as vmconfig
-    from qemubox.vms import control
     from qemubox.vms import install as installer
 
     target = _vm(name).must_exist()
-    cfg = vmconfig.load(target.config)
     if script is not None:
         if edit:
             raise click.UsageError("--edit writes a script and --script runs one: pick one")
         text = script.read_text()
         spec = None
     else:
-        size = control.disk_info(target.disk).get("virtual-size")
-        if not size:
-            from qemubox.errors import InputError
-
-            raise InputError(f"cannot read VM {name!r}'s disk {target.disk}")
-        spec = installer.make_spec(
-            name,
-            size,
-            cfg.arch,
-            release,
-            mirror or sources.mirror(release),
-            user,
-            hostname,
-            packages,
-            timezone,
-            locale,
-        )
-        agent = agent_binary(cfg.arch)
-        text = installer.render(spec, str(debs_dir(release, spec.arch)), str(agent))
+        choices = (release, mirror, user, hostname, packages, timezone, locale)
+        spec, text = installer.generated(target, *choices)
     if edit:
         from qemubox import paths
 

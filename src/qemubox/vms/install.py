@@ -128,6 +128,33 @@ def make_spec(
     )
 
 
+def generated(
+    vm: VmDir,
+    release: str,
+    mirror: str | None,
+    user: str,
+    hostname: str | None,
+    packages: str,
+    timezone: str,
+    locale: str,
+) -> tuple[InstallSpec, str]:
+    """The install of ``vm`` as asked (checked) and its script: for the VM's disk size and
+    architecture, from ``mirror`` or the one the host's apt sources name."""
+    from qemubox.guest.initramfs import agent_binary
+    from qemubox.image import sources
+    from qemubox.image.debian import debs_dir
+    from qemubox.vms import config as vmconfig
+
+    arch = vmconfig.load(vm.config).arch
+    size = control.disk_info(vm.disk).get("virtual-size")
+    if not size:
+        raise InputError(f"cannot read VM {vm.name!r}'s disk {vm.disk}")
+    mirror = mirror or sources.mirror(release)
+    choices = (release, mirror, user, hostname, packages, timezone, locale)
+    spec = make_spec(vm.name, size, arch, *choices)
+    return spec, render(spec, str(debs_dir(release, spec.arch)), str(agent_binary(arch)))
+
+
 def mbr_entry(size: int) -> bytes:
     """The partition table's one entry: bootable, Linux, from 1 MiB to the disk's end
     (CHS fields say "use LBA")."""
