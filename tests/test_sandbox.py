@@ -461,7 +461,7 @@ def test_guest_panic_raises_with_the_console_tail(kernel):
 
 def test_boot_timeout(kernel):
     with pytest.raises(SandboxError) as err:
-        Sandbox(Session(memory="256M", kernel=kernel, boot_timeout=0.3)).start()
+        Sandbox(Session(memory="256M", kernel=kernel, boot_timeout=0.3, snapshot=False)).start()
     assert err.value.exit_code == 121
 
 
@@ -557,7 +557,7 @@ def test_cli_sandbox_failures(kernel, tmp_path):
     r = qemubox("run", "--kernel", kernel, "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
     assert r.code == 122
     assert "--- guest console (last lines) ---" in r.err and "Kernel panic" in r.err
-    r = qemubox("run", "--kernel", kernel, "--boot-timeout", "0.3", "--", "true")
+    r = qemubox("run", "--kernel", kernel, "--no-snapshot", "--boot-timeout", "0.3", "--", "true")
     assert r.code == 121
     r = qemubox("run", "--kernel", "/etc/passwd", "--", "true")
     assert r.code == 2 and "not a bzImage" in r.err

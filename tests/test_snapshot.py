@@ -56,6 +56,19 @@ def test_restored_sandboxes_are_independent_clones(own_kernel):
     assert a[0] != b[0] and a[1] != b[1]  # other random bytes, another uuid
 
 
+def test_clones_on_a_network_have_their_own_mac(own_kernel):
+    kernel, keys = own_kernel
+    macs = []
+    for _ in range(2):
+        with Sandbox(session(kernel, network="restricted")) as box:
+            assert box.plan.snapshot is not None
+            keys.append(box.plan.snapshot.key)
+            r = box.exec(["sh", "-c", "cat /sys/class/net/eth0/address; ping -c1 -W5 10.0.2.2"])
+            assert r.exit_code == 0, r.stdout + r.stderr  # the network works with it
+            macs.append(r.stdout.split()[0])
+    assert keys[0] == keys[1] and macs[0] != macs[1]
+
+
 def test_one_share_slot_other_host_directories(own_kernel, tmp_path):
     kernel, keys = own_kernel
     seen = []
@@ -101,6 +114,20 @@ def test_a_damaged_snapshot_is_dropped_and_the_guest_boots(own_kernel):
         assert box.plan.snapshot is not None and box.plan.snapshot.role == "restore"
 
 
+def test_a_clone_console_log_goes_on_from_the_boot(own_kernel, tmp_path):
+    kernel, keys = own_kernel
+    with Sandbox(session(kernel)) as box:
+        keys.append(box.plan.snapshot.key)
+    boot = snapshot.store_dir() / keys[0] / "console"
+    assert boot.is_file()  # what the template's boot printed (little: the kernel is quiet)
+    boot.write_text("[    0.5] what the boot printed\n")
+    log = tmp_path / "console.log"
+    with Sandbox(session(kernel, console_log=str(log))) as box:
+        box.exec(["sh", "-c", "echo after the restore > /dev/console"])
+    text = log.read_text()
+    assert text.startswith("[    0.5] what the boot printed\n") and "after the restore" in text
+
+
 def test_sessions_a_snapshot_cannot_hold_boot(own_kernel):
     kernel, _ = own_kernel
     with Sandbox(session(kernel, balloon=True)) as box:
@@ -111,7 +138,7 @@ def test_the_command_line(kernel, tmp_path):
     from helpers import qemubox
 
     env = {"QEMUBOX_CACHE_DIR": str(tmp_path / "cache")}  # snapshots of this test's own
-    run = ("run", "--kernel", kernel, "-m", "256M", "--snapshot", "--timings", "--", "true")
+    run = ("run", "--kernel", kernel, "-m", "256M", "--timings", "--", "true")
     first = qemubox(*run, env=env)
     assert first.code == 0 and "record the snapshot" in first.err, first.err
     second = qemubox(*run, env=env)
@@ -132,7 +159,7 @@ def test_the_command_line(kernel, tmp_path):
 def test_pause_and_resume_three_times(kernel, state, tmp_path):
     from helpers import qemubox
 
-    assert qemubox("create", "--kernel", kernel, "-m", "256M", "pz").code == 0
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "--no-snapshot", "pz").code == 0
     start = "setsid sh -c 'while :; do echo t >> /tmp/ticks; sleep 1; done' </dev/null "
     start += ">/dev/null 2>&1 & echo $! > /tmp/pid"
     assert qemubox("exec", "pz", "--", "sh", "-c", start).code == 0
@@ -171,9 +198,11 @@ def test_pause_and_resume_three_times(kernel, state, tmp_path):
 def test_a_sandbox_restored_from_a_snapshot_pauses_and_resumes(kernel, state):
     from helpers import qemubox
 
-    assert qemubox("create", "--kernel", kernel, "-m", "256M", "--snapshot", "ps").code == 0
+    assert qemubox("create", "--kernel", kernel, "-m", "256M", "ps").code == 0
     assert qemubox("exec", "ps", "--", "sh", "-c", "echo kept > /tmp/f").code == 0
     assert qemubox("pause", "ps").code == 0
+    record = json.loads((state / "sandboxes" / "ps" / "record.json").read_text())
+    Path(record["paused"]["plan"]["snapshot"]["ram"]).unlink()  # the template pruned meanwhile
     r = qemubox("resume", "ps")
     assert r.code == 0, r.err
     assert qemubox("exec", "ps", "--", "cat", "/tmp/f").out == "kept\n"

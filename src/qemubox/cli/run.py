@@ -74,9 +74,10 @@ _SESSION_OPTIONS = [
     ),
     click.option(
         "--snapshot/--no-snapshot",
-        default=False,
+        default=True,
         show_default=True,
-        help="Start from a snapshot of a booted guest (recorded by the first such start).",
+        help="Start from a snapshot of a booted guest (recorded by the first start of its "
+        "kind); --no-snapshot boots.",
     ),
     click.option(
         "--image",

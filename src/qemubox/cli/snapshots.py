@@ -11,7 +11,7 @@ from qemubox.cli.common import CONTEXT, ago, say, table
 
 @click.group(context_settings=CONTEXT)
 def snapshot() -> None:
-    """Snapshots of booted guests (run --snapshot): list, remove, prune."""
+    """Snapshots of booted guests (which starts restore): list, remove, prune."""
 
 
 @snapshot.command("ls", context_settings=CONTEXT)

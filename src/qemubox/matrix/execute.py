@@ -50,7 +50,7 @@ class CellResult:
     error: str = ""  # why the cell could not run to its end
     subtests: list[dict] = field(default_factory=list)  # from KTAP output
     worker: str = ""
-    timings: dict[str, float] = field(default_factory=dict)  # boot, command, teardown
+    timings: dict[str, float] = field(default_factory=dict)  # the start's phases, command, teardown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +179,8 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             error=f"timed out after {o.get('timeout'):g} s" if r.timed_out else "",
         )
         result.exit_code = r.exit_code
-        result.timings = {"boot": booted - start, "command": time.monotonic() - booted}
+        result.timings = _phases(box.timings)
+        result.timings["command"] = time.monotonic() - booted
     except (QemuboxError, OSError) as err:
         why = "cancelled" if stop.is_set() and cancelled() else str(err)
         result = _result(cell, ERROR, error=why, console_tail=getattr(err, "console_tail", ""))
@@ -197,6 +198,15 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
         result.timings = {k: round(v, 3) for k, v in result.timings.items()}
     result.duration = round(end - start, 3)
     return result
+
+
+def _phases(timings: list[tuple[str, float]]) -> dict[str, float]:
+    """A sandbox's start, phase by phase (a phase met twice, as when a snapshot could not
+    be restored and the machine booted, counted once with both times)."""
+    out: dict[str, float] = {}
+    for name, seconds in timings:
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 # --- here ---------------------------------------------------------------------------------------

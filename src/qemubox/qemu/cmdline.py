@@ -180,7 +180,7 @@ def qemu_args(plan: MachinePlan) -> list[str]:
         "-append",
         plan.append,
         "-chardev",
-        f"file,id=console,path={escape(plan.console_log)}",
+        f"file,id=console,path={escape(plan.console_log)}{_console_append(plan)}",
         "-serial",
         "chardev:console",
         *client_args(plan),
@@ -195,6 +195,12 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     if plan.snapshot and plan.snapshot.role in ("restore", "resume"):
         args += ["-incoming", "defer"]  # the state comes over QMP (see vm/snapshot.py)
     return args + confinement_args(plan)
+
+
+def _console_append(plan: MachinePlan) -> str:
+    """A restored guest's console log goes on from the one its boot wrote (put in place
+    before QEMU starts), as the guest's own console would."""
+    return ",append=on" if plan.snapshot and plan.snapshot.role != "record" else ""
 
 
 def client_args(plan: MachinePlan) -> list[str]:

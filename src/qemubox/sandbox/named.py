@@ -325,21 +325,22 @@ def resume(name: str) -> None:
             raise InputError(f"sandbox {name!r} is {state}: only a paused one can be resumed")
         paused = MachinePlan.from_dict(record["paused"]["plan"])
         path = SANDBOXES.dir(name) / PAUSED_STATE
-        template = paused.snapshot.ram if paused.snapshot else ""
-        if template and not os.path.exists(template):
-            raise InputError(
-                f"sandbox {name!r} cannot be resumed: the snapshot it was started from is gone "
-                f"({template}); stop it (its paused state is then dropped) and start it again"
-            )
+        runtime_dir = paths.machine_runtime_dir(paths.new_machine_id())
+        # The saved state holds every page; a machine restored from a snapshot had its RAM
+        # in a file, so the resumed one has too (a file of its own, not the template: that
+        # one may be pruned meanwhile).
+        ram = f"{runtime_dir}/ram" if paused.snapshot and paused.snapshot.ram else ""
         plan = replace(
             paused,
-            runtime_dir=str(paths.machine_runtime_dir(paths.new_machine_id())),
-            snapshot=SnapshotPlan("resume", "", template, str(path)),
+            runtime_dir=str(runtime_dir),
+            snapshot=SnapshotPlan("resume", "", ram, str(path)),
         )
         with Machine.runtime_dir(plan) as alive_lock:
+            with contextlib.suppress(OSError):  # the console as it was
+                paths.copy_data(SANDBOXES.dir(name) / "console.log", Path(plan.console_log))
             machine = Machine.launch(plan, alive_lock, True, *_idle_action(name, record))
         try:
-            snapshot.load(plan, timeout=SAVE_TIMEOUT)
+            snapshot.load(plan, timeout=SAVE_TIMEOUT, alive=machine.alive)
             agent = machine.attach(timeout=30)
             agent.renew()  # the time that passed; fresh randomness
         except BaseException:

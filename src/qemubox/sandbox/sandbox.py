@@ -4,6 +4,7 @@ set up after boot."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -43,6 +44,13 @@ DEFAULT_ENV = {
 MS_RDONLY = 1
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
 KILL_GRACE = 3  # seconds a killed command has to report its end
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC address, random."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
 
 
 class AccelWarning(UserWarning):
@@ -132,13 +140,14 @@ class Sandbox:
                     )
                 if use_snapshot:
                     plan = self.plan = self._with_snapshot(plan)
+                    snapshot.seed_console(plan)
                 self.phase("prepare")
                 self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
             self.phase("QEMU start")
             if plan.snapshot is None:
                 return
             try:
-                snapshot.load(plan)
+                snapshot.load(plan, alive=self.machine.alive)
                 self.phase("restore")
                 return
             except snapshot.SnapshotError as err:
@@ -194,7 +203,9 @@ class Sandbox:
         except GuestError as err:
             raise SandboxError(f"the guest cannot mount: {err}", self.console_tail()) from None
         if self.plan.network != "none":
+            # A MAC of its own: clones of one snapshot would otherwise share the template's.
             script = (
+                f"ip link set eth0 address {random_mac()} && "
                 f"ip link set eth0 up && ip addr add {GUEST_IP}/24 "
                 f"dev eth0 && ip route add default via {GATEWAY}"
             )

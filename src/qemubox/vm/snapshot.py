@@ -12,8 +12,10 @@ network are set up after the restore, as after a boot, and the clone's clock and
 renewed before the first command.
 
 Files: ``/dev/shm/qemubox-<uid>/<key>.ram`` (tmpfs, gone at reboot) and
-``<cache>/snapshots/<key>/`` (``state``, ``meta.json``); a snapshot is whole only with all
-three, and is recorded again otherwise.
+``<cache>/snapshots/<key>/`` (``state``, ``meta.json``, and ``console``: what the boot
+printed, which a clone's console log starts with); a snapshot is whole only with the
+first three, and is recorded again otherwise. The RAM files are kept within a budget
+(:func:`budget`): recording one first removes the least recently used beyond it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
 FORMAT = 1  # bumped when what a snapshot holds changes
 MIGRATION_TIMEOUT = 30.0
+BUDGET_MAX = 4 << 30  # bytes of RAM files at most, and a quarter of the tmpfs
 
 
 class SnapshotError(SandboxError):
@@ -91,12 +95,24 @@ def _places(k: str) -> tuple[Path, Path, Path]:
 
 
 def find(plan: MachinePlan) -> SnapshotPlan | None:
-    """The snapshot this plan can restore, when one is whole."""
+    """The snapshot this plan can restore, when one is whole (it is then the most
+    recently used: its ``meta.json`` is touched)."""
     k = key(plan)
     ram, state, meta = _places(k)
     if ram.is_file() and state.is_file() and meta.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(meta)
         return SnapshotPlan("restore", k, str(ram), str(state))
     return None
+
+
+def seed_console(plan: MachinePlan) -> None:
+    """Start a restoring machine's console log with what its snapshot's boot printed (QEMU
+    appends to it)."""
+    if plan.snapshot is None or plan.snapshot.role != "restore":
+        return
+    with contextlib.suppress(OSError):
+        paths.copy_data(store_dir() / plan.snapshot.key / "console", Path(plan.console_log))
 
 
 def remove(k: str) -> None:
@@ -105,13 +121,19 @@ def remove(k: str) -> None:
     shutil.rmtree(state.parent, ignore_errors=True)
 
 
-def _monitor(plan: MachinePlan, deadline: float):
+def budget() -> int:
+    """Bytes the RAM files may take on tmpfs: a quarter of it, at most ``BUDGET_MAX``."""
+    st = os.statvfs(ram_dir())
+    return min(BUDGET_MAX, st.f_blocks * st.f_frsize // 4)
+
+
+def _monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
     """QMP on the first slot, before any client: the starter's, while the machine starts."""
     from qemubox.qemu.qmp import Monitor
 
     path = plan.qmp_socket(0)
     while not os.path.exists(path):  # QEMU makes it as it starts
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not alive():
             raise SnapshotError(f"QEMU made no QMP socket at {path}")
         time.sleep(0.002)
     try:
@@ -150,13 +172,18 @@ def save(mon, state: str, whole: bool = False, timeout: float = MIGRATION_TIMEOU
     _wait_migration(mon, time.monotonic() + timeout)
 
 
-def load(plan: MachinePlan, timeout: float = MIGRATION_TIMEOUT) -> None:
+def load(
+    plan: MachinePlan,
+    timeout: float = MIGRATION_TIMEOUT,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
     """Bring a machine started with ``-incoming defer`` to its snapshot (or its paused
-    state), running."""
+    state), running. ``alive``: whether its QEMU still runs (one that exits at once, on a
+    RAM file gone, say, is not waited for)."""
     snap = plan.snapshot
     assert snap is not None and snap.role in ("restore", "resume")
     deadline = time.monotonic() + timeout
-    mon = _monitor(plan, deadline)
+    mon = _monitor(plan, deadline, alive)
     try:
         if snap.role == "restore":
             _ignore_shared(mon)
@@ -186,10 +213,12 @@ def record(plan: MachinePlan, boot_timeout: float) -> SnapshotPlan:
 
     k = key(plan)
     ram, state, meta = _places(k)
+    store_dir().mkdir(parents=True, exist_ok=True)
     with paths.locked(store_dir() / f".{k}.lock"):
         found = find(plan)
         if found:
             return found
+        prune(max_bytes=max(0, budget() - (plan.memory_mib << 20)))  # room for this one
         state.parent.mkdir(parents=True, exist_ok=True)
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
         ram_tmp, state_tmp = ram.with_name(f".{tag}.ram"), state.with_name(f".{tag}.state")
@@ -215,6 +244,8 @@ def record(plan: MachinePlan, boot_timeout: float) -> SnapshotPlan:
                 machine.agent.close()  # the snapshot holds no client
                 machine.agent = None
                 save(machine.monitor(), str(state_tmp))
+                with contextlib.suppress(OSError):
+                    paths.copy_data(Path(template.console_log), state.parent / "console")
             finally:
                 machine.kill()
                 machine.wait_keeper(5)
@@ -243,18 +274,19 @@ def list_all() -> list[dict]:
             info["ram_bytes"] = ram.stat().st_blocks * 512 if ram.exists() else 0
             info["state_bytes"] = (d / "state").stat().st_size
             info["whole"] = ram.exists()
+            info["used"] = (d / "meta.json").stat().st_mtime
             out.append(info)
     return out
 
 
 def prune(older_than: float | None = None, max_bytes: int | None = None) -> list[str]:
     """Remove the snapshots that cannot serve (their RAM file gone with a reboot, their
-    kernel gone), those recorded more than ``older_than`` seconds ago, then the oldest
-    until they take at most ``max_bytes``. Returns the keys removed."""
+    kernel gone), those recorded more than ``older_than`` seconds ago, then the least
+    recently used until they take at most ``max_bytes``. Returns the keys removed."""
     removed = []
     kept = []
     now = time.time()
-    for info in sorted(list_all(), key=lambda i: i.get("recorded", 0)):
+    for info in sorted(list_all(), key=lambda i: i["used"]):
         stale = not info["whole"] or not os.path.exists(info.get("kernel", ""))
         if stale or (older_than is not None and now - info.get("recorded", 0) > older_than):
             remove(info["key"])

@@ -102,7 +102,7 @@ class Session:
     overlay: str | None = None  # where a disk root's writes go (default: with the VM)
     # Start from a snapshot of a booted guest (recorded by the first start of its kind)
     # when the session allows it (see vm/snapshot.py); otherwise boot.
-    snapshot: bool = False
+    snapshot: bool = True
 
     def validate(self) -> ValidSession:
         return validate(self)
@@ -130,7 +130,7 @@ class ValidSession:
     root_kind: str = "initramfs"  # initramfs, disk or share
     root_fs: str = "9p"  # a share root's
     overlay: str | None = None
-    snapshot: bool = False
+    snapshot: bool = True
 
     def features(self) -> tuple[str, ...]:
         """What the guest needs drivers for, beyond its console and agent port."""
