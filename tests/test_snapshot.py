@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qemubox import FSShare, Sandbox, Session
+from qemubox import Disk, FSShare, Sandbox, Session
 from qemubox.sandbox.sandbox import SnapshotWarning
 from qemubox.vm import snapshot
 
@@ -39,13 +39,15 @@ def session(kernel: str, **kw) -> Session:
 
 def test_restored_sandboxes_are_independent_clones(own_kernel):
     kernel, keys = own_kernel
-    with Sandbox(session(kernel)) as first:  # records the snapshot, then restores it
-        assert first.plan.snapshot is not None and first.plan.snapshot.role == "restore"
+    with Sandbox(session(kernel)) as first:  # booted; records the snapshot, then runs on
+        assert first.plan.snapshot is not None and first.plan.snapshot.role == "record"
+        assert "record the snapshot" in dict(first.timings)
         keys.append(first.plan.snapshot.key)
         first.exec(["sh", "-c", "echo mine > /tmp/x"])
         one = first.exec(["sh", "-c", RANDOM])
     time.sleep(2)  # the template's clock is behind by now
     with Sandbox(session(kernel)) as second:
+        assert second.plan.snapshot == snapshot.find(second.plan)  # restored
         assert second.plan.snapshot.key == keys[0]
         before = time.time()
         r = second.exec(["sh", "-c", "test -e /tmp/x && echo seen; date +%s"])
@@ -100,8 +102,8 @@ def test_a_changed_kernel_is_never_restored(own_kernel):
 def test_a_damaged_snapshot_is_dropped_and_the_guest_boots(own_kernel):
     kernel, keys = own_kernel
     with Sandbox(session(kernel)) as box:
-        snap = box.plan.snapshot
-        keys.append(snap.key)
+        keys.append(box.plan.snapshot.key)
+        snap = snapshot.find(box.plan)
     with open(snap.state, "r+b") as fh:
         fh.truncate(100)
     with warnings.catch_warnings(record=True) as caught:
@@ -111,7 +113,9 @@ def test_a_damaged_snapshot_is_dropped_and_the_guest_boots(own_kernel):
             assert box.exec(["echo", "ok"]).stdout == b"ok\n"
     assert any(issubclass(w.category, SnapshotWarning) for w in caught)
     with Sandbox(session(kernel)) as box:  # recorded afresh
-        assert box.plan.snapshot is not None and box.plan.snapshot.role == "restore"
+        assert box.plan.snapshot is not None and box.plan.snapshot.role == "record"
+    with Sandbox(session(kernel)) as box:
+        assert box.plan.snapshot.role == "restore" and box.exec(["true"]).exit_code == 0
 
 
 def test_a_clone_console_log_goes_on_from_the_boot(own_kernel, tmp_path):
@@ -129,9 +133,19 @@ def test_a_clone_console_log_goes_on_from_the_boot(own_kernel, tmp_path):
 
 
 def test_sessions_a_snapshot_cannot_hold_boot(own_kernel):
-    kernel, _ = own_kernel
-    with Sandbox(session(kernel, balloon=True)) as box:
-        assert box.plan.snapshot is None and box.exec(["true"]).exit_code == 0
+    kernel, keys = own_kernel
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Sandbox(session(kernel, balloon=True)) as box:
+            assert box.plan.snapshot is None and box.exec(["true"]).exit_code == 0
+        for _ in range(2):
+            with Sandbox(session(kernel, disks=[Disk("16M", "/d")])) as box:
+                assert box.exec(["sh", "-c", "echo x > /d/f && cat /d/f"]).stdout == b"x\n"
+                if box.plan.run_as:  # QEMU as root drops its privileges: it boots
+                    assert box.plan.snapshot is None
+                else:  # recorded, then restored
+                    keys.append(box.plan.snapshot.key)
+    assert not [w for w in caught if issubclass(w.category, SnapshotWarning)]
 
 
 def test_the_command_line(kernel, tmp_path):
@@ -202,7 +216,7 @@ def test_a_sandbox_restored_from_a_snapshot_pauses_and_resumes(kernel, state):
     assert qemubox("exec", "ps", "--", "sh", "-c", "echo kept > /tmp/f").code == 0
     assert qemubox("pause", "ps").code == 0
     record = json.loads((state / "sandboxes" / "ps" / "record.json").read_text())
-    Path(record["paused"]["plan"]["snapshot"]["ram"]).unlink()  # the template pruned meanwhile
+    snapshot.remove(record["paused"]["plan"]["snapshot"]["key"])  # pruned meanwhile
     r = qemubox("resume", "ps")
     assert r.code == 0, r.err
     assert qemubox("exec", "ps", "--", "cat", "/tmp/f").out == "kept\n"

@@ -32,7 +32,7 @@ from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
 from qemubox.vm import prepare, snapshot
 from qemubox.vm.machine import Machine, State
-from qemubox.vm.plan import KernelPlan, MachinePlan
+from qemubox.vm.plan import KernelPlan, MachinePlan, SnapshotPlan
 from qemubox.vm.spec import Session, ValidSession, parse_size
 
 DEFAULT_ENV = {
@@ -73,6 +73,8 @@ class ExecResult:
 
 class Sandbox:
     """A VM booted for commands. Use as a context manager, or call start() and close()."""
+
+    _claim: tuple[SnapshotPlan, int] | None = None  # while recording its key's snapshot
 
     def __init__(self, session: Session | None = None, **kw) -> None:
         self.session = session or Session(**kw)
@@ -144,7 +146,7 @@ class Sandbox:
                 self.phase("prepare")
                 self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
             self.phase("QEMU start")
-            if plan.snapshot is None:
+            if plan.snapshot is None or plan.snapshot.role == "record":
                 return
             try:
                 snapshot.load(plan, alive=self.machine.alive)
@@ -158,17 +160,17 @@ class Sandbox:
                 warnings.warn(f"{err}; booting instead", SnapshotWarning, stacklevel=5)
 
     def _with_snapshot(self, plan: MachinePlan) -> MachinePlan:
-        """The plan restoring its snapshot (recorded now if there is none yet)."""
-        assert self.spec is not None
+        """The plan restoring its snapshot, or, when there is none yet, recording it (see
+        :meth:`_record`); unchanged when the session cannot be held in one, or another
+        process is recording it now."""
         if snapshot.unfit(plan):
             return plan
         try:
             found = snapshot.find(plan)
             if found is None:
-                self.phase("prepare")
-                found = snapshot.record(plan, self.spec.boot_timeout)
-                self.phase("record the snapshot (a boot)")
-        except (SandboxError, OSError) as err:
+                self._claim = snapshot.claim(plan)
+                found = self._claim[0] if self._claim else None
+        except OSError as err:
             warnings.warn(f"no snapshot recorded: {err}", SnapshotWarning, stacklevel=6)
             return plan
         return replace(plan, snapshot=found)
@@ -177,14 +179,40 @@ class Sandbox:
         """Wait for the guest, set it up; a detached one then outlives us."""
         assert self.machine is not None and self.spec is not None
         agent = self.machine.attach(self.spec.boot_timeout)
-        restored = self.plan is not None and self.plan.snapshot is not None
-        self.phase("agent ready" if restored else "kernel boot to agent ready")
-        if restored:
+        role = self.plan.snapshot.role if self.plan and self.plan.snapshot else None
+        if role == "restore":
+            self.phase("agent ready")
             agent.renew()  # a clone's own clock and randomness, before anything runs
+        else:
+            self.phase("kernel boot to agent ready")
+        if role == "record":
+            self._record()
         self._setup()
         self.phase("session setup")
         if self.machine.detached:
             self.machine.release()
+
+    def _record(self) -> None:
+        """Save the freshly booted machine as its key's snapshot, then go on with it."""
+        assert self.machine is not None and self._claim is not None
+        self.machine.agent.close()  # the snapshot holds no client
+        self.machine.agent = None
+        try:
+            snapshot.take(self.machine, self._claim[0])
+        except snapshot.SnapshotError as err:
+            warnings.warn(str(err), SnapshotWarning, stacklevel=6)
+        finally:
+            self._drop_claim()
+        self.machine.reconnect(self.spec.boot_timeout)
+        self.phase("record the snapshot")
+
+    def _drop_claim(self) -> None:
+        if self._claim is not None:
+            snap, fd = self._claim
+            self._claim = None
+            for leftover in (snap.ram, snap.state):  # a machine that did not get so far
+                Path(leftover).unlink(missing_ok=True)
+            snapshot.release(fd)
 
     def _setup(self) -> None:
         """Mount disks and shares, configure the network: steps the agent performs after
@@ -297,6 +325,7 @@ class Sandbox:
     def close(self) -> None:
         """Power the guest off (syncing its disks), stop QEMU, remove the runtime files. A
         named sandbox is left running (:meth:`stop` powers it off)."""
+        self._drop_claim()
         if self.name is not None:
             self._leave()
             return

@@ -266,6 +266,19 @@ class Machine:
             self.monitor()  # connected now, so that no disk's I/O error event is missed
         return self.agent
 
+    def reconnect(self, timeout: float) -> AgentClient:
+        """Connect to the agent again on the slot this client holds, its connection having
+        been closed (so that a snapshot could be taken without a client in it)."""
+        if self._attach_fd is None:
+            raise SandboxError(f"attach to machine {self.id} before reconnecting")
+        self.agent = AgentClient.attach(
+            Path(self.plan.agent_socket(self.slot)),
+            timeout,
+            alive=lambda: self.check_alive("while attaching"),
+            resync=True,  # the last client left without a word
+        )
+        return self.agent
+
     def detach(self) -> None:
         """Leave the machine running; the agent ends this client's commands."""
         if self.agent is not None:

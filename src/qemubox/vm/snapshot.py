@@ -1,15 +1,17 @@
 """Snapshots of booted guests, and starts that restore one instead of booting.
 
 A snapshot is recorded once per key — everything that decides what a booted guest holds:
-kernel, initramfs (agent, modules), machine, accelerator, size, device layout, QEMU — by a
-template machine that boots with its RAM shared into a file on tmpfs, waits for the agent,
-stops, and saves its device state (``x-ignore-shared``: the RAM stays in the file, the
-state is some 60 kB). A restore maps that file privately (``share=off``: each clone's writes
-are its own, the template never changes and its pages are shared between clones), loads the
-state over QMP (``-incoming defer``, an ``fd:`` channel: QEMU's seccomp filter forbids
-``exec:``) and continues. Nothing of a session is in a snapshot: shares, disks and the
-network are set up after the restore, as after a boot, and the clone's clock and RNG are
-renewed before the first command.
+kernel, initramfs (agent, modules), machine, accelerator, size, device layout, QEMU — by
+the first start of that key, at no cost worth naming to it: its machine boots with its RAM
+shared into a file on tmpfs; once the agent is ready it is stopped, its device state saved
+(``x-ignore-shared``: the RAM stays in the file, the state is some 60 kB), its RAM file
+copied to be the template, and it goes on as the session's machine. A restore maps the
+template privately (``share=off``: each clone's writes are its own, the template never
+changes and its pages are shared between clones), loads the state over QMP (``-incoming
+defer``, an ``fd:`` channel: QEMU's seccomp filter forbids ``exec:``) and continues.
+Nothing of a session is in a snapshot: shares, disks and the network are set up after the
+restore, as after a boot, and the clone's clock and RNG are renewed before the first
+command.
 
 Files: ``/dev/shm/qemubox-<uid>/<key>.ram`` (tmpfs, gone at reboot) and
 ``<cache>/snapshots/<key>/`` (``state``, ``meta.json``, and ``console``: what the boot
@@ -28,7 +30,6 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from qemubox import paths
@@ -54,6 +55,10 @@ def unfit(plan: MachinePlan) -> str | None:
         return "its root is mounted while it boots"
     if plan.ports:
         return "published ports are bound by the template too"
+    if plan.run_as and (plan.disks or plan.root.kind == "disk"):
+        # Saving a machine hands its disk images back (reopened read-only) and running it
+        # again reopens them by path: QEMU, no longer root, may not.
+        return f"QEMU, running as {plan.run_as}, cannot reopen its disk images"
     return None
 
 
@@ -205,60 +210,98 @@ def load(
         mon.close()
 
 
-def record(plan: MachinePlan, boot_timeout: float) -> SnapshotPlan:
-    """The snapshot for ``plan``'s key, recorded now by a template machine if there is none
-    (concurrent recorders of one key wait for each other)."""
-    from qemubox.vm import prepare
-    from qemubox.vm.machine import Machine
-
+def claim(plan: MachinePlan) -> tuple[SnapshotPlan, int] | None:
+    """Become the recorder of ``plan``'s key: the snapshot plan its machine boots with (RAM
+    shared into a file of its own) and the key's lock, held until :func:`take` is done
+    (:func:`release`). None when another process records that key now (boot without)."""
     k = key(plan)
-    ram, state, meta = _places(k)
     store_dir().mkdir(parents=True, exist_ok=True)
-    with paths.locked(store_dir() / f".{k}.lock"):
-        found = find(plan)
-        if found:
-            return found
+    fd = paths.try_lock(_lock(k))
+    if fd is None:
+        return None
+    try:
+        for stale in ram_dir().glob(f".{k}.*"):  # a recorder of this key that was killed
+            stale.unlink(missing_ok=True)
         prune(max_bytes=max(0, budget() - (plan.memory_mib << 20)))  # room for this one
+        _, state, _ = _places(k)
         state.parent.mkdir(parents=True, exist_ok=True)
-        tag = f"{os.getpid()}-{time.monotonic_ns()}"
-        ram_tmp, state_tmp = ram.with_name(f".{tag}.ram"), state.with_name(f".{tag}.state")
-        tdir = paths.machine_runtime_dir(paths.new_machine_id())
-        disks = tuple(
-            replace(d, path=f"{tdir}/disk{i}.img") if d.ephemeral else d
-            for i, d in enumerate(plan.disks)
-        )
-        template = replace(
-            plan,
-            runtime_dir=str(tdir),
-            disks=disks,
-            snapshot=SnapshotPlan("record", k, str(ram_tmp), str(state_tmp)),
-        )
-        try:
-            with Machine.runtime_dir(template) as lock_fd:
-                for disk in template.disks:
-                    if disk.ephemeral:
-                        prepare.prepare_disk(disk)
-                machine = Machine.launch(template, lock_fd)
+        tag = f"{k}.{os.getpid()}"
+        ram_tmp, state_tmp = ram_dir() / f".{tag}.ram", state.with_name(f".{tag}.state")
+        return SnapshotPlan("record", k, str(ram_tmp), str(state_tmp)), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def take(machine, snap: SnapshotPlan) -> None:
+    """Save a machine booted with ``snap`` (a record plan), its agent ready and no client
+    connected to it, as the snapshot of ``snap.key``, and let it run on: its device state
+    is saved, its RAM file copied (the copy is the template; the machine goes on writing
+    into its own file, which is unlinked: nothing it does later reaches the snapshot)."""
+    ram, state, meta = _places(snap.key)
+    ram_copy = Path(snap.ram).with_suffix(".copy")
+    mon = machine.monitor()
+    try:
+        save(mon, snap.state)
+        _copy_sparse(Path(snap.ram), ram_copy)
+        os.replace(ram_copy, ram)
+        os.replace(snap.state, state)
+        with contextlib.suppress(OSError):
+            paths.copy_data(Path(machine.plan.console_log), state.parent / "console")
+        info = {"key": snap.key, "recorded": time.time(), "kernel": machine.plan.kernel.image}
+        info |= {"memory_mib": machine.plan.memory_mib, "host": socket.gethostname()}
+        paths.write_json(meta, info)
+    except (OSError, SandboxError) as err:
+        raise SnapshotError(f"recording snapshot {snap.key} failed: {err}") from None
+    finally:
+        for leftover in (Path(snap.ram), ram_copy, Path(snap.state)):
+            leftover.unlink(missing_ok=True)  # the machine keeps its RAM mapped
+        _run_on(mon)
+
+
+def _run_on(mon, timeout: float = 5.0) -> None:
+    """Let a machine that was saved run again: once its migration has settled (its state
+    ``postmigrate``; a ``cont`` sent earlier is undone as the migration ends), continue it
+    and see it running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = mon.command("query-status").get("status")
+        if status == "running":
+            return
+        if status != "finish-migrate":
+            with contextlib.suppress(SandboxError):  # refused while it settles
+                mon.command("cont")
+        if time.monotonic() > deadline:
+            raise SandboxError(f"the machine did not run again after its snapshot ({status})")
+        time.sleep(0.002)
+
+
+def release(fd: int) -> None:
+    """Let go of a key claimed by :func:`claim`."""
+    os.close(fd)
+
+
+def _lock(k: str) -> Path:
+    return store_dir() / f".{k}.lock"
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy what ``src`` holds, its holes left holes (a guest touches a part of its RAM)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
             try:
-                machine.attach(boot_timeout)
-                machine.agent.close()  # the snapshot holds no client
-                machine.agent = None
-                save(machine.monitor(), str(state_tmp))
-                with contextlib.suppress(OSError):
-                    paths.copy_data(Path(template.console_log), state.parent / "console")
-            finally:
-                machine.kill()
-                machine.wait_keeper(5)
-                shutil.rmtree(tdir, ignore_errors=True)
-            os.replace(ram_tmp, ram)
-            os.replace(state_tmp, state)
-            info = {"key": k, "recorded": time.time(), "kernel": plan.kernel.image}
-            info |= {"memory_mib": plan.memory_mib, "host": socket.gethostname()}
-            paths.write_json(meta, info)
-        finally:
-            ram_tmp.unlink(missing_ok=True)
-            state_tmp.unlink(missing_ok=True)
-    return SnapshotPlan("restore", k, str(ram), str(state))
+                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # no data after pos
+                break
+            end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
+            while pos < end:
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
+                if done == 0:  # shrunk meanwhile
+                    break
+                pos += done
+        fout.truncate(size)
 
 
 def list_all() -> list[dict]:
@@ -283,6 +326,11 @@ def prune(older_than: float | None = None, max_bytes: int | None = None) -> list
     """Remove the snapshots that cannot serve (their RAM file gone with a reboot, their
     kernel gone), those recorded more than ``older_than`` seconds ago, then the least
     recently used until they take at most ``max_bytes``. Returns the keys removed."""
+    for leftover in ram_dir().glob(".*"):  # of killed recorders, unless one runs now
+        fd = paths.try_lock(_lock(leftover.name.split(".")[1]))
+        if fd is not None:
+            leftover.unlink(missing_ok=True)
+            os.close(fd)
     removed = []
     kept = []
     now = time.time()
