@@ -214,3 +214,35 @@ def test_arm64_sandbox_runs_commands(minimal_arm64, tmp_path):
         timeout=600,
     )  # fmt: skip
     assert (r.code, r.out) == (7, "aarch64\nfrom the host\n"), r.err[-2000:]
+
+
+def test_an_unchanged_directory_source_is_not_configured_again(tmp_path, monkeypatch):
+    """A directory source (no fingerprint: make always runs) keeps its resolved
+    configuration while its Kconfig files and the fragments stay as they were."""
+    import os
+
+    from qemubox.kernel import build
+    from qemubox.linux.tree import KernelTree
+
+    tree = build.resolve_source("6.12", None).path
+    source = build.Source(tree, "dir-test", str(tree), None)
+    kconf = KernelTree.open(tree, tmp_path / "kconf", "x86_64")
+    base, merged, _ = build.request_fragments(build.BuildRequest(), "x86_64")
+    first = build._configure(source, kconf, merged, base, "key-1")
+    assert "CONFIG_VIRTIO_CONSOLE=y" in first
+
+    def configured(*args):
+        raise AssertionError("configured again")
+
+    monkeypatch.setattr(build, "apply_fragments", configured)
+    assert build._configure(source, kconf, merged, base, "key-1") == first
+    with pytest.raises(AssertionError, match="configured again"):  # other fragments
+        build._configure(source, kconf, merged, base, "key-2")
+    kconfig = tree / "drivers" / "virtio" / "Kconfig"
+    st = kconfig.stat()
+    os.utime(kconfig, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:  # an edited Kconfig file
+        with pytest.raises(AssertionError, match="configured again"):
+            build._configure(source, kconf, merged, base, "key-1")
+    finally:
+        os.utime(kconfig, ns=(st.st_atime_ns, st.st_mtime_ns))

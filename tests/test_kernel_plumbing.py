@@ -443,3 +443,32 @@ def test_git_fingerprint_follows_changes(tmp_path):
     assert first and _git_fingerprint(tmp_path) == first
     (tmp_path / "a.c").write_text("int b;\n")
     assert _git_fingerprint(tmp_path) != first
+
+
+def test_kconfig_inputs_follow_kconfig_files_and_base_configs_only(tmp_path):
+    import os
+
+    from qemubox.kernel.build import kconfig_inputs
+
+    for rel, text in {
+        "Kconfig": 'source "drivers/Kconfig"\n',
+        "drivers/Kconfig": "config A\n\tbool\n",
+        "drivers/a.c": "int a;\n",
+        "arch/x86/configs/tiny.config": "CONFIG_X=y\n",
+        "scripts/kconfig/conf.c": "int main;\n",
+        ".git/Kconfig": "ignored\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    before = kconfig_inputs(tmp_path)
+    (tmp_path / "drivers/a.c").write_text("int a = 1;\n")  # source: not configuration
+    (tmp_path / ".git/Kconfig").write_text("still ignored\n")
+    assert kconfig_inputs(tmp_path) == before
+    for rel in ("drivers/Kconfig", "arch/x86/configs/tiny.config", "scripts/kconfig/conf.c"):
+        path = tmp_path / rel
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        assert kconfig_inputs(tmp_path) != before, rel
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (tmp_path / "drivers/Kconfig.debug").write_text("config B\n\tbool\n")  # a new one
+    assert kconfig_inputs(tmp_path) != before

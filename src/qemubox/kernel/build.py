@@ -32,6 +32,7 @@ from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.engine import apply_fragments, install_config
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
+from qemubox.kernel.install import same_file
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
 from qemubox.linux.tree import KernelTree, cross_compile_prefix, normalize_arch
 from qemubox.paths import cache_dir, locked, read_json, updating_json, write_json
@@ -218,18 +219,72 @@ def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def kconfig_inputs(tree: Path) -> str:
+    """A digest of what a configuration is made from in a source tree: every Kconfig file,
+    the base configurations (``configs/`` directories) and the configuration tools
+    (``scripts/kconfig``), by path, size and modification time — so that an unchanged tree
+    is not configured again (a whole pass of tinyconfig, merge and olddefconfig)."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, tree)
+        every = os.path.basename(dirpath) == "configs" or rel.startswith("scripts/kconfig")
+        for name in sorted(filenames):
+            if every or name.startswith("Kconfig"):
+                st = os.stat(os.path.join(dirpath, name))
+                digest.update(f"{rel}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _configure(source: Source, kconf: KernelTree, merged: MergedConfig, base: str, key: str):
+    """Resolve the configuration in ``kconf`` (raising ConfigMismatchError when it does not
+    come out as asked); skipped when the last one there had the same inputs (``key``: the
+    request's, with the tree's Kconfig files for a directory source) and is intact.
+    Returns the resolved ``.config``'s text."""
+    stamp = kconf.build / ".qemubox-kconfig.json"
+    if source.fingerprint is None:
+        key = hashlib.sha256(f"{key}\0{kconfig_inputs(source.path)}".encode()).hexdigest()
+    last = read_json(stamp)
+    if last.get("key") == key and kconf.config_path.is_file():
+        text = kconf.config_path.read_text()
+        if hashlib.sha256(text.encode()).hexdigest() == last.get("config_sha256"):
+            return text
+    stamp.unlink(missing_ok=True)
+    result = apply_fragments(kconf, merged, base)
+    if result.mismatches:
+        from qemubox.kconfig.explain import explain_mismatches
+
+        reasons = explain_mismatches(kconf, result.config, result.mismatches)
+        lines = []
+        for m in result.mismatches:
+            lines.append(str(m))
+            lines += [f"    {r}" for r in reasons.get(m.name, [])]
+        raise ConfigMismatchError(lines, len(result.mismatches))
+    text = kconf.config_path.read_text()
+    write_json(stamp, {"key": key, "config_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    return text
+
+
 # --- build ------------------------------------------------------------------------------------
 
 
 def _store_outputs(work: Path, target: Path, manifest: dict) -> None:
     """Copy a finished build's outputs out of the work directory into ``target``, laid out
     like a build tree (``arch/.../bzImage``, ``.config``, ...), then mark it finished."""
+    files = (manifest["image"], ".config", "System.map", "vmlinux")
+    modules = work / ".qemubox-modules"
+    if (
+        read_json(target / BUILD_MARK).get("version") == manifest["version"]
+        and all(same_file(work / rel, target / rel) for rel in files)
+        and not modules.is_dir()
+    ):  # make changed nothing (a directory source rebuilt as it was)
+        write_json(target / BUILD_MARK, manifest)
+        return
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for rel in (manifest["image"], ".config", "System.map", "vmlinux"):
+    for rel in files:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(work / rel, tmp / rel)
-    modules = work / ".qemubox-modules"
     if modules.is_dir():
         shutil.copytree(modules, tmp / ".qemubox-modules", symlinks=True)
     write_json(tmp / BUILD_MARK, manifest)
@@ -281,17 +336,7 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             return BuildResult(manifest, build_dir, req.output, False, notes)
 
         kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", arch)
-        result = apply_fragments(kconf, merged, base)
-        if result.mismatches:
-            from qemubox.kconfig.explain import explain_mismatches
-
-            reasons = explain_mismatches(kconf, result.config, result.mismatches)
-            lines = []
-            for m in result.mismatches:
-                lines.append(str(m))
-                lines += [f"    {r}" for r in reasons.get(m.name, [])]
-            raise ConfigMismatchError(lines, len(result.mismatches))
-        config_text = kconf.config_path.read_text()
+        config_text = _configure(source, kconf, merged, base, input_key)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         build_dir = root / f"{prefix}{config_sha[:16]}"
         ran_make = False

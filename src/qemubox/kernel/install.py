@@ -11,7 +11,8 @@ from pathlib import Path
 from qemubox.errors import InputError
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``b`` is a copy of ``a`` as copies are made here (size and time kept)."""
     try:
         sa, sb = a.stat(), b.stat()
     except FileNotFoundError:
@@ -33,12 +34,20 @@ def _keep_old(path: Path, notes: list[str]) -> None:
     notes.append(f"kept the previous {path} as {backup}")
 
 
-def _place(src: Path, dest: Path, notes: list[str]) -> None:
-    if _same_file(src, dest) and not dest.is_symlink():
+def _place(src: Path, dest: Path, notes: list[str], link: bool = False) -> None:
+    """Put a copy of ``src`` at ``dest``; with ``link``, a hard link when it can (for the
+    large files a finished build never writes again, and nobody edits: images)."""
+    if same_file(src, dest) and not dest.is_symlink():
         return
     _keep_old(dest, notes)
     tmp = dest.with_name(f".{dest.name}.qemubox-tmp")
-    shutil.copy2(src, tmp)
+    tmp.unlink(missing_ok=True)
+    try:
+        if not link:
+            raise OSError
+        os.link(src, tmp)
+    except OSError:  # asked for a copy, or another file system
+        shutil.copy2(src, tmp)
     os.replace(tmp, dest)
 
 
@@ -67,7 +76,7 @@ def install_build(manifest: dict, build_dir: Path, output: Path) -> list[str]:
         "vmlinux": build_dir / "vmlinux",
     }
     for name, src in files.items():
-        _place(src, output / name, notes)
+        _place(src, output / name, notes, link=name.startswith(("vmlinu", "System")))
     _symlink(f"vmlinuz-{release}", output / "vmlinuz", notes)
     _symlink(f"config-{release}", output / "config", notes)
 
