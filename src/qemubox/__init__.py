@@ -9,6 +9,7 @@ _LAZY = {
     "Disk": "qemubox.vm.spec",
     "MachinePlan": "qemubox.vm.plan",
     "Sandbox": "qemubox.sandbox.sandbox",
+    "Pool": "qemubox.sandbox.pool",
     "ExecResult": "qemubox.sandbox.sandbox",
     "SandboxError": "qemubox.errors",
     "KernelPanic": "qemubox.errors",

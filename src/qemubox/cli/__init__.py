@@ -14,6 +14,7 @@ from qemubox.cli.images import image
 from qemubox.cli.kconfig import kconfig
 from qemubox.cli.kernel import kernel
 from qemubox.cli.matrix import matrix
+from qemubox.cli.pools import pool
 from qemubox.cli.run import run
 from qemubox.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS
 from qemubox.cli.snapshots import snapshot
@@ -27,7 +28,7 @@ def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
 
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot, vm):
+for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot, pool, vm):
     cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------

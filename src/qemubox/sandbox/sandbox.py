@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_
 from qemubox.guest.protocol import own_shell
 from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
-from qemubox.vm import prepare, snapshot
+from qemubox.vm import pool, prepare, snapshot
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import KernelPlan, MachinePlan, SnapshotPlan
 from qemubox.vm.spec import Session, ValidSession, parse_size
@@ -75,6 +76,7 @@ class Sandbox:
     """A VM booted for commands. Use as a context manager, or call start() and close()."""
 
     _claim: tuple[SnapshotPlan, int] | None = None  # while recording its key's snapshot
+    _pooled: MachinePlan | None = None  # the plan it took a pool's member for
 
     def __init__(self, session: Session | None = None, **kw) -> None:
         self.session = session or Session(**kw)
@@ -107,7 +109,12 @@ class Sandbox:
 
     def start(self, detach: bool = False) -> Sandbox:
         """Boot; returns when the guest is ready. With ``detach`` the VM does not die with
-        this process: :meth:`detach` then leaves it running for :meth:`attach`."""
+        this process: :meth:`detach` then leaves it running for :meth:`attach`. A sandbox
+        already started is returned as it is (``with`` on one started by a pool, say)."""
+        if self.machine is not None and not self._closed:
+            return self
+        if self._closed:
+            raise SandboxError("this sandbox was closed: make another")
         try:
             self._start(detach)
         except BaseException:
@@ -142,10 +149,17 @@ class Sandbox:
                     )
                 if use_snapshot:
                     plan = self.plan = self._with_snapshot(plan)
+                member = self._from_pool(plan) if use_snapshot and not detach else None
+                if member is not None:  # a QEMU started ahead, waiting for this snapshot
+                    shutil.rmtree(plan.runtime_dir, ignore_errors=True)
+                    self.machine, plan = member, member.plan
+                    self.plan = plan
+                    self.phase("prepare")
+                else:
                     snapshot.seed_console(plan)
-                self.phase("prepare")
-                self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
-            self.phase("QEMU start")
+                    self.phase("prepare")
+                    self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
+            self.phase("taken from the pool" if member is not None else "QEMU start")
             if plan.snapshot is None or plan.snapshot.role == "record":
                 return
             try:
@@ -158,6 +172,15 @@ class Sandbox:
                 self.machine = None
                 snapshot.remove(plan.snapshot.key)
                 warnings.warn(f"{err}; booting instead", SnapshotWarning, stacklevel=5)
+
+    def _from_pool(self, plan: MachinePlan) -> Machine | None:
+        """A machine of the warm pool for ``plan``, if one waits (see vm/pool.py)."""
+        if not pool.fits(plan):
+            return None
+        member = pool.take(plan)
+        if member is not None:
+            self._pooled = plan
+        return member
 
     def _with_snapshot(self, plan: MachinePlan) -> MachinePlan:
         """The plan restoring its snapshot, or, when there is none yet, recording it (see
@@ -326,6 +349,9 @@ class Sandbox:
         """Power the guest off (syncing its disks), stop QEMU, remove the runtime files. A
         named sandbox is left running (:meth:`stop` powers it off)."""
         self._drop_claim()
+        if self._pooled is not None:  # another member takes the one we took's place
+            plan, self._pooled = self._pooled, None
+            threading.Thread(target=pool.top_up, args=(plan,), daemon=False).start()
         if self.name is not None:
             self._leave()
             return

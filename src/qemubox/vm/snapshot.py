@@ -13,7 +13,7 @@ Nothing of a session is in a snapshot: shares, disks and the network are set up 
 restore, as after a boot, and the clone's clock and RNG are renewed before the first
 command.
 
-Files: ``/dev/shm/qemubox-<uid>/<key>.ram`` (tmpfs, gone at reboot) and
+Files: ``/dev/shm/qemubox-<uid>/<cache>/<key>.ram`` (tmpfs, gone at reboot) and
 ``<cache>/snapshots/<key>/`` (``state``, ``meta.json``, and ``console``: what the boot
 printed, which a clone's console log starts with); a snapshot is whole only with the
 first three, and is recorded again otherwise. The RAM files are kept within a budget
@@ -84,10 +84,17 @@ def key(plan: MachinePlan) -> str:
 
 
 def ram_dir() -> Path:
-    """Ours on tmpfs (a directory someone else made there is refused)."""
+    """Ours on tmpfs (a directory someone else made there is refused), one per cache
+    directory: a RAM file belongs with the state file beside which it was recorded."""
     d = Path("/dev/shm") / f"qemubox-{os.getuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
-    return paths.trusted(d)
+    paths.trusted(d)
+    mine = d / hashlib.sha256(str(store_dir().absolute()).encode()).hexdigest()[:12]
+    if not mine.is_dir():
+        mine.mkdir(mode=0o700)
+        for old in d.glob("*.ram"):  # of the layout before these directories
+            old.unlink(missing_ok=True)
+    return mine
 
 
 def store_dir() -> Path:

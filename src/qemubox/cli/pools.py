@@ -1,0 +1,78 @@
+"""``qemubox pool``: QEMUs started ahead, waiting to be restored (see vm/pool.py)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from qemubox.cli.common import CONTEXT, say, table
+from qemubox.cli.run import make_session, session_options
+from qemubox.errors import InputError
+
+
+@click.group(context_settings=CONTEXT)
+def pool() -> None:
+    """Warm pools: machines waiting to be restored, so that a start is only a restore."""
+
+
+@pool.command(context_settings=CONTEXT)
+@session_options
+@click.option(
+    "--size", default=2, show_default=True, type=int, metavar="N", help="Machines kept waiting."
+)
+@click.option(
+    "--ttl",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="A machine unused that long ends (90s, 10m, 2h).",
+)
+def start(size, ttl, **options):
+    """Keep machines of this session waiting: `run` (and `Sandbox`) of the same session
+    then takes one instead of starting QEMU. Prints the pool's key."""
+    from qemubox.cli import parse
+    from qemubox.sandbox.pool import Pool
+
+    if size < 1:
+        raise InputError(f"--size: at least 1, got {size}")
+    seconds = parse.duration(ttl, "--ttl")
+    session = make_session(options)
+    started = Pool(session, size, int(seconds)).start()
+    click.echo(started.plan.snapshot.key)
+    say(f"{started.waiting()} machine(s) waiting")
+
+
+@pool.command("ls", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pool.")
+def ls(as_json):
+    """List the pools: key, size, machines waiting."""
+    from qemubox.vm import pool as pools
+
+    found = list(pools.pools().values())
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table(
+        [("KEY", "SIZE", "WAITING")]
+        + [(p["key"], str(p["size"]), str(len(p["waiting"]))) for p in found]
+    )
+
+
+@pool.command(context_settings=CONTEXT)
+@click.argument("keys", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every pool.")
+def stop(keys, everything):
+    """Stop pools by KEY (see `pool ls`): their waiting machines end."""
+    from qemubox.vm import pool as pools
+
+    known = pools.pools()
+    if everything:
+        keys = tuple(known)
+    elif not keys:
+        raise InputError("pool stop: give KEYs or --all")
+    for k in keys:
+        if k not in known:
+            raise InputError(f"no pool {k!r} (see: qemubox pool ls)")
+    ended = sum(pools.drain(k) for k in keys)
+    say(f"stopped {ended} waiting machine(s)")

@@ -1,0 +1,190 @@
+"""A warm pool: QEMU processes started ahead, each waiting (``-incoming defer``) to be
+restored from one snapshot, so that a start costs only loading the snapshot's state.
+
+A pool is one snapshot key's: ``<runtime>/pool/<key>/`` holds an empty file per waiting
+machine, named by its id, and ``size`` (how many the pool keeps). A start takes a member
+by removing its file (whoever removes it has it), checks that the member's plan is its
+own but for the runtime directory, and restores it; it then starts another to take its
+place. Members are ordinary detached machines whose keeper stops them after ``ttl``
+seconds without a client: a pool left alone, or a member whose taker was killed, does not
+live on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from qemubox import paths
+from qemubox.errors import InputError, SandboxError
+from qemubox.vm import snapshot
+from qemubox.vm.machine import Machine, State
+from qemubox.vm.plan import MachinePlan
+
+DEFAULT_TTL = 3600
+
+
+def root() -> Path:
+    return paths.runtime_root() / "pool"
+
+
+def pool_dir(key: str) -> Path:
+    return root() / key
+
+
+def fits(plan: MachinePlan) -> bool:
+    """Whether a start of ``plan`` can come from a pool: a restore that names no host
+    path a member would have had to be started with (shares, disks)."""
+    snap = plan.snapshot
+    return (
+        snap is not None
+        and snap.role == "restore"
+        and not plan.shares
+        and not plan.disks
+        and plan.root.kind == "initramfs"
+    )
+
+
+def waiting(key: str) -> list[str]:
+    """The ids of the pool's members that still wait (entries of dead ones removed)."""
+    d = pool_dir(key)
+    alive = []
+    for entry in sorted(d.iterdir()) if d.is_dir() else []:
+        if entry.name.startswith("."):
+            continue
+        try:
+            up = Machine.open(entry.name).state is State.RUNNING
+        except InputError:
+            up = False
+        if up:
+            alive.append(entry.name)
+        else:
+            entry.unlink(missing_ok=True)
+    return alive
+
+
+def take(plan: MachinePlan) -> Machine | None:
+    """A waiting member for ``plan``, now ours (None: the pool is empty or has no pool)."""
+    d = pool_dir(plan.snapshot.key) if plan.snapshot else None
+    if d is None or not d.is_dir():
+        return None
+    for entry in sorted(d.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            entry.unlink()  # the one who removes it has it
+        except FileNotFoundError:
+            continue
+        try:
+            machine = Machine.open(entry.name)
+        except InputError:
+            continue
+        if machine.state is State.RUNNING and replace(
+            machine.plan, runtime_dir=plan.runtime_dir
+        ) == replace(plan):
+            return machine
+        _end(machine)  # another session's, or a QEMU of another version
+    return None
+
+
+def _end(machine: Machine) -> None:
+    machine.kill()
+    machine.wait_keeper(5)
+    shutil.rmtree(machine.dir, ignore_errors=True)
+
+
+def spawn(plan: MachinePlan, ttl: int) -> str:
+    """Start one member for ``plan`` (a restore plan); returns its id."""
+    member = replace(plan, runtime_dir=str(paths.machine_runtime_dir(paths.new_machine_id())))
+    expire = shlex.join([sys.executable, "-m", "qemubox.vm.pool", member.runtime_dir])
+    with Machine.runtime_dir(member) as lock:
+        snapshot.seed_console(member)
+        machine = Machine.launch(member, lock, True, ttl, expire)
+    socket = Path(member.qmp_socket(0))
+    deadline = time.monotonic() + 10
+    while not socket.exists() and machine.alive() and time.monotonic() < deadline:
+        time.sleep(0.002)  # QEMU is up, and its keeper listens for its release
+    if not socket.exists():
+        _end(machine)
+        raise SandboxError(f"a pool member did not start: {machine.dir / 'qemu.log'}")
+    machine.release()
+    d = pool_dir(plan.snapshot.key)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / machine.id).touch()
+    return machine.id
+
+
+def fill(plan: MachinePlan, size: int, ttl: int = DEFAULT_TTL) -> int:
+    """Keep ``size`` members waiting for ``plan`` (the pool's size is remembered for
+    :func:`top_up`); returns how many were started."""
+    if not fits(plan):
+        raise InputError("a pool holds sessions restored from a snapshot, without shares or disks")
+    key = plan.snapshot.key
+    with _locked(key):
+        pool_dir(key).mkdir(parents=True, exist_ok=True)
+        paths.atomic_write(pool_dir(key) / ".size", f"{size} {ttl}\n")
+        started = 0
+        for _ in range(size - len(waiting(key))):
+            spawn(plan, ttl)
+            started += 1
+    return started
+
+
+def _locked(key: str):
+    """Held while a pool's members are counted and started, or it is drained."""
+    root().mkdir(parents=True, exist_ok=True)
+    return paths.locked(root() / f".{key}.lock")
+
+
+def top_up(plan: MachinePlan) -> None:
+    """After a member was taken: start another, up to the pool's size (unless the pool
+    was stopped meanwhile)."""
+    key = plan.snapshot.key
+    with _locked(key), contextlib.suppress(OSError, ValueError):
+        size, ttl = map(int, (pool_dir(key) / ".size").read_text().split())
+        if len(waiting(key)) < size:
+            spawn(plan, ttl)
+
+
+def pools() -> dict[str, dict]:
+    """Every pool: key -> waiting members and size."""
+    out = {}
+    for d in sorted(root().iterdir()) if root().is_dir() else []:
+        if d.name.startswith("."):
+            continue
+        size = 0
+        with contextlib.suppress(OSError, ValueError):
+            size = int((d / ".size").read_text().split()[0])
+        out[d.name] = {"key": d.name, "size": size, "waiting": waiting(d.name)}
+    return out
+
+
+def drain(key: str) -> int:
+    """End a pool: its waiting members stopped, its directory removed; returns how many."""
+    ended = 0
+    with _locked(key):
+        for member in waiting(key):
+            with contextlib.suppress(FileNotFoundError):
+                (pool_dir(key) / member).unlink()
+                _end(Machine.open(member))
+                ended += 1
+        shutil.rmtree(pool_dir(key), ignore_errors=True)
+    return ended
+
+
+def _expire(runtime_dir: str) -> None:
+    """A member's keeper's idle action: the member ends (out of the pool first)."""
+    machine_id = Path(runtime_dir).name
+    for entry in root().glob(f"*/{machine_id}"):
+        entry.unlink(missing_ok=True)
+    with contextlib.suppress(InputError):
+        _end(Machine.open(machine_id))
+
+
+if __name__ == "__main__":
+    _expire(sys.argv[1])
