@@ -67,6 +67,7 @@ def main() -> None:
     kernel = choose_kernel(args.kernel)
     image = kernel.image
     qemubox = [sys.executable, "-m", "qemubox", "run", "--kernel", image, "--accel", "tcg"]
+    qemubox.append("--no-snapshot")  # booted: snapshot-restored starts are benchmarks/snapshot.py's
     timed([*qemubox, "--", "true"])  # warm the caches (initramfs, agent, KVM verdict)
     print(f"kernel: {kernel.description} ({image})")
 
