@@ -57,6 +57,19 @@ def floor_initramfs(path: Path) -> None:
         cpio.close()
 
 
+def floor_args(kernel: str, memory_mib: int, initrd: Path) -> list[str]:
+    """The floor: the same QEMU and kernel booting an init that only powers off."""
+    return qemu.bare_boot_args(
+        "x86_64",
+        "tcg",
+        kernel,
+        kernel_cmdline(arch.get("x86_64"), "tcg", qemu.host_tsc_khz()),
+        "null",
+        memory_mib=memory_mib,
+        initrd=initrd,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", help="kernel image (default: what qemubox run picks)")
@@ -74,19 +87,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp) / "floor.cpio"
         floor_initramfs(initrd)
-        floor_args = qemu.bare_boot_args(
-            "x86_64",
-            "tcg",
-            image,
-            kernel_cmdline(arch.get("x86_64"), "tcg", qemu.host_tsc_khz()),
-            "null",
-            memory_mib=512,
-            initrd=initrd,
-        )
+        floor = floor_args(image, 512, initrd)
         # Interleaved, so that drift in the host's speed hits both alike.
         floors, colds = [], []
         for _ in range(args.n):
-            floors.append(timed(floor_args))
+            floors.append(timed(floor))
             colds.append(timed([*qemubox, "--", "true"]))
         floor, cold = statistics.median(floors), statistics.median(colds)
     print(f"bare floor (QEMU + kernel + init that powers off)  {floor:6.2f} s")

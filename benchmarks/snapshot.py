@@ -28,12 +28,10 @@ import time
 import warnings
 from pathlib import Path
 
-from sandbox import floor_initramfs  # benchmarks/sandbox.py
+from sandbox import floor_args, floor_initramfs  # benchmarks/sandbox.py
 
 from qemubox import Pool, Sandbox, Session, arch
 from qemubox.kernel.artifacts import choose_kernel
-from qemubox.qemu import cmdline as qemu
-from qemubox.vm.plan import kernel_cmdline
 
 warnings.simplefilter("ignore")
 MEMORY = "256M"
@@ -127,18 +125,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(tmp) / "floor.cpio"
         floor_initramfs(initrd)
-        floor_args = qemu.bare_boot_args(
-            "x86_64",
-            "tcg",
-            kernel,
-            kernel_cmdline(arch.get("x86_64"), "tcg", qemu.host_tsc_khz()),
-            "null",
-            memory_mib=256,
-            initrd=initrd,
-        )
+        floor_run = floor_args(kernel, 256, initrd)
         floors, snaps, colds = [], [], []
         for _ in range(args.n):  # interleaved: drift in the host's speed hits all alike
-            floors.append(timed(floor_args))
+            floors.append(timed(floor_run))
             snaps.append(cli("run", *k, "--", "true"))
             colds.append(cli("run", *k, "--no-snapshot", "--", "true"))
     floor, snap, cold = map(statistics.median, (floors, snaps, colds))

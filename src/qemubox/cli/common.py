@@ -29,3 +29,19 @@ def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def chosen_keys(keys: tuple[str, ...], everything: bool, known, command: str) -> tuple[str, ...]:
+    """The KEYs a ``command`` (``snapshot rm``, ``pool stop``) acts on: those given, each
+    one of ``known``, or with ``--all`` every known one."""
+    from qemubox.errors import InputError
+
+    if everything:
+        return tuple(known)
+    if not keys:
+        raise InputError(f"{command}: give KEYs or --all")
+    noun = command.split()[0]
+    for k in keys:
+        if k not in known:
+            raise InputError(f"no {noun} {k!r} (see: qemubox {noun} ls)")
+    return keys

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qemubox.cli.common import CONTEXT, say, table
+from qemubox.cli.common import CONTEXT, chosen_keys, say, table
 from qemubox.cli.run import make_session, session_options
 from qemubox.errors import InputError
 
@@ -66,13 +66,6 @@ def stop(keys, everything):
     """Stop pools by KEY (see `pool ls`): their waiting machines end."""
     from qemubox.vm import pool as pools
 
-    known = pools.pools()
-    if everything:
-        keys = tuple(known)
-    elif not keys:
-        raise InputError("pool stop: give KEYs or --all")
-    for k in keys:
-        if k not in known:
-            raise InputError(f"no pool {k!r} (see: qemubox pool ls)")
+    keys = chosen_keys(keys, everything, pools.pools(), "pool stop")
     ended = sum(pools.drain(k) for k in keys)
     say(f"stopped {ended} waiting machine(s)")

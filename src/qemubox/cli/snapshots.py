@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qemubox.cli.common import CONTEXT, ago, say, table
+from qemubox.cli.common import CONTEXT, ago, chosen_keys, say, table
 
 
 @click.group(context_settings=CONTEXT)
@@ -44,17 +44,10 @@ def ls(as_json):
 @click.option("--all", "everything", is_flag=True, help="Every snapshot.")
 def rm(keys, everything):
     """Remove snapshots by KEY (see `snapshot ls`); the next start records afresh."""
-    from qemubox.errors import InputError
     from qemubox.vm import snapshot as snapshots
 
     known = {i["key"] for i in snapshots.list_all()}
-    if everything:
-        keys = tuple(known)
-    elif not keys:
-        raise InputError("snapshot rm: give KEYs or --all")
-    for k in keys:
-        if k not in known:
-            raise InputError(f"no snapshot {k!r} (see: qemubox snapshot ls)")
+    for k in chosen_keys(keys, everything, known, "snapshot rm"):
         snapshots.remove(k)
 
 
