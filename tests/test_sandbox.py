@@ -667,7 +667,8 @@ def test_kernel_without_known_config_boots_on_q35(kernel, tmp_path):
     shutil.copy(Path(kernel).resolve(), bare)
     with Sandbox(Session(memory="256M", kernel=str(bare))) as box:
         assert box.kernel.config is None and not box.kernel.mmio
-        assert box.qemu_args[box.qemu_args.index("-machine") + 1] == "q35"
+        machine = box.qemu_args[box.qemu_args.index("-machine") + 1]
+        assert machine.split(",")[0] == "q35"
         assert run(box, "echo on q35").stdout == b"on q35\n"
         assert run(box, "ls /sys/bus/pci/devices | wc -l").stdout.strip() != b"0"
 

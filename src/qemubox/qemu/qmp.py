@@ -15,7 +15,13 @@ class Monitor:
     machine holds it."""
 
     def __init__(self, socket_path: str) -> None:
+        import logging
+
         from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        # A refused connection is the caller's to report (or to retry, while QEMU starts
+        # listening): not the library's to log.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
         self._qmp = QEMUMonitorProtocol(socket_path)
         self._qmp.connect(negotiate=True)

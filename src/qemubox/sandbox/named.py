@@ -148,9 +148,11 @@ def status(name: str) -> Status:
             ports = tuple((p.host, p.guest) for p in plan.ports)
         in_use = _attached(d)
         ttl = record.get("ttl")
-        if ttl and not in_use:
+        if ttl and not in_use:  # unused since its keeper last saw a client, or since it started
             with contextlib.suppress(OSError):
                 expires = (d / "active").stat().st_mtime + ttl
+            if expires is None and record.get("started"):
+                expires = record["started"] + ttl
     return Status(
         name=name,
         state=state,

@@ -148,10 +148,13 @@ def _monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
         if time.monotonic() > deadline or not alive():
             raise SnapshotError(f"QEMU made no QMP socket at {path}")
         time.sleep(0.002)
-    try:
-        return Monitor(path)
-    except Exception as err:  # qemu.qmp's ConnectError: QEMU gone meanwhile
-        raise SnapshotError(f"no QMP at {path}: {err}") from None
+    while True:
+        try:
+            return Monitor(path)
+        except Exception as err:  # qemu.qmp's ConnectError: bound, not yet listening; or gone
+            if time.monotonic() > deadline or not alive():
+                raise SnapshotError(f"no QMP at {path}: {err}") from None
+            time.sleep(0.002)
 
 
 def _wait_migration(mon, deadline: float) -> None:
