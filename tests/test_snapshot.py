@@ -220,3 +220,17 @@ def test_a_sandbox_restored_from_a_snapshot_pauses_and_resumes(kernel, state):
     r = qemubox("resume", "ps")
     assert r.code == 0, r.err
     assert qemubox("exec", "ps", "--", "cat", "/tmp/f").out == "kept\n"
+
+
+def test_a_sparse_copy_keeps_data_and_holes(tmp_path):
+    from qemubox import paths
+
+    src, dst = tmp_path / "ram", tmp_path / "copy"
+    with open(src, "wb") as fh:
+        fh.truncate(64 << 20)
+        for at in (0, 8 << 20, (64 << 20) - 4096):  # pages a guest touched
+            fh.seek(at)
+            fh.write(bytes([at % 251 + 1]) * 4096)
+    paths.copy_sparse(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_blocks * 512 <= 3 * 4096 * 4  # holes stay holes

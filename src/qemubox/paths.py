@@ -242,6 +242,27 @@ def copy_data(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fin, fout)
 
 
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` (made anew), its holes left holes: only the data is read
+    and written, in the kernel (``copy_file_range``: a reflink where the file system
+    shares extents)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # no data after pos
+                break
+            end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
+            while pos < end:
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
+                if done == 0:  # shrunk meanwhile
+                    break
+                pos += done
+        fout.truncate(size)
+
+
 def set_aside(path: Path) -> Path:
     """Rename ``path`` to ``<path>.bak`` (or, when that is taken, a dated ``.bak``) so that
     nothing the user had is lost; returns the new name."""

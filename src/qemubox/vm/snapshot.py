@@ -253,7 +253,7 @@ def take(machine, snap: SnapshotPlan) -> None:
     mon = machine.monitor()
     try:
         save(mon, snap.state)
-        _copy_sparse(Path(snap.ram), ram_copy)
+        paths.copy_sparse(Path(snap.ram), ram_copy)
         os.replace(ram_copy, ram)
         os.replace(snap.state, state)
         with contextlib.suppress(OSError):
@@ -293,25 +293,6 @@ def release(fd: int) -> None:
 
 def _lock(k: str) -> Path:
     return store_dir() / f".{k}.lock"
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    """Copy what ``src`` holds, its holes left holes (a guest touches a part of its RAM)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # no data after pos
-                break
-            end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
-            while pos < end:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
-                if done == 0:  # shrunk meanwhile
-                    break
-                pos += done
-        fout.truncate(size)
 
 
 def list_all() -> list[dict]:

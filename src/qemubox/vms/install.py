@@ -425,15 +425,11 @@ def place(vm: VmDir, disk: Path, keep_old: bool) -> list[str]:
     if keep_old:
         notes.append(f"kept the old disk as {paths.set_aside(vm.disk)}")
     tmp = paths.temp_beside(vm.disk)
-    proc = subprocess.run(
-        ["cp", "--reflink=auto", "--sparse=always", str(disk), str(tmp)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
+    try:
+        paths.copy_sparse(disk, tmp)
+    except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise ToolError(f"copying the installed disk failed: {proc.stderr.strip()}")
+        raise ToolError(f"copying the installed disk failed: {err.strerror}: {disk}") from None
     os.chmod(tmp, 0o644)
     os.replace(tmp, vm.disk)
     vm.known_hosts.unlink(missing_ok=True)  # the new system makes new host keys
