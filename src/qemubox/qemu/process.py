@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +212,16 @@ def alive(pid: int, started: int | None) -> bool:
     """Whether that very process still runs (not a zombie, not a newer one with its pid)."""
     stat = _stat(pid)
     return stat is not None and stat[0] != "Z" and (started is None or stat[1] == started)
+
+
+def wait_for_path(path: str | Path, alive: Callable[[], bool], deadline: float) -> bool:
+    """Wait until ``path`` exists (a socket QEMU makes as it starts), while ``alive()``
+    and until ``deadline`` (a time.monotonic()); whether it does."""
+    while not os.path.exists(path):
+        if time.monotonic() > deadline or not alive():
+            return os.path.exists(path)
+        time.sleep(0.002)
+    return True
 
 
 def wait_gone(pid: int, started: int | None, timeout: float) -> bool:

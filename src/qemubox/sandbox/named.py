@@ -294,9 +294,8 @@ def pause(name: str) -> None:
         if _attached(machine.dir):
             raise BusyError(f"sandbox {name!r} is in use by a client: pause it when it is not")
         path = SANDBOXES.dir(name) / PAUSED_STATE
-        agent = machine.attach(timeout=10)
-        agent.close()  # the saved guest holds no client
-        machine.agent = None
+        machine.attach(timeout=10)
+        machine.hang_up()  # the saved guest holds no client
         try:
             snapshot.save(machine.monitor(), str(path), whole=True, timeout=SAVE_TIMEOUT)
             with contextlib.suppress(Exception):

@@ -189,9 +189,10 @@ class Sandbox:
         if snapshot.unfit(plan):
             return plan
         try:
-            found = snapshot.find(plan)
+            k = snapshot.key(plan)
+            found = snapshot.find(plan, k)
             if found is None:
-                self._claim = snapshot.claim(plan)
+                self._claim = snapshot.claim(plan, k)
                 found = self._claim[0] if self._claim else None
         except OSError as err:
             warnings.warn(f"no snapshot recorded: {err}", SnapshotWarning, stacklevel=6)
@@ -218,8 +219,7 @@ class Sandbox:
     def _record(self) -> None:
         """Save the freshly booted machine as its key's snapshot, then go on with it."""
         assert self.machine is not None and self._claim is not None
-        self.machine.agent.close()  # the snapshot holds no client
-        self.machine.agent = None
+        self.machine.hang_up()  # the snapshot holds no client
         try:
             snapshot.take(self.machine, self._claim[0])
         except snapshot.SnapshotError as err:
@@ -231,11 +231,8 @@ class Sandbox:
 
     def _drop_claim(self) -> None:
         if self._claim is not None:
-            snap, fd = self._claim
-            self._claim = None
-            for leftover in (snap.ram, snap.state):  # a machine that did not get so far
-                Path(leftover).unlink(missing_ok=True)
-            snapshot.release(fd)
+            claim, self._claim = self._claim, None
+            snapshot.release(claim)
 
     def _setup(self) -> None:
         """Mount disks and shares, configure the network: steps the agent performs after

@@ -239,12 +239,7 @@ class Machine:
         try:
             resync = dirty.exists()
             dirty.touch()
-            self.agent = AgentClient.attach(
-                Path(self.plan.agent_socket(self.slot)),
-                timeout,
-                alive=lambda: self.check_alive(when),
-                resync=resync,
-            )
+            self._connect_agent(timeout, when, resync)
         except (TimeoutError, AgentGone) as err:
             self._release()
             if isinstance(err, AgentGone):
@@ -266,18 +261,27 @@ class Machine:
             self.monitor()  # connected now, so that no disk's I/O error event is missed
         return self.agent
 
-    def reconnect(self, timeout: float) -> AgentClient:
-        """Connect to the agent again on the slot this client holds, its connection having
-        been closed (so that a snapshot could be taken without a client in it)."""
-        if self._attach_fd is None:
-            raise SandboxError(f"attach to machine {self.id} before reconnecting")
+    def _connect_agent(self, timeout: float, when: str, resync: bool) -> AgentClient:
         self.agent = AgentClient.attach(
             Path(self.plan.agent_socket(self.slot)),
             timeout,
-            alive=lambda: self.check_alive("while attaching"),
-            resync=True,  # the last client left without a word
+            alive=lambda: self.check_alive(when),
+            resync=resync,
         )
         return self.agent
+
+    def hang_up(self) -> None:
+        """Close this client's agent connection, keeping its slot (and the monitor): a
+        machine about to be saved holds no client. :meth:`reconnect` comes back."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+
+    def reconnect(self, timeout: float) -> AgentClient:
+        """Connect to the agent again on the slot this client holds, after :meth:`hang_up`."""
+        if self._attach_fd is None:
+            raise SandboxError(f"attach to machine {self.id} before reconnecting")
+        return self._connect_agent(timeout, "while attaching", resync=True)
 
     def detach(self) -> None:
         """Leave the machine running; the agent ends this client's commands."""

@@ -23,6 +23,7 @@ first three, and is recorded again otherwise. The RAM files are kept within a bu
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import SandboxError
+from qemubox.qemu.process import wait_for_path
 from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
 FORMAT = 1  # bumped when what a snapshot holds changes
@@ -86,10 +88,15 @@ def key(plan: MachinePlan) -> str:
 def ram_dir() -> Path:
     """Ours on tmpfs (a directory someone else made there is refused), one per cache
     directory: a RAM file belongs with the state file beside which it was recorded."""
+    return _ram_dir(str(store_dir().absolute()))
+
+
+@functools.cache
+def _ram_dir(store: str) -> Path:
     d = Path("/dev/shm") / f"qemubox-{os.getuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
     paths.trusted(d)
-    mine = d / hashlib.sha256(str(store_dir().absolute()).encode()).hexdigest()[:12]
+    mine = d / hashlib.sha256(store.encode()).hexdigest()[:12]
     if not mine.is_dir():
         mine.mkdir(mode=0o700)
         for old in d.glob("*.ram"):  # of the layout before these directories
@@ -106,10 +113,10 @@ def _places(k: str) -> tuple[Path, Path, Path]:
     return ram_dir() / f"{k}.ram", d / "state", d / "meta.json"
 
 
-def find(plan: MachinePlan) -> SnapshotPlan | None:
-    """The snapshot this plan can restore, when one is whole (it is then the most
-    recently used: its ``meta.json`` is touched)."""
-    k = key(plan)
+def find(plan: MachinePlan, k: str | None = None) -> SnapshotPlan | None:
+    """The snapshot this plan (of key ``k``, when known) can restore, when one is whole
+    (it is then the most recently used: its ``meta.json`` is touched)."""
+    k = k or key(plan)
     ram, state, meta = _places(k)
     if ram.is_file() and state.is_file() and meta.is_file():
         with contextlib.suppress(OSError):
@@ -144,10 +151,8 @@ def _monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
     from qemubox.qemu.qmp import Monitor
 
     path = plan.qmp_socket(0)
-    while not os.path.exists(path):  # QEMU makes it as it starts
-        if time.monotonic() > deadline or not alive():
-            raise SnapshotError(f"QEMU made no QMP socket at {path}")
-        time.sleep(0.002)
+    if not wait_for_path(path, alive, deadline):
+        raise SnapshotError(f"QEMU made no QMP socket at {path}")
     while True:
         try:
             return Monitor(path)
@@ -220,11 +225,11 @@ def load(
         mon.close()
 
 
-def claim(plan: MachinePlan) -> tuple[SnapshotPlan, int] | None:
-    """Become the recorder of ``plan``'s key: the snapshot plan its machine boots with (RAM
-    shared into a file of its own) and the key's lock, held until :func:`take` is done
-    (:func:`release`). None when another process records that key now (boot without)."""
-    k = key(plan)
+def claim(plan: MachinePlan, k: str) -> tuple[SnapshotPlan, int] | None:
+    """Become the recorder of ``plan``'s key ``k``: the snapshot plan its machine boots
+    with (RAM shared into a file of its own) and the key's lock, held until :func:`take`
+    is done (:func:`release`). None when another process records that key now (boot
+    without)."""
     store_dir().mkdir(parents=True, exist_ok=True)
     fd = paths.try_lock(_lock(k))
     if fd is None:
@@ -264,8 +269,7 @@ def take(machine, snap: SnapshotPlan) -> None:
     except (OSError, SandboxError) as err:
         raise SnapshotError(f"recording snapshot {snap.key} failed: {err}") from None
     finally:
-        for leftover in (Path(snap.ram), ram_copy, Path(snap.state)):
-            leftover.unlink(missing_ok=True)  # the machine keeps its RAM mapped
+        ram_copy.unlink(missing_ok=True)
         _run_on(mon)
 
 
@@ -286,8 +290,12 @@ def _run_on(mon, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
-def release(fd: int) -> None:
-    """Let go of a key claimed by :func:`claim`."""
+def release(claimed: tuple[SnapshotPlan, int]) -> None:
+    """Let go of a key :func:`claim` gave, removing what its recorder left (its machine
+    keeps its RAM mapped: the file is not needed)."""
+    snap, fd = claimed
+    for leftover in (snap.ram, snap.state):
+        Path(leftover).unlink(missing_ok=True)
     os.close(fd)
 
 
