@@ -7,7 +7,7 @@ from dataclasses import replace
 from qemubox.errors import InputError, SandboxError
 from qemubox.sandbox.sandbox import Sandbox
 from qemubox.vm import pool, snapshot
-from qemubox.vm.plan import MachinePlan, SnapshotPlan
+from qemubox.vm.plan import MachinePlan
 from qemubox.vm.spec import Session
 
 
@@ -58,11 +58,7 @@ def restore_plan(session: Session) -> MachinePlan:
     if not session.snapshot:
         raise InputError("a pool is of sessions started from a snapshot (snapshot=True)")
     planned = Sandbox(session).make_plan(dry_run=True)  # what it is, before anything runs
-    why = snapshot.unfit(planned)
-    if why is None and not pool.fits(
-        replace(planned, snapshot=SnapshotPlan("restore", "", "", ""))
-    ):
-        why = "it has shares or disks, whose host paths QEMU opens as it starts"
+    why = snapshot.unfit(planned) or pool.unpoolable(planned)
     if why:
         raise InputError(f"this session cannot be pooled: {why}")
     with Sandbox(session) as box:

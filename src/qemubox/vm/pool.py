@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import InputError, SandboxError
+from qemubox.qemu import process
 from qemubox.vm import snapshot
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import MachinePlan
@@ -37,26 +38,30 @@ def pool_dir(key: str) -> Path:
     return root() / key
 
 
+def unpoolable(plan: MachinePlan) -> str | None:
+    """Why starts of ``plan`` cannot come from a pool, if they cannot: its QEMU would have
+    to be started with host paths of the session's own."""
+    if plan.shares or plan.disks or plan.root.kind != "initramfs":
+        return "it has shares or disks, whose host paths QEMU opens as it starts"
+    return None
+
+
 def fits(plan: MachinePlan) -> bool:
-    """Whether a start of ``plan`` can come from a pool: a restore that names no host
-    path a member would have had to be started with (shares, disks)."""
+    """Whether a start of ``plan`` can come from a pool: a restore, and poolable."""
     snap = plan.snapshot
-    return (
-        snap is not None
-        and snap.role == "restore"
-        and not plan.shares
-        and not plan.disks
-        and plan.root.kind == "initramfs"
-    )
+    return snap is not None and snap.role == "restore" and unpoolable(plan) is None
+
+
+def _entries(key: str) -> list[Path]:
+    """The pool's member files (its own files begin with a dot)."""
+    d = pool_dir(key)
+    return [e for e in sorted(d.iterdir()) if not e.name.startswith(".")] if d.is_dir() else []
 
 
 def waiting(key: str) -> list[str]:
     """The ids of the pool's members that still wait (entries of dead ones removed)."""
-    d = pool_dir(key)
     alive = []
-    for entry in sorted(d.iterdir()) if d.is_dir() else []:
-        if entry.name.startswith("."):
-            continue
+    for entry in _entries(key):
         try:
             up = Machine.open(entry.name).state is State.RUNNING
         except InputError:
@@ -70,12 +75,7 @@ def waiting(key: str) -> list[str]:
 
 def take(plan: MachinePlan) -> Machine | None:
     """A waiting member for ``plan``, now ours (None: the pool is empty or has no pool)."""
-    d = pool_dir(plan.snapshot.key) if plan.snapshot else None
-    if d is None or not d.is_dir():
-        return None
-    for entry in sorted(d.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    for entry in _entries(plan.snapshot.key) if plan.snapshot else []:
         try:
             entry.unlink()  # the one who removes it has it
         except FileNotFoundError:
@@ -84,18 +84,16 @@ def take(plan: MachinePlan) -> Machine | None:
             machine = Machine.open(entry.name)
         except InputError:
             continue
-        if machine.state is State.RUNNING and replace(
-            machine.plan, runtime_dir=plan.runtime_dir
-        ) == replace(plan):
+        ours = replace(machine.plan, runtime_dir=plan.runtime_dir) == plan
+        if ours and machine.state is State.RUNNING:
             return machine
-        _end(machine)  # another session's, or a QEMU of another version
+        _end(machine)  # dead, another session's, or of another qemubox
     return None
 
 
 def _end(machine: Machine) -> None:
     machine.kill()
-    machine.wait_keeper(5)
-    shutil.rmtree(machine.dir, ignore_errors=True)
+    machine.stop(1)  # its runtime directory removed
 
 
 def spawn(plan: MachinePlan, ttl: int) -> str:
@@ -105,11 +103,8 @@ def spawn(plan: MachinePlan, ttl: int) -> str:
     with Machine.runtime_dir(member) as lock:
         snapshot.seed_console(member)
         machine = Machine.launch(member, lock, True, ttl, expire)
-    socket = Path(member.qmp_socket(0))
-    deadline = time.monotonic() + 10
-    while not socket.exists() and machine.alive() and time.monotonic() < deadline:
-        time.sleep(0.002)  # QEMU is up, and its keeper listens for its release
-    if not socket.exists():
+    # Released once QEMU is up: its keeper then listens for the release.
+    if not process.wait_for_path(member.qmp_socket(0), machine.alive, time.monotonic() + 10):
         _end(machine)
         raise SandboxError(f"a pool member did not start: {machine.dir / 'qemu.log'}")
     machine.release()
@@ -123,7 +118,8 @@ def fill(plan: MachinePlan, size: int, ttl: int = DEFAULT_TTL) -> int:
     """Keep ``size`` members waiting for ``plan`` (the pool's size is remembered for
     :func:`top_up`); returns how many were started."""
     if not fits(plan):
-        raise InputError("a pool holds sessions restored from a snapshot, without shares or disks")
+        why = unpoolable(plan) or "it does not start from a snapshot"
+        raise InputError(f"this session cannot be pooled: {why}")
     key = plan.snapshot.key
     with _locked(key):
         pool_dir(key).mkdir(parents=True, exist_ok=True)
