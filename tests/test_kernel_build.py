@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +89,14 @@ def test_no_change_build_does_not_run_make(minimal_x86, tmp_path, monkeypatch):
     assert r.code == 0, r.err
     assert (other / "vmlinux").read_bytes() == (minimal_x86 / "vmlinux").read_bytes()
     assert not (tmp_path / "make-ran").exists()
+    # vmlinux is a hard link into the cache (when on its file system); the config a copy.
+    manifest = json.loads((other / "manifest.json").read_text())
+    stored = Path(manifest["build_dir"]) / "vmlinux"
+    same_fs = stored.stat().st_dev == other.stat().st_dev
+    assert (other / "vmlinux").samefile(stored) == same_fs
+    assert not (other / f"config-{manifest['version']}").samefile(
+        Path(manifest["build_dir"]) / ".config"
+    )
 
 
 def test_unwritable_output_is_one_line(minimal_x86):

@@ -42,11 +42,12 @@ def _place(src: Path, dest: Path, notes: list[str], link: bool = False) -> None:
     _keep_old(dest, notes)
     tmp = dest.with_name(f".{dest.name}.qemubox-tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        if not link:
-            raise OSError
-        os.link(src, tmp)
-    except OSError:  # asked for a copy, or another file system
+    linked = False
+    if link:
+        with contextlib.suppress(OSError):  # another file system: a copy
+            os.link(src, tmp)
+            linked = True
+    if not linked:
         shutil.copy2(src, tmp)
     os.replace(tmp, dest)
 
