@@ -85,9 +85,14 @@ def test_the_command_line(kernel):
     assert wait_for(lambda: len(pool.waiting(key)) == 0, timeout=30)
     r = qemubox("pool", "start", *args, "--size", "1")
     assert r.code == 0 and r.out.strip() == key
+    table = qemubox("pool", "ls").out.splitlines()
+    assert table[0].split() == ["KEY", "SIZE", "WAITING"] and f"{key}  1     1" in table
     r = qemubox("pool", "stop", key)
     assert r.code == 0 and "stopped 1 waiting machine" in r.err
     assert key not in pool.pools()
+    assert qemubox("pool", "start", *args, "--size", "1").code == 0
+    r = qemubox("pool", "stop", "--all")
+    assert r.code == 0 and "stopped 1 waiting machine" in r.err and not pool.pools()
 
 
 @pytest.mark.parametrize(
@@ -111,3 +116,12 @@ def test_stopping_an_unknown_pool(kernel):
     assert r.code == 2 and "no pool 'nope'" in r.err
     r = qemubox("pool", "stop")
     assert r.code == 2 and "give KEYs or --all" in r.err
+
+
+def test_a_pool_of_nothing_is_refused():
+    from qemubox.errors import InputError
+
+    with pytest.raises(InputError, match="size and a ttl of at least 1"):
+        Pool(Session(), size=0)
+    with pytest.raises(InputError, match="started from a snapshot"):
+        Pool(Session(snapshot=False)).start()
