@@ -90,7 +90,6 @@ def main() -> None:
                     "ARCH=x86_64",
                     f"-j{os.cpu_count()}",
                     "olddefconfig",
-                    "bzImage",
                     "vmlinux",
                     "modules",
                 ],

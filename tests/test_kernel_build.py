@@ -122,7 +122,7 @@ def test_mismatch_stops_before_compiling(tmp_path, monkeypatch):
     trap.write_text(
         textwrap.dedent(f"""\
         #!/bin/sh
-        case " $* " in *" bzImage "*) touch {tmp_path}/compiled; exit 1;; esac
+        case " $* " in *" vmlinux "*) touch {tmp_path}/compiled; exit 1;; esac
         exec make "$@"
     """)
     )

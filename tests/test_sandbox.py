@@ -383,6 +383,8 @@ def test_debian_distro_kernel_with_modules(tmp_path):
     )
     with Sandbox(session) as box:
         assert box.kernel.description.startswith("Debian's Linux 6.1")
+        # its bzImage's own vmlinux, unpacked into the cache, booted through its PVH entry
+        assert box.kernel.boot and box.kernel.boot.endswith("/vmlinux")
         assert box.exec(["uname", "-r"]).stdout.decode().strip() == box.kernel.version
         assert box.read_file("/mnt/s/f") == b"via 9p module\n"
         modules = box.read_file("/proc/modules").decode()

@@ -5,6 +5,7 @@ never restored; a damaged snapshot dropped for a boot, with a warning."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -234,3 +235,25 @@ def test_a_sparse_copy_keeps_data_and_holes(tmp_path):
     paths.copy_sparse(src, dst)
     assert dst.read_bytes() == src.read_bytes()
     assert dst.stat().st_blocks * 512 <= 3 * 4096 * 4  # holes stay holes
+
+
+def test_ram_files_of_a_cache_that_is_gone_are_dropped(tmp_path, monkeypatch):
+    shm = Path("/dev/shm") / f"qemubox-{os.getuid()}"
+    shm.mkdir(mode=0o700, exist_ok=True)
+    gone, kept, unmarked = (shm / f"test-{os.getpid()}-{n}" for n in ("gone", "kept", "unmarked"))
+    for d, store in ((gone, tmp_path / "gone" / "snapshots"), (kept, tmp_path / "snapshots")):
+        d.mkdir()
+        (d / snapshot.STORE_MARK).write_text(str(store))
+        (d / "k.ram").write_bytes(b"ram")
+    unmarked.mkdir()
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path / "cache"))
+    snapshot._ram_dir.cache_clear()
+    try:
+        mine = snapshot.ram_dir()
+        assert (mine / snapshot.STORE_MARK).read_text() == str(tmp_path / "cache" / "snapshots")
+        assert not gone.exists() and not unmarked.exists()
+        assert (kept / "k.ram").read_bytes() == b"ram"
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.rmtree(snapshot.ram_dir(), ignore_errors=True)
+        snapshot._ram_dir.cache_clear()

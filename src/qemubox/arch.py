@@ -43,7 +43,7 @@ ARCHES: dict[str, Arch] = {
             name="x86_64",
             srcarch="x86",
             uname="x86_64",
-            image="arch/x86/boot/bzImage",
+            image="vmlinux",  # booted through its PVH entry (the x86_64 fragment)
             qemu_binary="qemu-system-x86_64",
             qemu_package="qemu-system-x86",
             mmio_machine="microvm",
@@ -54,6 +54,7 @@ ARCHES: dict[str, Arch] = {
             cross_prefix="x86_64-linux-gnu-",
             cross_package="gcc-x86-64-linux-gnu",
             cross_libc="libc6-dev-amd64-cross",
+            fragments=("x86_64",),
         ),
         Arch(
             name="arm64",

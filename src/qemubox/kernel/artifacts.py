@@ -4,11 +4,14 @@ what goes with it: its version, arch, modules and config."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import arch as arches
@@ -74,11 +77,69 @@ def bzimage_version(image: Path) -> str | None:
     return text.split()[0] if text else None
 
 
+# ELF machines (e_machine) of the arches qemubox boots
+_ELF_MACHINES = {62: "x86_64", 183: "arm64"}
+_PT_NOTE = 4
+_XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU boots an x86 vmlinux through
+
+
+@dataclass(frozen=True)
+class ElfKernel:
+    arch: str | None  # None: a machine qemubox does not boot
+    version: str | None
+    pvh: bool
+
+
+def elf_kernel(image: Path) -> ElfKernel | None:
+    """What a ``vmlinux`` (a 64-bit little-endian ELF) says of itself: its machine, the
+    release in its banner, and whether it has a PVH entry; None when it is no such ELF."""
+    try:
+        with open(image, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if len(m) < 64 or m[:6] != b"\x7fELF\x02\x01":
+                return None
+            (machine,) = struct.unpack_from("<H", m, 18)
+            return ElfKernel(_ELF_MACHINES.get(machine), _banner_release(m), _has_pvh_note(m))
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def _banner_release(m: mmap.mmap) -> str | None:
+    at = m.find(b"Linux version ")
+    if at < 0:
+        return None
+    words = m[at + 14 : at + 100].split(b"\0", 1)[0].split()
+    return words[0].decode(errors="replace") if words else None
+
+
+def _has_pvh_note(m: mmap.mmap) -> bool:
+    phoff, phentsize, phnum = *struct.unpack_from("<Q", m, 32), *struct.unpack_from("<HH", m, 54)
+    for n in range(phnum):
+        head = phoff + n * phentsize
+        (kind,) = struct.unpack_from("<I", m, head)
+        if kind != _PT_NOTE:
+            continue
+        offset, size = (
+            struct.unpack_from("<Q", m, head + 8)[0],
+            struct.unpack_from("<Q", m, head + 32)[0],
+        )
+        at, end = offset, offset + size
+        while at + 12 <= end:
+            namesz, descsz, note = struct.unpack_from("<III", m, at)
+            if m[at + 12 : at + 12 + namesz] == b"Xen\0" and note == _XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            at += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
 def _build_tree(image: Path) -> list[Path]:
-    """The kernel build tree an image lies in (``<tree>/arch/<arch>/boot/<image>``), if any."""
-    parents = image.resolve().parents
+    """The kernel build tree an image lies in (``<tree>/arch/<arch>/boot/<image>``, or
+    ``<tree>/vmlinux``), if any."""
+    resolved = image.resolve()
+    parents = resolved.parents
     if len(parents) > 3 and parents[2].name == "arch" and (parents[3] / ".config").is_file():
         return [parents[3]]
+    if resolved.name == "vmlinux" and (resolved.parent / ".config").is_file():
+        return [resolved.parent]
     return []
 
 
@@ -144,7 +205,10 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
         raise InputError(f"--kernel {path}: no such file")
     version = bzimage_version(image)
     arch = "x86_64"
-    if version is None:
+    elf = None if version else elf_kernel(image)
+    if elf is not None:
+        arch, version = _bootable_elf(path, elf)
+    elif version is None:
         with open(image, "rb") as fh:
             head = fh.read(64)
         if head[56:60] == b"ARM\x64":
@@ -152,7 +216,9 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
             name = image.resolve().name
             version = name.split("-", 1)[1] if "-" in name else None
         if version is None:
-            raise InputError(f"--kernel {path}: not a bzImage or arm64 Image with a version")
+            raise InputError(
+                f"--kernel {path}: not a bzImage, vmlinux or arm64 Image with a version"
+            )
     return _kernel(
         image.resolve(),
         version,
@@ -161,6 +227,20 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
         _find_config(image, version),
         str(image),
     )
+
+
+def _bootable_elf(path: str | Path, elf: ElfKernel) -> tuple[str, str]:
+    """The arch and release of a ``vmlinux`` QEMU can boot; InputError for one it cannot."""
+    if elf.arch != "x86_64":
+        hint = "its arch/arm64/boot/Image" if elf.arch == "arm64" else "an x86_64 or arm64 kernel"
+        raise InputError(f"--kernel {path}: an ELF vmlinux QEMU cannot boot: give {hint}")
+    if not elf.pvh:
+        raise InputError(
+            f"--kernel {path}: a vmlinux without a PVH entry (CONFIG_PVH): give its bzImage"
+        )
+    if elf.version is None:
+        raise InputError(f"--kernel {path}: a vmlinux without a Linux version banner")
+    return elf.arch, elf.version
 
 
 def built_kernel(arch: str) -> KernelPlan | None:

@@ -270,8 +270,8 @@ def _configure(source: Source, kconf: KernelTree, merged: MergedConfig, base: st
 
 def _store_outputs(work: Path, target: Path, manifest: dict) -> None:
     """Copy a finished build's outputs out of the work directory into ``target``, laid out
-    like a build tree (``arch/.../bzImage``, ``.config``, ...), then mark it finished."""
-    files = (manifest["image"], ".config", "System.map", "vmlinux")
+    like a build tree (its boot image, ``.config``, ...), then mark it finished."""
+    files = tuple(dict.fromkeys((manifest["image"], ".config", "System.map", "vmlinux")))
     modules = work / ".qemubox-modules"
     if (
         read_json(target / BUILD_MARK).get("version") == manifest["version"]
@@ -301,7 +301,7 @@ def _compile(tree: KernelTree, jobs: int, label: str) -> float:
 
     image_target = Path(arches.get(tree.arch).image).name
     config_text = tree.config_path.read_text()
-    targets = [image_target, "vmlinux"]
+    targets = list(dict.fromkeys([image_target, "vmlinux"]))
     if _has_modules(config_text):
         targets.append("modules")
     seconds = run_make(tree.make_args(targets, jobs), tree.build / "build.log", label=label)

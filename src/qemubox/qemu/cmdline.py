@@ -174,7 +174,7 @@ def qemu_args(plan: MachinePlan) -> list[str]:
         "-no-reboot",
         *machine_args(plan),
         "-kernel",
-        plan.kernel.image,
+        plan.kernel.booted,
         "-initrd",
         plan.initrd,
         "-append",

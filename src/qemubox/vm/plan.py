@@ -28,6 +28,12 @@ class KernelPlan:
     config: str | None  # its .config, when known
     description: str
     mmio: bool  # it can find virtio-mmio devices, so the lean machine fits
+    boot: str | None = None  # what QEMU boots, when not image: its vmlinux (kernel.pvh)
+
+    @property
+    def booted(self) -> str:
+        """The file given to QEMU's ``-kernel``."""
+        return self.boot or self.image
 
 
 @dataclass(frozen=True)

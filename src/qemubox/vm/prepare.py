@@ -15,6 +15,7 @@ from qemubox import paths
 from qemubox.errors import InputError, last_line
 from qemubox.guest import initramfs
 from qemubox.image import catalog
+from qemubox.kernel import pvh
 from qemubox.kernel.artifacts import choose_kernel
 from qemubox.qemu.accel import choose_accel
 from qemubox.qemu.cmdline import host_tsc_khz
@@ -27,7 +28,9 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
 
     With ``dry_run`` nothing is fetched, probed, compiled or created: an unprobed KVM counts
     as TCG, and Debian's kernel must already be in the cache."""
-    kernel = choose_kernel(spec.kernel, spec.modules, fetch=not dry_run)
+    kernel = pvh.with_pvh_boot(
+        choose_kernel(spec.kernel, spec.modules, fetch=not dry_run), make=not dry_run
+    )
     record = arches.get(kernel.arch)
     choice = choose_accel(
         spec.accel,

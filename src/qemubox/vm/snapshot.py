@@ -40,6 +40,7 @@ from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
 FORMAT = 1  # bumped when what a snapshot holds changes
 MIGRATION_TIMEOUT = 30.0
+STORE_MARK = "store"  # in a RAM directory: the snapshot store it belongs to
 BUDGET_MAX = 4 << 30  # bytes of RAM files at most, and a quarter of the tmpfs
 
 
@@ -97,11 +98,36 @@ def _ram_dir(store: str) -> Path:
     d.mkdir(mode=0o700, exist_ok=True)
     paths.trusted(d)
     mine = d / hashlib.sha256(store.encode()).hexdigest()[:12]
-    if not mine.is_dir():
-        mine.mkdir(mode=0o700)
-        for old in d.glob("*.ram"):  # of the layout before these directories
-            old.unlink(missing_ok=True)
+    if (mine / STORE_MARK).is_file():
+        return mine
+    if mine.is_dir():  # made before directories were marked
+        paths.atomic_write(mine / STORE_MARK, store)
+        return mine
+    new = d / f".{mine.name}.{os.getpid()}"  # made whole, then named: never seen unmarked
+    new.mkdir(mode=0o700)
+    (new / STORE_MARK).write_text(store)
+    try:
+        new.rename(mine)
+    except OSError:  # another process made it first
+        shutil.rmtree(new, ignore_errors=True)
+    _drop_orphans(d)
     return mine
+
+
+def _drop_orphans(d: Path) -> None:
+    """Remove the RAM files of cache directories that are gone (a clone still running maps
+    its file privately and keeps it), and those of the layout before these directories."""
+    for old in d.glob("*.ram"):
+        old.unlink(missing_ok=True)
+    for sub in d.iterdir():
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        try:
+            store = Path((sub / STORE_MARK).read_text())
+        except OSError:
+            store = None
+        if store is None or not store.parent.is_dir():
+            shutil.rmtree(sub, ignore_errors=True)
 
 
 def store_dir() -> Path:
