@@ -102,3 +102,19 @@ def test_errors_carry_their_exit_status_and_details():
 def test_printable_shows_control_characters():
     assert printable("a\x1b[31mb\tc\nd\x9b\x07") == "a\\x1b[31mb\tc\nd\\x9b\\x07"
     assert printable(printable("\x1b")) == "\\x1b"
+
+
+def test_each_command_is_found_under_its_name_and_loaded_alone():
+    import subprocess
+    import sys
+
+    from qemubox.cli import COMMANDS, cli
+
+    for name in COMMANDS:
+        assert cli.get_command(None, name).name == name
+    # `run` imports no other command's module (each start pays for its own)
+    code = "import sys; from qemubox.cli import cli; cli.get_command(None, 'run'); " + (
+        "print(sorted(m for m in sys.modules if m.startswith('qemubox.cli.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.strip() == "['qemubox.cli.common', 'qemubox.cli.run', 'qemubox.cli.terminal']"

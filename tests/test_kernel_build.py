@@ -226,7 +226,7 @@ def test_arm64_sandbox_runs_commands(minimal_arm64, tmp_path):
 
 
 def test_an_unchanged_directory_source_is_not_configured_again(tmp_path, monkeypatch):
-    """A directory source (no fingerprint: make always runs) keeps its resolved
+    """A directory source (no fingerprint: its tree is walked) keeps its resolved
     configuration while its Kconfig files and the fragments stay as they were."""
     import os
 

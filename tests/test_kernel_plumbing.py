@@ -378,8 +378,12 @@ def test_directory_source_is_built_out_of_tree(private_cache, tmp_path):
     assert manifest["source"] == str(src.resolve())
     assert manifest["source_key"].startswith("dir-")
     assert manifest["version"] == "6.12.0-fake"
-    # A plain directory's content cannot be fingerprinted: make runs again (incrementally).
+    # Nothing changed in the tree, the configuration or make's environment: no make at all.
     r = qemubox("kernel", "build", "--source", src, "-o", tmp_path / "out")
+    assert r.code == 0 and "up to date, nothing to build" in r.err
+    assert len((tmp_path / "make.log").read_text().splitlines()) == 1
+    # Another environment for make (flags it would read): make runs (incrementally).
+    r = qemubox("kernel", "build", "--source", src, "-o", tmp_path / "out", env={"KCFLAGS": "-g"})
     assert r.code == 0 and "built:" in r.err
     assert len((tmp_path / "make.log").read_text().splitlines()) == 2
 
@@ -445,10 +449,10 @@ def test_git_fingerprint_follows_changes(tmp_path):
     assert _git_fingerprint(tmp_path) != first
 
 
-def test_kconfig_inputs_follow_kconfig_files_and_base_configs_only(tmp_path):
+def test_the_kconfig_digest_follows_kconfig_files_and_base_configs_only(tmp_path):
     import os
 
-    from qemubox.kernel.build import kconfig_inputs
+    from qemubox.kernel.build import scan_tree
 
     for rel, text in {
         "Kconfig": 'source "drivers/Kconfig"\n',
@@ -460,15 +464,42 @@ def test_kconfig_inputs_follow_kconfig_files_and_base_configs_only(tmp_path):
     }.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
-    before = kconfig_inputs(tmp_path)
+    before = scan_tree(tmp_path).kconfig
     (tmp_path / "drivers/a.c").write_text("int a = 1;\n")  # source: not configuration
     (tmp_path / ".git/Kconfig").write_text("still ignored\n")
-    assert kconfig_inputs(tmp_path) == before
+    assert scan_tree(tmp_path).kconfig == before
     for rel in ("drivers/Kconfig", "arch/x86/configs/tiny.config", "scripts/kconfig/conf.c"):
         path = tmp_path / rel
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-        assert kconfig_inputs(tmp_path) != before, rel
+        assert scan_tree(tmp_path).kconfig != before, rel
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     (tmp_path / "drivers/Kconfig.debug").write_text("config B\n\tbool\n")  # a new one
-    assert kconfig_inputs(tmp_path) != before
+    assert scan_tree(tmp_path).kconfig != before
+
+
+def test_the_tree_state_follows_every_change(tmp_path):
+    import os
+    import time
+
+    from qemubox.kernel.build import scan_tree
+
+    for rel in ("Makefile", "init/main.c", "drivers/a/a.c"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x\n")
+    before = scan_tree(tmp_path).state
+    assert scan_tree(tmp_path).state == before
+    old = time.time() - 86400
+    changes = (
+        lambda: (tmp_path / "init/main.c").write_text("y\n"),  # an edit
+        lambda: os.utime(tmp_path / "init/main.c", (old, old)),  # made to look old
+        lambda: (tmp_path / "drivers/a/b.c").write_text("new\n"),  # a new file
+        lambda: (tmp_path / "drivers/a/a.c").unlink(),  # a removed one
+        lambda: (tmp_path / "init/main.c").rename(tmp_path / "init/init.c"),  # renamed
+    )
+    for change in changes:
+        time.sleep(0.01)  # change times are the clock's, at its resolution
+        change()
+        after = scan_tree(tmp_path).state
+        assert after != before
+        before = after

@@ -3,6 +3,7 @@ this package."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -10,26 +11,55 @@ import click
 
 from qemubox import __version__
 from qemubox.cli.common import CONTEXT, say
-from qemubox.cli.images import image
-from qemubox.cli.kconfig import kconfig
-from qemubox.cli.kernel import kernel
-from qemubox.cli.matrix import matrix
-from qemubox.cli.pools import pool
-from qemubox.cli.run import run
-from qemubox.cli.sandboxes import COMMANDS as SANDBOX_COMMANDS
-from qemubox.cli.snapshots import snapshot
-from qemubox.cli.vms import vm
 from qemubox.errors import Exit, QemuboxError
 
+# Each command: the module of this package that defines it, and its name there. A command's
+# module is imported when the command runs (or help lists it): a start pays for its own.
+COMMANDS = {
+    "kconfig": ("kconfig", "kconfig"),
+    "kernel": ("kernel", "kernel"),
+    "run": ("run", "run"),
+    **{
+        name: ("sandboxes", attr)
+        for name, attr in (
+            ("create", "create"),
+            ("exec", "exec_"),
+            ("ls", "ls"),
+            ("inspect", "inspect"),
+            ("stop", "stop"),
+            ("kill", "kill"),
+            ("start", "start"),
+            ("pause", "pause"),
+            ("resume", "resume"),
+            ("rm", "rm"),
+            ("logs", "logs"),
+            ("cp", "cp"),
+        )
+    },
+    "image": ("images", "image"),
+    "matrix": ("matrix", "matrix"),
+    "snapshot": ("snapshots", "snapshot"),
+    "pool": ("pools", "pool"),
+    "vm": ("vms", "vm"),
+}
 
-@click.group(context_settings=CONTEXT)
+
+class _Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(f"qemubox.cli.{module}"), attr)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="qemubox")
 def cli() -> None:
     """QEMU as a fast, scriptable sandbox for Linux kernels and untrusted commands."""
 
-
-for command in (kconfig, kernel, run, *SANDBOX_COMMANDS, image, matrix, snapshot, pool, vm):
-    cli.add_command(command)
 
 # --- entry point ------------------------------------------------------------------------------
 

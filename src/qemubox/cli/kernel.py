@@ -101,7 +101,7 @@ def kernel_list(as_json):
     """List built kernels: version, arch, profile, date, path."""
     import json
 
-    from qemubox.kernel.build import list_builds
+    from qemubox.kernel.builds import list_builds
 
     builds = list_builds()
     if as_json:

@@ -204,6 +204,3 @@ def cp(src, dst):
     from qemubox.sandbox import copy
 
     copy.cp(parse.guest_path(src), parse.guest_path(dst))
-
-
-COMMANDS = (create, exec_, ls, inspect, stop, kill, start, pause, resume, rm, logs, cp)

@@ -245,7 +245,7 @@ def _bootable_elf(path: str | Path, elf: ElfKernel) -> tuple[str, str]:
 
 def built_kernel(arch: str) -> KernelPlan | None:
     """The newest kernel qemubox built for this arch with the sandbox fragment."""
-    from qemubox.kernel.build import list_builds
+    from qemubox.kernel.builds import list_builds
 
     for manifest in list_builds():
         if manifest.get("arch") != arch or "sandbox" not in manifest.get("fragments", []):

@@ -32,6 +32,7 @@ from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.engine import apply_fragments, install_config
 from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragments
 from qemubox.kconfig.merge import MergedConfig, merge
+from qemubox.kernel.builds import BUILD_MARK, build_root
 from qemubox.kernel.install import same_file
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
 from qemubox.linux.tree import KernelTree, cross_compile_prefix, normalize_arch
@@ -46,7 +47,6 @@ PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
     "debug": ("tinyconfig", ("sandbox", "debug")),
 }
 KERNEL_ORG = "https://cdn.kernel.org/pub/linux/kernel"
-BUILD_MARK = ".qemubox-build.json"
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Source:
     path: Path
     key: str  # short, filesystem-safe identity of the source
     description: str
-    fingerprint: str | None  # identity of its content; None: unknown, always run make
+    fingerprint: str | None  # identity of its content; None: a directory (see scan_tree)
 
 
 @dataclass
@@ -85,12 +85,6 @@ class ConfigMismatchError(VerifyError):
     def __init__(self, lines: list[str], count: int) -> None:
         super().__init__(f"{count} option(s) did not get their wanted values; nothing was compiled")
         self.lines = lines
-
-
-def build_root() -> Path:
-    path = cache_dir() / "kernel-build"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -219,31 +213,77 @@ def _input_key(source: Source, arch: str, base: str, merged: MergedConfig, cc: s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def kconfig_inputs(tree: Path) -> str:
-    """A digest of what a configuration is made from in a source tree: every Kconfig file,
-    the base configurations (``configs/`` directories) and the configuration tools
-    (``scripts/kconfig``), by path, size and modification time — so that an unchanged tree
-    is not configured again (a whole pass of tinyconfig, merge and olddefconfig)."""
+@dataclass(frozen=True)
+class TreeScan:
+    """What one walk of a directory source tells a build: a digest of what a configuration
+    is made from (every Kconfig file, the base configurations in ``configs/`` directories,
+    the configuration tools in ``scripts/kconfig``, by path, size and time), and the tree's
+    state (its entries and the newest change time of any of them: an edit, a new, removed
+    or renamed file, even one given an old modification time, changes it)."""
+
+    kconfig: str
+    state: str
+
+
+def scan_tree(tree: Path) -> TreeScan:
     digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(tree):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, tree)
-        every = os.path.basename(dirpath) == "configs" or rel.startswith("scripts/kconfig")
-        for name in sorted(filenames):
-            if every or name.startswith("Kconfig"):
-                st = os.stat(os.path.join(dirpath, name))
-                digest.update(f"{rel}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    newest = count = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(tree / rel if rel else tree) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        every = os.path.basename(rel) == "configs" or rel.startswith("scripts/kconfig")
+        dirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            count += 1
+            newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+            if entry.is_dir(follow_symlinks=False):
+                dirs.append(f"{rel}/{entry.name}" if rel else entry.name)
+            elif every or entry.name.startswith("Kconfig"):
+                digest.update(f"{rel}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        stack.extend(reversed(dirs))
+    return TreeScan(digest.hexdigest(), f"{newest}:{count}")
 
 
-def _configure(source: Source, kconf: KernelTree, merged: MergedConfig, base: str, key: str):
+TREE_MARK = ".qemubox-tree.json"  # in a work directory: the state its last build was made from
+# Environment variables make's work does not depend on (any other one that changed runs make)
+_UNRELATED_ENV = ("PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST")
+
+
+def _built_from(scan: TreeScan, input_key: str, config_sha: str) -> dict:
+    """What a directory source's build is made from, beyond the inputs its key holds: the
+    tree's state and the environment make sees. A work directory whose last finished build
+    was made from the same needs no make at all (make's own no-op takes seconds: it
+    descends into every directory of the tree)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k not in _UNRELATED_ENV)
+    return {
+        "state": scan.state,
+        "input_key": input_key,
+        "config_sha256": config_sha,
+        "env": hashlib.sha256(json.dumps(env).encode()).hexdigest(),
+    }
+
+
+def _configure(
+    source: Source,
+    kconf: KernelTree,
+    merged: MergedConfig,
+    base: str,
+    key: str,
+    scan: TreeScan | None = None,
+):
     """Resolve the configuration in ``kconf`` (raising ConfigMismatchError when it does not
     come out as asked); skipped when the last one there had the same inputs (``key``: the
-    request's, with the tree's Kconfig files for a directory source) and is intact.
-    Returns the resolved ``.config``'s text."""
+    request's, with the tree's Kconfig files for a directory source, from ``scan`` when it
+    was walked already) and is intact. Returns the resolved ``.config``'s text."""
     stamp = kconf.build / ".qemubox-kconfig.json"
     if source.fingerprint is None:
-        key = hashlib.sha256(f"{key}\0{kconfig_inputs(source.path)}".encode()).hexdigest()
+        kconfig = (scan or scan_tree(source.path)).kconfig
+        key = hashlib.sha256(f"{key}\0{kconfig}".encode()).hexdigest()
     last = read_json(stamp)
     if last.get("key") == key and kconf.config_path.is_file():
         text = kconf.config_path.read_text()
@@ -336,12 +376,17 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             return BuildResult(manifest, build_dir, req.output, False, notes)
 
         kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", arch)
-        config_text = _configure(source, kconf, merged, base, input_key)
+        scan = scan_tree(source.path) if source.fingerprint is None else None
+        config_text = _configure(source, kconf, merged, base, input_key, scan)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         build_dir = root / f"{prefix}{config_sha[:16]}"
+        work = KernelTree(source.path, root / f"{prefix}{req.profile}", arch)
+        built_from = _built_from(scan, input_key, config_sha) if scan else None
         ran_make = False
-        if not ((build_dir / BUILD_MARK).is_file() and source.fingerprint):
-            work = KernelTree(source.path, root / f"{prefix}{req.profile}", arch)
+        if not (build_dir / BUILD_MARK).is_file() or not (
+            source.fingerprint or read_json(work.build / TREE_MARK) == built_from
+        ):
+            (work.build / TREE_MARK).unlink(missing_ok=True)
             install_config(work, config_text)
             label = f"building {source.description} ({req.profile}, {arch})"
             seconds = _compile(work, jobs, label)
@@ -366,15 +411,10 @@ def build_kernel(req: BuildRequest) -> BuildResult:
                 "work_dir": str(work.build),
             }
             _store_outputs(work.build, build_dir, manifest)
+            if built_from is not None:
+                write_json(work.build / TREE_MARK, built_from)
         manifest = read_json(build_dir / BUILD_MARK)
         with updating_json(index_path) as index:  # shared by every source's builds
             index[input_key] = build_dir.name
         notes = install_build(manifest, build_dir, req.output)
         return BuildResult(manifest, build_dir, req.output, ran_make, notes)
-
-
-def list_builds() -> list[dict]:
-    """Finished builds, newest first."""
-    root = build_root()
-    builds = [read_json(d / BUILD_MARK) for d in root.iterdir() if (d / BUILD_MARK).is_file()]
-    return sorted(builds, key=lambda m: m.get("built_at", ""), reverse=True)

@@ -13,7 +13,8 @@ from qemubox.kconfig.explain import explain_mismatches
 from qemubox.kconfig.fragment import Assignment, Location
 from qemubox.kconfig.merge import merge
 from qemubox.kconfig.verify import verify
-from qemubox.kernel.build import BuildRequest, build_root, request_fragments, resolve_source
+from qemubox.kernel.build import BuildRequest, request_fragments, resolve_source
+from qemubox.kernel.builds import build_root
 from qemubox.linux.tree import KernelTree, normalize_arch
 from qemubox.paths import write_keeping_old
 
