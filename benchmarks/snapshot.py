@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from sandbox import floor_args, floor_initramfs  # benchmarks/sandbox.py
+from sandbox import as_installed, floor_args, floor_initramfs  # benchmarks/sandbox.py
 
 from qemubox import Pool, Sandbox, Session, arch
 from qemubox.kernel.artifacts import choose_kernel
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--kernel")
     ap.add_argument("-n", type=int, default=5)
     args = ap.parse_args()
+    as_installed()
     kernel = choose_kernel(args.kernel).image
     kw = {"memory": MEMORY, "kernel": kernel, "accel": "tcg"}
     first_output(Session(**kw))  # its snapshot recorded, if it was not
