@@ -487,6 +487,8 @@ def test_the_tree_state_follows_every_change(tmp_path):
     for rel in ("Makefile", "init/main.c", "drivers/a/a.c"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x\n")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.c"
+    outside.write_text("x\n")
     before = scan_tree(tmp_path).state
     assert scan_tree(tmp_path).state == before
     old = time.time() - 86400
@@ -496,6 +498,8 @@ def test_the_tree_state_follows_every_change(tmp_path):
         lambda: (tmp_path / "drivers/a/b.c").write_text("new\n"),  # a new file
         lambda: (tmp_path / "drivers/a/a.c").unlink(),  # a removed one
         lambda: (tmp_path / "init/main.c").rename(tmp_path / "init/init.c"),  # renamed
+        lambda: (tmp_path / "init/link.c").symlink_to(outside),  # a link to a file elsewhere
+        lambda: outside.write_text("edited\n"),  # ... edited there
     )
     for change in changes:
         time.sleep(0.01)  # change times are the clock's, at its resolution

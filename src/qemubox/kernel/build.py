@@ -14,6 +14,7 @@ Layout under ``<cache>/kernel-build/``:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -241,6 +242,10 @@ def scan_tree(tree: Path) -> TreeScan:
             st = entry.stat(follow_symlinks=False)
             count += 1
             newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+            if entry.is_symlink():  # make reads what it points to
+                with contextlib.suppress(OSError):
+                    target = entry.stat()
+                    newest = max(newest, target.st_ctime_ns, target.st_mtime_ns)
             if entry.is_dir(follow_symlinks=False):
                 dirs.append(f"{rel}/{entry.name}" if rel else entry.name)
             elif every or entry.name.startswith("Kconfig"):
