@@ -41,7 +41,7 @@ def test_build_installs_the_seed_layout(minimal_x86):
     release = manifest["version"]
     assert release.startswith("6.12.")
     assert manifest["arch"] == "x86_64" and manifest["profile"] == "minimal"
-    assert manifest["fragments"] == ["sandbox"]
+    assert manifest["fragments"] == ["sandbox", "x86_64"]
     assert manifest["source"] == "Debian linux-source-6.12"
     assert len(manifest["config_sha256"]) == 64 and manifest["build_seconds"] >= 0
     for name in (f"vmlinuz-{release}", f"config-{release}", f"System.map-{release}", "vmlinux"):
