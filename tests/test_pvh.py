@@ -7,6 +7,7 @@ import bz2
 import gzip
 import lzma
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,25 @@ def test_a_rebuilt_bzimage_is_unpacked_again_and_old_ones_pruned(tmp_path, cache
     monkeypatch.setattr(pvh, "KEEP", 2)
     image = tmp_path / "bzImage"
     seen = []
-    for n in range(4):
+    for n in range(4):  # rebuilt in place
         image.write_bytes(bzimage(gzip.compress(vmlinux(release=f"6.99.{n}"))))
         seen.append(pvh.with_pvh_boot(_kernel(image)).boot)
+        time.sleep(0.01)  # entries are ordered by their times
     assert len(set(seen)) == 4
     assert [Path(p).exists() for p in seen] == [False, False, True, True]
+    other = tmp_path / "other.bzImage"
+    other.write_bytes(bzimage(gzip.compress(vmlinux(release="6.99.9"))))
+    first_other = pvh.with_pvh_boot(_kernel(other)).boot  # prunes seen[2]
+    time.sleep(0.01)
+    assert pvh.with_pvh_boot(_kernel(image)).boot == seen[3]  # used again: kept longest
+    image.write_bytes(bzimage(gzip.compress(vmlinux(release="6.99.5"))))
+    newest = pvh.with_pvh_boot(_kernel(image)).boot
+    assert [Path(p).exists() for p in (seen[3], first_other, newest)] == [True, False, True]
+
+
+def test_a_kernel_that_cannot_be_unpacked_now_boots_as_it_is(tmp_path, cache):
+    (tmp_path / "bzImage").write_bytes(bzimage(gzip.compress(vmlinux())))
+    cache.mkdir()
+    (cache / "pvh").write_text("not a directory")  # the cache cannot take it
+    plain = _kernel(tmp_path / "bzImage")
+    assert pvh.with_pvh_boot(plain) == plain

@@ -41,7 +41,7 @@ def _kernel(
     )
 
 
-def _option(config: Path, name: str) -> str:
+def config_option(config: Path, name: str) -> str:
     """``y``/``m``/``n`` for an option of a .config."""
     with open(config, encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -54,7 +54,7 @@ def _finds_mmio_devices(config: Path | None, modules: Path | None) -> bool:
     """Whether the kernel finds virtio-mmio devices (built in, or as a module we can load),
     so that the lean microvm machine fits."""
     if config is not None:
-        value = _option(config, "VIRTIO_MMIO")
+        value = config_option(config, "VIRTIO_MMIO")
         return value == "y" or (value == "m" and modules is not None)
     if modules is not None and (modules / "modules.builtin").is_file():
         return "virtio_mmio" in (modules / "modules.builtin").read_text(errors="replace")
@@ -118,11 +118,8 @@ def _has_pvh_note(m: mmap.mmap) -> bool:
         (kind,) = struct.unpack_from("<I", m, head)
         if kind != _PT_NOTE:
             continue
-        offset, size = (
-            struct.unpack_from("<Q", m, head + 8)[0],
-            struct.unpack_from("<Q", m, head + 32)[0],
-        )
-        at, end = offset, offset + size
+        (at,) = struct.unpack_from("<Q", m, head + 8)  # p_offset
+        end = at + struct.unpack_from("<Q", m, head + 32)[0]  # + p_filesz
         while at + 12 <= end:
             namesz, descsz, note = struct.unpack_from("<III", m, at)
             if m[at + 12 : at + 12 + namesz] == b"Xen\0" and note == _XEN_ELFNOTE_PHYS32_ENTRY:

@@ -5,7 +5,7 @@ its PVH entry and the bzImage's decompressor never runs under emulation (Debian'
 A bzImage carries its vmlinux as a compressed ELF (the boot protocol's ``payload_offset`` and
 ``payload_length``, from version 2.08). Python unpacks xz, gzip and bzip2; a kernel packed
 otherwise, or without a PVH entry (``CONFIG_PVH``), boots as the bzImage it is. Entries are
-keyed by the image's path, size and time, and the newest few are kept.
+keyed by the image's path, size and time; the few used last are kept.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from __future__ import annotations
 import bz2
 import hashlib
 import lzma
+import os
 import shutil
 import zlib
 from dataclasses import replace
 from pathlib import Path
 
-from qemubox.kernel.artifacts import elf_kernel
+from qemubox.kernel.artifacts import config_option, elf_kernel
 from qemubox.paths import cache_dir, fill
 from qemubox.vm.plan import KernelPlan
 
-KEEP = 8  # unpacked kernels kept (the newest)
+KEEP = 8  # unpacked kernels kept (those used last)
 _FORMATS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"BZh": "bzip2"}
 NO_PVH = "no-pvh"  # the mark of an unpacked kernel without a PVH entry
 
@@ -59,63 +60,68 @@ def _unpack(data: bytes, fmt: str) -> bytes:
     return bz2.BZ2Decompressor().decompress(data)
 
 
-def _entry(kernel: KernelPlan) -> Path | None:
-    """Where this kernel's vmlinux is (or would be) unpacked; None when it cannot be."""
-    if kernel.arch != "x86_64" or (kernel.config and _config_says_no(Path(kernel.config))):
-        return None
-    image = Path(kernel.image)
-    try:
-        st = image.stat()
-    except OSError:
-        return None
+def _entry(image: Path, version: str) -> Path:
+    """Where this image's vmlinux is (or would be) unpacked."""
+    st = image.stat()
     ident = f"{image.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return (
-        cache_dir() / "pvh" / f"{kernel.version}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
-    )
+    return cache_dir() / "pvh" / f"{version}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def _config_says_no(config: Path) -> bool:
+def _without_pvh(config: str | None) -> bool:
+    """Whether the kernel's config (when known) says it has no PVH entry."""
     try:
-        return "\nCONFIG_PVH=y\n" not in "\n" + config.read_text(errors="replace")
+        return config is not None and config_option(Path(config), "PVH") != "y"
     except OSError:
         return False
 
 
 def _make(image: Path, where: tuple[int, int, str], tmp: Path) -> None:
+    """Unpack into ``tmp``: ``vmlinux`` when it has a PVH entry, else the mark that it has
+    none. Failing to write (a full disk) raises: nothing is cached then."""
     start, length, fmt = where
     with open(image, "rb") as fh:
         fh.seek(start)
         data = fh.read(length)
+    try:
+        elf = _unpack(data, fmt)
+    except (lzma.LZMAError, zlib.error, EOFError, ValueError):
+        elf = b""
     tmp.mkdir()
     vmlinux = tmp / "vmlinux"
-    try:
-        vmlinux.write_bytes(_unpack(data, fmt))
-    except (lzma.LZMAError, zlib.error, OSError, EOFError, ValueError):
-        vmlinux.unlink(missing_ok=True)
-    elf = elf_kernel(vmlinux) if vmlinux.is_file() else None
-    if elf is None or not elf.pvh:
-        vmlinux.unlink(missing_ok=True)
-        (tmp / NO_PVH).touch()
+    if elf:
+        vmlinux.write_bytes(elf)
+        found = elf_kernel(vmlinux)
+        if found is not None and found.pvh:
+            return
+        vmlinux.unlink()
+    (tmp / NO_PVH).touch()
 
 
 def with_pvh_boot(kernel: KernelPlan, make: bool = True) -> KernelPlan:
     """The kernel booting its own vmlinux through PVH, when it is a bzImage that has one
-    (unpacked now, with ``make``; else only when it already was)."""
-    entry = _entry(kernel)
-    if entry is None or kernel.boot:
+    (unpacked now, with ``make``; else only when it already was). Any other kernel, or
+    one that cannot be unpacked here now, is returned as it is (and boots as it is)."""
+    image = Path(kernel.image)
+    if kernel.boot or kernel.arch != "x86_64" or _without_pvh(kernel.config):
         return kernel
-    if not entry.is_dir():
-        where = payload(Path(kernel.image))
-        if where is None or not make:
-            return kernel
-        fill(entry, lambda tmp: _make(Path(kernel.image), where, tmp))
-        _prune(entry.parent)
+    where = payload(image)  # a few hundred bytes read: None for a vmlinux or an Image
+    if where is None:
+        return kernel
+    try:
+        entry = _entry(image, kernel.version)
+        if entry.is_dir():
+            os.utime(entry)  # in use: the last to be pruned
+        elif make:
+            fill(entry, lambda tmp: _make(image, where, tmp))
+            _prune(entry.parent)
+    except OSError:
+        return kernel
     vmlinux = entry / "vmlinux"
     return replace(kernel, boot=str(vmlinux)) if vmlinux.is_file() else kernel
 
 
 def _prune(root: Path) -> None:
-    """Keep the newest ``KEEP`` entries."""
+    """Keep the ``KEEP`` entries used last."""
     entries = sorted(
         (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
         key=lambda d: d.stat().st_mtime,
