@@ -346,3 +346,70 @@ def test_attach_times_out_when_ready_stops_midway(tmp_path):
     assert time.monotonic() - start < 2
     t.join()
     server.close()
+
+
+def test_attach_asks_again_on_a_new_connection_when_ready_does_not_come(tmp_path, monkeypatch):
+    """A port that takes HELLO and never carries READY back (QEMU's port left throttled by
+    a client killed while it was full) is hung up on; the next connection pads first, so
+    whatever the first one left in the agent half-read is completed, and is greeted."""
+    import qemubox.guest.client as client_mod
+
+    monkeypatch.setattr(client_mod, "PATIENCE", 0.2)
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    seen = {}
+
+    def stuck_then_fine():
+        first, _ = server.accept()
+        seen["first"] = FakeAgent(first).next()[0]
+        first.settimeout(5)
+        seen["hung up"] = first.recv(1) == b""  # the client gave up on this connection
+        second, _ = server.accept()
+        raw = b""
+        while len(raw) < p.SYNC_PADDING + p.HEADER.size:
+            raw += second.recv(1 << 16)
+        seen["padded"] = raw[: p.SYNC_PADDING] == b"\0" * p.SYNC_PADDING
+        agent = FakeAgent(second)
+        agent.frames += agent.decoder.feed(raw)  # the padding, and HELLO or its start
+        agent.greet()
+        seen["agent"] = agent
+
+    t = threading.Thread(target=stuck_then_fine)
+    t.start()
+    start = time.monotonic()
+    client = AgentClient.attach(path, timeout=5)
+    took = time.monotonic() - start
+    t.join()
+    assert seen["first"] == Frame.HELLO and seen["hung up"] and seen["padded"]
+    assert client.release == "6.12.0-test"
+    assert 0.2 <= took < 3
+    client.close()
+    server.close()
+
+
+def test_attach_keeps_its_deadline_when_the_socket_takes_no_connection(tmp_path):
+    """A listener whose backlog is full (its one client not yet let go) blocks a plain
+    connect for good; attach gives up at its deadline instead."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(0)
+    queued = []
+    while True:  # fill the backlog
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            break
+        queued.append(s)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        AgentClient.attach(path, timeout=0.5)
+    assert time.monotonic() - start < 3
+    for s in queued:
+        s.close()
+    server.close()

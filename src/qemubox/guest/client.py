@@ -25,6 +25,8 @@ from qemubox.errors import GuestError, ProtocolViolation
 from qemubox.guest import protocol as p
 from qemubox.guest.protocol import Frame
 
+PATIENCE = 1.0  # seconds for a READY before asking again on a new connection (doubling)
+
 
 class AgentGone(Exception):
     """The connection to the guest agent ended (the VM stopped or died)."""
@@ -69,13 +71,16 @@ class Pending:
 
 
 def _connect(path: Path, deadline: float, alive: Callable[[], None]) -> socket.socket:
-    """Connect to QEMU's listening socket, waiting for QEMU to create it."""
+    """Connect to QEMU's listening socket, waiting for QEMU to create it (or to take a
+    connection: a full backlog would block a plain connect past the deadline)."""
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
         try:
             sock.connect(str(path))
+            sock.setblocking(True)
             return sock
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
             sock.close()
         alive()
         if time.monotonic() > deadline:
@@ -112,21 +117,59 @@ class AgentClient:
     ) -> AgentClient:
         """Connect, say HELLO and wait for the agent's READY (at most ``timeout`` seconds;
         ``alive`` raises when the VM has died meanwhile). ``resync`` first sends padding, for
-        an agent an earlier client may have left in the middle of a frame."""
+        an agent an earlier client may have left in the middle of a frame.
+
+        A READY that does not come within ``PATIENCE`` (doubling each time) is asked for
+        again on a new connection: QEMU can leave a port whose client was killed while the
+        port was full unable to take the guest's output (throttled, with nothing left to
+        release it), and hanging up is what resets it."""
         deadline = time.monotonic() + timeout
+        patience = PATIENCE
+        while True:
+            try:
+                give_up = min(deadline, time.monotonic() + patience)
+                return cls._hello(path, deadline, give_up, alive, resync)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+            resync, patience = True, patience * 2
+
+    @classmethod
+    def _hello(
+        cls,
+        path: Path,
+        deadline: float,
+        give_up: float,
+        alive: Callable[[], None],
+        resync: bool,
+    ) -> AgentClient:
+        """One connection's HELLO and READY: TimeoutError when READY has not come by
+        ``give_up``; QEMU's socket is waited for until ``deadline``."""
         sock = _connect(path, deadline, alive)
         try:
             nonce = os.urandom(p.NONCE_SIZE)
             hello = (b"\0" * p.SYNC_PADDING if resync else b"") + p.encode(Frame.HELLO, 0, nonce)
-            try:
-                sock.sendall(hello, socket.MSG_NOSIGNAL)
-            except ConnectionError:
+            view = memoryview(hello)
+            while view:  # a port nobody reads must not outlast give_up
+                _, writable, _ = select.select([], [sock], [], 0.05)
                 alive()
-                raise AgentGone("the guest agent closed the connection while starting") from None
+                if time.monotonic() > give_up:
+                    raise TimeoutError("the guest agent did not take HELLO")
+                if not writable:
+                    continue
+                try:
+                    view = view[sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) :]
+                except BlockingIOError:
+                    continue
+                except ConnectionError:
+                    alive()
+                    raise AgentGone(
+                        "the guest agent closed the connection while starting"
+                    ) from None
 
             def more() -> bytes:
-                """What the agent sent next; AgentGone at its end, TimeoutError at the
-                deadline (a guest that stops in the middle of READY, too)."""
+                """What the agent sent next; AgentGone at its end, TimeoutError when it is
+                time to give up (a guest that stops in the middle of READY, too)."""
                 while True:
                     ready, _, _ = select.select([sock], [], [], 0.05)
                     if ready:
@@ -139,7 +182,7 @@ class AgentClient:
                             raise AgentGone("the guest agent closed the connection while starting")
                         return chunk
                     alive()
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > give_up:
                         raise TimeoutError("the guest agent did not answer")
 
             stream = b""
