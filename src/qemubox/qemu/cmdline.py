@@ -133,9 +133,12 @@ def _drive(plan: MachinePlan, ident: str, path: str, fmt: str, serial: str) -> l
     return [
         "-drive",
         # A host I/O error (a full host filesystem) is the guest's I/O error, reported as
-        # an event: QEMU's default pauses the VM silently.
+        # an event: QEMU's default pauses the VM silently. auto-read-only=off: the image
+        # stays open read-write while a save stops the machine, instead of being reopened
+        # read-only and then read-write by path, which QEMU may no longer do once it has
+        # dropped root (-runas); a snapshot or pause of a machine with disks needs that.
         f"file={escape(path)},if=none,id={ident},format={fmt},cache=writeback,"
-        "discard=unmap,werror=report,rerror=report",
+        "auto-read-only=off,discard=unmap,werror=report,rerror=report",
         "-device",
         f"{_device(plan, 'blk')},drive={ident},serial={escape(serial)}",
     ]

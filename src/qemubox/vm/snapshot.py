@@ -58,10 +58,6 @@ def unfit(plan: MachinePlan) -> str | None:
         return "its root is mounted while it boots"
     if plan.ports:
         return "published ports are bound by the template too"
-    if plan.run_as and (plan.disks or plan.root.kind == "disk"):
-        # Saving a machine hands its disk images back (reopened read-only) and running it
-        # again reopens them by path: QEMU, no longer root, may not.
-        return f"QEMU, running as {plan.run_as}, cannot reopen its disk images"
     return None
 
 
@@ -193,9 +189,11 @@ def _wait_migration(mon, deadline: float) -> None:
         status = mon.command("query-migrate").get("status")
         if status == "completed":
             return
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
-            info = mon.command("query-migrate")
-            raise SnapshotError(f"migration {status}: {info.get('error-desc', '')}".strip())
+        if status in ("failed", "cancelled"):
+            why = mon.command("query-migrate").get("error-desc") or "QEMU gave no reason"
+            raise SnapshotError(f"the migration {status}: {why}")
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"the migration did not end in time ({status})")
         time.sleep(0.002)
 
 
