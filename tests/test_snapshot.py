@@ -134,7 +134,7 @@ def test_a_clone_console_log_goes_on_from_the_boot(own_kernel, tmp_path):
 
 
 def test_sessions_a_snapshot_cannot_hold_boot(own_kernel):
-    kernel, keys = own_kernel
+    kernel, _ = own_kernel
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Sandbox(session(kernel, balloon=True)) as box:
