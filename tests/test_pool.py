@@ -40,6 +40,9 @@ def wait_for(check, timeout: float = 20) -> bool:
     return True
 
 
+CLONE = "cat /proc/sys/kernel/random/uuid; date +%s"
+
+
 def test_a_pool_serves_starts_and_refills(kernel):
     warnings.simplefilter("ignore")
     session = Session(memory="192M", kernel=kernel)  # a size of its own: a pool of its own
@@ -47,16 +50,24 @@ def test_a_pool_serves_starts_and_refills(kernel):
     with Pool(session, size=2) as warm:
         assert warm.waiting() == 2
         seen |= set(pool.waiting(warm.plan.snapshot.key))
+        time.sleep(2)  # the members' clocks stand still while they wait
         first = warm.sandbox()
         try:
             phases = [name for name, _ in first.timings]
-            assert "taken from the pool" in phases and "restore" in phases
+            assert "taken from the pool" in phases and "restore" not in phases  # done ahead
             first.exec(["sh", "-c", "echo mine > /tmp/x"])
+            mine = [*first.exec(["sh", "-c", CLONE]).stdout.split(), time.time()]
             second = warm.sandbox()  # the other member
             with second:
                 assert "taken from the pool" in [name for name, _ in second.timings]
                 r = second.exec(["sh", "-c", "test -e /tmp/x && echo seen; echo ok"])
                 assert r.stdout == b"ok\n"
+                theirs = [*second.exec(["sh", "-c", CLONE]).stdout.split(), time.time()]
+            # Members wait stopped, warmed up, for as long as it takes: each taker renews
+            # its clock and randomness before anything of its own runs.
+            assert mine[0] != theirs[0]
+            for _, guest, host in (mine, theirs):
+                assert abs(int(guest) - host) <= 1.5
         finally:
             first.close()
         assert wait_for(lambda: warm.waiting() == 2)  # each start put another in its place

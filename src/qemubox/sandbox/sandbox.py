@@ -160,8 +160,8 @@ class Sandbox:
                     self.phase("prepare")
                     self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
             self.phase("taken from the pool" if member is not None else "QEMU start")
-            if plan.snapshot is None or plan.snapshot.role == "record":
-                return
+            if member is not None or plan.snapshot is None or plan.snapshot.role == "record":
+                return  # a member is restored already
             try:
                 snapshot.load(plan, alive=self.machine.alive)
                 self.phase("restore")

@@ -1,10 +1,15 @@
-"""A warm pool: QEMU processes started ahead, each waiting (``-incoming defer``) to be
-restored from one snapshot, so that a start costs only loading the snapshot's state.
+"""A warm pool: machines restored from one snapshot ahead of the starts that take them.
+
+Each member is restored as a start would restore it, runs one command (so that under TCG
+the guest's exec path is already translated when the first real command comes: that
+first command otherwise costs some 60 ms) and is then stopped: a waiting member holds its
+RAM but takes no CPU. A start that takes it only continues it; the taker then renews its
+clock and randomness before anything of its own runs, as after any restore.
 
 A pool is one snapshot key's: ``<runtime>/pool/<key>/`` holds an empty file per waiting
 machine, named by its id, and ``size`` (how many the pool keeps). A start takes a member
 by removing its file (whoever removes it has it), checks that the member's plan is its
-own but for the runtime directory, and restores it; it then starts another to take its
+own but for the runtime directory, and continues it; it then starts another to take its
 place. Members are ordinary detached machines whose keeper stops them after ``ttl``
 seconds without a client: a pool left alone, or a member whose taker was killed, does not
 live on.
@@ -21,13 +26,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from qemubox import paths
-from qemubox.errors import InputError, SandboxError
-from qemubox.qemu import process
+from qemubox.errors import GuestError, InputError, SandboxError
+from qemubox.guest.client import AgentGone
+from qemubox.guest.protocol import GUEST_BUSYBOX
 from qemubox.vm import snapshot
 from qemubox.vm.machine import Machine, State
 from qemubox.vm.plan import MachinePlan
 
 DEFAULT_TTL = 3600
+WARM_UP = [GUEST_BUSYBOX, "true"]  # a member's first command, run before it waits
+WARM_TIMEOUT = 30.0
 
 
 def root() -> Path:
@@ -86,14 +94,38 @@ def take(plan: MachinePlan) -> Machine | None:
             continue
         ours = replace(machine.plan, runtime_dir=plan.runtime_dir) == plan
         if ours and machine.state is State.RUNNING:
-            return machine
-        _end(machine)  # dead, another session's, or of another qemubox
+            with contextlib.suppress(SandboxError):
+                _command(machine, "cont")
+                return machine
+        _end(machine)  # dead, another session's, of another qemubox, or not continued
     return None
 
 
 def _end(machine: Machine) -> None:
     machine.kill()
     machine.stop(1)  # its runtime directory removed
+
+
+def _warm(machine: Machine) -> None:
+    """Run one command in a restored member, then stop it until it is taken."""
+    agent = machine.attach(WARM_TIMEOUT)
+    try:
+        ident, pend = agent.start(WARM_UP, {}, "/", False)
+        if not agent.wait(ident, pend, WARM_TIMEOUT):
+            raise TimeoutError(f"its first command did not end within {WARM_TIMEOUT} s")
+    finally:
+        machine.detach()
+    _command(machine, "stop")
+
+
+def _command(machine: Machine, name: str) -> None:
+    """A QMP command to a member no client holds."""
+    deadline = time.monotonic() + WARM_TIMEOUT
+    mon = snapshot.starter_monitor(machine.plan, deadline, machine.alive)
+    try:
+        mon.command(name)
+    finally:
+        mon.close()
 
 
 def spawn(plan: MachinePlan, ttl: int) -> str:
@@ -103,10 +135,14 @@ def spawn(plan: MachinePlan, ttl: int) -> str:
     with Machine.runtime_dir(member) as lock:
         snapshot.seed_console(member)
         machine = Machine.launch(member, lock, True, ttl, expire)
-    # Released once QEMU is up: its keeper then listens for the release.
-    if not process.wait_for_path(member.qmp_socket(0), machine.alive, time.monotonic() + 10):
+    try:
+        snapshot.load(member, alive=machine.alive)
+        _warm(machine)
+    except (SandboxError, AgentGone, GuestError, TimeoutError) as err:
+        log = machine.dir / "qemu.log"
+        said = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
         _end(machine)
-        raise SandboxError(f"a pool member did not start: {machine.dir / 'qemu.log'}")
+        raise SandboxError(f"a pool member did not start: {' '.join([str(err), *said])}") from None
     machine.release()
     d = pool_dir(plan.snapshot.key)
     d.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,9 @@ def budget() -> int:
     return min(BUDGET_MAX, st.f_blocks * st.f_frsize // 4)
 
 
-def _monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
-    """QMP on the first slot, before any client: the starter's, while the machine starts."""
+def starter_monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
+    """QMP on the first slot, before any client: the starter's, while the machine starts
+    (or while no client holds it)."""
     from qemubox.qemu.qmp import Monitor
 
     path = plan.qmp_socket(0)
@@ -227,7 +228,7 @@ def load(
     snap = plan.snapshot
     assert snap is not None and snap.role in ("restore", "resume")
     deadline = time.monotonic() + timeout
-    mon = _monitor(plan, deadline, alive)
+    mon = starter_monitor(plan, deadline, alive)
     try:
         if snap.role == "restore":
             _ignore_shared(mon)
