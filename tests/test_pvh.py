@@ -67,6 +67,38 @@ def test_an_elf_vmlinux_says_its_arch_release_and_pvh_entry(tmp_path):
     assert elf_kernel(tmp_path / "text") is None
 
 
+def with_sections(elf: bytes, **sections: bytes) -> bytes:
+    """The ELF with these sections appended (``rodata=`` is ``.rodata``), and a section
+    table naming them."""
+    names = b"\0" + b"".join(f".{n}".encode() + b"\0" for n in [*sections, "shstrtab"])
+    body, headers = bytearray(elf), [b"\0" * 64]
+    for n, data in [*sections.items(), ("shstrtab", names)]:
+        at = len(body)
+        body += data
+        name = names.index(f".{n}\0".encode())
+        headers.append(struct.pack("<IIQQQQIIQQ", name, 1, 0, 0, at, len(data), 0, 0, 1, 0))
+    shoff = len(body)
+    body += b"".join(headers)
+    struct.pack_into("<Q", body, 40, shoff)
+    struct.pack_into("<HHH", body, 58, 64, len(headers), len(headers) - 1)
+    return bytes(body)
+
+
+def test_the_banner_is_read_from_rodata_and_a_rewritten_file_again(tmp_path):
+    """With a section table, only ``.rodata`` is searched (a 20 MB vmlinux is read at every
+    start); a file changed in place is read anew, not taken from what was read before."""
+    plain = vmlinux().replace(b"Linux version 6.99.1-t", b"Linux xxxxxxx 6.99.1-t")
+    decoy = b"Linux version 0.0-in-text (not the banner)\0"
+    banner = b"Linux version 6.100.2-ro (builder@host) #1\n\0"
+    image = tmp_path / "vmlinux"
+    image.write_bytes(with_sections(plain, text=decoy, rodata=banner))
+    assert elf_kernel(image).version == "6.100.2-ro"
+    image.write_bytes(with_sections(plain, text=decoy, rodata=banner.replace(b"100.2", b"101.33")))
+    assert elf_kernel(image).version == "6.101.33-ro"
+    image.write_bytes(with_sections(plain, text=decoy))  # no .rodata: the whole file
+    assert elf_kernel(image).version == "0.0-in-text"
+
+
 def test_a_pvh_vmlinux_is_a_kernel_to_boot(tmp_path):
     (tmp_path / "vmlinux").write_bytes(vmlinux())
     (tmp_path / ".config").write_text("CONFIG_PVH=y\nCONFIG_VIRTIO_MMIO=y\n")

@@ -3,6 +3,7 @@ what goes with it: its version, arch, modules and config."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -92,7 +93,17 @@ class ElfKernel:
 
 def elf_kernel(image: Path) -> ElfKernel | None:
     """What a ``vmlinux`` (a 64-bit little-endian ELF) says of itself: its machine, the
-    release in its banner, and whether it has a PVH entry; None when it is no such ELF."""
+    release in its banner, and whether it has a PVH entry; None when it is no such ELF.
+    Read once per file as it is (a process starting many sandboxes asks every time)."""
+    try:
+        st = os.stat(image)
+    except OSError:
+        return None
+    return _read_elf_kernel(str(image), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_elf_kernel(image: str, *identity: int) -> ElfKernel | None:
     try:
         with open(image, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
             if len(m) < 64 or m[:6] != b"\x7fELF\x02\x01":
@@ -103,8 +114,25 @@ def elf_kernel(image: Path) -> ElfKernel | None:
         return None
 
 
+def _section(m: mmap.mmap, wanted: bytes) -> tuple[int, int]:
+    """Where the section named ``wanted`` lies in the file (start, end); the whole file
+    when there is no such section (or no section table)."""
+    (shoff,) = struct.unpack_from("<Q", m, 40)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", m, 58)
+    if not shoff or shstrndx >= shnum:
+        return 0, len(m)
+    (names,) = struct.unpack_from("<Q", m, shoff + shstrndx * shentsize + 24)  # sh_offset
+    for n in range(shnum):
+        head = shoff + n * shentsize
+        (name,) = struct.unpack_from("<I", m, head)
+        if m[names + name : names + name + len(wanted) + 1] == wanted + b"\0":
+            at, size = struct.unpack_from("<QQ", m, head + 24)  # sh_offset, sh_size
+            return at, min(at + size, len(m))
+    return 0, len(m)
+
+
 def _banner_release(m: mmap.mmap) -> str | None:
-    at = m.find(b"Linux version ")
+    at = m.find(b"Linux version ", *_section(m, b".rodata"))
     if at < 0:
         return None
     words = m[at + 14 : at + 100].split(b"\0", 1)[0].split()
