@@ -1,4 +1,4 @@
-"""``qemubox pool``: QEMUs started ahead, waiting to be restored (see vm/pool.py)."""
+"""``qemubox pool``: machines restored ahead, waiting stopped to be taken (see vm/pool.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from qemubox.errors import InputError
 
 @click.group(context_settings=CONTEXT)
 def pool() -> None:
-    """Warm pools: machines waiting to be restored, so that a start is only a restore."""
+    """Warm pools: machines restored ahead, so that a start only continues one."""
 
 
 @pool.command(context_settings=CONTEXT)

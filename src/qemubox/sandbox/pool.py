@@ -12,10 +12,10 @@ from qemubox.vm.spec import Session
 
 
 class Pool:
-    """Keeps ``size`` machines waiting to be restored from the session's snapshot; a
-    :meth:`sandbox` then starts in the time it takes to load one. Any process's start of
-    the same session takes from it too. Use as a context manager, or call start() and
-    close() (which stops the machines still waiting)."""
+    """Keeps ``size`` machines restored from the session's snapshot ahead, waiting
+    stopped; a :meth:`sandbox` then starts in the time it takes to continue one. Any
+    process's start of the same session takes from it too. Use as a context manager, or
+    call start() and close() (which stops the machines still waiting)."""
 
     def __init__(
         self, session: Session | None = None, size: int = 2, ttl: int = pool.DEFAULT_TTL, **kw
