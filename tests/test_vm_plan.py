@@ -248,6 +248,28 @@ def test_host_kernel_refusals(tmp_path):
     )
 
 
+def test_a_build_tree_boots_its_pvh_vmlinux(tmp_path):
+    """An x86_64 tree whose vmlinux has a PVH entry boots that (make is not asked); one
+    without boots what ``make image_name`` names."""
+    from test_pvh import vmlinux
+
+    (tmp_path / ".config").write_text("CONFIG_X86_64=y\nCONFIG_PVH=y\n")
+    (tmp_path / "Makefile").write_text("image_name:\n\t@echo arch/x86/boot/bzImage\n")
+    (tmp_path / "vmlinux").write_bytes(vmlinux())
+    k = host_kernel(tmp_path)
+    assert (k.image, k.vmlinux, k.modules, k.arch) == (
+        tmp_path / "vmlinux",
+        tmp_path / "vmlinux",
+        tmp_path,
+        "x86_64",
+    )
+    (tmp_path / "vmlinux").write_bytes(vmlinux(pvh_entry=False) + b"\0" * 8)
+    (tmp_path / "arch/x86/boot").mkdir(parents=True)
+    (tmp_path / "arch/x86/boot/bzImage").write_bytes(b"")
+    k = host_kernel(tmp_path)
+    assert (k.image, k.vmlinux) == (tmp_path / "arch/x86/boot/bzImage", tmp_path / "vmlinux")
+
+
 # --- the install script --------------------------------------------------------------------
 
 

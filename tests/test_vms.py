@@ -76,8 +76,9 @@ def module_kernel(tmp_path_factory):
 
 
 def test_dry_run_k_names_the_build_directory_exactly(where, kernel):
-    """-k against a real kernel build directory (looked up under Builds): the image make
-    names, the whole directory over 9p, config.py's command line and every -a."""
+    """-k against a real kernel build directory (looked up under Builds): its vmlinux
+    (qemubox builds have a PVH entry, and no bzImage), the whole directory over 9p,
+    config.py's command line and every -a."""
     top, env = where
     build = Path(json.loads((Path(kernel).parent / "manifest.json").read_text())["work_dir"])
     (top / "builds" / "mine").symlink_to(build)
@@ -85,14 +86,14 @@ def test_dry_run_k_names_the_build_directory_exactly(where, kernel):
     r = vm(env, "run", "dry", "-k", "mine", "-a", "quiet", "-a", "x=1 2", "-n", "--accel", "tcg")
     assert r.code == 0, r.err
     args = shlex.split(r.out)
-    assert args[args.index("-kernel") + 1] == str(build / "arch/x86/boot/bzImage")
+    assert args[args.index("-kernel") + 1] == str(build / "vmlinux")
     assert args[args.index("-virtfs") + 1] == (
         f"local,path={build},security_model=none,readonly=on,mount_tag=modules"
     )
     assert args[args.index("-append") + 1] == "root=/dev/vda1 console=ttyS0,115200 quiet x=1 2"
     # a relative -k is the caller's
     r = vm(env, "run", "dry", "-k", build.name, "-n", "--accel", "tcg", cwd=build.parent)
-    assert r.code == 0 and f"-kernel {build}/arch/x86/boot/bzImage" in r.out
+    assert r.code == 0 and f"-kernel {build}/vmlinux" in r.out
     # --gdb: a free port, and how to attach with the build's vmlinux
     r = vm(env, "run", "dry", "-k", str(build), "--gdb", "-n", "--accel", "tcg")
     port = re.search(r"-gdb tcp:127\.0\.0\.1:(\d+)", r.out).group(1)

@@ -1,9 +1,9 @@
 """``vm run -k BUILD``: the kernel image a build directory holds and the directory whose
 modules the guest mounts over 9p.
 
-A kernel build directory (in-tree or ``O=``): the image is what ``make -s image_name``
-prints there, for the architecture its ``.config`` is for, and the whole directory is
-exported. A qemubox kernel install directory (``kernel build -o DIR``, with its
+A kernel build directory (in-tree or ``O=``): the image is its ``vmlinux`` when that is an
+x86_64 kernel with a PVH entry, else what ``make -s image_name`` prints there, for the
+architecture its ``.config`` is for; the whole directory is exported. A qemubox kernel install directory (``kernel build -o DIR``, with its
 ``manifest.json``): its ``vmlinuz-<release>``, and its ``lib/modules/<release>``."""
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def host_kernel(build: Path) -> HostKernel:
     except FileNotFoundError:
         raise InputError(f"-k {build}: no .config (is the kernel configured?)") from None
     arch = config_arch(config)
+    vmlinux = build / "vmlinux"
+    if arch == "x86_64" and _has_pvh_entry(vmlinux):
+        # Booted as it is: no bzImage made, nor decompressed under emulation at each boot.
+        return HostKernel(build, vmlinux, build, vmlinux, arch)
     env_arch = [f"ARCH={arches.get(arch).name}"] if arch else []
     proc = subprocess.run(
         ["make", "-s", *env_arch, "image_name"],
@@ -76,8 +80,14 @@ def host_kernel(build: Path) -> HostKernel:
     image = build / name
     if not image.is_file():
         raise InputError(f"-k {build}: no kernel image at {image} (is the kernel built?)")
-    vmlinux = build / "vmlinux"
     return HostKernel(build, image, build, vmlinux if vmlinux.is_file() else None, arch)
+
+
+def _has_pvh_entry(vmlinux: Path) -> bool:
+    from qemubox.kernel.artifacts import elf_kernel
+
+    elf = elf_kernel(vmlinux) if vmlinux.is_file() else None
+    return elf is not None and elf.arch == "x86_64" and elf.pvh
 
 
 def _installed(build: Path, manifest_path: Path) -> HostKernel:
