@@ -3,8 +3,9 @@ modules the guest mounts over 9p.
 
 A kernel build directory (in-tree or ``O=``): the image is its ``vmlinux`` when that is an
 x86_64 kernel with a PVH entry, else what ``make -s image_name`` prints there, for the
-architecture its ``.config`` is for; the whole directory is exported. A qemubox kernel install directory (``kernel build -o DIR``, with its
-``manifest.json``): its ``vmlinuz-<release>``, and its ``lib/modules/<release>``."""
+architecture its ``.config`` is for; the whole directory is exported. A qemubox kernel
+install directory (``kernel build -o DIR``, with its ``manifest.json``): its
+``vmlinuz-<release>``, and its ``lib/modules/<release>``."""
 
 from __future__ import annotations
 
