@@ -144,13 +144,19 @@ class FakeAgent:
         self.send(Frame.READY, ident, p.ready(nonce, release))
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """A client attached to a fake agent through a listening socket, as QEMU would be."""
+def listening(tmp_path, backlog: int = 1) -> tuple:
+    """A socket listening where QEMU's agent chardev would: its path, and it."""
     path = tmp_path / "agent.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
-    server.listen(1)
+    server.listen(backlog)
+    return path, server
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A client attached to a fake agent through a listening socket, as QEMU would be."""
+    path, server = listening(tmp_path)
     result = {}
 
     def accept():
@@ -312,10 +318,7 @@ def test_an_ack_for_unsent_stdin_is_a_violation(pair):
 
 
 def test_attach_times_out_when_nobody_answers(tmp_path):
-    path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(1)
+    path, server = listening(tmp_path)
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         AgentClient.attach(path, timeout=0.5)
@@ -325,10 +328,7 @@ def test_attach_times_out_when_nobody_answers(tmp_path):
 
 def test_attach_times_out_when_ready_stops_midway(tmp_path):
     """A guest that sends READY's header and nonce and then nothing cannot hang attach."""
-    path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(1)
+    path, server = listening(tmp_path)
 
     def half_ready():
         conn, _ = server.accept()
@@ -355,10 +355,7 @@ def test_attach_asks_again_on_a_new_connection_when_ready_does_not_come(tmp_path
     import qemubox.guest.client as client_mod
 
     monkeypatch.setattr(client_mod, "PATIENCE", 0.2)
-    path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(1)
+    path, server = listening(tmp_path)
     seen = {}
 
     def stuck_then_fine():
@@ -392,10 +389,7 @@ def test_attach_asks_again_on_a_new_connection_when_ready_does_not_come(tmp_path
 def test_attach_keeps_its_deadline_when_the_socket_takes_no_connection(tmp_path):
     """A listener whose backlog is full (its one client not yet let go) blocks a plain
     connect for good; attach gives up at its deadline instead."""
-    path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(0)
+    path, server = listening(tmp_path, 0)
     queued = []
     while True:  # fill the backlog
         s = socket.socket(socket.AF_UNIX)
