@@ -310,3 +310,37 @@ def test_virtiofs_share_validation(tmp_path, monkeypatch):
         Session(shares=[share]).validate()
     with pytest.raises(InputError, match="share fs must be one of 9p, virtiofs"):
         Session(shares=[replace(share, fs="nfs")]).validate()
+
+
+def test_the_sweep_removes_what_a_removal_left_behind(tmp_path):
+    """Runtime directories: a dead machine's (its lock free) goes; one left without a lock
+    file for longer than the grace (QEMU made sockets after a removal listed it) goes; one
+    being made, a live one and qemubox's own directories stay."""
+    import fcntl
+
+    from qemubox.vm.machine import UNLOCKED_GRACE, sweep
+
+    old = os.stat(tmp_path).st_mtime - UNLOCKED_GRACE - 5
+    dirs = {n: tmp_path / n for n in ("0000dead", "0000beef", "0000cafe", "0000face", "pool")}
+    for d in dirs.values():
+        d.mkdir()
+        (d / "agent0.sock").touch()
+    (dirs["0000dead"] / "alive.lock").touch()
+    (dirs["0000cafe"] / ".alive.lock").touch()
+    (dirs["0000face"] / "alive.lock").touch()
+    held = os.open(dirs["0000face"] / "alive.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    for name in ("0000beef", "0000cafe", "0000face", "pool"):
+        os.utime(dirs[name], (old, old))
+    fresh = tmp_path / "0000fade"  # no lock file yet, but just made
+    fresh.mkdir()
+    try:
+        sweep(tmp_path)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "0000cafe",
+        "0000face",
+        "0000fade",
+        "pool",
+    ]

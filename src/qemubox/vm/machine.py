@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -67,11 +68,17 @@ _MOVES = {
 OWNER = "owner"  # in a runtime directory: the record that settles the machine's end itself
 
 
+UNLOCKED_GRACE = 60.0  # seconds a machine's directory may be seen without its lock file
+
+
 def sweep(root: Path | None = None) -> None:
     """Remove the runtime directories of dead machines (provably dead: nobody holds their
-    ``alive.lock``). Directories being made (no lock file yet) and live ones are left, and
-    so are those of machines whose owner's record still exists (a named sandbox keeps its
-    machine's exit status and console log until it notices the end)."""
+    ``alive.lock``). Live ones are left, and so are those of machines whose owner's record
+    still exists (a named sandbox keeps its machine's exit status and console log until it
+    notices the end). A directory without a lock file is being made (it has one within
+    microseconds) unless it is older than ``UNLOCKED_GRACE``: then it is what a removal
+    left behind (a start cut short as QEMU came up makes sockets after the removal has
+    listed the directory)."""
     root = root or paths.runtime_root()
     if not root.is_dir():
         return
@@ -83,6 +90,19 @@ def sweep(root: Path | None = None) -> None:
         if fd is not None:
             shutil.rmtree(d, ignore_errors=True)
             os.close(fd)
+        elif _half_removed(d):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _half_removed(d: Path) -> bool:
+    if not re.fullmatch(r"[0-9a-f]{8}", d.name):  # not a machine's (pool/, vm/)
+        return False
+    try:
+        if any((d / name).exists() for name in ("alive.lock", ".alive.lock")):
+            return False
+        return time.time() - d.stat().st_mtime > UNLOCKED_GRACE
+    except OSError:
+        return False
 
 
 class Machine:
