@@ -140,7 +140,8 @@ def _banner_release(m: mmap.mmap) -> str | None:
 
 
 def _has_pvh_note(m: mmap.mmap) -> bool:
-    phoff, phentsize, phnum = *struct.unpack_from("<Q", m, 32), *struct.unpack_from("<HH", m, 54)
+    (phoff,) = struct.unpack_from("<Q", m, 32)
+    phentsize, phnum = struct.unpack_from("<HH", m, 54)
     for n in range(phnum):
         head = phoff + n * phentsize
         (kind,) = struct.unpack_from("<I", m, head)

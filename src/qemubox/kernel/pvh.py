@@ -102,10 +102,10 @@ def with_pvh_boot(kernel: KernelPlan, make: bool = True) -> KernelPlan:
     (unpacked now, with ``make``; else only when it already was). Any other kernel, or
     one that cannot be unpacked here now, is returned as it is (and boots as it is)."""
     image = Path(kernel.image)
-    if kernel.boot or kernel.arch != "x86_64" or _without_pvh(kernel.config):
+    if kernel.boot or kernel.arch != "x86_64":
         return kernel
     where = payload(image)  # a few hundred bytes read: None for a vmlinux or an Image
-    if where is None:
+    if where is None or _without_pvh(kernel.config):
         return kernel
     try:
         entry = _entry(image, kernel.version)
