@@ -1,4 +1,4 @@
-"""Warm pools, for real: machines waiting at ``-incoming defer``, taken by starts of the
+"""Warm pools, for real: machines restored ahead and waiting stopped, taken by starts of the
 same session, replaced, independent of each other, ended by their ttl or by ``stop``."""
 
 from __future__ import annotations
@@ -136,3 +136,35 @@ def test_a_pool_of_nothing_is_refused():
         Pool(Session(), size=0)
     with pytest.raises(InputError, match="started from a snapshot"):
         Pool(Session(snapshot=False)).start()
+
+
+def test_a_member_that_cannot_be_restored_is_one_error_and_ends(kernel):
+    """A member whose snapshot no longer loads (its state damaged since the pool started)
+    is one SandboxError saying why; its QEMU ends with it and the pool stays empty."""
+    from qemubox.errors import SandboxError
+    from qemubox.vm import snapshot
+
+    warnings.simplefilter("ignore")
+    with Pool(Session(memory="176M", kernel=kernel), size=1) as warm:  # a pool of its own
+        plan = warm.plan
+        key = plan.snapshot.key
+        pool.drain(key)
+    try:
+        with open(plan.snapshot.state, "r+b") as fh:
+            fh.truncate(100)
+        before = set(running_machines())
+        with pytest.raises(SandboxError, match=r"^a pool member did not start: restoring snapshot"):
+            pool.fill(plan, 1)
+        assert pool.waiting(key) == []
+        assert wait_for(lambda: not running(set(running_machines()) - before))
+    finally:
+        pool.drain(key)
+        snapshot.remove(key)
+
+
+def running_machines() -> list[str]:
+    """The ids of every machine running here."""
+    from qemubox import paths
+
+    root = paths.runtime_root()
+    return [d.name for d in root.iterdir() if paths.is_machine_id(d.name)] if root.is_dir() else []

@@ -81,6 +81,11 @@ def new_machine_id() -> str:
     return secrets.token_hex(4)
 
 
+def is_machine_id(name: str) -> bool:
+    """Whether ``name`` is one :func:`new_machine_id` could give."""
+    return len(name) == 8 and all(c in "0123456789abcdef" for c in name)
+
+
 def machine_runtime_dir(machine_id: str) -> Path:
     path = runtime_root() / machine_id
     longest = path / "agent99.sock"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -95,7 +94,7 @@ def sweep(root: Path | None = None) -> None:
 
 
 def _half_removed(d: Path) -> bool:
-    if not re.fullmatch(r"[0-9a-f]{8}", d.name):  # not a machine's (pool/, vm/)
+    if not paths.is_machine_id(d.name):  # not a machine's (pool/, vm/)
         return False
     try:
         if any((d / name).exists() for name in ("alive.lock", ".alive.lock")):
@@ -364,7 +363,8 @@ class Machine:
             return ""
         return printable("\n".join(text.rstrip().splitlines()[-lines:]))
 
-    def _qemu_log(self) -> str:
+    def qemu_log(self) -> str:
+        """What QEMU (and its keeper) printed."""
         with contextlib.suppress(OSError):
             return (self.dir / "qemu.log").read_text(errors="replace").strip()
         return ""
@@ -382,7 +382,7 @@ class Machine:
         fatal = [ln for ln in tail.splitlines() if ln.startswith(AGENT_GAVE_UP)]
         if fatal:  # the agent said why it powered off (a root it could not mount...)
             raise BootError(f"the guest could not start: {fatal[-1].split(': ', 1)[1]}", tail)
-        qemu_says = self._qemu_log().splitlines()
+        qemu_says = self.qemu_log().splitlines()
         if not tail and qemu_says:
             raise KernelError(f"QEMU failed: {qemu_says[-1]}", tail)
         status = f" (QEMU exit status {code})" if code is not None else ""

@@ -139,8 +139,7 @@ def spawn(plan: MachinePlan, ttl: int) -> str:
         snapshot.load(member, alive=machine.alive)
         _warm(machine)
     except (SandboxError, AgentGone, GuestError, TimeoutError) as err:
-        log = machine.dir / "qemu.log"
-        said = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+        said = machine.qemu_log().splitlines()[-1:]  # read before its directory goes
         _end(machine)
         raise SandboxError(f"a pool member did not start: {' '.join([str(err), *said])}") from None
     machine.release()
