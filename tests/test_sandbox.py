@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,27 @@ def test_persistent_disk_keeps_data_and_is_never_reformatted(kernel, tmp_path):
     with pytest.raises(InputError, match="not an ext4 image"):
         Sandbox(Session(memory="256M", kernel=kernel, disks=[Disk("1M", "/j", str(junk))])).start()
     assert junk.read_bytes() == b"not ext4" * 1000
+
+
+def test_a_guest_is_powered_off_only_when_its_writes_outlive_it(kernel, tmp_path):
+    """Powering off syncs what the host keeps; with nothing kept, QEMU is killed at once."""
+    image = tmp_path / "data.img"
+    kept = Session(
+        memory="256M", kernel=kernel, disks=[Disk("16M", "/data", str(image))],
+        console_log=str(tmp_path / "kept.log"),
+    )  # fmt: skip
+    with Sandbox(kept) as box:
+        run(box, "echo synced > /data/file")  # in the guest's page cache, until the poweroff
+    assert "Power down" in (tmp_path / "kept.log").read_text()
+    with Sandbox(kept) as box:
+        assert box.read_file("/data/file") == b"synced\n"
+    log = tmp_path / "nothing.log"
+    nothing = Session(memory="256M", kernel=kernel, disks=[Disk("16M", "/scratch")])
+    with Sandbox(replace(nothing, console_log=str(log))) as box:
+        assert run(box, "echo lost > /scratch/file").exit_code == 0
+        pid = box.pid
+    assert "Power down" not in log.read_text()
+    assert not Path(f"/proc/{pid}").exists()
 
 
 # --- memory -------------------------------------------------------------------------------------

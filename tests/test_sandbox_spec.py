@@ -261,6 +261,19 @@ def test_compat_key_follows_what_the_guest_sees(tmp_path):
     assert replace(plan, slots=2).compat_key() != plan.compat_key()
 
 
+def test_what_a_guest_writes_that_outlives_it(tmp_path):
+    def plan(**kw):
+        return make_plan(Session(**kw).validate(), KERNEL, "tcg", "", "/r", "/i", None)
+
+    assert not plan().keeps_writes
+    assert not plan(disks=[Disk("16M", "/d")]).keeps_writes  # made for it, gone with it
+    assert plan(disks=[Disk("16M", "/d", str(tmp_path / "d.img"))]).keeps_writes
+    assert plan(shares=[FSShare(str(tmp_path), "/s")]).keeps_writes
+    assert not plan(shares=[FSShare(str(tmp_path), "/s", read_only=True)]).keeps_writes
+    root = replace(plan().root, kind="disk")
+    assert replace(plan(), root=root).keeps_writes
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -78,7 +77,7 @@ def runtime_root() -> Path:
 
 
 def new_machine_id() -> str:
-    return secrets.token_hex(4)
+    return os.urandom(4).hex()
 
 
 def is_machine_id(name: str) -> bool:
@@ -108,7 +107,7 @@ def make_private_dir(path: Path) -> Path:
 
 def temp_beside(path: Path) -> Path:
     """A name no other writer uses, beside ``path``: made there, then renamed or linked in."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(3).hex()}.tmp")
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:

@@ -395,18 +395,22 @@ class Machine:
 
     def stop(self, timeout: float = 5, console_to: Path | None = None) -> None:
         """Power the guest off (its disks synced), kill QEMU if it does not go within
-        ``timeout`` seconds, and remove the runtime directory (the console log is copied
-        to ``console_to`` first, when given)."""
+        ``timeout`` seconds — or kill it at once when nothing the guest wrote outlives it
+        (:attr:`MachinePlan.keeps_writes`) — and remove the runtime directory (the console
+        log is copied to ``console_to`` first, when given)."""
         if self._state is State.STOPPED:
             return
+        quick = not self.plan.keeps_writes  # nothing to sync: no poweroff to wait for
         agent = self.agent
-        if agent is None and self._state is State.RUNNING and self.alive():
+        if agent is None and not quick and self._state is State.RUNNING and self.alive():
             with contextlib.suppress(SandboxError, AgentGone, OSError):
                 agent = self.attach(timeout=2)
         if self._state is not State.FAILED:
             self._move(State.STOPPING)
         if self.alive():
-            if agent is not None and not agent.closed:
+            if quick:
+                process.kill(self.pid, self.started)
+            elif agent is not None and not agent.closed:
                 with contextlib.suppress(Exception):
                     agent.poweroff(timeout=timeout)
                     if self._monitor is not None:  # the guest's last sync may fail on the host
@@ -436,8 +440,9 @@ class Machine:
         """Wait until QEMU's keeper is done (it has written QEMU's exit status and let go
         of ``alive.lock``)."""
         if self._proc is not None:
-            try:
-                self._proc.wait(timeout=timeout)
+            try:  # woken by its end (Popen.wait with a timeout would poll)
+                process.wait_gone(self._proc.pid, None, timeout)
+                self._proc.wait(timeout=0.1)
                 return True
             except subprocess.TimeoutExpired:
                 return False

@@ -173,6 +173,17 @@ class MachinePlan:
         return any(s.fs == "virtiofs" for s in self.exported)
 
     @property
+    def keeps_writes(self) -> bool:
+        """Whether something the guest writes outlives the machine on the host: a disk that
+        is not ephemeral, a writable share, a disk root (its overlay may be kept). When not,
+        the guest has nothing to sync, and it may be stopped at once."""
+        return (
+            self.root.kind == "disk"
+            or any(not d.ephemeral for d in self.disks)
+            or any(not s.read_only for s in self.shares)
+        )
+
+    @property
     def console_log(self) -> str:
         return f"{self.runtime_dir}/console.log"
 
