@@ -1,13 +1,24 @@
 """QEMU's monitor (QMP), through QEMU's own client library: commands, and events waited
-for rather than polled."""
+for rather than polled.
+
+The library (and asyncio under it) takes some 25 ms to import: callers import this module
+before they wait for a QEMU that is starting, so that the import and QEMU's start overlap."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
+from qemu.qmp import ExecuteError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
 from qemubox.errors import SandboxError
+
+# A refused connection is the caller's to report (or to retry, while QEMU starts listening):
+# not the library's to log.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class Monitor:
@@ -15,21 +26,11 @@ class Monitor:
     machine holds it."""
 
     def __init__(self, socket_path: str) -> None:
-        import logging
-
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        # A refused connection is the caller's to report (or to retry, while QEMU starts
-        # listening): not the library's to log.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
         self._qmp = QEMUMonitorProtocol(socket_path)
         self._qmp.connect(negotiate=True)
         self._events: list[dict[str, Any]] = []
 
     def command(self, name: str, **args: Any) -> Any:
-        from qemu.qmp import ExecuteError
-
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as err:
