@@ -178,6 +178,11 @@ def test_the_command_line(kernel, tmp_path):
     assert r.code == 0 and "removed 1 snapshot" in r.err
     assert json.loads(qemubox("snapshot", "ls", "--json", env=env).out) == []
     assert not (Path(snapshot.ram_dir()) / f"{snap['key']}.ram").exists()
+    assert "record the snapshot" in qemubox(*run, env=env).err  # recorded again
+    (snap,) = json.loads(qemubox("snapshot", "ls", "--json", env=env).out)
+    Path(snap["initrd"]).unlink()  # pruned from the initramfs cache: it cannot serve
+    r = qemubox("snapshot", "prune", env=env)
+    assert r.code == 0 and "removed 1 snapshot" in r.err
     r = qemubox("snapshot", "rm", "nope", env=env)
     assert r.code == 2 and "no snapshot 'nope'" in r.err
 
@@ -243,11 +248,22 @@ def test_a_sandbox_restored_from_a_snapshot_pauses_and_resumes(kernel, state):
     assert qemubox("create", "--kernel", kernel, "-m", "256M", "ps").code == 0
     assert qemubox("exec", "ps", "--", "sh", "-c", "echo kept > /tmp/f").code == 0
     assert qemubox("pause", "ps").code == 0
-    record = json.loads((state / "sandboxes" / "ps" / "record.json").read_text())
+    where = state / "sandboxes" / "ps" / "record.json"
+    record = json.loads(where.read_text())
     snapshot.remove(record["paused"]["plan"]["snapshot"]["key"])  # pruned meanwhile
+    record["paused"]["plan"]["initrd"] = str(state / "pruned.cpio")  # its initramfs too
+    where.write_text(json.dumps(record))
     r = qemubox("resume", "ps")
     assert r.code == 0, r.err
     assert qemubox("exec", "ps", "--", "cat", "/tmp/f").out == "kept\n"
+    assert qemubox("pause", "ps").code == 0
+    record = json.loads(where.read_text())
+    record["paused"]["plan"]["kernel"]["image"] = str(state / "gone-vmlinux")
+    where.write_text(json.dumps(record))
+    r = qemubox("resume", "ps")  # QEMU cannot start: it says why, and nothing is lost
+    assert r.code != 0 and r.err.count("\n") == 1, r.err
+    assert "cannot resume 'ps'" in r.err and "gone-vmlinux" in r.err, r.err
+    assert (state / "sandboxes" / "ps" / "paused.state").exists()
 
 
 def test_a_sparse_copy_keeps_data_and_holes(tmp_path):
@@ -284,3 +300,32 @@ def test_ram_files_of_a_cache_that_is_gone_are_dropped(tmp_path, monkeypatch):
         shutil.rmtree(kept, ignore_errors=True)
         shutil.rmtree(snapshot.ram_dir(), ignore_errors=True)
         snapshot._ram_dir.cache_clear()
+
+
+def test_the_initramfs_cache_keeps_those_used_last(tmp_path, monkeypatch):
+    from qemubox.guest import initramfs
+
+    now = time.time()
+
+    def archive(name: str, used_ago: float) -> Path:
+        path = tmp_path / f"x86_64-{name}.cpio"
+        path.write_bytes(b"cpio")
+        (tmp_path / f".{path.name}.lock").touch()
+        os.utime(path, (now - used_ago, now - 30 * 86400))
+        return path
+
+    monkeypatch.setattr(initramfs, "CACHE_KEEP", 3)
+    fresh = [archive(f"fresh{i}", 7200 * (i + 1)) for i in range(3)]
+    beyond = archive("beyond", 7200 * 4)  # the fourth used last
+    stale = archive("stale", 15 * 86400)
+    removed = initramfs.prune(tmp_path)
+    assert sorted(removed) == sorted([beyond, stale])
+    assert sorted(tmp_path.glob("*.cpio")) == sorted(fresh)
+    assert not (tmp_path / f".{beyond.name}.lock").exists()
+    assert (tmp_path / f".{fresh[0].name}.lock").exists()
+    mtime = fresh[0].stat().st_mtime_ns  # part of a snapshot's key: a use keeps it
+    initramfs._used(fresh[0])
+    assert fresh[0].stat().st_mtime_ns == mtime and fresh[0].stat().st_atime > now - 5
+    just_used = [archive(f"now{i}", 60) for i in range(4)]  # within the grace: all stay
+    initramfs.prune(tmp_path)
+    assert sorted(tmp_path.glob("*.cpio")) == sorted([fresh[0], *just_used])  # used now

@@ -150,6 +150,31 @@ def fill(target: Path, make: Callable[[Path], None]) -> Path:
     return target
 
 
+def least_recently_used(
+    entries: list[Path],
+    keep: int,
+    used: Callable[[Path], float],
+    max_age: float | None = None,
+    grace: float = 0.0,
+) -> list[Path]:
+    """Which cache entries to remove: those beyond the ``keep`` used last, and those not
+    used for ``max_age`` seconds — never one used within the last ``grace`` seconds (a
+    start may be about to use it). ``used(entry)``: when it was last used (an entry gone
+    meanwhile is left out)."""
+    when = {}
+    for entry in entries:
+        with suppress(OSError):
+            when[entry] = used(entry)
+    now = time.time()
+    newest_first = sorted(when, key=when.__getitem__, reverse=True)
+    old = [
+        e
+        for i, e in enumerate(newest_first)
+        if i >= keep or (max_age is not None and now - when[e] > max_age)
+    ]
+    return [e for e in old if now - when[e] > grace]
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block."""

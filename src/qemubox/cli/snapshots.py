@@ -55,8 +55,8 @@ def rm(keys, everything):
 @click.option("--older-than", metavar="DURATION", help="Remove those recorded before (7d, 12h).")
 @click.option("--max-size", metavar="SIZE", help="Then keep at most this much (2G).")
 def prune(older_than, max_size):
-    """Remove snapshots that cannot serve (RAM gone with a reboot, kernel gone), old ones,
-    and the oldest beyond a size."""
+    """Remove snapshots that cannot serve (RAM gone with a reboot, kernel or initramfs
+    gone), old ones, and the oldest beyond a size."""
     from qemubox.cli import parse
     from qemubox.vm import snapshot as snapshots
     from qemubox.vm.spec import parse_size

@@ -1,5 +1,9 @@
 """The guest's initramfs: our agent as /init, static busybox, and the kernel modules the
-session needs — built once per content and cached."""
+session needs — built once per content and cached.
+
+The cache keeps the archives used last (``CACHE_KEEP``, and none unused for
+``CACHE_DAYS``). An archive's use is its access time, set at each use: its modification
+time is part of the snapshot key (``vm/snapshot.py``) and stays as it was made."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -15,11 +20,14 @@ from qemubox import arch as arches
 from qemubox.apt import apt_install, download_for_arch
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
-from qemubox.paths import cache_dir, fill
+from qemubox.paths import cache_dir, fill, least_recently_used
 from qemubox.qemu.cmdline import DNS
 from qemubox.vm.plan import KernelPlan
 
 HOST_BUSYBOX = Path("/bin/busybox")
+CACHE_KEEP = 64  # archives kept, those used last
+CACHE_DAYS = 14  # an archive unused this long is removed
+CACHE_GRACE = 3600.0  # seconds: one used this recently stays (a start may be booting it)
 
 # Modules by feature, by the names modules.dep knows them by.
 BASE_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_rng")
@@ -284,6 +292,7 @@ def initramfs(kernel: KernelPlan, features: tuple[str, ...]) -> Path:
     """The initramfs for this kernel and these features, built once and cached."""
     target = initramfs_path(kernel, features)
     if target.is_file():
+        _used(target)
         return target
     arch = arches.get(kernel.arch)
     modules = needed_modules(kernel, features)
@@ -319,4 +328,30 @@ def initramfs(kernel: KernelPlan, features: tuple[str, ...]) -> Path:
         if tmp.stat().st_size < agent.stat().st_size:
             raise ToolError(f"writing {target} came out short")
 
-    return fill(target, make)
+    fill(target, make)
+    prune(target.parent)
+    return target
+
+
+def _used(path: Path) -> None:
+    """Say that ``path`` was used now (its access time; its modification time stays)."""
+    with contextlib.suppress(OSError):
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+
+
+def prune(directory: Path | None = None) -> list[Path]:
+    """Remove the archives not among the ``CACHE_KEEP`` used last or unused for
+    ``CACHE_DAYS`` (with their lock files); returns those removed."""
+    directory = directory or cache_dir() / "initramfs"
+    archives = [p for p in directory.glob("*.cpio") if not p.name.startswith(".")]
+    old = least_recently_used(
+        archives,
+        CACHE_KEEP,
+        lambda p: p.stat().st_atime,
+        max_age=CACHE_DAYS * 86400,
+        grace=CACHE_GRACE,
+    )
+    for archive in old:
+        archive.unlink(missing_ok=True)
+        archive.with_name(f".{archive.name}.lock").unlink(missing_ok=True)
+    return old

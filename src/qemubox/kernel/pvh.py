@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qemubox.kernel.artifacts import config_option, elf_kernel
-from qemubox.paths import cache_dir, fill
+from qemubox.paths import cache_dir, fill, least_recently_used
 from qemubox.vm.plan import KernelPlan
 
 KEEP = 8  # unpacked kernels kept (those used last)
@@ -122,10 +122,6 @@ def with_pvh_boot(kernel: KernelPlan, make: bool = True) -> KernelPlan:
 
 def _prune(root: Path) -> None:
     """Keep the ``KEEP`` entries used last."""
-    entries = sorted(
-        (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-        key=lambda d: d.stat().st_mtime,
-        reverse=True,
-    )
-    for old in entries[KEEP:]:
+    entries = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    for old in least_recently_used(entries, KEEP, lambda d: d.stat().st_mtime):
         shutil.rmtree(old, ignore_errors=True)

@@ -317,6 +317,7 @@ def pause(name: str) -> None:
 def resume(name: str) -> None:
     """Bring a paused sandbox back as it was: processes, files, network; its clock set to
     the host's."""
+    from qemubox.guest import initramfs
     from qemubox.vm import snapshot
     from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
@@ -325,6 +326,10 @@ def resume(name: str) -> None:
         if state != PAUSED:
             raise InputError(f"sandbox {name!r} is {state}: only a paused one can be resumed")
         paused = MachinePlan.from_dict(record["paused"]["plan"])
+        if not os.path.exists(paused.initrd):  # pruned from the cache: made again (the
+            # saved RAM holds the booted guest: what QEMU is handed only has to load)
+            made = initramfs.initramfs(paused.kernel, paused.features)
+            paused = replace(paused, initrd=str(made))
         path = SANDBOXES.dir(name) / PAUSED_STATE
         runtime_dir = paths.machine_runtime_dir(paths.new_machine_id())
         # The saved state holds every page; a machine restored from a snapshot had its RAM
@@ -344,9 +349,12 @@ def resume(name: str) -> None:
             snapshot.load(plan, timeout=SAVE_TIMEOUT, alive=machine.alive)
             agent = machine.attach(timeout=30)
             agent.renew()  # the time that passed; fresh randomness
-        except BaseException:
+        except BaseException as err:
+            said = [] if machine.alive() else machine.qemu_log().splitlines()[-1:]
             machine.kill()
             machine.stop(1)
+            if said and isinstance(err, QemuboxError):  # QEMU's own words say more
+                raise type(err)(f"cannot resume {name!r}: {said[0]}") from None
             raise
         paths.atomic_write(machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
         machine.release()

@@ -289,6 +289,7 @@ def take(machine, snap: SnapshotPlan) -> None:
         with contextlib.suppress(OSError):
             paths.copy_data(Path(machine.plan.console_log), state.parent / "console")
         info = {"key": snap.key, "recorded": time.time(), "kernel": machine.plan.kernel.image}
+        info["initrd"] = machine.plan.initrd
         info |= {"memory_mib": machine.plan.memory_mib, "host": socket.gethostname()}
         paths.write_json(meta, info)
     except (OSError, SandboxError) as err:
@@ -348,7 +349,7 @@ def list_all() -> list[dict]:
 
 def prune(older_than: float | None = None, max_bytes: int | None = None) -> list[str]:
     """Remove the snapshots that cannot serve (their RAM file gone with a reboot, their
-    kernel gone), those recorded more than ``older_than`` seconds ago, then the least
+    kernel or initramfs gone), those recorded more than ``older_than`` seconds ago, then the least
     recently used until they take at most ``max_bytes``. Returns the keys removed."""
     for leftover in ram_dir().glob(".*"):  # of killed recorders, unless one runs now
         fd = paths.try_lock(_lock(leftover.name.split(".")[1]))
@@ -359,7 +360,8 @@ def prune(older_than: float | None = None, max_bytes: int | None = None) -> list
     kept = []
     now = time.time()
     for info in sorted(list_all(), key=lambda i: i["used"]):
-        stale = not info["whole"] or not os.path.exists(info.get("kernel", ""))
+        needed = [f for f in (info.get("kernel", ""), info.get("initrd")) if f is not None]
+        stale = not info["whole"] or not all(os.path.exists(f) for f in needed)
         if stale or (older_than is not None and now - info.get("recorded", 0) > older_than):
             remove(info["key"])
             removed.append(info["key"])
