@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qemubox import paths
-from qemubox.errors import BusyError, InputError, QemuboxError
+from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
 from qemubox.store import Store
 from qemubox.vm.machine import OWNER, Machine
 from qemubox.vm.spec import Session, session_from_dict, session_to_dict
@@ -354,7 +354,7 @@ def resume(name: str) -> None:
             machine.kill()
             machine.stop(1)
             if said and isinstance(err, QemuboxError):  # QEMU's own words say more
-                raise type(err)(f"cannot resume {name!r}: {said[0]}") from None
+                raise SandboxError(f"cannot resume {name!r}: {said[0]}") from None
             raise
         paths.atomic_write(machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
         machine.release()

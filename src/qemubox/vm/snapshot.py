@@ -349,8 +349,9 @@ def list_all() -> list[dict]:
 
 def prune(older_than: float | None = None, max_bytes: int | None = None) -> list[str]:
     """Remove the snapshots that cannot serve (their RAM file gone with a reboot, their
-    kernel or initramfs gone), those recorded more than ``older_than`` seconds ago, then the least
-    recently used until they take at most ``max_bytes``. Returns the keys removed."""
+    kernel or initramfs gone), those recorded more than ``older_than`` seconds ago, then
+    the least recently used until they take at most ``max_bytes``. Returns the keys
+    removed."""
     for leftover in ram_dir().glob(".*"):  # of killed recorders, unless one runs now
         fd = paths.try_lock(_lock(leftover.name.split(".")[1]))
         if fd is not None:
