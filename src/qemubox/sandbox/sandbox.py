@@ -343,8 +343,10 @@ class Sandbox:
         self._closed = True
 
     def close(self) -> None:
-        """Power the guest off (syncing its disks), stop QEMU, remove the runtime files. A
-        named sandbox is left running (:meth:`stop` powers it off)."""
+        """Power the guest off (syncing its disks), stop QEMU, remove the runtime files;
+        a guest that holds nothing the host keeps (no disk with a path, no writable share)
+        has nothing to sync, and its QEMU is killed at once. A named sandbox is left
+        running (:meth:`stop` powers it off)."""
         self._drop_claim()
         if self._pooled is not None:  # another member takes the one we took's place
             plan, self._pooled = self._pooled, None
