@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -208,3 +209,29 @@ def test_a_kernel_that_cannot_be_unpacked_now_boots_as_it_is(tmp_path, cache):
     (cache / "pvh").write_text("not a directory")  # the cache cannot take it
     plain = _kernel(tmp_path / "bzImage")
     assert pvh.with_pvh_boot(plain) == plain
+
+
+def test_a_plan_made_earlier_gets_its_pruned_cache_files_again(tmp_path, cache, monkeypatch):
+    """A paused sandbox's plan names an unpacked vmlinux and an initramfs that may have
+    been pruned since: the same kind of boot is made again (the initramfs: same path)."""
+    from dataclasses import replace
+
+    from qemubox.vm import prepare
+    from qemubox.vm.plan import make_plan
+    from qemubox.vm.spec import Session
+
+    made = []
+    monkeypatch.setattr(
+        prepare.initramfs, "initramfs", lambda k, f: made.append((k, f)) or tmp_path / "i.cpio"
+    )
+    (tmp_path / "bzImage").write_bytes(bzimage(gzip.compress(vmlinux())))
+    kernel = pvh.with_pvh_boot(_kernel(tmp_path / "bzImage"))
+    (tmp_path / "i.cpio").write_bytes(b"")
+    plan = make_plan(Session().validate(), kernel, "tcg", "", "/r", str(tmp_path / "i.cpio"), None)
+    assert prepare.remade(plan) == plan and made == []  # nothing pruned: nothing made
+    shutil.rmtree(Path(kernel.boot).parent)  # as the cache prunes an entry
+    (tmp_path / "i.cpio").unlink()
+    again = prepare.remade(plan)
+    assert again.kernel.boot == kernel.boot and Path(kernel.boot).read_bytes() == vmlinux()
+    assert again.initrd == str(tmp_path / "i.cpio") and made == [(again.kernel, plan.features)]
+    assert replace(again, kernel=plan.kernel) == plan

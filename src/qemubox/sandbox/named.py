@@ -317,19 +317,14 @@ def pause(name: str) -> None:
 def resume(name: str) -> None:
     """Bring a paused sandbox back as it was: processes, files, network; its clock set to
     the host's."""
-    from qemubox.guest import initramfs
-    from qemubox.vm import snapshot
+    from qemubox.vm import prepare, snapshot
     from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)
         if state != PAUSED:
             raise InputError(f"sandbox {name!r} is {state}: only a paused one can be resumed")
-        paused = MachinePlan.from_dict(record["paused"]["plan"])
-        if not os.path.exists(paused.initrd):  # pruned from the cache: made again (the
-            # saved RAM holds the booted guest: what QEMU is handed only has to load)
-            made = initramfs.initramfs(paused.kernel, paused.features)
-            paused = replace(paused, initrd=str(made))
+        paused = prepare.remade(MachinePlan.from_dict(record["paused"]["plan"]))
         path = SANDBOXES.dir(name) / PAUSED_STATE
         runtime_dir = paths.machine_runtime_dir(paths.new_machine_id())
         # The saved state holds every page; a machine restored from a snapshot had its RAM

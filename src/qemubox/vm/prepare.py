@@ -90,6 +90,20 @@ def realize(plan: MachinePlan) -> MachinePlan:
     return replace(plan, ports=ports)
 
 
+def remade(plan: MachinePlan) -> MachinePlan:
+    """A plan made earlier (a paused sandbox's), with the cache files it names made again
+    when they were pruned since: the vmlinux unpacked from its bzImage, its initramfs. Its
+    saved RAM holds the booted guest, so what QEMU is handed only has to load, booted the
+    same way (through PVH, when it was)."""
+    kernel = plan.kernel
+    if kernel.boot and not os.path.exists(kernel.boot):
+        kernel = pvh.with_pvh_boot(replace(kernel, boot=None))
+    initrd = plan.initrd
+    if not os.path.exists(initrd):
+        initrd = str(initramfs.initramfs(kernel, plan.features))
+    return replace(plan, kernel=kernel, initrd=initrd)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
