@@ -27,10 +27,10 @@ from pathlib import Path
 from qemubox import arch
 from qemubox.guest.cpio import CpioWriter
 from qemubox.kernel.artifacts import choose_kernel
+from qemubox.model.plan import kernel_cmdline
 from qemubox.qemu import cmdline as qemu
 from qemubox.sandbox.sandbox import Sandbox
-from qemubox.vm.plan import kernel_cmdline
-from qemubox.vm.spec import Session
+from qemubox.sandbox.spec import Session
 
 warnings.simplefilter("ignore")
 

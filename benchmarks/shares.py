@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.sandbox.sandbox import Sandbox
-from qemubox.vm.spec import FSShare, Session
+from qemubox.sandbox.spec import FSShare, Session
 
 warnings.simplefilter("ignore")
 

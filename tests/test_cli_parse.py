@@ -8,7 +8,7 @@ import pytest
 from helpers import qemubox
 from qemubox.cli import parse
 from qemubox.errors import Exit, InputError, KernelPanic, printable
-from qemubox.vm.spec import Disk, FSShare
+from qemubox.sandbox.spec import Disk, FSShare
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ import pytest
 from qemubox.errors import HostIOError
 from qemubox.qemu import process
 from qemubox.sandbox.sandbox import Sandbox
+from qemubox.sandbox.spec import Disk, Session
 from qemubox.vm import machine as machine_mod
 from qemubox.vm.machine import Machine
-from qemubox.vm.spec import Disk, Session
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 

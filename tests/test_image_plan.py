@@ -13,9 +13,10 @@ import pytest
 from helpers import qemubox
 from qemubox.errors import InputError
 from qemubox.image import catalog, debian, recipe, sources
+from qemubox.model.plan import ROOT_ID, MachinePlan, RootPlan, make_plan
 from qemubox.qemu import cmdline as qemu
-from qemubox.vm.plan import ROOT_ID, MachinePlan, RootPlan, make_plan
-from qemubox.vm.spec import Session
+from qemubox.qemu import virtiofs
+from qemubox.sandbox.spec import Session
 
 DEB822 = """\
 Types: deb deb-src
@@ -114,7 +115,7 @@ def test_image_names_and_files(tmp_path, monkeypatch):
 
 
 def plan_with(root: RootPlan, tmp_path) -> MachinePlan:
-    from qemubox.vm.plan import KernelPlan
+    from qemubox.model.plan import KernelPlan
 
     kernel = KernelPlan("/k", "6.12", "x86_64", None, None, "test", True)
     spec = Session().validate()
@@ -146,7 +147,7 @@ def test_a_host_root_is_a_read_only_export(tmp_path):
     assert plan.shared_memory  # virtiofsd maps guest RAM
     args = qemu.qemu_args(plan)
     assert f"vhost-user-fs-device,chardev=fs0,tag={ROOT_ID}" in option(args, "-device")
-    ((command, _),) = qemu.virtiofsd_commands(plan)
+    ((command, _),) = virtiofs.virtiofsd_commands(plan)
     assert command[1:5] == ["-m", "qemubox.qemu.readonly", "/", f"{tmp_path}/ro0"]
     assert "announce_submounts" not in command  # overlayfs would not look into them
     ninep = plan_with(RootPlan("share", "host", "/", fs="9p"), tmp_path)

@@ -16,7 +16,7 @@ import pytest
 from qemubox.errors import InputError
 from qemubox.kernel import pvh
 from qemubox.kernel.artifacts import elf_kernel, kernel_from_path
-from qemubox.vm.plan import KernelPlan
+from qemubox.model.plan import KernelPlan
 
 X86_64, AARCH64 = 62, 183
 
@@ -216,9 +216,9 @@ def test_a_plan_made_earlier_gets_its_pruned_cache_files_again(tmp_path, cache, 
     been pruned since: the same kind of boot is made again (the initramfs: same path)."""
     from dataclasses import replace
 
+    from qemubox.model.plan import make_plan
+    from qemubox.sandbox.spec import Session
     from qemubox.vm import prepare
-    from qemubox.vm.plan import make_plan
-    from qemubox.vm.spec import Session
 
     made = []
     monkeypatch.setattr(

@@ -23,7 +23,7 @@ import pytest
 from helpers import qemubox
 from qemubox.errors import InputError
 from qemubox.sandbox.sandbox import KernelPanic, Sandbox, SandboxError
-from qemubox.vm.spec import Disk, FSShare, Session
+from qemubox.sandbox.spec import Disk, FSShare, Session
 
 pytestmark = [
     pytest.mark.kernel,
@@ -498,7 +498,7 @@ def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path):
         import sys, threading, time, warnings
         warnings.simplefilter("ignore")
         from qemubox.sandbox.sandbox import Sandbox
-        from qemubox.vm.spec import Session
+        from qemubox.sandbox.spec import Session
         boxes = []
         worker = threading.Thread(
             target=lambda: boxes.append(Sandbox(Session(memory="128M", kernel={kernel!r})).start())

@@ -11,8 +11,7 @@ import pytest
 
 from qemubox import arch
 from qemubox.errors import InputError
-from qemubox.qemu import cmdline as qemu
-from qemubox.vm.plan import (
+from qemubox.model.plan import (
     DiskPlan,
     KernelPlan,
     MachinePlan,
@@ -21,7 +20,10 @@ from qemubox.vm.plan import (
     kernel_cmdline,
     make_plan,
 )
-from qemubox.vm.spec import Disk, FSShare, Session, parse_size
+from qemubox.model.size import parse_size
+from qemubox.qemu import cmdline as qemu
+from qemubox.qemu import virtiofs
+from qemubox.sandbox.spec import Disk, FSShare, Session
 
 
 @pytest.mark.parametrize(
@@ -301,17 +303,17 @@ def test_virtiofs_command_line_and_daemons(tmp_path):
     assert f"socket,id=fs0,path={tmp_path}/fs0.sock" in option(args, "-chardev")
     assert "vhost-user-fs-device,chardev=fs0,tag=a" in option(args, "-device")
     assert any(d.startswith("virtio-9p-device,fsdev=fs1") for d in option(args, "-device"))
-    ((command, socket),) = qemu.virtiofsd_commands(plan)
+    ((command, socket),) = virtiofs.virtiofsd_commands(plan)
     assert socket == f"{tmp_path}/fs0.sock"
     view = f"{tmp_path}/ro0"
     assert command[1:5] == ["-m", "qemubox.qemu.readonly", "/srv/a,b", view]  # read-only
     assert f"source={view}" in command and "announce_submounts" in command
-    ((command, _),) = qemu.virtiofsd_commands(
+    ((command, _),) = virtiofs.virtiofsd_commands(
         config(tmp_path, shares=(replace(shares[0], read_only=False),))
     )
     assert "source=/srv/a\\,b" in command  # virtiofsd's option syntax, escaped
     plain = config(tmp_path, shares=(replace(shares[0], read_only=False),))
-    ((command, _),) = qemu.virtiofsd_commands(plain)
+    ((command, _),) = virtiofs.virtiofsd_commands(plain)
     assert command[0].endswith("virtiofsd")
     assert option(qemu.qemu_args(config(tmp_path)), "-object") == []  # only when needed
 

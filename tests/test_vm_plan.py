@@ -13,10 +13,10 @@ import pytest
 from helpers import qemubox
 from qemubox import arch as arches
 from qemubox.errors import InputError
-from qemubox.vms import conf, install
-from qemubox.vms import config as vmconfig
-from qemubox.vms.command import RunPlan, detached, qemu_command
-from qemubox.vms.kernel import HostKernel, config_arch, find_build, host_kernel
+from qemubox.vmpy import conf, install
+from qemubox.vmpy import config as vmconfig
+from qemubox.vmpy.command import RunPlan, detached, qemu_command
+from qemubox.vmpy.kernel import HostKernel, config_arch, find_build, host_kernel
 
 X86 = arches.get("x86_64")
 ARM = arches.get("arm64")
@@ -357,7 +357,7 @@ def test_install_script_quotes_values_and_parses(tmp_path):
 
 
 def test_the_modules_mounter_is_valid_shell(tmp_path):
-    from qemubox.vms import guestfiles
+    from qemubox.vmpy import guestfiles
 
     for text in (guestfiles.MODULES_SCRIPT, guestfiles.KEYS_SCRIPT):
         path = tmp_path / "s.sh"

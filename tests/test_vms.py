@@ -17,6 +17,8 @@ import pytest
 from helpers import qemubox
 from qemubox import paths
 
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
 BOOT = 900  # seconds for a Debian guest to boot far enough for ssh, under TCG on 2 cores
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="vm install needs root")
@@ -44,7 +46,7 @@ def vm(env, *args, **kw):
 
 def console_log(top: Path, name: str) -> str:
     """What the detached VM's serial console has printed so far."""
-    from qemubox.vms.layout import VmDir
+    from qemubox.vmpy.layout import VmDir
 
     try:
         return VmDir(name, top / "vms" / name).console_log.read_text(errors="replace")

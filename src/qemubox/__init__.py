@@ -4,10 +4,10 @@ __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 # The sandbox API, imported on first use so that the command line starts fast.
 _LAZY = {
-    "Session": "qemubox.vm.spec",
-    "FSShare": "qemubox.vm.spec",
-    "Disk": "qemubox.vm.spec",
-    "MachinePlan": "qemubox.vm.plan",
+    "Session": "qemubox.sandbox.spec",
+    "FSShare": "qemubox.sandbox.spec",
+    "Disk": "qemubox.sandbox.spec",
+    "MachinePlan": "qemubox.model.plan",
     "Sandbox": "qemubox.sandbox.sandbox",
     "Pool": "qemubox.sandbox.pool",
     "ExecResult": "qemubox.sandbox.sandbox",

@@ -35,7 +35,7 @@ COMMANDS = {
     "matrix": ("matrix", "matrix"),
     "snapshot": ("snapshots", "snapshot"),
     "pool": ("pools", "pool"),
-    "vm": ("vms", "vm"),
+    "vm": ("vmpy", "vm"),
 }
 
 

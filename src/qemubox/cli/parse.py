@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Iterable, Mapping
 
 from qemubox.errors import InputError
-from qemubox.vm.notation import disk, publish, share, volume  # noqa: F401 - the options' forms
+from qemubox.sandbox.notation import disk, publish, share, volume  # noqa: F401 - the options' forms
 
 
 def env(specs: Iterable[str], host_env: Mapping[str, str]) -> dict[str, str]:

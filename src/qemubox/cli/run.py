@@ -113,7 +113,7 @@ def named_options(f):
 def make_session(options: dict, timeout: float | None = None, console_log: str | None = None):
     """The Session the options in ``options`` ask for (they are taken out of it)."""
     from qemubox.cli import parse
-    from qemubox.vm.spec import Session
+    from qemubox.sandbox.spec import Session
 
     fs = options.pop("share_fs")
     shares = [*map(parse.volume, options.pop("volumes")), *map(parse.share, options.pop("shares"))]

@@ -58,8 +58,8 @@ def prune(older_than, max_size):
     """Remove snapshots that cannot serve (RAM gone with a reboot, kernel or initramfs
     gone), old ones, and the oldest beyond a size."""
     from qemubox.cli import parse
+    from qemubox.model.size import parse_size
     from qemubox.vm import snapshot as snapshots
-    from qemubox.vm.spec import parse_size
 
     age = parse.duration(older_than, "--older-than")
     size = parse_size(max_size, "--max-size") if max_size else None

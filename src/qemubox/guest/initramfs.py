@@ -20,9 +20,9 @@ from qemubox import arch as arches
 from qemubox.apt import apt_install, download_for_arch
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
+from qemubox.model.net import DNS
+from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, least_recently_used
-from qemubox.qemu.cmdline import DNS
-from qemubox.vm.plan import KernelPlan
 
 HOST_BUSYBOX = Path("/bin/busybox")
 CACHE_KEEP = 64  # archives kept, those used last

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from qemubox.errors import InputError
 from qemubox.image import debian, recipe
+from qemubox.model.plan import RootPlan
 from qemubox.store import Store
-from qemubox.vm.plan import RootPlan
 
 IMAGES = Store("images", "image")
 BUILTIN = {

@@ -17,7 +17,7 @@ from qemubox import paths
 from qemubox.apt import apt_install
 from qemubox.errors import InputError, ToolError
 from qemubox.image.recipe import Recipe
-from qemubox.qemu.cmdline import DNS
+from qemubox.model.net import DNS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,8 +38,11 @@ def images_dir() -> Path:
 
 
 def debs_dir(suite: str, arch: str) -> Path:
-    """Where downloaded packages are kept, for every debootstrap of ``suite`` on ``arch``."""
-    return images_dir() / "debs" / suite / arch
+    """Where downloaded packages are kept, for every debootstrap of ``suite`` on ``arch``
+    (made when missing: debootstrap's --cache-dir must exist)."""
+    path = images_dir() / "debs" / suite / arch
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def built_path(recipe: Recipe) -> Path:
@@ -102,7 +105,6 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
 
     log = images_dir() / f"{recipe.key()}.log"
     debs = debs_dir(recipe.suite, recipe.arch)
-    debs.mkdir(parents=True, exist_ok=True)
 
     def make(tmp: Path) -> None:
         tree = tmp / "tree"

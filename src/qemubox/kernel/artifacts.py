@@ -18,8 +18,8 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.apt import apt_download
 from qemubox.errors import InputError, ToolError
+from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, locked
-from qemubox.vm.plan import KernelPlan
 
 
 def _kernel(

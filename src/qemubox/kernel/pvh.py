@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from qemubox.kernel.artifacts import config_option, elf_kernel
+from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, least_recently_used
-from qemubox.vm.plan import KernelPlan
 
 KEEP = 8  # unpacked kernels kept (those used last)
 _FORMATS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"BZh": "bzip2"}

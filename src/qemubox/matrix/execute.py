@@ -214,7 +214,7 @@ def _phases(timings: list[tuple[str, float]]) -> dict[str, float]:
 
 def default_jobs(cells: list[Cell]) -> int:
     """Cells at once within this machine's cores and free memory."""
-    from qemubox.vm.spec import parse_size
+    from qemubox.model.size import parse_size
 
     biggest = max(parse_size(dict(c.test.options).get("memory", "512M")) for c in cells)
     try:

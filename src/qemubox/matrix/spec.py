@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from qemubox.errors import InputError
-from qemubox.vm import notation
-from qemubox.vm.spec import NETWORKS, Session
+from qemubox.model.session import NETWORKS
+from qemubox.sandbox import notation
+from qemubox.sandbox.spec import Session
 
 PROFILES = ("minimal", "default", "small", "fastboot", "debug")
 KERNEL_KEYS = {"name", "version", "source", "sha256", "profile", "fragments", "config", "arch"}

@@ -7,15 +7,12 @@ process can attach to a running machine, as many at once as it has slots.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.vm.plan import ROOT_ID, MachinePlan
+from qemubox.model.net import GUEST_IP
+from qemubox.model.plan import ROOT_ID, MachinePlan
 
-GUEST_IP = "10.0.2.15"
-GATEWAY = "10.0.2.2"
-DNS = "10.0.2.3"
 AGENT_PORT = "qemubox.agent.{slot}-of-{slots}"  # the agent finds its ports by this name
 
 
@@ -96,37 +93,6 @@ def share_args(plan: MachinePlan) -> list[str]:
             f"{_device(plan, '9p')},fsdev=fs{i},mount_tag={escape(share.tag)}",
         ]
     return args
-
-
-def virtiofsd_commands(plan: MachinePlan) -> list[tuple[list[str], str]]:
-    """The virtiofsd daemons the plan's virtiofs shares need, started before QEMU, with the
-    socket each listens on (it exits when QEMU goes)."""
-    from qemubox.vm.spec import VIRTIOFSD
-
-    commands = []
-    for i, share in enumerate(plan.exported):
-        if share.fs != "virtiofs":
-            continue
-        view = share.host_path
-        if share.read_only:  # a read-only view of it, made by the helper below
-            view = plan.read_only_view(i)
-        daemon = [
-            VIRTIOFSD,
-            f"--socket-path={plan.virtiofs_socket(i)}",
-            "-o",
-            "source=" + view.replace("\\", "\\\\").replace(",", "\\,"),
-            "-o",
-            "cache=auto",
-        ]
-        if share.tag != ROOT_ID:
-            # Mounts under the share as mounts in the guest (distinct inode numbers). Not
-            # for a root: overlayfs would not look into them.
-            daemon += ["-o", "announce_submounts"]
-        if share.read_only:  # virtiofsd has no read-only option: see qemu/readonly.py
-            helper = [sys.executable, "-m", "qemubox.qemu.readonly", share.host_path, view]
-            daemon = [*helper, *daemon]
-        commands.append((daemon, plan.virtiofs_socket(i)))
-    return commands
 
 
 def _drive(plan: MachinePlan, ident: str, path: str, fmt: str, serial: str) -> list[str]:

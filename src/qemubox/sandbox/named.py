@@ -21,9 +21,9 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
+from qemubox.sandbox.spec import Session, session_from_dict, session_to_dict
 from qemubox.store import Store
 from qemubox.vm.machine import OWNER, Machine
-from qemubox.vm.spec import Session, session_from_dict, session_to_dict
 
 SANDBOXES = Store("sandboxes", "sandbox")
 ROOT_OVERLAY = "root.qcow2"  # a disk root's writes, in the sandbox's directory
@@ -317,8 +317,8 @@ def pause(name: str) -> None:
 def resume(name: str) -> None:
     """Bring a paused sandbox back as it was: processes, files, network; its clock set to
     the host's."""
+    from qemubox.model.plan import MachinePlan, SnapshotPlan
     from qemubox.vm import prepare, snapshot
-    from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from qemubox.errors import InputError, SandboxError
+from qemubox.model.plan import MachinePlan
 from qemubox.sandbox.sandbox import Sandbox
+from qemubox.sandbox.spec import Session
 from qemubox.vm import pool, snapshot
-from qemubox.vm.plan import MachinePlan
-from qemubox.vm.spec import Session
 
 
 class Pool:

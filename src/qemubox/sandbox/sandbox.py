@@ -29,12 +29,15 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 from qemubox.guest.protocol import own_shell
+from qemubox.model.net import DNS, GATEWAY, GUEST_IP, PREFIX
+from qemubox.model.plan import KernelPlan, MachinePlan, SnapshotPlan
+from qemubox.model.session import ValidSession
+from qemubox.model.size import parse_size
 from qemubox.qemu.accel import tcg_warning
-from qemubox.qemu.cmdline import DNS, GATEWAY, GUEST_IP, qemu_args
+from qemubox.qemu.cmdline import qemu_args
+from qemubox.sandbox.spec import Session
 from qemubox.vm import pool, prepare, snapshot
 from qemubox.vm.machine import Machine, State
-from qemubox.vm.plan import KernelPlan, MachinePlan, SnapshotPlan
-from qemubox.vm.spec import Session, ValidSession, parse_size
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -254,7 +257,7 @@ class Sandbox:
             # A MAC of its own: clones of one snapshot would otherwise share the template's.
             script = (
                 f"ip link set eth0 address {random_mac()} && "
-                f"ip link set eth0 up && ip addr add {GUEST_IP}/24 "
+                f"ip link set eth0 up && ip addr add {GUEST_IP}/{PREFIX} "
                 f"dev eth0 && ip route add default via {GATEWAY}"
             )
             if self.plan.root.kind == "share":  # the host's resolver is not the guest's

@@ -37,9 +37,10 @@ from qemubox.errors import (
     printable,
 )
 from qemubox.guest.client import AgentClient, AgentGone
+from qemubox.model.plan import MachinePlan
 from qemubox.qemu import process
-from qemubox.qemu.cmdline import qemu_args, virtiofsd_commands
-from qemubox.vm.plan import MachinePlan
+from qemubox.qemu.cmdline import qemu_args
+from qemubox.qemu.virtiofs import virtiofsd_commands
 
 CONSOLE_TAIL_LINES = 30
 CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write without end

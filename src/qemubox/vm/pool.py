@@ -29,9 +29,9 @@ from qemubox import paths
 from qemubox.errors import GuestError, InputError, SandboxError
 from qemubox.guest.client import AgentGone
 from qemubox.guest.protocol import GUEST_BUSYBOX
+from qemubox.model.plan import MachinePlan
 from qemubox.vm import snapshot
 from qemubox.vm.machine import Machine, State
-from qemubox.vm.plan import MachinePlan
 
 DEFAULT_TTL = 3600
 WARM_UP = [GUEST_BUSYBOX, "true"]  # a member's first command, run before it waits

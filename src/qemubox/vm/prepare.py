@@ -17,10 +17,10 @@ from qemubox.guest import initramfs
 from qemubox.image import catalog
 from qemubox.kernel import pvh
 from qemubox.kernel.artifacts import choose_kernel
+from qemubox.model.plan import DiskPlan, MachinePlan, PortPlan, RootPlan, make_plan
+from qemubox.model.session import ValidSession
 from qemubox.qemu.accel import choose_accel
 from qemubox.qemu.cmdline import host_tsc_khz
-from qemubox.vm.plan import DiskPlan, MachinePlan, PortPlan, RootPlan, make_plan
-from qemubox.vm.spec import ValidSession
 
 
 def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -> MachinePlan:

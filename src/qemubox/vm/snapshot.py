@@ -35,8 +35,8 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import SandboxError
+from qemubox.model.plan import MachinePlan, SnapshotPlan
 from qemubox.qemu.process import wait_for_path
-from qemubox.vm.plan import MachinePlan, SnapshotPlan
 
 FORMAT = 1  # bumped when what a snapshot holds changes
 MIGRATION_TIMEOUT = 30.0

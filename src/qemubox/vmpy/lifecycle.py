@@ -12,11 +12,11 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox import paths
 from qemubox.errors import InputError, ToolError, last_line
+from qemubox.model.size import parse_size
 from qemubox.vm.prepare import free_port
-from qemubox.vm.spec import parse_size
-from qemubox.vms import config as vmconfig
-from qemubox.vms import control
-from qemubox.vms.layout import VmDir
+from qemubox.vmpy import config as vmconfig
+from qemubox.vmpy import control
+from qemubox.vmpy.layout import VmDir
 
 _PORT_RE = re.compile(r"^ssh_port\s*=\s*(\d+)\s*$", re.M)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.errors import InputError
 from qemubox.vm.prepare import free_port
-from qemubox.vms import config as vmconfig
-from qemubox.vms import control
-from qemubox.vms.command import RunPlan, qemu_command
-from qemubox.vms.conf import VmPaths
-from qemubox.vms.kernel import find_build, host_kernel
-from qemubox.vms.layout import VmDir
+from qemubox.vmpy import config as vmconfig
+from qemubox.vmpy import control
+from qemubox.vmpy.command import RunPlan, qemu_command
+from qemubox.vmpy.conf import VmPaths
+from qemubox.vmpy.kernel import find_build, host_kernel
+from qemubox.vmpy.layout import VmDir
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from qemubox import arch as arches
 from qemubox import paths
 from qemubox.errors import InputError, ToolError
 from qemubox.image.recipe import parse_packages
-from qemubox.qemu.cmdline import DNS
-from qemubox.vms import control, guestfiles
-from qemubox.vms.layout import VmDir
+from qemubox.model.net import DNS
+from qemubox.vmpy import control, guestfiles
+from qemubox.vmpy.layout import VmDir
 
 SCRIPT_VERSION = 1  # bumped whenever the script's steps change what comes out
 DEFAULT_RELEASE = "bookworm"
@@ -143,7 +143,7 @@ def generated(
     from qemubox.guest.initramfs import agent_binary
     from qemubox.image import sources
     from qemubox.image.debian import debs_dir
-    from qemubox.vms import config as vmconfig
+    from qemubox.vmpy import config as vmconfig
 
     arch = vmconfig.load(vm.config).arch
     size = control.disk_info(vm.disk).get("virtual-size")

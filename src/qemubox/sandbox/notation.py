@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 from qemubox.errors import InputError
-from qemubox.vm.spec import Disk, FSShare, disk_size
+from qemubox.model.size import disk_size
+from qemubox.sandbox.spec import Disk, FSShare
 
 
 def _split_guest(spec: str, what: str) -> tuple[str, str]:

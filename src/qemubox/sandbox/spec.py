@@ -9,43 +9,27 @@ from pathlib import Path
 
 from qemubox.errors import InputError
 from qemubox.image import catalog
-from qemubox.vm.plan import DiskPlan, PortPlan, SharePlan
+from qemubox.model.plan import DiskPlan, PortPlan, SharePlan
+from qemubox.model.session import (
+    ACCELS,
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CPUS,
+    DEFAULT_IMAGE,
+    DEFAULT_MEMORY,
+    DEFAULT_TIMEOUT,
+    MAX_CPUS,
+    MIN_MEMORY,
+    NETWORKS,
+    SECURITY_MODELS,
+    SHARE_FS,
+    ValidSession,
+)
+from qemubox.model.size import disk_size, whole_mib
+from qemubox.qemu.virtiofs import VIRTIOFSD
 
-SECURITY_MODELS = ("passthrough", "mapped-xattr", "mapped-file", "none")
-SHARE_FS = ("9p", "virtiofs")
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # shipped with Debian's QEMU
-NETWORKS = ("none", "restricted", "user")
-ACCELS = ("auto", "kvm", "tcg")
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.I)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # QEMU's rule for 9p mount tags: at most 31 bytes; we also keep to characters that need no
 # quoting anywhere (the guest's mount options, QEMU's option syntax).
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}")
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """Bytes in ``512M``, ``2G``, ``1024K``, ``64MiB``, ``4096B``; a bare number means MiB."""
-    if isinstance(text, int):
-        if text <= 0:
-            raise InputError(f"{what} must be positive, got {text}")
-        return text
-    m = _SIZE_RE.fullmatch(str(text).strip())
-    if not m:
-        raise InputError(f"invalid {what} {text!r} (expected a size such as 512M or 2G)")
-    unit = m.group(2).upper()
-    # A bare number means MiB; a bare B means bytes.
-    value = int(m.group(1)) * (1 if not unit and m.group(3) else _UNITS[unit])
-    if value <= 0:
-        raise InputError(f"{what} must be positive, got {text!r}")
-    return value
-
-
-def disk_size(text: str | int) -> int:
-    """A disk's size in bytes: a size (see :func:`parse_size`) of at least 1M."""
-    size = parse_size(text, "disk size")
-    if size < 1 << 20:
-        raise InputError(f"disk size {text!r} is too small (at least 1M)")
-    return size
 
 
 def _absolute_guest_path(path: str, what: str) -> str:
@@ -83,8 +67,8 @@ class Disk:
 
 @dataclass
 class Session:
-    memory: str | int = "512M"
-    cpus: int = 1
+    memory: str | int = DEFAULT_MEMORY
+    cpus: int = DEFAULT_CPUS
     balloon: bool = False
     shares: list[FSShare] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
@@ -92,13 +76,13 @@ class Session:
     ports: list[tuple[int, int]] = field(default_factory=list)
     kernel: str | None = None  # a path, "debian", or None for the best available
     modules: str | None = None
-    timeout: float | None = 60.0  # default per-command timeout, seconds
-    boot_timeout: float = 60.0
+    timeout: float | None = DEFAULT_TIMEOUT  # default per-command timeout, seconds
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     accel: str = "auto"
     console_log: str | None = None
     # The root: minimal (the initramfs), host (this machine's / read-only, writes in
     # memory), debian, an image built with `qemubox image build`, or an ext4/qcow2 file.
-    image: str = "minimal"
+    image: str = DEFAULT_IMAGE
     overlay: str | None = None  # where a disk root's writes go (default: with the VM)
     # Start from a snapshot of a booted guest (recorded by the first start of its kind)
     # when the session allows it (see vm/snapshot.py); otherwise boot.
@@ -106,44 +90,6 @@ class Session:
 
     def validate(self) -> ValidSession:
         return validate(self)
-
-
-@dataclass(frozen=True)
-class ValidSession:
-    """A session checked and normalised: sizes in bytes, paths resolved, devices as they
-    go into the machine plan."""
-
-    memory: int
-    cpus: int
-    balloon: bool
-    shares: tuple[SharePlan, ...]
-    disks: tuple[DiskPlan, ...]  # an ephemeral disk's path is "" until planned
-    network: str
-    ports: tuple[PortPlan, ...]
-    kernel: str | None
-    modules: Path | None
-    timeout: float | None
-    boot_timeout: float
-    accel: str
-    console_log: Path | None
-    image: str = "minimal"  # a name, or an image file's absolute path
-    root_kind: str = "initramfs"  # initramfs, disk or share
-    root_fs: str = "9p"  # a share root's
-    overlay: str | None = None
-    snapshot: bool = True
-
-    def features(self) -> tuple[str, ...]:
-        """What the guest needs drivers for, beyond its console and agent port."""
-        fs = {s.fs for s in self.shares} | ({self.root_fs} if self.root_kind == "share" else set())
-        wanted = {
-            "disks": bool(self.disks) or self.root_kind == "disk",
-            "shares": "9p" in fs,
-            "virtiofs": "virtiofs" in fs,
-            "network": self.network != "none",
-            "balloon": self.balloon,
-            "overlay": self.root_kind == "share",
-        }
-        return tuple(name for name, on in wanted.items() if on)
 
 
 def _port(value: object, what: str, allow_zero: bool) -> int:
@@ -157,11 +103,11 @@ def _port(value: object, what: str, allow_zero: bool) -> int:
 
 def validate(s: Session) -> ValidSession:
     """Check everything before anything starts; raises InputError naming the culprit."""
-    memory = parse_size(s.memory, "memory")
-    if memory < 64 << 20:
+    memory = whole_mib(s.memory, "memory")
+    if memory < MIN_MEMORY:
         raise InputError(f"memory {s.memory!r} is too small (at least 64M)")
-    if not isinstance(s.cpus, int) or isinstance(s.cpus, bool) or not 1 <= s.cpus <= 64:
-        raise InputError(f"cpus must be a whole number from 1 to 64, got {s.cpus!r}")
+    if not isinstance(s.cpus, int) or isinstance(s.cpus, bool) or not 1 <= s.cpus <= MAX_CPUS:
+        raise InputError(f"cpus must be a whole number from 1 to {MAX_CPUS}, got {s.cpus!r}")
     if s.network not in NETWORKS:
         raise InputError(f"network must be one of {', '.join(NETWORKS)}, got {s.network!r}")
     if s.accel not in ACCELS:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox.qemu.cmdline import AGENT_PORT, escape
-from qemubox.vms.config import VmConfig
-from qemubox.vms.guestfiles import KEYS_NAME
-from qemubox.vms.kernel import HostKernel
+from qemubox.vmpy.config import VmConfig
+from qemubox.vmpy.guestfiles import KEYS_NAME
+from qemubox.vmpy.kernel import HostKernel
 
 MODULES_TAG = "modules"  # the 9p tag the guest's modules mounter looks for
 _STDIO_SERIAL = ("mon:stdio", "stdio")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox.errors import InputError
-from qemubox.vm.spec import parse_size
+from qemubox.model.size import parse_size
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from qemubox import paths
 from qemubox.errors import BootError, GuestError, InputError, VMDied
-from qemubox.vms import config as vmconfig
-from qemubox.vms import control
-from qemubox.vms.layout import VmDir
+from qemubox.vmpy import config as vmconfig
+from qemubox.vmpy import control
+from qemubox.vmpy.layout import VmDir
 
 DEFAULT_USER = "vmuser"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}  # runuser -l makes the rest

@@ -14,13 +14,13 @@ from qemubox.cli.common import CONTEXT, say, table
 
 
 def _where():
-    from qemubox.vms import conf
+    from qemubox.vmpy import conf
 
     return conf.load()
 
 
 def _vm(name: str):
-    from qemubox.vms.layout import VmDir
+    from qemubox.vmpy.layout import VmDir
 
     return VmDir.of(_where().vms, name)
 
@@ -49,7 +49,7 @@ def vm() -> None:
 def create(name, cpus, memory, size, arch, force):
     """Create VM NAME: <VMs>/NAME/NAME.qcow2 (blank), config.py and an ssh key."""
     from qemubox import arch as arches
-    from qemubox.vms import lifecycle
+    from qemubox.vmpy import lifecycle
 
     where = _where()
     record = arches.get(arch) if arch else arches.host()
@@ -81,7 +81,7 @@ def install(name, release, mirror, user, hostname, packages, timezone, locale, e
     sshd, autologin on the serial console, DHCP on the NIC, and the modules mounter for
     kernels run with -k. Installs are cached by their script: the same inputs again take
     seconds."""
-    from qemubox.vms import install as installer
+    from qemubox.vmpy import install as installer
 
     target = _vm(name).must_exist()
     if script is not None:
@@ -127,8 +127,8 @@ def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
     """Run VM NAME: QEMU with its config.py's options; the serial console and QEMU's
     monitor on this terminal (Ctrl-A X quits), or in the background with -d."""
     from qemubox.qemu.accel import tcg_warning
-    from qemubox.vms import run as runner
-    from qemubox.vms.command import qemu_command
+    from qemubox.vmpy import run as runner
+    from qemubox.vmpy.command import qemu_command
 
     request = runner.RunRequest(
         name=name,
@@ -161,7 +161,7 @@ def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per VM, as a list.")
 def list_(as_json):
     """The VMs under <VMs>: size, disk, running or not, ssh port."""
-    from qemubox.vms import lifecycle
+    from qemubox.vmpy import lifecycle
 
     where = _where()
     rows = [lifecycle.describe(where.vms, n) for n in lifecycle.names(where.vms)]
@@ -206,7 +206,7 @@ def _size(n: int | None) -> str:
 )
 def stop(name, timeout):
     """Power VM NAME off (ACPI, as the power button), killing it after --timeout."""
-    from qemubox.vms import control
+    from qemubox.vmpy import control
 
     how = control.stop(_vm(name).must_exist(), timeout)
     click.echo(f"{name}: {how}")
@@ -217,7 +217,7 @@ def stop(name, timeout):
 @click.option("-f", "--force", is_flag=True, help="Kill it first if it runs.")
 def rm(name, force):
     """Remove VM NAME and its directory (disk included)."""
-    from qemubox.vms import lifecycle
+    from qemubox.vmpy import lifecycle
 
     lifecycle.remove(_where().vms, name, force)
     click.echo(f"removed {name}")
@@ -228,7 +228,7 @@ def rm(name, force):
 @click.argument("command", nargs=-1)
 def ssh(name, command):
     """ssh into VM NAME with its own key; `-- CMD` runs CMD through the guest's shell."""
-    from qemubox.vms import access
+    from qemubox.vmpy import access
 
     access.ssh(_vm(name).must_exist(), command)
 
@@ -247,7 +247,7 @@ def ssh(name, command):
 def exec_(name, wait, via, command):
     """Run COMMAND (its words kept as they are) in VM NAME as its user, in a login shell;
     exit with its status."""
-    from qemubox.vms import access
+    from qemubox.vmpy import access
 
     return access.exec_command(_vm(name).must_exist(), command, wait, via)
 
@@ -257,7 +257,7 @@ def exec_(name, wait, via, command):
 def console(name):
     """Attach to the serial console of VM NAME (run with -d); Ctrl-] detaches."""
     from qemubox.cli import terminal
-    from qemubox.vms import access
+    from qemubox.vmpy import access
 
     sock = access.console(_vm(name).must_exist())
     with terminal.raw(sys.stdin.fileno()) as on_terminal:

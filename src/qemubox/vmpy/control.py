@@ -14,7 +14,7 @@ from pathlib import Path
 from qemubox import paths
 from qemubox.errors import InputError, KernelError, last_line
 from qemubox.qemu import process
-from qemubox.vms.layout import VmDir
+from qemubox.vmpy.layout import VmDir
 
 START_SECONDS = 30.0  # for QEMU to open its monitor socket
 
