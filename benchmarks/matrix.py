@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qemubox.kernel.artifacts import choose_kernel
 from qemubox.matrix import Matrix
+from qemubox.matrix.execute import run_matrix
 
 warnings.simplefilter("ignore")
 
@@ -46,8 +47,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         m = Matrix.from_file(matrix_file(Path(d), str(Path(kernel).resolve()), args.cells))
-        one, r1 = timed(lambda: m.run(jobs=1))
-        two, r2 = timed(lambda: m.run(jobs=2))
+        one, r1 = timed(lambda: run_matrix(m, jobs=1))
+        two, r2 = timed(lambda: run_matrix(m, jobs=2))
         with (
             LocalCluster(
                 n_workers=2,
@@ -57,7 +58,7 @@ def main() -> None:
             ) as cluster,
             Client(cluster) as client,
         ):
-            dask_wall, r3 = timed(lambda: m.run(client=client))
+            dask_wall, r3 = timed(lambda: run_matrix(m, client=client))
     for name, results in (("jobs 1", r1), ("jobs 2", r2), ("dask", r3)):
         bad = [r.cell for r in results if r.status != "pass"]
         if bad:

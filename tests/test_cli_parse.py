@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from helpers import qemubox
-from qemubox.cli import parse
 from qemubox.errors import Exit, InputError, KernelPanic, printable
+from qemubox.sandbox import notation as parse
 from qemubox.sandbox.spec import Disk, FSShare
+from qemubox.service.session import cpus
 
 
 @pytest.mark.parametrize(
@@ -52,8 +53,8 @@ def test_env_takes_unset_keys_from_the_host():
         (lambda: parse.seconds("inf", "--timeout"), "finite"),
         (lambda: parse.seconds("0", "--timeout"), "positive"),
         (lambda: parse.seconds("soon", "--timeout"), "a number of seconds"),
-        (lambda: parse.cpus("65"), "from 1 to 64"),
-        (lambda: parse.cpus("two"), "from 1 to 64"),
+        (lambda: cpus("65"), "from 1 to 64"),
+        (lambda: cpus("two"), "from 1 to 64"),
         (lambda: parse.workdir("tmp"), "absolute guest path"),
     ],
 )

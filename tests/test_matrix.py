@@ -18,6 +18,7 @@ from junitparser import JUnitXml
 
 from helpers import qemubox
 from qemubox.matrix import Matrix
+from qemubox.matrix.execute import run_matrix
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -140,7 +141,7 @@ def test_a_matrix_here_and_on_a_dask_cluster(matrix_dir, kernel):
     assert JUnitXml.fromfile(str(xml)).tests == 8 + 4 * 4
     # the same matrix on a cluster: the same results, cell by cell
     with cluster() as c, Client(c) as client:
-        results = Matrix.from_file(matrix_dir / "m.toml").run(client=client)
+        results = run_matrix(Matrix.from_file(matrix_dir / "m.toml"), client=client)
     remote = [res.to_dict() for res in results]
     assert comparable(remote) == comparable(records)
     assert all(res["worker"].startswith("tcp://") for res in remote)
@@ -171,7 +172,7 @@ def test_a_cell_on_a_killed_worker_runs_again_elsewhere(matrix_dir, kernel):
     with cluster() as c, Client(c) as client:
         pids = client.run(os.getpid)  # worker address -> pid
         out: list = []
-        runner = threading.Thread(target=lambda: out.extend(m.run(client=client)))
+        runner = threading.Thread(target=lambda: out.extend(run_matrix(m, client=client)))
         runner.start()
         victim, qemu = None, set()
         deadline = time.monotonic() + 120
@@ -225,7 +226,7 @@ def test_fail_fast_on_a_cluster_stops_the_running_cells_vms(matrix_dir, kernel):
     start = time.monotonic()
     with cluster() as c, Client(c) as client:
         pids = client.run(os.getpid)
-        long_cell, failed = m.run(client=client, keep_going=False)
+        long_cell, failed = run_matrix(m, client=client, keep_going=False)
         left = set().union(*(qemus_under(p) for p in pids.values()))
     assert (failed.status, failed.exit_code) == ("fail", 1)
     assert (long_cell.status, long_cell.error) == ("error", "cancelled")
@@ -244,7 +245,9 @@ def test_a_kernel_that_cannot_be_built_fails_its_cells_only(matrix_dir, kernel):
     assert r.code == 1, r.err
     here = json.loads((matrix_dir / "b.json").read_text())
     with cluster() as c, Client(c) as client:
-        there = [res.to_dict() for res in Matrix.from_file(matrix_dir / "b.toml").run(client)]
+        there = [
+            res.to_dict() for res in run_matrix(Matrix.from_file(matrix_dir / "b.toml"), client)
+        ]
     for base, bad in (here, there):
         assert (base["status"], base["exit_code"]) == ("pass", 0)
         assert bad["status"] == "error" and bad["error"].startswith("kernel bad: ")

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 def running(machine_ids: set[str]) -> set[str]:
     """Those of the machines that still run."""
     from qemubox.errors import InputError
-    from qemubox.vm.machine import Machine, State
+    from qemubox.model.state import State
+    from qemubox.vm.machine import Machine
 
     up = set()
     for machine_id in machine_ids:

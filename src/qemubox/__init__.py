@@ -8,7 +8,7 @@ _LAZY = {
     "FSShare": "qemubox.sandbox.spec",
     "Disk": "qemubox.sandbox.spec",
     "MachinePlan": "qemubox.model.plan",
-    "Sandbox": "qemubox.sandbox.sandbox",
+    "Sandbox": "qemubox.sandbox.api",
     "Pool": "qemubox.sandbox.pool",
     "ExecResult": "qemubox.sandbox.sandbox",
     "SandboxError": "qemubox.errors",

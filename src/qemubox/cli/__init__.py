@@ -11,7 +11,7 @@ import click
 
 from qemubox import __version__
 from qemubox.cli.common import CONTEXT, say
-from qemubox.errors import Exit, QemuboxError
+from qemubox.errors import Exit
 
 # Each command: the module of this package that defines it, and its name there. A command's
 # module is imported when the command runs (or help lists it): a start pays for its own.
@@ -70,6 +70,19 @@ def _internal_error(exc: Exception) -> int:
     return Exit.INTERNAL
 
 
+def _failed(exc: Exception) -> int:
+    """Say what went wrong as the service's outcome says it; an internal error else."""
+    from qemubox.service.outcome import of_error
+
+    outcome = of_error(exc)
+    if outcome is None:
+        return _internal_error(exc)
+    for line in outcome.lines:
+        say(line)
+    say(f"qemubox: error: {outcome.message}")
+    return outcome.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: errors become one line on stderr and an exit status, never a traceback."""
     import warnings
@@ -88,24 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         say("qemubox: interrupted")
         code = Exit.INTERRUPTED
-    except QemuboxError as exc:
-        tail = getattr(exc, "log_tail", "") if getattr(exc, "show_tail", False) else ""
-        if tail:
-            say(tail)
-        console = getattr(exc, "console_tail", "")
-        if console:
-            say("--- guest console (last lines) ---\n" + console + "\n---")
-        say(f"qemubox: error: {exc}")
-        code = exc.exit_code
     except BrokenPipeError:
         code = 0
-    except OSError as exc:
-        if exc.filename is None:
-            code = _internal_error(exc)
-        else:
-            # A file the user named (or where output must go) cannot be made or used.
-            say(f"qemubox: error: {exc.filename}: {exc.strerror or exc}")
-            code = Exit.INPUT
     except Exception as exc:  # the last line of defence: no traceback for the user
-        code = _internal_error(exc)
+        code = _failed(exc)
     sys.exit(code if isinstance(code, int) else (0 if code is None else Exit.INPUT))

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from qemubox.arch import ARCHES
 from qemubox.cli.common import CONTEXT, say
 from qemubox.errors import InputError, VerifyError
+from qemubox.kernel import profiles
 
 # --- kernel -----------------------------------------------------------------------------------
 
@@ -26,12 +28,16 @@ def _build_options(func):
         ),
         click.option("--source", metavar="DIR|TARBALL", help="Any local source tree or tarball."),
         click.option("--sha256", metavar="HEX", help="Expected sha256 of the tarball."),
-        click.option("--arch", metavar="ARCH", help="x86_64 (default on this host) or arm64."),
+        click.option(
+            "--arch",
+            metavar="ARCH",
+            help=f"One of {', '.join(ARCHES)} (default: this host's).",
+        ),
         click.option(
             "--profile",
-            default="minimal",
+            default=profiles.DEFAULT,
             show_default=True,
-            type=click.Choice(["minimal", "default", "small", "fastboot", "debug"]),
+            type=click.Choice(list(profiles.PROFILES)),
             help="minimal: tinyconfig + sandbox; default: defconfig + sandbox; "
             "small/fastboot/debug: minimal plus that fragment.",
         ),
@@ -79,10 +85,11 @@ def kernel_build(output, **kw):
     Builds are cached by source, configuration and arch: a build with nothing changed
     returns at once, and a small change rebuilds incrementally.
     """
-    from qemubox.kernel.build import ConfigMismatchError, build_kernel
+    from qemubox.kernel.build import ConfigMismatchError
+    from qemubox.service.actions import KernelBuild, perform
 
     try:
-        result = build_kernel(_request(output=Path(output), **kw))
+        result = perform(KernelBuild(_request(output=Path(output), **kw)))
     except ConfigMismatchError as err:
         for line in err.lines:
             click.echo(line)

@@ -95,20 +95,13 @@ def matrix(file, jobs, scheduler, json_out, junit_out, keep_going):
     sandbox of its own. Exit status 0 only when every cell passed, 1 otherwise."""
     from qemubox.matrix import report
     from qemubox.matrix.spec import Matrix
+    from qemubox.service.actions import RunMatrix, perform
 
     m = Matrix.from_file(file)
     json_path, junit_path = _writable(json_out, "--json"), _writable(junit_out, "--junit")
-    client = None
-    if scheduler:
-        if jobs:
-            raise InputError("--jobs goes without --scheduler (the cluster's VM resources decide)")
-        client = _connect(scheduler)
-    try:
-        with _Live(m.cells) as live:
-            results = m.run(client=client, jobs=jobs, keep_going=keep_going, events=live)
-    finally:
-        if client is not None:
-            client.close()
+    action = RunMatrix(m, jobs, scheduler, keep_going)
+    with _Live(m.cells) as live:
+        results = perform(action, live)
     if json_path:
         report.write_json(results, json_path)
     if junit_path:
@@ -122,12 +115,3 @@ def matrix(file, jobs, scheduler, json_out, junit_out, keep_going):
     n = report.counts(results)
     say(f"{n['pass']} passed, {n['fail']} failed, {n['error']} errors")
     return Exit.OK if n["pass"] == len(results) else Exit.MISMATCH
-
-
-def _connect(address: str):
-    from distributed import Client
-
-    try:
-        return Client(address, timeout=10)
-    except (OSError, TimeoutError) as err:
-        raise InputError(f"--scheduler {address}: cannot reach it: {err}") from None

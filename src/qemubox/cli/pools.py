@@ -7,7 +7,7 @@ import json
 import click
 
 from qemubox.cli.common import CONTEXT, chosen_keys, say, table
-from qemubox.cli.run import make_session, session_options
+from qemubox.cli.run import session_options
 from qemubox.errors import InputError
 
 
@@ -31,16 +31,16 @@ def pool() -> None:
 def start(size, ttl, **options):
     """Keep machines of this session waiting: `run` (and `Sandbox`) of the same session
     then takes one instead of starting QEMU. Prints the pool's key."""
-    from qemubox.cli import parse
-    from qemubox.sandbox.pool import Pool
+    from qemubox.sandbox import notation
+    from qemubox.service.actions import StartPool, perform
+    from qemubox.service.session import SessionRequest
 
     if size < 1:
         raise InputError(f"--size: at least 1, got {size}")
-    seconds = parse.duration(ttl, "--ttl")
-    session = make_session(options)
-    started = Pool(session, size, int(seconds)).start()
-    click.echo(started.plan.snapshot.key)
-    say(f"{started.waiting()} machine(s) waiting")
+    seconds = notation.duration(ttl, "--ttl")
+    key, waiting = perform(StartPool(SessionRequest.take(options), size, int(seconds)))
+    click.echo(key)
+    say(f"{waiting} machine(s) waiting")
 
 
 @pool.command("ls", context_settings=CONTEXT)

@@ -7,17 +7,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import replace
 
 import click
 
 from qemubox.cli import terminal
 from qemubox.cli.common import CONTEXT, say
-from qemubox.errors import Exit, InputError
+from qemubox.model import session as defaults
 
 _SESSION_OPTIONS = [
-    click.option("-m", "--memory", default="512M", show_default=True, help="Guest memory."),
-    click.option("-c", "--cpus", default="1", show_default=True, metavar="N"),
+    click.option(
+        "-m", "--memory", default=defaults.DEFAULT_MEMORY, show_default=True, help="Guest memory."
+    ),
+    click.option(
+        "-c", "--cpus", default=str(defaults.DEFAULT_CPUS), show_default=True, metavar="N"
+    ),
     click.option("--balloon", is_flag=True, help="Add a virtio-balloon device."),
     click.option(
         "-v",
@@ -29,9 +32,9 @@ _SESSION_OPTIONS = [
     ),
     click.option(
         "--share-fs",
-        default="9p",
+        default=defaults.SHARE_FS[0],
         show_default=True,
-        type=click.Choice(["9p", "virtiofs"]),
+        type=click.Choice(defaults.SHARE_FS),
         help="What -v and --share use (virtiofs: faster; needs root).",
     ),
     click.option(
@@ -50,9 +53,9 @@ _SESSION_OPTIONS = [
     ),
     click.option(
         "--net",
-        default="none",
+        default=defaults.NETWORKS[0],
         show_default=True,
-        type=click.Choice(["none", "restricted", "user"]),
+        type=click.Choice(defaults.NETWORKS),
     ),
     click.option(
         "-p",
@@ -68,9 +71,17 @@ _SESSION_OPTIONS = [
         help="Kernel image (default: the newest qemubox build, else Debian's).",
     ),
     click.option("--modules", metavar="DIR", help="Modules of --kernel (lib/modules/VERSION)."),
-    click.option("--boot-timeout", default="60", show_default=True, metavar="S"),
     click.option(
-        "--accel", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
+        "--boot-timeout",
+        default=f"{defaults.DEFAULT_BOOT_TIMEOUT:g}",
+        show_default=True,
+        metavar="S",
+    ),
+    click.option(
+        "--accel",
+        default=defaults.ACCELS[0],
+        show_default=True,
+        type=click.Choice(defaults.ACCELS),
     ),
     click.option(
         "--snapshot/--no-snapshot",
@@ -81,7 +92,7 @@ _SESSION_OPTIONS = [
     ),
     click.option(
         "--image",
-        default="minimal",
+        default=defaults.DEFAULT_IMAGE,
         show_default=True,
         metavar="IMAGE",
         help="The root: minimal, host (this machine's / read-only), debian, an image of "
@@ -110,62 +121,35 @@ def named_options(f):
     return f
 
 
-def make_session(options: dict, timeout: float | None = None, console_log: str | None = None):
-    """The Session the options in ``options`` ask for (they are taken out of it)."""
-    from qemubox.cli import parse
-    from qemubox.sandbox.spec import Session
-
-    fs = options.pop("share_fs")
-    shares = [*map(parse.volume, options.pop("volumes")), *map(parse.share, options.pop("shares"))]
-    return Session(
-        memory=options.pop("memory"),
-        cpus=parse.cpus(options.pop("cpus")),
-        balloon=options.pop("balloon"),
-        shares=[replace(share, fs=fs) for share in shares],
-        disks=[parse.disk(d) for d in options.pop("disks")],
-        network=options.pop("net"),
-        ports=[parse.publish(p) for p in options.pop("publish")],
-        kernel=options.pop("kernel"),
-        modules=options.pop("modules"),
-        timeout=timeout,
-        boot_timeout=parse.seconds(options.pop("boot_timeout"), "--boot-timeout"),
-        accel=options.pop("accel"),
-        console_log=console_log,
-        image=options.pop("image"),
-        snapshot=options.pop("snapshot"),
-    )
-
-
-def default_workdir(session) -> str:
+def default_workdir(image: str) -> str:
     """Where a command starts unless told: in a host root, where we are (it is there, at
     the same path); elsewhere at /."""
-    return os.getcwd() if session.image == "host" else "/"
+    return os.getcwd() if image == "host" else "/"
 
 
-def run_command(sandbox, command, env, cwd, interactive, timeout, tty=False) -> int:
-    """Run ``command`` in ``sandbox`` with our stdin (when ``interactive``), stdout and
-    stderr; returns the exit status qemubox exits with. With ``tty`` it runs on a
-    pseudo-terminal in the guest, the size of ours, fed our stdin: ours is put in raw mode
-    meanwhile (so ^C reaches the guest's program) and its size changes follow."""
+def streams():
+    """Our stdin, stdout and stderr, and our terminal, lent to a command."""
+    from qemubox.service.command import Streams
+
     # When our reader goes away (`| head -1`), end as any writer to a closed pipe does:
     # killed by SIGPIPE, at once, the VM with us. (The agent's socket is written with
     # MSG_NOSIGNAL: a VM that dies is reported, not taken for a closed pipe.)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    with terminal.forwarded(sandbox, tty) as size:
-        result = sandbox.exec(
-            list(command),
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
-            on_stdout=_writer(sys.stdout.buffer),
-            on_stderr=_writer(sys.stderr.buffer),
-            stdin_stream=_raw_stdin() if interactive or tty else None,
-            tty=size,
-        )
-    if result.timed_out:
-        say(f"qemubox: the command timed out after {timeout:g} s and was killed")
-        return Exit.TIMEOUT
-    return result.exit_code
+    return Streams(
+        _writer(sys.stdout.buffer), _writer(sys.stderr.buffer), _raw_stdin(), terminal.lent
+    )
+
+
+def perform_streaming(action):
+    """Perform an action that runs a command, with our streams; its notices said after."""
+    from qemubox.service.actions import perform
+
+    io = streams()
+    try:
+        return perform(action, io)
+    finally:
+        for notice in io.notices:
+            say(notice)
 
 
 def _raw_stdin():
@@ -216,65 +200,43 @@ def run(command, env, workdir, timeout, console_log, dry_run, timings, interacti
     """
     import shlex
 
-    from qemubox.cli import parse
-    from qemubox.sandbox.sandbox import Sandbox
+    from qemubox.sandbox import notation
+    from qemubox.service import actions
+    from qemubox.service.command import CommandRequest
+    from qemubox.service.session import SessionRequest
 
-    name, detach, remove = options.pop("name"), options.pop("detach"), options.pop("remove")
-    ttl = parse.duration(options.pop("ttl"), "--ttl")
-    timeout = parse.seconds(timeout, "--timeout")
-    session = make_session(options, timeout, console_log)
-    command_env = parse.env(env, os.environ)
-    cwd = parse.workdir(workdir or default_workdir(session))
-    if name is None:
-        if detach or remove or ttl:
-            raise InputError("-d, --rm and --ttl go with --name")
-    elif detach and (remove or interactive):
-        raise InputError("-d goes with neither --rm nor -i")
-    elif console_log:
-        raise InputError(f"--console-log goes without --name (see: qemubox logs {name})")
-    if dry_run:
-        from qemubox.qemu.cmdline import qemu_args
-
-        click.echo(shlex.join(qemu_args(Sandbox(session).make_plan(dry_run=True))))
-        return 0
-    if name is None:
-        with Sandbox(session) as sandbox:
-            code = run_command(sandbox, command, command_env, cwd, interactive, timeout)
-            sandbox.phase("command")
-        sandbox.phase("teardown")
-        if timings:
-            _print_timings(sandbox.timings)
-        return code
-    sandbox = Sandbox.create(name, session, ttl)
-    try:
-        if detach:
-            _start_in_background(sandbox, command, command_env, cwd)
-            click.echo(name)
-            return 0
-        return run_command(sandbox, command, command_env, cwd, interactive, timeout)
-    finally:
-        if remove:
-            sandbox.remove(force=True)
-        else:
-            sandbox.detach()
-
-
-def _print_timings(phases: list[tuple[str, float]]) -> None:
-    width = max(len(name) for name, _ in phases)
-    for name, seconds in phases:
-        say(f"{name:<{width}}  {seconds * 1000:8.1f} ms")
-    say(f"{'total':<{width}}  {sum(s for _, s in phases) * 1000:8.1f} ms")
-
-
-def _start_in_background(sandbox, command, env, cwd) -> None:
-    """Start ``command`` so that it outlives this client, its output on the console."""
-    from qemubox.errors import SandboxError
-
-    line = (
-        'command -v "$1" >/dev/null || { echo "$1: command not found" >&2; exit 127; }; '
-        'setsid "$@" </dev/null >/dev/console 2>&1 &'
+    request = SessionRequest.take(options)
+    timeout = notation.seconds(timeout, "--timeout")
+    command_request = CommandRequest(
+        tuple(command),
+        notation.env(env, os.environ),
+        notation.workdir(workdir or default_workdir(request.image)),
+        timeout,
+        interactive,
     )
-    r = sandbox.exec(["sh", "-c", line, "sh", *command], env=env, cwd=cwd, timeout=30)
-    if r.exit_code != 0:
-        why = r.stderr.decode(errors="replace").strip()
-        raise SandboxError(f"cannot start {command[0]} in the background: {why}")
+    action = actions.Run(
+        command_request,
+        request,
+        console_log,
+        options.pop("name"),
+        options.pop("detach"),
+        options.pop("remove"),
+        notation.duration(options.pop("ttl"), "--ttl"),
+        dry_run,
+    )
+    if dry_run:
+        click.echo(shlex.join(actions.perform(action).qemu_args))
+        return 0
+    result = perform_streaming(action)
+    if action.detach:
+        click.echo(action.name)
+    if timings and result.timings:
+        _print_timings(result.timings)
+    return result.exit_code
+
+
+def _print_timings(timings) -> None:
+    width = max(len(t.phase) for t in timings)
+    for phase, seconds in timings:
+        say(f"{phase:<{width}}  {seconds * 1000:8.1f} ms")
+    say(f"{'total':<{width}}  {sum(t.seconds for t in timings) * 1000:8.1f} ms")

@@ -11,8 +11,11 @@ import time
 import click
 
 from qemubox.cli.common import CONTEXT, ago, table
-from qemubox.cli.run import make_session, named_options, run_command, session_options
+from qemubox.cli.run import named_options, perform_streaming, session_options
 from qemubox.errors import InputError
+from qemubox.model.state import State
+from qemubox.service import actions
+from qemubox.service.actions import perform
 
 
 @click.command(context_settings=CONTEXT)
@@ -25,12 +28,11 @@ def create(name, ttl, **options):
     It outlives this command and the terminal; `qemubox exec NAME -- CMD` runs commands in
     it, `qemubox stop NAME` powers it off (its disks kept), `qemubox rm NAME` removes it.
     """
-    from qemubox.cli import parse
-    from qemubox.sandbox.sandbox import Sandbox
+    from qemubox.sandbox import notation
+    from qemubox.service.session import SessionRequest
 
-    ttl = parse.duration(ttl, "--ttl")
-    Sandbox.create(name, make_session(options), ttl).detach()
-    click.echo(name)
+    ttl = notation.duration(ttl, "--ttl")
+    click.echo(perform(actions.Create(name, SessionRequest.take(options), ttl)))
 
 
 @click.command("exec", context_settings={**CONTEXT, "allow_interspersed_args": False})
@@ -43,23 +45,20 @@ def create(name, ttl, **options):
 @click.argument("command", nargs=-1, required=True)
 def exec_(name, command, env, workdir, interactive, tty, timeout):
     """Run COMMAND in the running sandbox NAME; exit with its exit status (as `run`)."""
-    from qemubox.cli import parse
-    from qemubox.sandbox import named
+    from qemubox.sandbox import notation
+    from qemubox.service.command import CommandRequest
 
     if command[:1] == ("--",):  # NAME -- COMMAND: options end at NAME, the "--" is ours
         command = command[1:]
     if not command:
         raise InputError("exec needs a COMMAND after NAME")
-    timeout = parse.seconds(timeout, "--timeout")
-    command_env = parse.env(env, os.environ)
+    timeout = notation.seconds(timeout, "--timeout")
+    command_env = notation.env(env, os.environ)
     if tty and "TERM" not in command_env:
         command_env["TERM"] = os.environ.get("TERM", "xterm")
-    cwd = parse.workdir(workdir)
-    sandbox = named.attach(name)
-    try:
-        return run_command(sandbox, command, command_env, cwd, interactive, timeout, tty)
-    finally:
-        sandbox.detach()
+    cwd = notation.workdir(workdir)
+    request = CommandRequest(tuple(command), command_env, cwd, timeout, interactive, tty)
+    return perform_streaming(actions.Exec(name, request))
 
 
 def _until(t: float | None) -> str:
@@ -74,15 +73,13 @@ def _until(t: float | None) -> str:
 @click.option("-a", "--all", "show_all", is_flag=True, help="Stopped and failed ones too.")
 def ls(as_json, show_all):
     """List the named sandboxes (running ones; -a: all)."""
-    from qemubox.sandbox import named
-
-    found = [s for s in named.list_all() if show_all or s.state in ("starting", "running")]
+    found = perform(actions.List(show_all))
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in found], indent=2))
         return
     rows = [("NAME", "STATE", "IMAGE", "KERNEL", "MEMORY", "CPUS", "UP", "PORTS", "EXPIRES")]
     for s in found:
-        state = s.state + (f" ({s.note})" if s.note and s.state != "running" else "")
+        state = s.state + (f" ({s.note})" if s.note and s.state is not State.RUNNING else "")
         expires = "in use" if s.in_use and s.ttl else _until(s.expires)
         ports = ",".join(f"{h}->{g}" for h, g in s.ports) or "-"
         rows.append(
@@ -105,9 +102,7 @@ def ls(as_json, show_all):
 @click.argument("name")
 def inspect(name):
     """NAME's record as JSON: its session, state and, while it runs, its machine plan."""
-    from qemubox.sandbox import named
-
-    click.echo(json.dumps(named.record(name), indent=2, sort_keys=True))
+    click.echo(json.dumps(perform(actions.Inspect(name)), indent=2, sort_keys=True))
 
 
 @click.command(context_settings=CONTEXT)
@@ -124,45 +119,34 @@ def inspect(name):
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def stop(names, wait, expired):
     """Power the sandboxes off cleanly (disks synced); they keep their disks for `start`."""
-    from qemubox.cli import parse
-    from qemubox.sandbox import named
+    from qemubox.sandbox import notation
 
-    wait = parse.seconds(wait, "--time")
-    for name in names:
-        named.stop(name, wait, expired=expired)
+    perform(actions.Stop(names, notation.seconds(wait, "--time"), expired))
 
 
-def _for_each(verb: str, doc: str) -> click.Command:
-    """A command doing ``named.<verb>(NAME)`` for each NAME given."""
+def _for_each(verb: str, action: type, doc: str) -> click.Command:
+    """A command performing ``action`` on the NAMEs given."""
 
     @click.command(verb, context_settings=CONTEXT, help=doc)
     @click.argument("names", nargs=-1, required=True, metavar="NAME...")
     def command(names):
-        from qemubox.sandbox import named
-
-        for name in names:
-            getattr(named, verb)(name)
+        perform(action(names))
 
     return command
 
 
-kill = _for_each("kill", "Kill the sandboxes' VMs at once (no clean power-off).")
+kill = _for_each("kill", actions.Kill, "Kill the sandboxes' VMs at once (no clean power-off).")
 pause = _for_each(
-    "pause", "Save running sandboxes whole (memory, processes, devices) and end their VMs."
+    "pause",
+    actions.Pause,
+    "Save running sandboxes whole (memory, processes, devices) and end their VMs.",
 )
-resume = _for_each("resume", "Bring paused sandboxes back as they were.")
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
-def start(names):
-    """Boot stopped sandboxes again, with their disks as they were (paused: resume)."""
-    from qemubox.sandbox import named
-
-    for name in names:
-        box = named.start(name)
-        if box is not None:
-            box.detach()
+resume = _for_each("resume", actions.Resume, "Bring paused sandboxes back as they were.")
+start = _for_each(
+    "start",
+    actions.Start,
+    "Boot stopped sandboxes again, with their disks as they were (paused: resume).",
+)
 
 
 @click.command("rm", context_settings=CONTEXT)
@@ -170,10 +154,7 @@ def start(names):
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def rm(names, force):
     """Remove sandboxes and the files they own (disks given a PATH stay)."""
-    from qemubox.sandbox import named
-
-    for name in names:
-        named.remove(name, force)
+    perform(actions.Remove(names, force))
 
 
 @click.command(context_settings=CONTEXT)
@@ -182,12 +163,11 @@ def rm(names, force):
 @click.argument("name")
 def logs(name, follow, lines):
     """NAME's console: of its current run, or of its last one."""
-    from qemubox.cli import parse
-    from qemubox.sandbox import console
+    from qemubox.sandbox import notation
 
-    count = parse.count(lines, "--tail") if lines is not None else None
+    count = notation.count(lines, "--tail") if lines is not None else None
     out = sys.stdout.buffer
-    for chunk in console.read(name, count, follow):
+    for chunk in perform(actions.Logs(name, count, follow)):
         out.write(chunk)
         out.flush()
 
@@ -200,7 +180,6 @@ def cp(src, dst):
 
     One of SRC and DST is NAME:/path; the other a host path, or - for a tar stream on
     standard input (to a sandbox) or output (from one)."""
-    from qemubox.cli import parse
-    from qemubox.sandbox import copy
+    from qemubox.sandbox import notation
 
-    copy.cp(parse.guest_path(src), parse.guest_path(dst))
+    perform(actions.Copy(notation.guest_path(src), notation.guest_path(dst)))

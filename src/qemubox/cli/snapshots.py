@@ -57,11 +57,11 @@ def rm(keys, everything):
 def prune(older_than, max_size):
     """Remove snapshots that cannot serve (RAM gone with a reboot, kernel or initramfs
     gone), old ones, and the oldest beyond a size."""
-    from qemubox.cli import parse
     from qemubox.model.size import parse_size
+    from qemubox.sandbox import notation
     from qemubox.vm import snapshot as snapshots
 
-    age = parse.duration(older_than, "--older-than")
+    age = notation.duration(older_than, "--older-than")
     size = parse_size(max_size, "--max-size") if max_size else None
     removed = snapshots.prune(age, size)
     say(f"removed {len(removed)} snapshot(s)")

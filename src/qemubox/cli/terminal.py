@@ -9,7 +9,7 @@ import signal
 import sys
 import termios
 import tty as ttys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def size(fd: int) -> tuple[int, int]:
@@ -37,16 +37,14 @@ def raw(fd: int) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def forwarded(sandbox, wanted: bool) -> Iterator[tuple[int, int] | None]:
-    """Yields the terminal size for ``Sandbox.exec(tty=...)`` (None unless ``wanted``)."""
-    if not wanted:
-        yield None
-        return
+def lent(resize: Callable[[int, int], None]) -> Iterator[tuple[int, int]]:
+    """Our terminal lent to a command on a guest terminal: raw mode, and each change of
+    its size passed to ``resize``; yields its size to start with."""
     stdin = sys.stdin.fileno()
 
     def resized(*_) -> None:
         with contextlib.suppress(Exception):
-            sandbox.resize_terminals(*size(stdin))
+            resize(*size(stdin))
 
     with raw(stdin):
         previous = signal.signal(signal.SIGWINCH, resized)

@@ -35,18 +35,12 @@ from qemubox.kconfig.fragment import Assignment, parse_config_text, read_fragmen
 from qemubox.kconfig.merge import MergedConfig, merge
 from qemubox.kernel.builds import BUILD_MARK, build_root
 from qemubox.kernel.install import same_file
+from qemubox.kernel.profiles import DEFAULT as DEFAULT_PROFILE
+from qemubox.kernel.profiles import PROFILES
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
 from qemubox.linux.tree import KernelTree, cross_compile_prefix, normalize_arch
 from qemubox.paths import cache_dir, locked, read_json, updating_json, write_json
 
-# profile: (base config, shipped fragments applied on top of it)
-PROFILES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "minimal": ("tinyconfig", ("sandbox",)),
-    "default": ("defconfig", ("sandbox",)),
-    "small": ("tinyconfig", ("sandbox", "small")),
-    "fastboot": ("tinyconfig", ("sandbox", "fastboot")),
-    "debug": ("tinyconfig", ("sandbox", "debug")),
-}
 KERNEL_ORG = "https://cdn.kernel.org/pub/linux/kernel"
 
 
@@ -64,7 +58,7 @@ class BuildRequest:
     source: str | None = None
     sha256: str | None = None
     arch: str | None = None
-    profile: str = "minimal"
+    profile: str = DEFAULT_PROFILE
     fragments: Sequence[str] = ()
     config_items: Sequence[str] = ()
     jobs: int | None = None

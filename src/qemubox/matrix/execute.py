@@ -214,9 +214,10 @@ def _phases(timings: list[tuple[str, float]]) -> dict[str, float]:
 
 def default_jobs(cells: list[Cell]) -> int:
     """Cells at once within this machine's cores and free memory."""
+    from qemubox.model.session import DEFAULT_MEMORY
     from qemubox.model.size import parse_size
 
-    biggest = max(parse_size(dict(c.test.options).get("memory", "512M")) for c in cells)
+    biggest = max(parse_size(dict(c.test.options).get("memory", DEFAULT_MEMORY)) for c in cells)
     try:
         with open("/proc/meminfo") as fh:
             info = dict(line.split(":", 1) for line in fh)

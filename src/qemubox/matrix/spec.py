@@ -42,11 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from qemubox.errors import InputError
+from qemubox.kernel.profiles import DEFAULT as DEFAULT_PROFILE
+from qemubox.kernel.profiles import PROFILES
+from qemubox.model import session as defaults
 from qemubox.model.session import NETWORKS
 from qemubox.sandbox import notation
 from qemubox.sandbox.spec import Session
 
-PROFILES = ("minimal", "default", "small", "fastboot", "debug")
 KERNEL_KEYS = {"name", "version", "source", "sha256", "profile", "fragments", "config", "arch"}
 KERNEL_KEYS |= {"path"}
 RUN_KEYS = {"memory", "cpus", "timeout", "boot_timeout", "volumes", "disks", "image", "network"}
@@ -67,7 +69,7 @@ class KernelSpec:
     version: str | None = None
     source: str | None = None
     sha256: str | None = None
-    profile: str = "minimal"
+    profile: str = DEFAULT_PROFILE
     fragments: tuple[str, ...] = ()
     config: tuple[str, ...] = ()
     arch: str | None = None
@@ -104,17 +106,17 @@ class Cell:
         o = dict(self.test.options)
         shares = [notation.volume(v) for v in o.get("volumes", ())]
         return Session(
-            memory=o.get("memory", "512M"),
-            cpus=o.get("cpus", 1),
+            memory=o.get("memory", defaults.DEFAULT_MEMORY),
+            cpus=o.get("cpus", defaults.DEFAULT_CPUS),
             shares=shares,
             disks=[notation.disk(d) for d in o.get("disks", ())],
-            network=o.get("network", "none"),
+            network=o.get("network", defaults.NETWORKS[0]),
             kernel=kernel,
             modules=modules,
             timeout=o.get("timeout", 600),
             boot_timeout=o.get("boot_timeout", 120),
-            accel=o.get("accel", "auto"),
-            image=o.get("image", "minimal"),
+            accel=o.get("accel", defaults.ACCELS[0]),
+            image=o.get("image", defaults.DEFAULT_IMAGE),
         )
 
 
@@ -138,13 +140,6 @@ class Matrix:
     @classmethod
     def from_data(cls, data: dict, base: Path, source: str = "<matrix>") -> Matrix:
         return _Reader(data, base, source).matrix()
-
-    def run(self, client=None, jobs: int | None = None, keep_going: bool = True, events=None):
-        """Run every cell (on ``client``, a ``dask.distributed.Client``, or here with
-        ``jobs`` at once); returns one result per cell, in cell order."""
-        from qemubox.matrix.execute import run_matrix
-
-        return run_matrix(self, client=client, jobs=jobs, keep_going=keep_going, events=events)
 
 
 class _Reader:
@@ -195,7 +190,7 @@ class _Reader:
             raise self.fail(f"{where}.{unknown[0]}", f"unknown key (known: {_known(KERNEL_KEYS)})")
         name = self._str(f"{where}.name", t.get("name"))
         where = f"kernel {name!r}"
-        profile = t.get("profile", "minimal")
+        profile = t.get("profile", DEFAULT_PROFILE)
         if profile not in PROFILES:
             raise self.fail(f"{where}.profile", f"must be one of {', '.join(PROFILES)}")
         spec = KernelSpec(

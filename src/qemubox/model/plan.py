@@ -70,7 +70,7 @@ class RootPlan:
     read-only, under an overlay whose writes stay in guest memory."""
 
     kind: str = "initramfs"
-    image: str = "minimal"  # as the user named it
+    image: str = "minimal"  # as the user named it (model/session.py: DEFAULT_IMAGE)
     base: str = ""
     base_format: str = "raw"  # a disk's: raw or qcow2
     overlay: str = ""  # a disk's writes; "" until planned

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
+from qemubox.model.state import State
+from qemubox.sandbox.sandbox import Sandbox
 from qemubox.sandbox.spec import Session, session_from_dict, session_to_dict
 from qemubox.store import Store
 from qemubox.vm.machine import OWNER, Machine
@@ -29,9 +31,9 @@ SANDBOXES = Store("sandboxes", "sandbox")
 ROOT_OVERLAY = "root.qcow2"  # a disk root's writes, in the sandbox's directory
 STOP_TIMEOUT = 10  # seconds a clean power-off may take before QEMU is killed
 
-# What a sandbox is doing, as observed.
-STARTING, RUNNING, STOPPED, FAILED = "starting", "running", "stopped", "failed"
-PAUSED = "paused"  # saved whole (RAM and devices) to a file, no QEMU
+# What a sandbox is doing, as observed (see model/state.py).
+STARTING, RUNNING, STOPPED, FAILED = State.STARTING, State.RUNNING, State.STOPPED, State.FAILED
+PAUSED = State.PAUSED
 PAUSED_STATE = "paused.state"
 SAVE_TIMEOUT = 300  # seconds writing or reading a paused guest may take
 
@@ -41,7 +43,7 @@ class Status:
     """One sandbox as ``ls`` shows it."""
 
     name: str
-    state: str
+    state: State
     note: str  # why it stopped or failed
     image: str
     kernel: str
@@ -71,7 +73,7 @@ def _observe(record: dict) -> tuple[str, str, int | None]:
     runtime directory."""
     machine = record.get("machine")
     if not machine:
-        return record.get("last", STOPPED), record.get("note", ""), None
+        return State(record.get("last", STOPPED)), record.get("note", ""), None
     d = paths.machine_runtime_dir(machine)
     if not (d / "machine.json").exists():
         return STOPPED, "its VM is gone (the host restarted, or its files were removed)", None
@@ -136,7 +138,7 @@ def _current(name: str, wait: bool = True) -> tuple[dict, str, str]:
 def status(name: str) -> Status:
     record, state, note = _current(name, wait=False)
     session = session_from_dict(record["session"])
-    machine = record.get("machine") if state in (STARTING, RUNNING) else None
+    machine = record.get("machine") if state.live else None
     ports: tuple[tuple[int, int], ...] = ()
     kernel = record.get("kernel") or session.kernel or ""
     in_use = False
@@ -227,8 +229,12 @@ def _own_session(name: str, session: Session, image: str) -> Session:
     )
 
 
-def create(name: str, session: Session, ttl: float | None = None):
-    """Make a sandbox and start it; returns the started :class:`Sandbox` (attached, its
+def exists(name: str) -> bool:
+    return SANDBOXES.exists(name)
+
+
+def create(name: str, session: Session, ttl: float | None = None, cls: type[Sandbox] = Sandbox):
+    """Make a sandbox and start it; returns the started sandbox, a ``cls`` (attached, its
     machine released: detach or close it). A failed start leaves nothing."""
     SANDBOXES.check_name(name)
     if ttl is not None and ttl <= 0:
@@ -250,7 +256,7 @@ def create(name: str, session: Session, ttl: float | None = None):
                 "note": "",
             },
         )
-        box = _boot(name)
+        box = _boot(name, cls)
         assert box is not None  # nobody else knows the name yet
         return box
     except BaseException:
@@ -258,13 +264,13 @@ def create(name: str, session: Session, ttl: float | None = None):
         raise
 
 
-def start(name: str):
+def start(name: str, cls: type[Sandbox] = Sandbox):
     """Boot a stopped sandbox again (its disks as they were), or resume a paused one;
-    returns the started :class:`Sandbox`, or None when it was running already."""
+    returns the started sandbox (a ``cls``), or None when it was running already."""
     if _current(name)[1] == PAUSED:
         resume(name)
         return None
-    return _boot(name)
+    return _boot(name, cls)
 
 
 # --- pausing --------------------------------------------------------------------------------------
@@ -369,16 +375,14 @@ def _idle_action(name: str, record: dict) -> tuple[int, str]:
     return int(ttl), shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
 
 
-def _boot(name: str):
-    from qemubox.sandbox.sandbox import Sandbox
-
+def _boot(name: str, cls: type[Sandbox]):
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)
-        if state in (STARTING, RUNNING):
+        if state.live:
             return None
-        box = Sandbox(session_from_dict(record["session"]))
+        box = cls(session_from_dict(record["session"]))
         try:
-            box._launch(True, *_idle_action(name, record))
+            box.launch(True, *_idle_action(name, record))
         except BaseException:
             box.close()
             raise
@@ -395,7 +399,7 @@ def _boot(name: str):
         }
         SANDBOXES.write(name, record)
     try:
-        box._get_ready()
+        box.get_ready()
     except BaseException as err:
         box.close()
         with SANDBOXES.locked(name):
@@ -413,17 +417,15 @@ def _boot(name: str):
 # --- using and ending ---------------------------------------------------------------------------
 
 
-def attach(name: str, timeout: float = 10):
-    """The running sandbox ``name``, attached."""
-    from qemubox.sandbox.sandbox import Sandbox
-
+def attach(name: str, timeout: float = 10, cls: type[Sandbox] = Sandbox):
+    """The running sandbox ``name``, attached (a ``cls``)."""
     record, state, note = _current(name)
     if state == STARTING:
         raise BusyError(f"sandbox {name!r} is still starting")
     if state != RUNNING:
         why = f" ({note})" if note else ""
         raise InputError(f"sandbox {name!r} is {state}{why}: start it with `qemubox start {name}`")
-    box = Sandbox.attach(record["machine"], timeout)
+    box = cls.attach_machine(record["machine"], timeout)
     box.name = name
     return box
 
@@ -438,7 +440,7 @@ def stop(name: str, timeout: float = STOP_TIMEOUT, expired: bool = False) -> boo
             record = {k: v for k, v in record.items() if k != "paused"}
             SANDBOXES.write(name, {**record, "last": STOPPED, "note": "its paused state dropped"})
             return True
-        if state not in (STARTING, RUNNING):
+        if not state.live:
             return False
         runtime_dir = paths.machine_runtime_dir(record["machine"])
         if expired and (state == STARTING or _attached(runtime_dir)):
@@ -459,7 +461,7 @@ def kill(name: str) -> bool:
 
 def _kill(name: str) -> bool:
     record, state, _ = _up_to_date(name)
-    if state not in (STARTING, RUNNING):
+    if not state.live:
         return False
     machine = Machine.open(record["machine"])
     machine.kill()
@@ -473,7 +475,7 @@ def remove(name: str, force: bool = False) -> None:
     one only with ``force`` (it is killed)."""
     with SANDBOXES.locked(name):
         _, state, _ = _up_to_date(name)
-        if state in (STARTING, RUNNING):
+        if state.live:
             if not force:
                 raise InputError(
                     f"sandbox {name!r} is {state}: stop it first, or remove it with -f"
@@ -485,13 +487,13 @@ def remove(name: str, force: bool = False) -> None:
 def console_log(name: str) -> Path:
     """The console log of the current run, or of the last one."""
     record, state, _ = _current(name)
-    if state in (STARTING, RUNNING):
+    if state.live:
         return paths.machine_runtime_dir(record["machine"]) / "console.log"
     return SANDBOXES.dir(name) / "console.log"
 
 
 def is_running(name: str) -> bool:
-    return _current(name)[1] in (STARTING, RUNNING)
+    return _current(name)[1].live
 
 
 def _duration(seconds: float | None) -> str:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from qemubox.errors import InputError, SandboxError
 from qemubox.model.plan import MachinePlan
-from qemubox.sandbox.sandbox import Sandbox
+from qemubox.sandbox.api import Sandbox
 from qemubox.sandbox.spec import Session
 from qemubox.vm import pool, snapshot
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from qemubox import paths
@@ -27,27 +26,25 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
     TimedOut,
     VMDied,
 )
-from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
+from qemubox.guest.client import AgentClient, AgentGone, SendTimeout
 from qemubox.guest.protocol import own_shell
 from qemubox.model.net import DNS, GATEWAY, GUEST_IP, PREFIX
+from qemubox.model.phase import Phase, Timing
 from qemubox.model.plan import KernelPlan, MachinePlan, SnapshotPlan
 from qemubox.model.session import ValidSession
 from qemubox.model.size import parse_size
+from qemubox.model.state import State
 from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import qemu_args
+from qemubox.sandbox import commands
+from qemubox.sandbox.commands import ExecResult
+from qemubox.sandbox.runstate import Runstate, require
 from qemubox.sandbox.spec import Session
 from qemubox.vm import pool, prepare, snapshot
-from qemubox.vm.machine import Machine, State
+from qemubox.vm.machine import Machine
 
-DEFAULT_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "TERM": "dumb",
-    "LANG": "C.UTF-8",
-}
 MS_RDONLY = 1
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
-KILL_GRACE = 3  # seconds a killed command has to report its end
 
 
 def random_mac() -> str:
@@ -65,18 +62,12 @@ class SnapshotWarning(UserWarning):
     """A snapshot could not be recorded or restored: the sandbox booted instead."""
 
 
-@dataclass
-class ExecResult:
-    exit_code: int  # 128+N when killed by signal N
-    stdout: bytes
-    stderr: bytes
-    signal: int | None = None
-    timed_out: bool = False
-    truncated: bool = False  # output past max_output was dropped
-
-
 class Sandbox:
-    """A VM booted for commands. Use as a context manager, or call start() and close()."""
+    """A VM booted for commands. Use as a context manager, or call start() and close().
+
+    Its run state (:class:`Runstate`) guards every call that needs the guest. Names are
+    not its business: ``sandbox/named.py`` keeps named sandboxes, through :meth:`launch`
+    and :meth:`get_ready`; ``qemubox.Sandbox`` (``sandbox/api.py``) offers both."""
 
     _claim: tuple[SnapshotPlan, int] | None = None  # while recording its key's snapshot
     _pooled: MachinePlan | None = None  # the plan it took a pool's member for
@@ -86,11 +77,10 @@ class Sandbox:
         self.spec: ValidSession | None = self.session.validate()
         self.plan: MachinePlan | None = None
         self.machine: Machine | None = None
-        self.name: str | None = None  # a named sandbox's
-        self._terminals: set[int] = set()  # ids of running tty commands
-        self._closed = False
-        # Where the time went: (phase, seconds), in order (see phase()).
-        self.timings: list[tuple[str, float]] = []
+        self.name: str | None = None  # a named sandbox's (set by sandbox/named.py)
+        self.terminals: set[int] = set()  # ids of running tty commands
+        self.runstate = Runstate.IDLE
+        self.timings: list[Timing] = []  # where the time went, phase by phase
         self._since = time.monotonic()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -114,31 +104,31 @@ class Sandbox:
         """Boot; returns when the guest is ready. With ``detach`` the VM does not die with
         this process: :meth:`detach` then leaves it running for :meth:`attach`. A sandbox
         already started is returned as it is (``with`` on one started by a pool, say)."""
-        if self.machine is not None and not self._closed:
+        if self.runstate in (Runstate.STARTING, Runstate.RUNNING):
             return self
-        if self._closed:
-            raise SandboxError("this sandbox was closed: make another")
+        if self.runstate is not Runstate.IDLE:
+            raise SandboxError(f"this sandbox is {self.runstate.value}: make another")
         try:
-            self._start(detach)
+            self.launch(detach)
+            self.get_ready()
         except BaseException:
             self.close()
             raise
         return self
 
-    def _start(self, detach: bool) -> None:
-        self._launch(detach)
-        self._get_ready()
-
-    def phase(self, name: str) -> None:
-        """Close the current phase of :attr:`timings` as ``name``."""
+    def phase(self, phase: Phase) -> None:
+        """Close the current phase of :attr:`timings` as ``phase``."""
         now = time.monotonic()
-        self.timings.append((name, now - self._since))
+        self.timings.append(Timing(phase, now - self._since))
         self._since = now
 
-    def _launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
+    @require(Runstate.IDLE)
+    def launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
         """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`) — from a
         snapshot when the session asks and allows it; a snapshot that cannot be restored is
-        dropped and the machine boots."""
+        dropped and the machine boots. ``idle``/``on_idle``: what the VM's keeper runs once
+        no client has been attached for ``idle`` seconds. Then :meth:`get_ready`."""
+        self.runstate = Runstate.STARTING
         for use_snapshot in (self.spec.snapshot, False):
             plan = self.make_plan()
             with Machine.runtime_dir(plan) as alive_lock:
@@ -157,17 +147,17 @@ class Sandbox:
                     shutil.rmtree(plan.runtime_dir, ignore_errors=True)
                     self.machine, plan = member, member.plan
                     self.plan = plan
-                    self.phase("prepare")
+                    self.phase(Phase.PREPARE)
                 else:
                     snapshot.seed_console(plan)
-                    self.phase("prepare")
+                    self.phase(Phase.PREPARE)
                     self.machine = Machine.launch(plan, alive_lock, detach, idle, on_idle)
-            self.phase("taken from the pool" if member is not None else "QEMU start")
+            self.phase(Phase.POOL if member is not None else Phase.QEMU_START)
             if member is not None or plan.snapshot is None or plan.snapshot.role == "record":
                 return  # a member is restored already
             try:
                 snapshot.load(plan, alive=self.machine.alive)
-                self.phase("restore")
+                self.phase(Phase.RESTORE)
                 return
             except snapshot.SnapshotError as err:
                 self.machine.kill()
@@ -202,20 +192,23 @@ class Sandbox:
             return plan
         return replace(plan, snapshot=found)
 
-    def _get_ready(self) -> None:
-        """Wait for the guest, set it up; a detached one then outlives us."""
+    @require(Runstate.STARTING)
+    def get_ready(self) -> None:
+        """Wait for the guest launched by :meth:`launch`, set it up; a detached one then
+        outlives us."""
         assert self.machine is not None and self.spec is not None
         agent = self.machine.attach(self.spec.boot_timeout)
         role = self.plan.snapshot.role if self.plan and self.plan.snapshot else None
         if role == "restore":
-            self.phase("agent ready")
+            self.phase(Phase.AGENT_READY)
             agent.renew()  # a clone's own clock and randomness, before anything runs
         else:
-            self.phase("kernel boot to agent ready")
+            self.phase(Phase.BOOT)
         if role == "record":
             self._record()
+        self.runstate = Runstate.RUNNING
         self._setup()
-        self.phase("session setup")
+        self.phase(Phase.SETUP)
         if self.machine.detached:
             self.machine.release()
 
@@ -230,7 +223,7 @@ class Sandbox:
         finally:
             self._drop_claim()
         self.machine.reconnect(self.spec.boot_timeout)
-        self.phase("record the snapshot")
+        self.phase(Phase.RECORD)
 
     def _drop_claim(self) -> None:
         if self._claim is not None:
@@ -240,7 +233,7 @@ class Sandbox:
     def _setup(self) -> None:
         """Mount disks and shares, configure the network: steps the agent performs after
         boot (so a saved, booted guest can later be pointed at other disks and shares)."""
-        agent = self._agent()
+        agent = self.agent()
         assert self.plan is not None
         try:
             for disk in self.plan.disks:
@@ -273,93 +266,50 @@ class Sandbox:
         named); returns its name or id, for :meth:`attach` from any process."""
         if self.machine is None or not self.machine.detached:
             raise SandboxError("only a sandbox started with detach=True can be left running")
-        self._leave()
+        self.leave()
         return self.name or self.machine.id
 
     @classmethod
-    def attach(cls, name: str, timeout: float = 10) -> Sandbox:
-        """A sandbox for a VM that another process (or this one) left running: a named
-        sandbox's name, or the id :meth:`detach` returned."""
-        from qemubox.sandbox import named
+    def attach(cls, machine_id: str, timeout: float = 10) -> Sandbox:
+        """A sandbox for a VM that another process (or this one) left running, by the id
+        :meth:`detach` returned."""
+        return cls.attach_machine(machine_id, timeout)
 
-        if named.SANDBOXES.exists(name):
-            return named.attach(name, timeout)
-        machine_id = name
+    @classmethod
+    def attach_machine(cls, machine_id: str, timeout: float = 10) -> Sandbox:
+        """:meth:`attach` by a machine's id alone (what names resolve to)."""
         machine = Machine.open(machine_id)
         if machine.state is not State.RUNNING:
             raise SandboxError(f"sandbox {machine_id} is {machine.state.value}")
         machine.attach(timeout)
         box = cls.__new__(cls)  # no session: the machine's plan says what it is
         box.session, box.spec = None, None
-        box.plan, box.machine, box._closed = machine.plan, machine, False
-        box.name, box._terminals = None, set()
+        box.plan, box.machine, box.runstate = machine.plan, machine, Runstate.RUNNING
+        box.name, box.terminals, box.timings = None, set(), []
         return box
 
-    # --- named sandboxes ------------------------------------------------------------------------
-
-    @classmethod
-    def create(
-        cls,
-        name: str,
-        session: Session | None = None,
-        ttl: float | None = None,
-    ) -> Sandbox:
-        """Make the named sandbox ``name`` and start it; it lives on after this process
-        (:meth:`detach` to leave it, :meth:`stop` to power it off, :meth:`remove` to
-        delete it). ``ttl``: stop it after that many seconds with no client."""
-        from qemubox.sandbox import named
-
-        return named.create(name, session or Session(), ttl)
-
-    @staticmethod
-    def list() -> list:
-        """The named sandboxes, as :class:`qemubox.sandbox.named.Status` records."""
-        from qemubox.sandbox import named
-
-        return named.list_all()
-
-    def stop(self, timeout: float = 10) -> None:
-        """Power a named sandbox off (it can be started again); any other sandbox is
-        closed."""
-        if self.name is None:
-            self.close()
-            return
-        from qemubox.sandbox import named
-
-        self._leave()
-        named.stop(self.name, timeout)
-
-    def remove(self, force: bool = False) -> None:
-        """Delete a named sandbox: stopped first, or killed with ``force``."""
-        if self.name is None:
-            raise SandboxError("only a named sandbox can be removed")
-        from qemubox.sandbox import named
-
-        self._leave()
-        if not force:
-            named.stop(self.name)
-        named.remove(self.name, force)
-
-    def _leave(self) -> None:
-        if self.machine is not None and not self._closed:
+    def leave(self) -> None:
+        """Let go of the VM, which runs on: this client's commands end with it."""
+        if self.machine is not None and self.runstate not in (Runstate.CLOSED, Runstate.LEFT):
             self.machine.detach()
-        self._closed = True
+        if self.runstate is not Runstate.CLOSED:
+            self.runstate = Runstate.LEFT
 
     def close(self) -> None:
         """Power the guest off (syncing its disks), stop QEMU, remove the runtime files;
         a guest that holds nothing the host keeps (no disk with a path, no writable share)
         has nothing to sync, and its QEMU is killed at once. A named sandbox is left
-        running (:meth:`stop` powers it off)."""
+        running (see ``stop``)."""
         self._drop_claim()
         if self._pooled is not None:  # another member takes the one we took's place
             plan, self._pooled = self._pooled, None
             threading.Thread(target=pool.top_up, args=(plan,), daemon=False).start()
         if self.name is not None:
-            self._leave()
+            self.leave()
             return
-        if self._closed:
+        if self.runstate in (Runstate.CLOSED, Runstate.LEFT):
             return
-        self._closed = True
+        self.runstate = Runstate.CLOSED
         if self.machine is None:
             return
         self.machine.stop(console_to=self.spec.console_log if self.spec else None)
@@ -408,13 +358,34 @@ class Sandbox:
     def console_tail(self) -> str:
         return self.machine.console_tail() if self.machine else ""
 
-    def _agent(self) -> AgentClient:
-        if self.machine is None or self.machine.agent is None or self._closed:
+    # --- what a command needs of its sandbox (sandbox/commands.py) --------------------------------
+
+    @require(Runstate.RUNNING)
+    def agent(self) -> AgentClient:
+        """The guest agent's client of this sandbox's slot."""
+        if self.machine is None or self.machine.agent is None:
             raise SandboxError("the sandbox is not running")
         return self.machine.agent
 
+    def fail(self) -> None:
+        """Stop a VM that can no longer be trusted to answer."""
+        if self.machine is not None:
+            with contextlib.suppress(Exception):
+                self.machine.kill()
+
+    def vm_gone(self, doing: str) -> None:
+        """The agent went away: raise what QEMU's end says (a panic, a death)."""
+        if self.machine is not None:
+            self.machine.wait_gone(5)
+            self.machine.check_alive(doing)
+
+    def check_host_io(self) -> None:
+        assert self.machine is not None
+        self._raise_host_io(self.machine.host_io_errors())
+
     # --- commands -----------------------------------------------------------------------------
 
+    @require(Runstate.RUNNING)
     def exec(
         self,
         argv: Sequence[str | bytes],
@@ -439,120 +410,20 @@ class Sandbox:
         size: its stdin, stdout and stderr are the terminal (all output comes as stdout;
         :meth:`resize_terminals` changes the size).
         """
-        agent = self._agent()
-        if not argv:
-            raise InputError("exec needs a command")
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
-        full_env = {**DEFAULT_ENV, **(env or {})}
-        with_stdin = stdin is not None or stdin_stream is not None or tty is not None
-        stop_pump = threading.Event()
-        ident = -1
-        try:
-            try:
-                ident, pend = agent.start(
-                    argv, full_env, cwd, with_stdin, on_stdout, on_stderr, max_output, tty
-                )
-            except ValueError as err:
-                raise InputError(str(err)) from None
-            if tty is not None:
-                self._terminals.add(ident)
-            if stdin_stream is not None:
-                threading.Thread(
-                    target=self._pump_stdin,
-                    args=(agent, ident, pend, stdin_stream, stop_pump),
-                    daemon=True,
-                ).start()
-            elif stdin is not None:
-                threading.Thread(
-                    target=self._feed_stdin,
-                    args=(agent, ident, pend, stdin, stop_pump),
-                    daemon=True,
-                ).start()
-            timed_out = False
-            if not agent.wait(ident, pend, timeout):
-                timed_out = True
-                stop_pump.set()
-                self._kill_command(agent, ident, pend)
-        except GuestError as err:
-            message = f"qemubox: {err}\n".encode()
-            if on_stderr:
-                on_stderr(message)
-            return ExecResult(exec_exit_code(err), b"", b"" if on_stderr else message)
-        except ProtocolViolation as err:
-            self._fail()
-            raise ProtocolViolation(
-                f"protocol violation by the guest: {err}", self.console_tail()
-            ) from None
-        except AgentGone:
-            self._wait_for_exit()
-            assert self.machine is not None
-            self.machine.check_alive("while running a command")
-            raise VMDied("the guest agent went away", self.console_tail()) from None
-        finally:
-            stop_pump.set()
-            self._terminals.discard(ident)
-        assert self.machine is not None
-        self._raise_host_io(self.machine.host_io_errors())
-        status = pend.status
-        assert status is not None
-        return ExecResult(
-            status.code,
-            b"".join(pend.stdout),
-            b"".join(pend.stderr),
-            status.signal,
-            timed_out,
-            pend.truncated,
-        )
+        return commands.execute(
+            self, argv, env, cwd, stdin, timeout, on_stdout, on_stderr,
+            stdin_stream, max_output, tty,
+        )  # fmt: skip
 
+    @require(Runstate.RUNNING)
     def resize_terminals(self, rows: int, columns: int) -> None:
         """Give the terminals of this client's running ``tty`` commands a new size."""
-        agent = self._agent()
-        for ident in list(self._terminals):
+        agent = self.agent()
+        for ident in list(self.terminals):
             with contextlib.suppress(SendTimeout, AgentGone):
                 agent.resize(ident, rows, columns)
-
-    def _kill_command(self, agent: AgentClient, ident: int, pend) -> None:
-        """SIGKILL a timed-out command; a guest that does not let it go within seconds (it
-        stopped reading its port, say) loses the VM."""
-        try:
-            agent.signal(ident, signal.SIGKILL, timeout=2)
-            if agent.wait(ident, pend, KILL_GRACE):
-                return
-        except (SendTimeout, TimeoutError):
-            pass
-        self._fail()
-        raise TimedOut(
-            "the command timed out and the guest did not end it; the VM was stopped",
-            self.console_tail(),
-        )
-
-    def _fail(self) -> None:
-        """Stop a VM that can no longer be trusted to answer."""
-        if self.machine is not None:
-            with contextlib.suppress(Exception):
-                self.machine.kill()
-
-    @staticmethod
-    def _feed_stdin(agent: AgentClient, ident: int, pend, data: bytes, stop) -> None:
-        with contextlib.suppress(AgentGone, OSError, SendTimeout):
-            if agent.write_stdin(ident, pend, data, stop):
-                agent.close_stdin(ident)
-
-    @staticmethod
-    def _pump_stdin(agent: AgentClient, ident: int, pend, stream, stop) -> None:
-        with contextlib.suppress(AgentGone, OSError, ValueError, SendTimeout):
-            while not stop.is_set():
-                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-                if not chunk:
-                    agent.close_stdin(ident)
-                    return
-                if not agent.write_stdin(ident, pend, chunk, stop):
-                    return
-
-    def _wait_for_exit(self) -> None:
-        if self.machine is not None:
-            self.machine.wait_gone(5)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         r = self.exec(own_shell('cat > "$1" && chmod "$2" "$1"', path, f"{mode:o}"), stdin=data)
@@ -571,9 +442,9 @@ class Sandbox:
 
     # --- memory (virtio-balloon over QMP) -------------------------------------------------------
 
+    @require(Runstate.RUNNING)
     def _qmp_cmd(self, name: str, **args):
-        if self.machine is None or self._closed:
-            raise SandboxError("the sandbox is not running")
+        assert self.machine is not None
         return self.machine.monitor().command(name, **args)
 
     def set_memory(self, size: str | int) -> None:
@@ -593,12 +464,12 @@ class Sandbox:
             return self.plan.memory_mib << 20
         return int(self._qmp_cmd("query-balloon")["actual"])
 
+    @require(Runstate.RUNNING)
     def wait_memory(self, at_most: int, timeout: float = 30) -> int:
         """Wait for the balloon to bring the guest to ``at_most`` bytes (QMP's
         BALLOON_CHANGE events); returns the last size reported."""
-        monitor = self.machine.monitor() if self.machine else None
-        if monitor is None:
-            raise SandboxError("the sandbox is not running")
+        assert self.machine is not None
+        monitor = self.machine.monitor()
         actual = self.memory()
         deadline = time.monotonic() + timeout
         while actual > at_most and (left := deadline - time.monotonic()) > 0:

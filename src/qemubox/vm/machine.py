@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 
 from qemubox import paths
@@ -38,6 +37,7 @@ from qemubox.errors import (
 )
 from qemubox.guest.client import AgentClient, AgentGone
 from qemubox.model.plan import MachinePlan
+from qemubox.model.state import State
 from qemubox.qemu import process
 from qemubox.qemu.cmdline import qemu_args
 from qemubox.qemu.virtiofs import virtiofsd_commands
@@ -46,14 +46,6 @@ CONSOLE_TAIL_LINES = 30
 CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write without end
 RECORD = "machine.json"
 AGENT_GAVE_UP = "qemubox-agent: cannot "  # how the agent's fatal errors begin, on the console
-
-
-class State(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 _MOVES = {

@@ -30,8 +30,9 @@ from qemubox.errors import GuestError, InputError, SandboxError
 from qemubox.guest.client import AgentGone
 from qemubox.guest.protocol import GUEST_BUSYBOX
 from qemubox.model.plan import MachinePlan
+from qemubox.model.state import State
 from qemubox.vm import snapshot
-from qemubox.vm.machine import Machine, State
+from qemubox.vm.machine import Machine
 
 DEFAULT_TTL = 3600
 WARM_UP = [GUEST_BUSYBOX, "true"]  # a member's first command, run before it waits

@@ -1,0 +1,81 @@
+"""A command in a sandbox, as every door runs one: its output streamed as it comes, its
+stdin forwarded, a terminal lent when asked, and the exit status qemubox exits with (the
+command's, 128+N for signal N, 124 on its timeout)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from qemubox.errors import Exit, SandboxError
+
+Size = tuple[int, int]
+Resize = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def _no_terminal(resize: Resize) -> Iterator[Size | None]:
+    yield None
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """What to run and how: plain data."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    timeout: float | None = None
+    interactive: bool = False  # forward stdin
+    tty: bool = False  # on a pseudo-terminal in the guest
+
+
+@dataclass
+class Streams:
+    """Where a command's bytes come from and go: the door's edges. ``terminal`` is given
+    a function that resizes the guest's terminals and yields the terminal size to start
+    with (None: no terminal); it holds the door's terminal for as long as the command runs."""
+
+    on_stdout: Callable[[bytes], None]
+    on_stderr: Callable[[bytes], None]
+    stdin: object | None = None  # a binary file, read as the command reads
+    terminal: Callable[[Resize], contextlib.AbstractContextManager[Size | None]] = _no_terminal
+    notices: list[str] = field(default_factory=list)  # what the door should say after
+
+
+def run_in(sandbox, request: CommandRequest, streams: Streams) -> int:
+    """Run ``request`` in ``sandbox``; returns the exit status to exit with."""
+    wanted = request.tty
+    holder = streams.terminal if wanted else _no_terminal
+    with holder(sandbox.resize_terminals) as size:
+        result = sandbox.exec(
+            list(request.argv),
+            env=request.env,
+            cwd=request.cwd,
+            timeout=request.timeout,
+            on_stdout=streams.on_stdout,
+            on_stderr=streams.on_stderr,
+            stdin_stream=streams.stdin if request.interactive or wanted else None,
+            tty=size,
+        )
+    if result.timed_out:
+        streams.notices.append(
+            f"qemubox: the command timed out after {request.timeout:g} s and was killed"
+        )
+        return Exit.TIMEOUT
+    return result.exit_code
+
+
+def start_in_background(sandbox, request: CommandRequest) -> None:
+    """Start the command so that it outlives this client, its output on the console."""
+    line = (
+        'command -v "$1" >/dev/null || { echo "$1: command not found" >&2; exit 127; }; '
+        'setsid "$@" </dev/null >/dev/console 2>&1 &'
+    )
+    r = sandbox.exec(
+        ["sh", "-c", line, "sh", *request.argv], env=request.env, cwd=request.cwd, timeout=30
+    )
+    if r.exit_code != 0:
+        why = r.stderr.decode(errors="replace").strip()
+        raise SandboxError(f"cannot start {request.argv[0]} in the background: {why}")
