@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemubox import arch as arches
+
 
 @dataclass
 class Result:
@@ -58,16 +60,13 @@ def static_init_initramfs(path, init_binary) -> None:
         cpio.close()
 
 
-CONSOLE = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
-
-
 def boot_bare(arch, kernel, initrd=None, append="", timeout=120) -> str:
     """Boot a kernel under TCG with nothing but a serial console; returns the console text."""
     from qemubox.qemu.cmdline import bare_boot_args, host_tsc_khz
 
     khz = host_tsc_khz()  # see qemubox.qemu.cmdline.kernel_cmdline
     tsc = f"tsc_early_khz={khz}" if arch == "x86_64" and khz else ""
-    line = " ".join(filter(None, [f"console={CONSOLE[arch]}", "panic=-1", tsc, append]))
+    line = " ".join(filter(None, [f"console={arches.get(arch).console}", "panic=-1", tsc, append]))
     args = bare_boot_args(arch, "tcg", kernel, line, "stdio", initrd=initrd)
     proc = subprocess.run(
         args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False

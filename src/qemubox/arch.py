@@ -24,12 +24,23 @@ class Arch:
     cross_prefix: str  # CROSS_COMPILE on a host of another arch (Debian's cross compilers)
     cross_package: str  # the Debian package with that compiler
     cross_libc: str  # the Debian package with its libc (for the static guest agent)
+    elf_machine: int  # e_machine of its vmlinux
+    config_symbol: str  # the .config symbol that says a kernel is of this arch
+    image_magic: tuple[int, bytes]  # where its boot image (not ELF) says what it is
+    boots_vmlinux: bool  # whether QEMU boots its ELF vmlinux (x86's PVH entry)
     fragments: tuple[str, ...] = ()  # shipped fragments every guest kernel of this arch needs
     firmware: str | None = None  # what boots a disk when no -kernel is given (None: QEMU's)
+    mmio_machine_options: str = ""  # what the lean machine is given (-machine NAME,OPTIONS)
 
     def machine(self, mmio: bool) -> str:
         """The QEMU machine: the lean virtio-mmio one when the kernel can use it."""
         return self.mmio_machine if mmio and self.mmio_machine else self.pci_machine
+
+    def machine_arg(self, machine: str) -> str:
+        """``-machine``'s value for ``machine``, with the options this arch gives it."""
+        if machine == self.mmio_machine and self.mmio_machine_options:
+            return f"{machine},{self.mmio_machine_options}"
+        return machine
 
     def compiler(self) -> str:
         """The C compiler that builds for this arch on this host."""
@@ -54,7 +65,12 @@ ARCHES: dict[str, Arch] = {
             cross_prefix="x86_64-linux-gnu-",
             cross_package="gcc-x86-64-linux-gnu",
             cross_libc="libc6-dev-amd64-cross",
+            elf_machine=62,
+            config_symbol="CONFIG_X86_64",
+            image_magic=(0x202, b"HdrS"),
+            boots_vmlinux=True,
             fragments=("x86_64",),
+            mmio_machine_options="rtc=on",
         ),
         Arch(
             name="arm64",
@@ -71,6 +87,10 @@ ARCHES: dict[str, Arch] = {
             cross_prefix="aarch64-linux-gnu-",
             cross_package="gcc-aarch64-linux-gnu",
             cross_libc="libc6-dev-arm64-cross",
+            elf_machine=183,
+            config_symbol="CONFIG_ARM64",
+            image_magic=(56, b"ARM\x64"),
+            boots_vmlinux=False,
             fragments=("arm64",),
             firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
         ),
@@ -100,6 +120,24 @@ def host() -> Arch:
     if name not in ARCHES:
         raise InputError(f"qemubox runs on {', '.join(ARCHES)} hosts, not {name}")
     return ARCHES[name]
+
+
+def by_elf_machine(machine: int) -> Arch | None:
+    return next((a for a in ARCHES.values() if a.elf_machine == machine), None)
+
+
+def by_image(head: bytes) -> Arch | None:
+    """The arch whose boot image starts with ``head`` (its first 1 KiB or so)."""
+    return next(
+        (a for a in ARCHES.values() if head[a.image_magic[0] :].startswith(a.image_magic[1])),
+        None,
+    )
+
+
+def by_config(config_text: str) -> Arch | None:
+    """The arch a kernel ``.config`` is for (among those qemubox boots)."""
+    lines = set(config_text.splitlines())
+    return next((a for a in ARCHES.values() if f"{a.config_symbol}=y" in lines), None)
 
 
 def get(name: str | None) -> Arch:

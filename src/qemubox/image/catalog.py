@@ -34,6 +34,13 @@ def is_qcow2(path: Path) -> bool:
         return fh.read(4) == QCOW2_MAGIC
 
 
+def is_ext4(path: Path) -> bool:
+    """Whether ``path`` holds an ext4 file system (its superblock's magic)."""
+    with open(path, "rb") as fh:
+        fh.seek(EXT4_MAGIC_AT)
+        return fh.read(2) == EXT4_MAGIC
+
+
 def file_format(path: Path) -> str:
     """``qcow2`` or ``raw`` (ext4); anything else is refused."""
     try:

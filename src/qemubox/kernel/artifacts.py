@@ -78,8 +78,6 @@ def bzimage_version(image: Path) -> str | None:
     return text.split()[0] if text else None
 
 
-# ELF machines (e_machine) of the arches qemubox boots
-_ELF_MACHINES = {62: "x86_64", 183: "arm64"}
 _PT_NOTE = 4
 _XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU boots an x86 vmlinux through
 
@@ -109,7 +107,9 @@ def _read_elf_kernel(image: str, *identity: int) -> ElfKernel | None:
             if len(m) < 64 or m[:6] != b"\x7fELF\x02\x01":
                 return None
             (machine,) = struct.unpack_from("<H", m, 18)
-            return ElfKernel(_ELF_MACHINES.get(machine), _banner_release(m), _has_pvh_note(m))
+            record = arches.by_elf_machine(machine)
+            arch = record.name if record else None
+            return ElfKernel(arch, _banner_release(m), _has_pvh_note(m))
     except (OSError, ValueError, struct.error):
         return None
 
@@ -236,9 +236,9 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
         arch, version = _bootable_elf(path, elf)
     elif version is None:
         with open(image, "rb") as fh:
-            head = fh.read(64)
-        if head[56:60] == b"ARM\x64":
-            arch = "arm64"
+            found = arches.by_image(fh.read(1024))
+        if found is not None and not found.boots_vmlinux:  # an Image: its name says more
+            arch = found.name
             name = image.resolve().name
             version = name.split("-", 1)[1] if "-" in name else None
         if version is None:
@@ -257,8 +257,10 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
 
 def _bootable_elf(path: str | Path, elf: ElfKernel) -> tuple[str, str]:
     """The arch and release of a ``vmlinux`` QEMU can boot; InputError for one it cannot."""
-    if elf.arch != "x86_64":
-        hint = "its arch/arm64/boot/Image" if elf.arch == "arm64" else "an x86_64 or arm64 kernel"
+    record = arches.ARCHES.get(elf.arch or "")
+    if record is None or not record.boots_vmlinux:
+        booted = ", ".join(arches.ARCHES)
+        hint = f"its {record.image}" if record else f"a kernel of {booted}"
         raise InputError(f"--kernel {path}: an ELF vmlinux QEMU cannot boot: give {hint}")
     if not elf.pvh:
         raise InputError(

@@ -27,6 +27,7 @@ from qemubox import paths
 from qemubox.errors import QemuboxError, SandboxError
 from qemubox.matrix import ktap
 from qemubox.matrix.spec import Cell, KernelSpec, Matrix
+from qemubox.model.phase import Phase, totals
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 KEEP_OUTPUT = 1 << 20  # bytes of a cell's stdout and stderr kept in its result
@@ -179,8 +180,8 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             error=f"timed out after {o.get('timeout'):g} s" if r.timed_out else "",
         )
         result.exit_code = r.exit_code
-        result.timings = _phases(box.timings)
-        result.timings["command"] = time.monotonic() - booted
+        result.timings = dict(totals(box.timings))
+        result.timings[Phase.COMMAND] = time.monotonic() - booted
     except (QemuboxError, OSError) as err:
         why = "cancelled" if stop.is_set() and cancelled() else str(err)
         result = _result(cell, ERROR, error=why, console_tail=getattr(err, "console_tail", ""))
@@ -194,19 +195,10 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             box.close()
     end = time.monotonic()
     if result.timings:
-        result.timings["teardown"] = end - before_close
+        result.timings[Phase.TEARDOWN] = end - before_close
         result.timings = {k: round(v, 3) for k, v in result.timings.items()}
     result.duration = round(end - start, 3)
     return result
-
-
-def _phases(timings: list[tuple[str, float]]) -> dict[str, float]:
-    """A sandbox's start, phase by phase (a phase met twice, as when a snapshot could not
-    be restored and the machine booted, counted once with both times)."""
-    out: dict[str, float] = {}
-    for name, seconds in timings:
-        out[name] = out.get(name, 0.0) + seconds
-    return out
 
 
 # --- here ---------------------------------------------------------------------------------------

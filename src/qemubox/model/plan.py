@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any
 
 from qemubox import arch as arches
@@ -113,6 +115,50 @@ class PortPlan:
     guest: int
 
 
+class Capability(StrEnum):
+    """What may be done with a running machine beyond running it."""
+
+    SNAPSHOT = "start from a snapshot"  # boot once, restore its saved state later
+    POOL = "be pooled"  # restored ahead by a QEMU started before the session is known
+    PAUSE = "be paused"  # saved whole to a file, its QEMU ended, resumed later
+
+
+# The one table of what rules a capability out: (capability, test, why). A new device or
+# root kind is decided here, for every capability at once.
+LIMITS: tuple[tuple[Capability, Callable[[MachinePlan], bool], str], ...] = (
+    (
+        Capability.SNAPSHOT,
+        lambda p: p.shared_memory,
+        "virtiofs needs guest RAM shared with virtiofsd",
+    ),
+    (Capability.SNAPSHOT, lambda p: p.balloon, "a balloon and a RAM template do not mix"),
+    (
+        Capability.SNAPSHOT,
+        lambda p: p.root.kind != "initramfs",
+        "its root is mounted while it boots",
+    ),
+    (
+        Capability.SNAPSHOT,
+        lambda p: bool(p.ports),
+        "published ports are bound by the template too",
+    ),
+    (
+        Capability.POOL,
+        lambda p: bool(p.shares or p.disks) or p.root.kind != "initramfs",
+        "it has shares or disks, whose host paths QEMU opens as it starts",
+    ),
+    (
+        Capability.PAUSE,
+        lambda p: p.shared_memory,
+        "its virtiofs shares cannot be saved (virtiofsd's state is not)",
+    ),
+    (
+        Capability.PAUSE,
+        lambda p: bool(p.shares) or p.root.kind == "share",
+        "it has 9p shares mounted, which QEMU cannot save",
+    ),
+)
+
 CLIENT_SLOTS = 4  # one more than the commands a user runs side by side: `stop` needs one
 
 
@@ -183,6 +229,12 @@ class MachinePlan:
             or any(not s.read_only for s in self.shares)
         )
 
+    def cannot(self, capability: Capability) -> str | None:
+        """Why this machine cannot do ``capability``, if it cannot (see LIMITS)."""
+        return next(
+            (why for cap, rules_out, why in LIMITS if cap is capability and rules_out(self)), None
+        )
+
     @property
     def console_log(self) -> str:
         return f"{self.runtime_dir}/console.log"
@@ -232,7 +284,9 @@ class MachinePlan:
 
     def compat_key(self) -> str:
         """What decides the booted guest: kernel, initramfs, size, machine, accelerator,
-        device layout. Two plans with one key can share a booted guest's snapshot."""
+        device layout. Two plans with one key can share a booted guest's snapshot. Every
+        field is either here or in OUTSIDE_KEY, with the reason (a test holds the plan's
+        fields to that: a new one forces the decision, and a bump of SCHEMA)."""
         layout = {
             "schema": self.schema,
             "arch": self.arch,
@@ -252,6 +306,32 @@ class MachinePlan:
             "root": [self.root.kind, self.root.base, self.root.fs],
         }
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+
+# The plan's fields that do not decide a booted guest, and why.
+OUTSIDE_KEY = {
+    "accel_note": "a message for the user",
+    "kernel.arch": "the machine and the kernel file say it",
+    "kernel.modules": "modules are loaded after boot, by the session",
+    "kernel.config": "the kernel file says what it was built with",
+    "kernel.description": "a message for the user",
+    "kernel.mmio": "the machine says it",
+    "kernel.boot": "the kernel file (image) says it",
+    "features": "the devices say it",
+    "runtime_dir": "where a machine's sockets are, per machine",
+    "shares.host_path": "what a share shows is set up after boot",
+    "shares.mount_point": "mounted after boot",
+    "disks.path": "what a disk holds is opened as the machine starts",
+    "disks.mount_point": "mounted after boot",
+    "disks.ephemeral": "what happens to the file afterwards",
+    "ports": "snapshots are refused with published ports (LIMITS)",
+    "run_as": "the host user QEMU drops to",
+    "root.image": "the name the user gave base",
+    "root.base_format": "base says it",
+    "root.overlay": "where a disk root's writes go, per machine",
+    "root.recipe": "how base is made, not what it is",
+    "snapshot": "what a start does with the key, not the guest",
+}
 
 
 def kernel_cmdline(arch: arches.Arch, accel: str, tsc_khz: int | None, extra: str = "") -> str:

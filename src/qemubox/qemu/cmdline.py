@@ -34,7 +34,7 @@ def _cpu(accel: str) -> str:
 
 
 def machine_args(plan: MachinePlan) -> list[str]:
-    machine = "microvm,rtc=on" if plan.machine == "microvm" else plan.machine
+    machine = plan.arch_record.machine_arg(plan.machine)
     memory = []
     if plan.snapshot and plan.snapshot.ram:  # RAM in a file: shared while recorded, then private
         share = "on" if plan.snapshot.role == "record" else "off"
@@ -216,7 +216,7 @@ def bare_boot_args(
     """QEMU booting a kernel with nothing but a serial console: the KVM probe, the bare
     floor of the benchmarks, the builder's boot tests."""
     record = arches.get(arch)
-    machine = "microvm,rtc=on" if record.mmio_machine == "microvm" else record.pci_machine
+    machine = record.machine_arg(record.mmio_machine or record.pci_machine)
     args = [
         record.qemu_binary,
         "-machine",

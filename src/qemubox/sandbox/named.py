@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
+from qemubox.model.plan import Capability
 from qemubox.model.state import State
 from qemubox.sandbox.sandbox import Sandbox
 from qemubox.sandbox.spec import Session, session_from_dict, session_to_dict
@@ -276,14 +277,6 @@ def start(name: str, cls: type[Sandbox] = Sandbox):
 # --- pausing --------------------------------------------------------------------------------------
 
 
-def _unpausable(plan) -> str | None:
-    if plan.shared_memory:
-        return "its virtiofs shares cannot be saved (virtiofsd's state is not)"
-    if plan.shares or plan.root.kind == "share":
-        return "it has 9p shares mounted, which QEMU cannot save"
-    return None
-
-
 def pause(name: str) -> None:
     """Save the running sandbox whole — RAM, devices, its processes and files in memory —
     to a file in its directory, and end its QEMU: no CPU, no memory held."""
@@ -294,7 +287,7 @@ def pause(name: str) -> None:
         if state != RUNNING:
             raise InputError(f"sandbox {name!r} is {state}: only a running one can be paused")
         machine = Machine.open(record["machine"])
-        why = _unpausable(machine.plan)
+        why = machine.plan.cannot(Capability.PAUSE)
         if why:
             raise InputError(f"sandbox {name!r} cannot be paused: {why}")
         if _attached(machine.dir):

@@ -29,7 +29,7 @@ from qemubox import paths
 from qemubox.errors import GuestError, InputError, SandboxError
 from qemubox.guest.client import AgentGone
 from qemubox.guest.protocol import GUEST_BUSYBOX
-from qemubox.model.plan import MachinePlan
+from qemubox.model.plan import Capability, MachinePlan
 from qemubox.model.state import State
 from qemubox.vm import snapshot
 from qemubox.vm.machine import Machine
@@ -50,9 +50,7 @@ def pool_dir(key: str) -> Path:
 def unpoolable(plan: MachinePlan) -> str | None:
     """Why starts of ``plan`` cannot come from a pool, if they cannot: its QEMU would have
     to be started with host paths of the session's own."""
-    if plan.shares or plan.disks or plan.root.kind != "initramfs":
-        return "it has shares or disks, whose host paths QEMU opens as it starts"
-    return None
+    return plan.cannot(Capability.POOL)
 
 
 def fits(plan: MachinePlan) -> bool:

@@ -151,7 +151,7 @@ def _make_disk(disk: DiskPlan, path: Path) -> None:
 def _check_ext4(path: Path) -> None:
     """An existing image must hold an ext4 file system the guest can mount: its magic,
     and a superblock e2fsprogs can read."""
-    if not _is_ext4(path):
+    if not catalog.is_ext4(path):
         raise InputError(
             f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
         )
@@ -159,12 +159,6 @@ def _check_ext4(path: Path) -> None:
     if proc.returncode != 0 or "Filesystem features" not in proc.stdout:
         why = last_line(proc.stderr, "unreadable superblock")
         raise InputError(f"disk {path} is not a usable ext4 image: {why}")
-
-
-def _is_ext4(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(1024 + 0x38)  # the superblock's magic
-        return fh.read(2) == b"\x53\xef"
 
 
 def make_overlay(root: RootPlan) -> None:

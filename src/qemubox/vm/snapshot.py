@@ -35,7 +35,7 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import SandboxError
-from qemubox.model.plan import MachinePlan, SnapshotPlan
+from qemubox.model.plan import Capability, MachinePlan, SnapshotPlan
 from qemubox.qemu.process import wait_for_path
 
 FORMAT = 1  # bumped when what a snapshot holds changes
@@ -50,15 +50,7 @@ class SnapshotError(SandboxError):
 
 def unfit(plan: MachinePlan) -> str | None:
     """Why this machine cannot start from a snapshot, if it cannot."""
-    if plan.shared_memory:
-        return "virtiofs needs guest RAM shared with virtiofsd"
-    if plan.balloon:
-        return "a balloon and a RAM template do not mix"
-    if plan.root.kind != "initramfs":
-        return "its root is mounted while it boots"
-    if plan.ports:
-        return "published ports are bound by the template too"
-    return None
+    return plan.cannot(Capability.SNAPSHOT)
 
 
 def _file_id(path: str) -> list:

@@ -17,8 +17,6 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.errors import InputError, last_line
 
-_CONFIG_ARCH = (("CONFIG_ARM64=y", "arm64"), ("CONFIG_X86_64=y", "x86_64"))
-
 
 @dataclass(frozen=True)
 class HostKernel:
@@ -45,8 +43,8 @@ def find_build(spec: str, builds: Path | None, cwd: Path) -> Path:
 
 def config_arch(config_text: str) -> str | None:
     """The ARCH a kernel ``.config`` is for (among those qemubox boots)."""
-    lines = set(config_text.splitlines())
-    return next((arch for line, arch in _CONFIG_ARCH if line in lines), None)
+    record = arches.by_config(config_text)
+    return record.name if record else None
 
 
 def host_kernel(build: Path) -> HostKernel:
