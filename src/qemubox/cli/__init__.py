@@ -10,7 +10,7 @@ import sys
 import click
 
 from qemubox import __version__
-from qemubox.cli.common import CONTEXT, say
+from qemubox.cli.common import ALIASES, CONTEXT, say
 from qemubox.errors import Exit
 
 # Each command: the module of this package that defines it, and its name there. A command's
@@ -44,6 +44,7 @@ class _Commands(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd_name = cmd_name if cmd_name in COMMANDS else ALIASES.get(cmd_name, cmd_name)
         if cmd_name not in COMMANDS:
             return None
         module, attr = COMMANDS[cmd_name]

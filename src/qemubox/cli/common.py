@@ -5,6 +5,21 @@ from __future__ import annotations
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+ALIASES = {"list": "ls"}  # every listing verb is `ls`; `list` still works
+
+
+class Group(click.Group):
+    """A command group whose listing verb is ``ls``, with ``list`` as its alias."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in ALIASES:
+            return super().get_command(ctx, ALIASES[cmd_name])
+        return found
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        return (command.name if command else name), command, rest
 
 
 def say(message: str) -> None:

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from qemubox.cli.common import CONTEXT, ago, table
+from qemubox.cli.common import CONTEXT, Group, ago, table
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def image() -> None:
     """Root images: minimal, host, debian, and images built from debian."""
 

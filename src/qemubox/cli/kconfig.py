@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from qemubox.cli.common import CONTEXT, say
+from qemubox.cli.common import CONTEXT, Group, say
 from qemubox.errors import InputError, VerifyError
 
 # --- kconfig ----------------------------------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def kconfig() -> None:
     """Merge, apply and verify kernel config fragments."""
 
@@ -156,7 +156,7 @@ def kconfig_check(config, fragments, kernel_dir, kernel_version, build_dir, arch
     return _report(tree, Path(config), mismatches, explain)
 
 
-@kconfig.command("list")
+@kconfig.command("ls")
 def kconfig_list():
     """List the fragments shipped with qemubox (usable by name in place of a path)."""
     from qemubox.kconfig.catalog import shipped_fragments

@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from qemubox.arch import ARCHES
-from qemubox.cli.common import CONTEXT, say
+from qemubox.cli.common import CONTEXT, Group, say
 from qemubox.errors import InputError, VerifyError
 from qemubox.kernel import profiles
 
 # --- kernel -----------------------------------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def kernel() -> None:
     """Build, list, check and diagnose guest kernels."""
 
@@ -102,7 +102,7 @@ def kernel_build(output, **kw):
     return 0
 
 
-@kernel.command("list")
+@kernel.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print the build manifests as JSON.")
 def kernel_list(as_json):
     """List built kernels: version, arch, profile, date, path."""

@@ -6,12 +6,12 @@ import json
 
 import click
 
-from qemubox.cli.common import CONTEXT, chosen_keys, say, table
+from qemubox.cli.common import CONTEXT, Group, chosen_keys, say, table
 from qemubox.cli.run import session_options
 from qemubox.errors import InputError
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def pool() -> None:
     """Warm pools: machines restored ahead, so that a start only continues one."""
 

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from qemubox.cli.common import CONTEXT, ago, chosen_keys, say, table
+from qemubox.cli.common import CONTEXT, Group, ago, chosen_keys, say, table
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def snapshot() -> None:
     """Snapshots of booted guests (which starts restore): list, remove, prune."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from qemubox.cli.common import CONTEXT, say, table
+from qemubox.cli.common import CONTEXT, Group, say, table
 
 
 def _where():
@@ -25,7 +25,7 @@ def _vm(name: str):
     return VmDir.of(_where().vms, name)
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 def vm() -> None:
     """Persistent VMs: a distribution on a qcow2 disk, booted with its own kernel or with
     one built on the host (-k), whose modules the guest mounts over 9p.
@@ -157,7 +157,7 @@ def run(name, build, initrd, append, dry_run, gdb, detach, accel, qemu_options):
     runner.exec_foreground(target, plan)
 
 
-@vm.command("list", context_settings=CONTEXT)
+@vm.command("ls", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per VM, as a list.")
 def list_(as_json):
     """The VMs under <VMs>: size, disk, running or not, ssh port."""
