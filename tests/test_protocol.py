@@ -352,9 +352,9 @@ def test_attach_asks_again_on_a_new_connection_when_ready_does_not_come(tmp_path
     """A port that takes HELLO and never carries READY back (QEMU's port left throttled by
     a client killed while it was full) is hung up on; the next connection pads first, so
     whatever the first one left in the agent half-read is completed, and is greeted."""
-    import qemubox.guest.client as client_mod
+    from qemubox.guest import transport
 
-    monkeypatch.setattr(client_mod, "PATIENCE", 0.2)
+    monkeypatch.setattr(transport, "PATIENCE", 0.2)
     path, server = listening(tmp_path)
     seen = {}
 
