@@ -1,1 +1,3 @@
-"""A virtual machine: what it is (spec, plan) and what runs it (machine)."""
+"""Machines: preparing what a plan needs (``prepare``), running one (``machine``), saving and
+restoring booted guests (``snapshot``) and keeping restored ones ahead (``pool``). What a
+machine is — its plan — is in ``model/``; what a user asks for, in ``sandbox/``."""

@@ -86,7 +86,7 @@ def names(vms: Path) -> list[str]:
 
 
 def describe(vms: Path, name: str) -> dict:
-    """What ``vm list`` shows of one VM."""
+    """What ``vm ls`` shows of one VM."""
     vm = VmDir(name, vms / name)
     row: dict = {"name": name, "path": str(vm.root)}
     try:
