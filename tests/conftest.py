@@ -30,3 +30,21 @@ def state(tmp_path, monkeypatch):
     yield d
     for name in os.listdir(d / "sandboxes") if (d / "sandboxes").is_dir() else []:
         qemubox("rm", "-f", name)
+
+
+@pytest.fixture(autouse=True)
+def no_qemu_unless_marked(request, tmp_path_factory, monkeypatch):
+    """A test not marked ``qemu`` starts no QEMU: the fast selection stays fast. QEMU is
+    found on PATH; here it is a stand-in that leaves a trace and fails."""
+    if request.node.get_closest_marker("qemu") is not None:
+        yield
+        return
+    shims = tmp_path_factory.mktemp("no-qemu")
+    trace = shims / "started"
+    for arch in ("x86_64", "aarch64"):
+        shim = shims / f"qemu-system-{arch}"
+        shim.write_text(f'#!/bin/sh\necho "$0 $*" >> {trace}\nexit 1\n')
+        shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    yield
+    assert not trace.exists(), f"a test not marked qemu started QEMU: {trace.read_text()}"

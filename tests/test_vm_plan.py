@@ -470,6 +470,7 @@ def test_install_edit_writes_the_script(home):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+@pytest.mark.qemu
 def test_a_vm_qemu_cannot_start_is_one_line(home):
     """QEMU itself refusing the command: its own words, exit 125, nothing left running."""
     assert qemubox("vm", "create", "box", "-s", "1G", env=home).code == 0
