@@ -116,18 +116,22 @@ class Sandbox:
             raise
         return self
 
+    def _expect(self, state: Runstate) -> None:
+        if self.runstate is not state:
+            raise SandboxError(f"the sandbox is {self.runstate.value}, not {state.value}")
+
     def phase(self, phase: Phase) -> None:
         """Close the current phase of :attr:`timings` as ``phase``."""
         now = time.monotonic()
         self.timings.append(Timing(phase, now - self._since))
         self._since = now
 
-    @require(Runstate.IDLE)
     def launch(self, detach: bool, idle: int = 0, on_idle: str = "") -> None:
         """Plan, make what the plan needs, start QEMU (see :meth:`Machine.launch`) — from a
         snapshot when the session asks and allows it; a snapshot that cannot be restored is
         dropped and the machine boots. ``idle``/``on_idle``: what the VM's keeper runs once
         no client has been attached for ``idle`` seconds. Then :meth:`get_ready`."""
+        self._expect(Runstate.IDLE)  # guarded here, not by @require: warnings' stacklevel
         self.runstate = Runstate.STARTING
         for use_snapshot in (self.spec.snapshot, False):
             plan = self.make_plan()
@@ -192,10 +196,10 @@ class Sandbox:
             return plan
         return replace(plan, snapshot=found)
 
-    @require(Runstate.STARTING)
     def get_ready(self) -> None:
         """Wait for the guest launched by :meth:`launch`, set it up; a detached one then
         outlives us."""
+        self._expect(Runstate.STARTING)
         assert self.machine is not None and self.spec is not None
         agent = self.machine.attach(self.spec.boot_timeout)
         role = self.plan.snapshot.role if self.plan and self.plan.snapshot else None
