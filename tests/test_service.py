@@ -127,3 +127,21 @@ def test_every_listing_verb_is_ls_and_list_is_its_alias(group):
     ls = qemubox(group, "ls", "--help")
     alias = qemubox(group, "list", "--help")
     assert ls.code == 0 and alias.code == 0 and ls.out == alias.out
+
+
+def test_a_sandbox_guards_every_call_by_its_run_state():
+    from qemubox.errors import SandboxError
+    from qemubox.sandbox.runstate import Runstate
+    from qemubox.sandbox.sandbox import Sandbox
+
+    box = Sandbox(memory="256M")
+    assert box.runstate is Runstate.IDLE
+    for call in (lambda: box.exec(["true"]), box.memory, lambda: box.set_memory("128M")):
+        with pytest.raises(SandboxError, match="the sandbox is not started: it is not running"):
+            call()
+    box.close()
+    assert box.runstate is Runstate.CLOSED
+    with pytest.raises(SandboxError, match="the sandbox is closed"):
+        box.read_file("/etc/hostname")
+    with pytest.raises(SandboxError, match="this sandbox is closed: make another"):
+        box.start()

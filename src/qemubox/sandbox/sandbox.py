@@ -384,8 +384,13 @@ class Sandbox:
             self.machine.check_alive(doing)
 
     def check_host_io(self) -> None:
-        assert self.machine is not None
-        self._raise_host_io(self.machine.host_io_errors())
+        self._raise_host_io(self._running().host_io_errors())
+
+    def _running(self) -> Machine:
+        """The machine of a sandbox in use (the run state guards; this names the type)."""
+        if self.machine is None or self.plan is None:
+            raise SandboxError(f"the sandbox is {self.runstate.value}: it has no machine")
+        return self.machine
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -446,14 +451,13 @@ class Sandbox:
 
     # --- memory (virtio-balloon over QMP) -------------------------------------------------------
 
-    @require(Runstate.RUNNING)
     def _qmp_cmd(self, name: str, **args):
-        assert self.machine is not None
-        return self.machine.monitor().command(name, **args)
+        return self._running().monitor().command(name, **args)
 
+    @require(Runstate.RUNNING)
     def set_memory(self, size: str | int) -> None:
         """Ask the guest to give memory back (or take it again) through the balloon."""
-        assert self.plan is not None
+        self._running()
         if not self.plan.balloon:
             raise InputError("set_memory needs a session with balloon=True")
         target = parse_size(size, "memory")
@@ -461,9 +465,10 @@ class Sandbox:
             raise InputError(f"cannot grow memory beyond the session's {self.plan.memory_mib}M")
         self._qmp_cmd("balloon", value=target)
 
+    @require(Runstate.RUNNING)
     def memory(self) -> int:
         """The guest's current memory in bytes, as the balloon reports it."""
-        assert self.plan is not None
+        self._running()
         if not self.plan.balloon:
             return self.plan.memory_mib << 20
         return int(self._qmp_cmd("query-balloon")["actual"])
@@ -472,8 +477,7 @@ class Sandbox:
     def wait_memory(self, at_most: int, timeout: float = 30) -> int:
         """Wait for the balloon to bring the guest to ``at_most`` bytes (QMP's
         BALLOON_CHANGE events); returns the last size reported."""
-        assert self.machine is not None
-        monitor = self.machine.monitor()
+        monitor = self._running().monitor()
         actual = self.memory()
         deadline = time.monotonic() + timeout
         while actual > at_most and (left := deadline - time.monotonic()) > 0:
