@@ -202,3 +202,16 @@ def test_junit_as_a_junit_parser_reads_it(tmp_path):
     assert cases[("k.ktap", "suite_a.test_two.case_x")].result[0].message == "not ok"
     rows = report.summary_rows(results)
     assert rows[2] == ("k/ktap", "fail", "0", "1.5s", "6 subtests, 3 failed")
+
+
+def test_an_axis_value_the_kernel_has_already_makes_no_other_kernel(tmp_path):
+    m = Matrix.from_data(
+        {
+            "kernel": [{"name": "k", "config": ["CONFIG_A=y"], "fragments": ["vm"]}],
+            "test": [{"name": "t", "command": "true"}],
+            "matrix": {"config": [[], ["CONFIG_A=y"]], "fragments": [[], ["vm"]]},
+        },
+        tmp_path,
+    )
+    assert len(m.cells) == 4
+    assert len({c.kernel.build_inputs() for c in m.cells}) == 1

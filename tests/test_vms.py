@@ -67,7 +67,8 @@ def wait_console(top: Path, name: str, pattern: str, timeout: float) -> str:
 @pytest.fixture(scope="module")
 def module_kernel(tmp_path_factory):
     """qemubox's minimal kernel with the vm fragment (what systemd needs) and one module,
-    built by the CLI (cached; incremental on the minimal build)."""
+    built by the CLI (cached; incremental on the minimal build). test_matrix.py's "vm"
+    kernel has the same inputs: the suite builds it once."""
     out = tmp_path_factory.mktemp("vm-kernel")
     r = qemubox(
         "kernel", "build", "-f", "vm", "--config-item", "CONFIG_ISO9660_FS=m", "-o", out,

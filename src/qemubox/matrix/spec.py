@@ -372,10 +372,13 @@ class _Reader:
         shown = []
         for name, value in values.items():
             key = f"matrix.{name}"
+            # An axis value the kernel has already adds nothing: the same kernel, built once.
             if name == "config":
-                kernel = replace(kernel, config=kernel.config + self._config(key, value))
+                extra = tuple(c for c in self._config(key, value) if c not in kernel.config)
+                kernel = replace(kernel, config=kernel.config + extra)
             elif name == "fragments":
                 extra = tuple(self._fragment(key, f) for f in self._strings(key, value))
+                extra = tuple(f for f in extra if f not in kernel.fragments)
                 kernel = replace(kernel, fragments=kernel.fragments + extra)
             else:
                 options = {**dict(test.options), name: self.run_value(key, name, value)}
