@@ -69,7 +69,7 @@ class Status:
 # --- observing ----------------------------------------------------------------------------------
 
 
-def _observe(record: dict) -> tuple[str, str, int | None]:
+def _observe(record: dict) -> tuple[State, str, int | None]:
     """(state, note, QEMU's exit status) of the record's current run, from the machine's
     runtime directory."""
     machine = record.get("machine")
@@ -95,7 +95,7 @@ def _observe(record: dict) -> tuple[str, str, int | None]:
     return FAILED, f"QEMU ended with status {code}", code
 
 
-def _settle(name: str, record: dict, state: str, note: str) -> dict:
+def _settle(name: str, record: dict, state: State, note: str) -> dict:
     """Close the record's run: keep its console log, remove its runtime files. Under the
     sandbox's lock."""
     machine = record.get("machine")
@@ -121,7 +121,7 @@ def _settle(name: str, record: dict, state: str, note: str) -> dict:
     return record
 
 
-def _up_to_date(name: str, mine: bool = True) -> tuple[dict, str, str]:
+def _up_to_date(name: str, mine: bool = True) -> tuple[dict, State, str]:
     """The record brought up to date with what is observed: (record, state, note). Only
     with the sandbox's lock held (``mine``) is the record written."""
     record = SANDBOXES.read(name)
@@ -131,7 +131,7 @@ def _up_to_date(name: str, mine: bool = True) -> tuple[dict, str, str]:
     return record, state, note
 
 
-def _current(name: str, wait: bool = True) -> tuple[dict, str, str]:
+def _current(name: str, wait: bool = True) -> tuple[dict, State, str]:
     with SANDBOXES.locked(name, wait) as mine:
         return _up_to_date(name, mine)
 
