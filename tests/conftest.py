@@ -34,9 +34,9 @@ def state(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_qemu_unless_marked(request, tmp_path_factory, monkeypatch):
-    """A test not marked ``qemu`` starts no QEMU: the fast selection stays fast. QEMU is
-    found on PATH; here it is a stand-in that leaves a trace and fails."""
-    if request.node.get_closest_marker("qemu") is not None:
+    """A test of the fast selection (marked neither ``kernel`` nor ``qemu``) starts no
+    QEMU: QEMU is found on PATH, and here it is a stand-in that leaves a trace and fails."""
+    if any(request.node.get_closest_marker(m) for m in ("kernel", "qemu")):
         yield
         return
     shims = tmp_path_factory.mktemp("no-qemu")
@@ -47,4 +47,4 @@ def no_qemu_unless_marked(request, tmp_path_factory, monkeypatch):
         shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
     yield
-    assert not trace.exists(), f"a test not marked qemu started QEMU: {trace.read_text()}"
+    assert not trace.exists(), f"a test of the fast selection started QEMU: {trace.read_text()}"

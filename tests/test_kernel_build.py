@@ -52,6 +52,7 @@ def test_build_installs_the_seed_layout(minimal_x86):
     assert (minimal_x86 / "vmlinux").read_bytes()[:4] == b"\x7fELF"
 
 
+@pytest.mark.qemu
 def test_built_kernel_boots_and_reports_its_version(minimal_x86, tmp_path):
     manifest = json.loads((minimal_x86 / "manifest.json").read_text())
     initrd = tmp_path / "init.cpio"
@@ -139,6 +140,7 @@ def test_mismatch_stops_before_compiling(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.qemu
 def test_doctor_on_a_real_config_and_a_real_boot_log(minimal_x86, tmp_path):
     config = tmp_path / "no9p.config"
     text = (minimal_x86 / "config").read_text()
@@ -179,6 +181,7 @@ def test_menuconfig_saves_changes_as_a_fragment(tmp_path, monkeypatch):
     assert "# CONFIG_IPV6 is not set\n" in saved
 
 
+@pytest.mark.qemu
 def test_arm64_cross_build_boots_on_virt(minimal_arm64, tmp_path):
     manifest = json.loads((minimal_arm64 / "manifest.json").read_text())
     assert manifest["arch"] == "arm64" and manifest["image"] == "arch/arm64/boot/Image"
