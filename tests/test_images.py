@@ -118,8 +118,8 @@ def test_the_host_root_is_read_only_and_the_workdir_is_ours(kernel, tmp_path):
 
 def test_the_host_root_over_9p(kernel, tmp_path, monkeypatch):
     """Where virtiofsd cannot run (not root), the host root is shared over 9p."""
-    from qemubox.sandbox.sandbox import Sandbox
     from qemubox.sandbox import spec
+    from qemubox.sandbox.sandbox import Sandbox
 
     monkeypatch.setattr(spec, "_root_fs", lambda: "9p")
     (tmp_path / "f").write_text("nine\n")
