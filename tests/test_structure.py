@@ -41,6 +41,7 @@ FLOORS = [
     {"sandbox"},
     {"matrix", "vmpy"},
     {"service"},
+    {"mcpserver"},
     {"cli"},
     {"__init__", "__main__"},
 ]

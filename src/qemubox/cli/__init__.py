@@ -36,6 +36,7 @@ COMMANDS = {
     "snapshot": ("snapshots", "snapshot"),
     "pool": ("pools", "pool"),
     "vm": ("vmpy", "vm"),
+    "mcp": ("mcp", "mcp"),
 }
 
 

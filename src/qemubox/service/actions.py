@@ -31,6 +31,7 @@ class Run:
     remove: bool = False
     ttl: float | None = None
     dry_run: bool = False
+    files: tuple[tuple[str, bytes], ...] = ()  # (guest path, content) written before it runs
 
     def __post_init__(self) -> None:
         if self.name is None:
@@ -61,6 +62,28 @@ class Copy:
 
     src: tuple[str | None, str]
     dst: tuple[str | None, str]
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    name: str
+    path: str  # absolute, in the guest
+    data: bytes
+    mode: int = 0o644
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise InputError(f"path {self.path!r}: expected an absolute guest path")
+
+
+@dataclass(frozen=True)
+class ReadFile:
+    name: str
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise InputError(f"path {self.path!r}: expected an absolute guest path")
 
 
 @dataclass(frozen=True)
@@ -164,12 +187,14 @@ def _run(action: Run, streams: Streams | None) -> RunResult:
     streams = streams or _quiet()
     if action.name is None:
         with Sandbox(session) as sandbox:
+            _write_files(sandbox, action.files)
             code = run_in(sandbox, action.command, streams)
             sandbox.phase(Phase.COMMAND)
         sandbox.phase(Phase.TEARDOWN)
         return RunResult(code, timings=sandbox.timings)
     sandbox = Sandbox.create(action.name, session, action.ttl)
     try:
+        _write_files(sandbox, action.files)
         if action.detach:
             start_in_background(sandbox, action.command)
             return RunResult(Exit.OK, name=action.name)
@@ -179,6 +204,13 @@ def _run(action: Run, streams: Streams | None) -> RunResult:
             sandbox.remove(force=True)
         else:
             sandbox.detach()
+
+
+def _write_files(sandbox, files: tuple[tuple[str, bytes], ...]) -> None:
+    for path, data in files:
+        if not path.startswith("/"):
+            raise InputError(f"file {path!r}: expected an absolute guest path")
+        sandbox.write_file(path, data)
 
 
 def _create(action: Create, streams) -> str:
@@ -194,6 +226,26 @@ def _exec(action: Exec, streams: Streams | None) -> int:
     sandbox = named.attach(action.name)
     try:
         return run_in(sandbox, action.command, streams or _quiet())
+    finally:
+        sandbox.detach()
+
+
+def _write_file(action: WriteFile, streams) -> None:
+    from qemubox.sandbox import named
+
+    sandbox = named.attach(action.name)
+    try:
+        sandbox.write_file(action.path, action.data, action.mode)
+    finally:
+        sandbox.detach()
+
+
+def _read_file(action: ReadFile, streams) -> bytes:
+    from qemubox.sandbox import named
+
+    sandbox = named.attach(action.name)
+    try:
+        return sandbox.read_file(action.path)
     finally:
         sandbox.detach()
 
@@ -310,6 +362,8 @@ ACTIONS: dict[type, Callable] = {
     Create: _create,
     Exec: _exec,
     Copy: _copy,
+    WriteFile: _write_file,
+    ReadFile: _read_file,
     List: _list,
     Inspect: _inspect,
     Stop: _stop,

@@ -44,6 +44,27 @@ class Streams:
     notices: list[str] = field(default_factory=list)  # what the door should say after
 
 
+class Capture:
+    """A command's output kept in memory, at most ``limit`` bytes of each stream (the rest
+    counted and dropped): for doors that answer with the output rather than stream it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.out, self.err = bytearray(), bytearray()
+        self.dropped = 0
+
+    def _keep(self, sink: bytearray) -> Callable[[bytes], None]:
+        def keep(data: bytes) -> None:
+            room = max(self.limit - len(sink), 0)
+            sink.extend(data[:room])
+            self.dropped += max(len(data) - room, 0)
+
+        return keep
+
+    def streams(self) -> Streams:
+        return Streams(self._keep(self.out), self._keep(self.err))
+
+
 def run_in(sandbox, request: CommandRequest, streams: Streams) -> int:
     """Run ``request`` in ``sandbox``; returns the exit status to exit with."""
     wanted = request.tty

@@ -1,0 +1,271 @@
+"""What each MCP tool does, as plain functions over the service layer: arguments checked
+into actions, results as plain dicts with their output bounded (``MAX_OUTPUT`` bytes of
+each stream, and a flag saying it was cut). A bad argument is an InputError, one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from qemubox.errors import InputError, QemuboxError, SandboxError
+from qemubox.model import session as defaults
+from qemubox.service import actions
+from qemubox.service.command import Capture, CommandRequest
+from qemubox.service.session import SessionRequest
+
+MAX_OUTPUT = 64 << 10  # bytes of stdout and of stderr a tool result carries
+MAX_FILE = 1 << 20  # bytes of a file read or written through a tool
+Progress = Callable[[str], None]
+
+
+def _argv(command: str | list[str]) -> tuple[str, ...]:
+    """A string is run by ``sh -c``; a list is the argv itself."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise InputError("command: empty")
+        return ("sh", "-c", command)
+    if not command or not all(isinstance(a, str) for a in command):
+        raise InputError("command: a string, or a non-empty list of strings")
+    return tuple(command)
+
+
+def _timeout(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 24 * 3600:
+        raise InputError(f"timeout: {value} is not between 0 and 86400 seconds")
+    return value
+
+
+def _session(image: str, kernel: str | None, memory: str, network: str) -> SessionRequest:
+    if network not in defaults.NETWORKS:
+        raise InputError(f"network: one of {', '.join(defaults.NETWORKS)}, not {network!r}")
+    return SessionRequest(memory=memory, image=image, kernel=kernel, net=network)
+
+
+def _output(capture: Capture, code: int, timed_out: bool = False) -> dict:
+    return {
+        "exit_code": code,
+        "stdout": capture.out.decode(errors="replace"),
+        "stderr": capture.err.decode(errors="replace"),
+        "timed_out": timed_out,
+        "truncated": capture.dropped > 0,
+        "bytes_dropped": capture.dropped,
+    }
+
+
+def _files(files: dict[str, str] | None) -> tuple[tuple[str, bytes], ...]:
+    out = []
+    for path, text in (files or {}).items():
+        data = text.encode()
+        if len(data) > MAX_FILE:
+            raise InputError(f"files[{path!r}]: {len(data)} bytes, at most {MAX_FILE}")
+        out.append((path, data))
+    return tuple(out)
+
+
+def sandbox_run(
+    command: str | list[str],
+    image: str = defaults.DEFAULT_IMAGE,
+    kernel: str | None = None,
+    memory: str = defaults.DEFAULT_MEMORY,
+    timeout: float | None = defaults.DEFAULT_TIMEOUT,
+    network: str = defaults.NETWORKS[0],
+    files: dict[str, str] | None = None,
+) -> dict:
+    request = CommandRequest(_argv(command), timeout=_timeout(timeout))
+    action = actions.Run(request, _session(image, kernel, memory, network), files=_files(files))
+    capture = Capture(MAX_OUTPUT)
+    streams = capture.streams()
+    result = actions.perform(action, streams)
+    timed_out = bool(streams.notices)  # the only notice a run gives: its timeout
+    out = _output(capture, result.exit_code, timed_out)
+    out["timings_ms"] = {t.phase.value: round(t.seconds * 1000, 1) for t in result.timings}
+    return out
+
+
+def sandbox_create(
+    name: str,
+    image: str = defaults.DEFAULT_IMAGE,
+    kernel: str | None = None,
+    memory: str = defaults.DEFAULT_MEMORY,
+    network: str = defaults.NETWORKS[0],
+    ttl: float | None = None,
+) -> dict:
+    actions.perform(actions.Create(name, _session(image, kernel, memory, network), ttl))
+    return {"name": name, "state": "running"}
+
+
+def sandbox_exec(
+    name: str,
+    command: str | list[str],
+    timeout: float | None = defaults.DEFAULT_TIMEOUT,
+    cwd: str = "/",
+    env: dict[str, str] | None = None,
+) -> dict:
+    if not cwd.startswith("/"):
+        raise InputError(f"cwd {cwd!r}: expected an absolute guest path")
+    request = CommandRequest(_argv(command), dict(env or {}), cwd, _timeout(timeout))
+    capture = Capture(MAX_OUTPUT)
+    streams = capture.streams()
+    code = actions.perform(actions.Exec(name, request), streams)
+    return _output(capture, code, bool(streams.notices))
+
+
+def sandbox_write_file(name: str, path: str, content: str, mode: int = 0o644) -> dict:
+    data = content.encode()
+    if len(data) > MAX_FILE:
+        raise InputError(f"content: {len(data)} bytes, at most {MAX_FILE}")
+    actions.perform(actions.WriteFile(name, path, data, mode))
+    return {"path": path, "bytes": len(data)}
+
+
+def sandbox_read_file(name: str, path: str) -> dict:
+    data = actions.perform(actions.ReadFile(name, path))
+    return {
+        "path": path,
+        "content": data[:MAX_FILE].decode(errors="replace"),
+        "bytes": len(data),
+        "truncated": len(data) > MAX_FILE,
+    }
+
+
+def sandbox_list() -> dict:
+    found = actions.perform(actions.List(everything=True))
+    return {"sandboxes": [s.to_dict() for s in found]}
+
+
+def sandbox_remove(name: str, force: bool = True) -> dict:
+    actions.perform(actions.Remove((name,), force))
+    return {"removed": name}
+
+
+def kernel_build(
+    source: str | None = None,
+    version: str | None = None,
+    profile: str = "minimal",
+    fragments: list[str] | None = None,
+    config: list[str] | None = None,
+    arch: str | None = None,
+) -> dict:
+    """The kernel installed in a directory of the cache named by its inputs; a config that
+    did not come out as asked is an error carrying the explanation of every option."""
+    from qemubox.kernel.build import BuildRequest, ConfigMismatchError
+    from qemubox.kernel.profiles import PROFILES
+    from qemubox.paths import cache_dir
+
+    if profile not in PROFILES:
+        raise InputError(f"profile: one of {', '.join(PROFILES)}, not {profile!r}")
+    inputs = [source, version, profile, fragments or [], config or [], arch]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+    out = cache_dir() / "mcp" / "kernels" / key
+    request = BuildRequest(
+        kernel_version=version,
+        source=source,
+        arch=arch,
+        profile=profile,
+        fragments=tuple(fragments or ()),
+        config_items=tuple(config or ()),
+        output=out,
+    )
+    try:
+        result = actions.perform(actions.KernelBuild(request))
+    except ConfigMismatchError as err:
+        raise InputError(f"{err}:\n" + "\n".join(err.lines)) from None
+    m = result.manifest
+    return {
+        "install_dir": str(result.output),
+        "kernel": str(result.output / "vmlinuz"),
+        "version": m["version"],
+        "arch": m["arch"],
+        "profile": m["profile"],
+        "built": result.ran_make,
+        "verified": "every fragment option has its wanted value",
+        "notes": list(result.notes),
+    }
+
+
+def kernel_run(
+    kernel: str,
+    command: str | list[str],
+    memory: str = defaults.DEFAULT_MEMORY,
+    timeout: float | None = defaults.DEFAULT_TIMEOUT,
+) -> dict:
+    """A command in a sandbox booting ``kernel``; a panic or a boot failure is a result
+    too, with the console's tail (what a kernel developer needs to see)."""
+    try:
+        return sandbox_run(command, kernel=kernel, memory=memory, timeout=timeout)
+    except SandboxError as err:
+        return {
+            "exit_code": err.exit_code,
+            "error": type(err).__name__,
+            "message": str(err),
+            "console_tail": err.console_tail[-MAX_OUTPUT:],
+        }
+
+
+def kconfig_explain(tree: str, option: str, config: str | None = None, arch: str | None = None):
+    """Why ``option`` has its value in ``config`` (default: the tree's .config): what keeps
+    a ``n`` option from ``y``, or holds a set one at its value."""
+    from qemubox.kconfig.engine import read_config
+    from qemubox.kconfig.explain import explain_mismatches
+    from qemubox.kconfig.fragment import parse_config_text
+    from qemubox.kconfig.verify import Mismatch
+    from qemubox.linux.tree import KernelTree
+
+    name = option.removeprefix("CONFIG_")
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise InputError(f"option {option!r}: expected CONFIG_NAME")
+    path = Path(config) if config else Path(tree) / ".config"
+    if path.is_dir():
+        path = path / ".config"
+    values = read_config(path)
+    got = values.get(name)
+    wanted = "n" if got in ("y", "m") else "y"
+    if got not in (None, "y", "m", "n"):
+        wanted = got  # a value option: what bounds it
+    (assignment,) = parse_config_text(f"CONFIG_{name}={wanted}", "kconfig_explain")
+    kernel_tree = KernelTree.open(tree, None, arch)
+    reasons = explain_mismatches(kernel_tree, path, [Mismatch(assignment, got)])
+    return {
+        "option": f"CONFIG_{name}",
+        "value": got if got is not None else "n (not set)",
+        "why": reasons.get(name, []),
+        "asked": f"what keeps it from {wanted}" if wanted != got else "what bounds it",
+    }
+
+
+def matrix_run(file: str, progress: Progress | None = None) -> dict:
+    from qemubox.matrix import report
+    from qemubox.matrix.spec import Matrix
+
+    m = Matrix.from_file(file)
+
+    def events(kind: str, payload) -> None:
+        if progress is not None and kind == "done":
+            progress(f"{payload.cell}: {payload.status} in {payload.duration:.1f}s")
+
+    results = actions.perform(actions.RunMatrix(m), events)
+    counts = report.counts(results)
+    return {
+        "cells": [
+            {
+                "cell": r.cell,
+                "status": r.status,
+                "exit_code": r.exit_code,
+                "duration": r.duration,
+                "error": r.error,
+                "stdout": r.stdout[:MAX_OUTPUT],
+            }
+            for r in results
+        ],
+        "passed": counts["pass"],
+        "failed": counts["fail"],
+        "errors": counts["error"],
+    }
+
+
+def describe(err: QemuboxError) -> str:
+    """A tool error's text: the one line, and the console's tail when there is one."""
+    tail = getattr(err, "console_tail", "")
+    return str(err) + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
