@@ -78,8 +78,7 @@ def sandbox_run(
     capture = Capture(MAX_OUTPUT)
     streams = capture.streams()
     result = actions.perform(action, streams)
-    timed_out = bool(streams.notices)  # the only notice a run gives: its timeout
-    out = _output(capture, result.exit_code, timed_out)
+    out = _output(capture, result.exit_code, streams.timed_out)
     out["timings_ms"] = {t.phase.value: round(t.seconds * 1000, 1) for t in result.timings}
     return out
 
@@ -109,7 +108,7 @@ def sandbox_exec(
     capture = Capture(MAX_OUTPUT)
     streams = capture.streams()
     code = actions.perform(actions.Exec(name, request), streams)
-    return _output(capture, code, bool(streams.notices))
+    return _output(capture, code, streams.timed_out)
 
 
 def sandbox_write_file(name: str, path: str, content: str, mode: int = 0o644) -> dict:

@@ -42,6 +42,7 @@ class Streams:
     stdin: object | None = None  # a binary file, read as the command reads
     terminal: Callable[[Resize], contextlib.AbstractContextManager[Size | None]] = _no_terminal
     notices: list[str] = field(default_factory=list)  # what the door should say after
+    timed_out: bool = False  # the command ran past its timeout and was killed
 
 
 class Capture:
@@ -81,6 +82,7 @@ def run_in(sandbox, request: CommandRequest, streams: Streams) -> int:
             tty=size,
         )
     if result.timed_out:
+        streams.timed_out = True
         streams.notices.append(
             f"qemubox: the command timed out after {request.timeout:g} s and was killed"
         )
