@@ -15,11 +15,11 @@ for arg in "$@"; do
   esac
 done
 
-# Debian packages qemubox drives: QEMU, the guest userland, disk and root images, kernel sources
-# and what it takes to build a kernel.
+# Debian packages qemubox drives: QEMU, the guest userland, disk and root images (Debian's and
+# container images'), kernel sources and what it takes to build a kernel.
 pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd
       linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev libncurses-dev
-      python3-venv ca-certificates debootstrap openssh-client)
+      python3-venv ca-certificates debootstrap openssh-client skopeo umoci buildah)
 if [ "$dev" = 1 ]; then
   # The --explain tests run against a second kernel generation too; the arm64 cross build
   # is booted on QEMU's virt machine.

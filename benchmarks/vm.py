@@ -17,26 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-QEMUBOX = [sys.executable, "-m", "qemubox"]
-
-
-def qemubox(env: dict, *args: str) -> str:
-    proc = subprocess.run([*QEMUBOX, *args], env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"qemubox {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
-
-
-def timed(env: dict, *args: str) -> float:
-    start = time.monotonic()
-    qemubox(env, *args)
-    return time.monotonic() - start
+from common import qemubox, timed
 
 
 def boot(env: dict, n: int, kernel: list[str]) -> tuple[float, float, float, float]:

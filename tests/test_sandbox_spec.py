@@ -235,7 +235,14 @@ def test_plan_from_a_session_is_pure_and_round_trips(tmp_path):
     again = MachinePlan.from_json(plan.to_json())
     assert again == plan
     assert qemu.qemu_args(again) == qemu.qemu_args(plan)
-    assert json.loads(plan.to_json())["schema"] == 1
+    assert json.loads(plan.to_json())["schema"] == 2
+    older = json.loads(plan.to_json())  # schema 1 lacked only fields with defaults
+    older["schema"] = 1
+    del older["root"]["source"], older["root"]["config"]
+    assert MachinePlan.from_dict(older).root == plan.root
+    older["schema"] = 99
+    with pytest.raises(InputError, match="schema 99; this qemubox reads 1, 2"):
+        MachinePlan.from_dict(older)
 
 
 def test_plan_machine_follows_the_kernel_and_arch(tmp_path):

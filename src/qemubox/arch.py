@@ -21,6 +21,7 @@ class Arch:
     console: str  # the serial console's device name in the guest
     debian_arch: str
     debian_kernel: str  # Debian's metapackage for its generic kernel
+    oci_arch: str  # what an OCI image config's "architecture" says (Go's GOARCH)
     cross_prefix: str  # CROSS_COMPILE on a host of another arch (Debian's cross compilers)
     cross_package: str  # the Debian package with that compiler
     cross_libc: str  # the Debian package with its libc (for the static guest agent)
@@ -62,6 +63,7 @@ ARCHES: dict[str, Arch] = {
             console="ttyS0",
             debian_arch="amd64",
             debian_kernel="linux-image-amd64",
+            oci_arch="amd64",
             cross_prefix="x86_64-linux-gnu-",
             cross_package="gcc-x86-64-linux-gnu",
             cross_libc="libc6-dev-amd64-cross",
@@ -84,6 +86,7 @@ ARCHES: dict[str, Arch] = {
             console="ttyAMA0",
             debian_arch="arm64",
             debian_kernel="linux-image-arm64",
+            oci_arch="arm64",
             cross_prefix="aarch64-linux-gnu-",
             cross_package="gcc-aarch64-linux-gnu",
             cross_libc="libc6-dev-arm64-cross",
@@ -138,6 +141,14 @@ def by_config(config_text: str) -> Arch | None:
     """The arch a kernel ``.config`` is for (among those qemubox boots)."""
     lines = set(config_text.splitlines())
     return next((a for a in ARCHES.values() if f"{a.config_symbol}=y" in lines), None)
+
+
+def by_debian_arch(name: str) -> Arch:
+    """The record of Debian's architecture ``name`` (amd64, arm64, ...)."""
+    for a in ARCHES.values():
+        if a.debian_arch == name:
+            return a
+    raise InputError(f"unknown Debian architecture {name!r}")
 
 
 def get(name: str | None) -> Arch:

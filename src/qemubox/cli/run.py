@@ -121,10 +121,10 @@ def named_options(f):
     return f
 
 
-def default_workdir(image: str) -> str:
+def default_workdir(image: str) -> str | None:
     """Where a command starts unless told: in a host root, where we are (it is there, at
-    the same path); elsewhere at /."""
-    return os.getcwd() if image == "host" else "/"
+    the same path); elsewhere the image's WorkingDir, else / (None)."""
+    return os.getcwd() if image == "host" else None
 
 
 def streams():
@@ -175,7 +175,18 @@ def _writer(stream):
     "-w",
     "--workdir",
     metavar="DIR",
-    help="Where COMMAND starts (default: /; with --image host, ours).",
+    help="Where COMMAND starts (default: the image's WorkingDir, else /; with --image host, ours).",
+)
+@click.option(
+    "-u",
+    "--user",
+    metavar="NAME|UID[:GID]",
+    help="Run COMMAND as this user of the root (default: the image's User, else root).",
+)
+@click.option(
+    "--entrypoint",
+    metavar="PROGRAM",
+    help="Replace a container image's Entrypoint (its Cmd is then dropped too).",
 )
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
 @click.option("--console-log", metavar="FILE", help="Keep the guest console log here.")
@@ -186,9 +197,10 @@ def _writer(stream):
 @named_options
 @click.option("-d", "--detach", is_flag=True, help="With --name: start COMMAND and return at once.")
 @click.option("--rm", "remove", is_flag=True, help="With --name: remove the sandbox after COMMAND.")
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 def run(command, env, workdir, timeout, console_log, dry_run, timings, interactive, **options):
-    """Boot a sandbox, run COMMAND in it, and exit with its exit status.
+    """Boot a sandbox, run COMMAND in it, and exit with its exit status. A container image
+    runs its Entrypoint and Cmd as `docker run` does (COMMAND replaces Cmd).
 
     Its stdout and stderr stream to ours as they come. Exit status: the command's, 128+N
     when a signal N killed it, 124 on --timeout; 121 boot failure, 122 kernel panic,
@@ -207,12 +219,15 @@ def run(command, env, workdir, timeout, console_log, dry_run, timings, interacti
 
     request = SessionRequest.take(options)
     timeout = notation.seconds(timeout, "--timeout")
+    cwd = workdir or default_workdir(request.image)
     command_request = CommandRequest(
         tuple(command),
         notation.env(env, os.environ),
-        notation.workdir(workdir or default_workdir(request.image)),
+        notation.workdir(cwd) if cwd else None,
         timeout,
         interactive,
+        user=notation.user(options.pop("user")),
+        entrypoint=options.pop("entrypoint"),
     )
     action = actions.Run(
         command_request,

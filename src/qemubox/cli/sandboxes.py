@@ -37,13 +37,16 @@ def create(name, ttl, **options):
 
 @click.command("exec", context_settings={**CONTEXT, "allow_interspersed_args": False})
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE")
-@click.option("-w", "--workdir", default="/", show_default=True, metavar="DIR")
+@click.option("-w", "--workdir", metavar="DIR", help="Default: the image's WorkingDir, else /.")
+@click.option(
+    "-u", "--user", metavar="NAME|UID[:GID]", help="Default: the image's User, else root."
+)
 @click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Run it on a pseudo-terminal, fed standard input.")
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
-def exec_(name, command, env, workdir, interactive, tty, timeout):
+def exec_(name, command, env, workdir, user, interactive, tty, timeout):
     """Run COMMAND in the running sandbox NAME; exit with its exit status (as `run`)."""
     from qemubox.sandbox import notation
     from qemubox.service.command import CommandRequest
@@ -56,8 +59,10 @@ def exec_(name, command, env, workdir, interactive, tty, timeout):
     command_env = notation.env(env, os.environ)
     if tty and "TERM" not in command_env:
         command_env["TERM"] = os.environ.get("TERM", "xterm")
-    cwd = notation.workdir(workdir)
-    request = CommandRequest(tuple(command), command_env, cwd, timeout, interactive, tty)
+    cwd = notation.workdir(workdir) if workdir else None
+    request = CommandRequest(
+        tuple(command), command_env, cwd, timeout, interactive, tty, notation.user(user)
+    )
     return perform_streaming(actions.Exec(name, request))
 
 

@@ -26,6 +26,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <net/if.h>
 #include <poll.h>
 #include <signal.h>
@@ -64,6 +65,8 @@ enum {
 #define STDIN_WINDOW (1024 * 1024)
 #define EXEC_STDIN 1
 #define EXEC_TTY 2
+#define EXEC_USER 4 /* uid, gid and the supplementary groups follow */
+#define MAX_GROUPS 64
 #define MAX_EXECS 64
 #define MAX_PORTS 16
 #define QUEUE_HIGH (256 * 1024) /* a port's queue above this: its commands' output waits */
@@ -275,6 +278,8 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 	char tty_name[128] = "";
 	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 }, report[2] = { -1, -1 };
 	int tty = flags & EXEC_TTY, master = -1;
+	uint32_t uid = 0, gid = 0, ngroups = 0;
+	gid_t groups[MAX_GROUPS];
 	struct exec *e = NULL;
 	pid_t pid;
 
@@ -299,7 +304,15 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		rows = get_u32(r);
 		cols = get_u32(r);
 	}
-	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535))) {
+	if (flags & EXEC_USER) {
+		uid = get_u32(r);
+		gid = get_u32(r);
+		ngroups = get_u32(r);
+		for (uint32_t i = 0; i < ngroups && i < MAX_GROUPS; i++)
+			groups[i] = get_u32(r);
+	}
+	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535)) ||
+	    ngroups > MAX_GROUPS || uid == (uint32_t)-1 || gid == (uint32_t)-1) {
 		send_error(port, id, EINVAL, "bad exec request");
 		goto done;
 	}
@@ -352,6 +365,10 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 			dup2(out[1], 1);
 			dup2(err[1], 2);
 		}
+		note[0] = 'u';
+		if ((flags & EXEC_USER) &&
+		    (setgroups(ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
+			goto report;
 		note[0] = 'c';
 		/* execvpe searches our own PATH: the command's PATH, when given, is the one. */
 		for (uint32_t i = 0; i < envc; i++)
@@ -386,6 +403,9 @@ report:
 			if (note[0] == 't')
 				snprintf(msg, sizeof(msg), "cannot open terminal %s: %s", tty_name,
 					 strerror(saved));
+			else if (note[0] == 'u')
+				snprintf(msg, sizeof(msg), "cannot become user %u (group %u): %s", uid,
+					 gid, strerror(saved));
 			else
 				snprintf(msg, sizeof(msg), "%s %s: %s",
 					 note[0] == 'c' ? "cannot change directory to" : "cannot run",

@@ -52,6 +52,7 @@ class AgentClient(Connection):
         on_stderr: Callable[[bytes], None] | None = None,
         max_output: int | None = None,
         tty: tuple[int, int] | None = None,
+        user: tuple[int, int, tuple[int, ...]] | None = None,
     ) -> tuple[int, Pending]:
         """Start a command (on a pseudo-terminal of ``tty`` rows and columns, when given);
         its frames then arrive in the returned Pending."""
@@ -61,6 +62,7 @@ class AgentClient(Connection):
             cwd.encode(),
             with_stdin,
             tty,
+            user,
         )
         ident, pend = self._new(
             is_exec=True, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output

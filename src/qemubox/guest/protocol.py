@@ -60,6 +60,8 @@ HOST_FRAMES = frozenset(f for f in Frame if f < 20)
 GUEST_FRAMES = frozenset(f for f in Frame if f >= 20)
 EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
 EXEC_TTY = 2  # ExecRequest flag: the command runs on a pseudo-terminal (rows, columns follow)
+EXEC_USER = 4  # ExecRequest flag: uid, gid, the supplementary groups' count and ids follow
+MAX_GROUPS = 64
 # The agent keeps its initramfs's busybox here whatever the root: qemubox's own commands
 # (network setup, cp, file transfers) run on it, so any root serves them.
 GUEST_BUSYBOX = "/run/qemubox/busybox"
@@ -126,21 +128,34 @@ def exec_request(
     cwd: bytes,
     with_stdin: bool,
     tty: tuple[int, int] | None = None,
+    user: tuple[int, int, tuple[int, ...]] | None = None,
 ) -> bytes:
     """An EXEC payload; with ``tty`` (rows, columns) the command gets a pseudo-terminal for
-    its stdin, stdout and stderr (its output then comes as STDOUT only)."""
+    its stdin, stdout and stderr (its output then comes as STDOUT only); with ``user``
+    (uid, gid, supplementary groups) it runs as that user."""
     flags = (EXEC_STDIN if with_stdin or tty else 0) | (EXEC_TTY if tty else 0)
+    flags |= EXEC_USER if user else 0
     payload = struct.pack("<II", flags, len(argv))
     payload += b"".join(_str(a) for a in argv)
     payload += struct.pack("<I", len(env)) + b"".join(_str(e) for e in env)
     payload += _str(cwd)
     if tty:
         payload += resize_request(*tty)
+    if user:
+        payload += user_request(*user)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
             f"the command and its environment take {len(payload)} bytes (at most {MAX_PAYLOAD})"
         )
     return payload
+
+
+def user_request(uid: int, gid: int, groups: tuple[int, ...]) -> bytes:
+    if not all(0 <= n < (1 << 32) - 1 for n in (uid, gid, *groups)):
+        raise ValueError(f"user {uid}:{gid} (groups {groups}): ids from 0 to {(1 << 32) - 2}")
+    if len(groups) > MAX_GROUPS:
+        raise ValueError(f"{len(groups)} supplementary groups (at most {MAX_GROUPS})")
+    return struct.pack(f"<III{len(groups)}I", uid, gid, len(groups), *groups)
 
 
 def resize_request(rows: int, columns: int) -> bytes:

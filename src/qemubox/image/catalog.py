@@ -1,16 +1,18 @@
 """Image names: the built-in ``minimal``, ``host`` and ``debian``, images built from them
-(``qemubox image build``, one record each under the state directory), and image files.
-``root_plan`` turns what a session names into the root of a machine plan."""
+(``qemubox image build``) or imported (``qemubox image import``), one record each under the
+state directory; container images named by a transport (``oci-archive:app.tar``); and
+image files. ``root_plan`` turns what a session names into the root of a machine plan."""
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox.errors import InputError
-from qemubox.image import debian, recipe
+from qemubox.image import debian, oci, recipe, reference
 from qemubox.model.plan import RootPlan
 from qemubox.store import Store
 
@@ -25,8 +27,15 @@ EXT4_MAGIC_AT, EXT4_MAGIC = 1024 + 0x38, b"\x53\xef"
 
 
 def is_path(image: str) -> bool:
-    """An image named by a file rather than by name."""
+    """An image named by a file rather than by name (or by a transport)."""
+    if reference.looks_like(image):
+        return False
     return "/" in image or image.startswith(".") or image.endswith((".img", ".qcow2", ".raw"))
+
+
+def is_container(record: dict) -> bool:
+    """Whether an image record is of an imported (or Dockerfile-built) container image."""
+    return "digest" in record
 
 
 def is_qcow2(path: Path) -> bool:
@@ -62,6 +71,8 @@ def check(image: str) -> tuple[str, str]:
     kind: initramfs, share or disk)."""
     if not isinstance(image, str) or not image:
         raise InputError(f"image must be a name or a path, got {image!r}")
+    if reference.looks_like(image):
+        return reference.parse(image).skopeo(), "disk"
     if is_path(image):
         path = Path(image).expanduser()
         if not path.is_file():
@@ -72,10 +83,13 @@ def check(image: str) -> tuple[str, str]:
         return image, "initramfs"
     if image == "host":
         return image, "share"
+    if ":" in image:
+        reference.parse(image)  # an unknown transport: the error names it
     if image == "debian" or IMAGES.exists(IMAGES.check_name(image)):
         return image, "disk"
     raise InputError(
         f"unknown image {image!r}: minimal, host, debian, a name from 'qemubox image ls', "
+        "a container image (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG, ...) "
         "or the path of an ext4 or qcow2 image file"
     )
 
@@ -86,6 +100,8 @@ def recipe_of(name: str, arch: str) -> recipe.Recipe:
     if name in BUILTIN:
         raise InputError(f"image {name!r} is not built from a recipe")
     data = IMAGES.read(name)
+    if is_container(data):
+        raise InputError(f"image {name!r} is a container image, not built from a recipe")
     return recipe.Recipe.from_dict(data["recipe"])
 
 
@@ -96,17 +112,39 @@ def root_plan(image: str, kind: str, arch: str, share_fs: str, overlay: str = ""
         return RootPlan()
     if kind == "share":
         return RootPlan(kind="share", image=image, base="/", fs=share_fs)
+    if reference.looks_like(image):
+        found = oci.identify(reference.parse(image), arches.by_debian_arch(arch))
+        base = str(oci.base_path(found.digest))
+        config = found.config.to_dict()
+        return RootPlan("disk", image, base, "raw", overlay, source=image, config=config)
     if is_path(image):
         fmt = file_format(Path(image))
         return RootPlan(kind="disk", image=image, base=image, base_format=fmt, overlay=overlay)
+    if image not in BUILTIN and is_container(data := IMAGES.read(image)):
+        base = str(oci.base_path(data["digest"]))
+        source = data.get("source", "")
+        return RootPlan("disk", image, base, "raw", overlay, source=source, config=data["config"])
     r = recipe_of(image, arch)
     base = str(debian.built_path(r))
     return RootPlan("disk", image, base, "raw", overlay, recipe=r.to_dict())
 
 
-def ensure_built(root: RootPlan) -> None:
-    """Build a recipe root's image if the cache does not hold it yet."""
-    if root.kind != "disk" or root.recipe is None or Path(root.base).exists():
+def ensure_built(root: RootPlan, arch: str) -> None:
+    """Build a recipe root's image, or unpack a container image's, if the cache does not
+    hold it yet."""
+    if root.kind != "disk" or Path(root.base).exists():
+        return
+    if root.source:
+        made = oci.unpack(reference.parse(root.source), arches.get(arch), f"unpacking {root.image}")
+        if str(oci.base_path(made["digest"])) != root.base:
+            raise InputError(f"image {root.image} changed since it was planned: run again")
+        return
+    if root.recipe is None:
+        if root.config is not None:
+            raise InputError(
+                f"image {root.image}: its unpacked root {root.base} is gone from the cache; "
+                f"make it again (qemubox image import or image build)"
+            )
         return
     from qemubox.image.sources import mirror
 
@@ -124,21 +162,58 @@ def build(name: str, base: str, packages: tuple[str, ...], arch: str, mirror_uri
     is pointed at the new recipe (sandboxes made from it keep theirs)."""
     from qemubox.image.sources import mirror
 
-    IMAGES.check_name(name)
-    if name in BUILTIN:
-        raise InputError(f"{name!r} is a built-in image; give the new one another name")
+    check_new_name(name)
     if base != "debian" and (base in BUILTIN or is_path(base)):
         raise InputError(f"--from {base}: images are built from debian or an image built so")
     r = recipe_of(base, arch).with_packages(packages)
     debian.build(r, mirror_uri or mirror(r.suite), f"building image {name}")
     record = {"name": name, "from": base, "recipe": r.to_dict(), "created": time.time()}
+    _save(name, record)
+    return record
+
+
+def _save(name: str, record: dict) -> None:
     if IMAGES.exists(name):
         with IMAGES.locked(name):
             IMAGES.write(name, record)
     else:
         IMAGES.make(name)
         IMAGES.write(name, record)
+
+
+def check_new_name(name: str) -> None:
+    IMAGES.check_name(name)
+    if name in BUILTIN:
+        raise InputError(f"{name!r} is a built-in image; give the new one another name")
+
+
+def import_image(name: str, source: str, arch: str, origin: str = "") -> dict:
+    """Name the container image ``source`` (a transport reference) ``name``, unpacking it
+    unless an image of the same digest was unpacked before (under any name)."""
+    check_new_name(name)
+    ref = reference.parse(source)
+    made = oci.unpack(ref, arches.by_debian_arch(arch), f"importing {name}")
+    record = {
+        "name": name,
+        "from": origin or ref.skopeo(),
+        "source": "" if origin else ref.skopeo(),
+        "digest": made["digest"],
+        "manifest": made["manifest"],
+        "config": made["config"],
+        "created": time.time(),
+    }
+    _save(name, record)
     return record
+
+
+def inspect(name: str, arch: str) -> dict:
+    """What is known of image ``name``: its record, and for a container image its config
+    and digests."""
+    found = next((i for i in list_all(arch) if i.name == name), None)
+    if found is None:
+        check(name)  # the one-line error for a name that is not an image
+        raise InputError(f"{name!r} is not an image name")
+    return asdict(found)
 
 
 @dataclass
@@ -150,6 +225,26 @@ class ImageInfo:
     built: float | None
     bytes: int
     base: str  # the built file ("" for minimal and host)
+    digest: str = ""  # a container image's config digest (its image id)
+    manifest: str = ""  # ... and the digest of the manifest it was imported by
+    config: dict | None = None  # ... and its run-time config
+
+
+def _container_info(name: str, record: dict) -> ImageInfo:
+    path = oci.base_path(record["digest"])
+    made = oci.record(record["digest"]) if path.exists() else None
+    return ImageInfo(
+        name,
+        "disk",
+        record.get("from", ""),
+        (),
+        made.get("unpacked") if made else None,
+        made.get("bytes", 0) if made else 0,
+        str(path),
+        record["digest"],
+        record.get("manifest", ""),
+        record.get("config"),
+    )
 
 
 def _info(name: str, r: recipe.Recipe, description: str) -> ImageInfo:
@@ -174,6 +269,9 @@ def list_all(arch: str) -> list[ImageInfo]:
     ]
     for name in IMAGES.names():
         record = IMAGES.read(name)
+        if is_container(record):
+            out.append(_container_info(name, record))
+            continue
         r = recipe.Recipe.from_dict(record["recipe"])
         extra = sorted(set(r.packages) - set(recipe.BASE_PACKAGES))
         out.append(_info(name, r, f"{record.get('from', 'debian')} + {', '.join(extra)}"))
@@ -186,8 +284,10 @@ def remove(name: str, arch: str, used: dict[str, list[str]]) -> None:
     built file."""
     if name in ("minimal", "host"):
         raise InputError(f"{name!r} is built in and has nothing to remove")
-    r = recipe_of(name, arch)
-    path = debian.built_path(r)
+    if name != "debian" and is_container(data := IMAGES.read(IMAGES.check_name(name))):
+        path = oci.base_path(data["digest"])
+    else:
+        path = debian.built_path(recipe_of(name, arch))
     if used.get(str(path)):
         raise InputError(
             f"image {name!r} is used by sandbox {', '.join(sorted(used[str(path)]))}: "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,14 +14,14 @@ from typing import TYPE_CHECKING
 from qemubox import arch as arches
 from qemubox import paths
 from qemubox.apt import apt_install
-from qemubox.errors import InputError, ToolError
+from qemubox.errors import InputError
+from qemubox.image.ext4 import make_ext4
 from qemubox.image.recipe import Recipe
 from qemubox.model.net import DNS
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-ROOT_SIZE = 4 << 30  # the guest's / (a sparse file: only what is written takes space)
 IMAGE_FILE = "root.img"
 MANIFEST = "manifest.json"
 # What a qemubox guest expects of its root: its name, and user networking's resolver.
@@ -133,20 +132,10 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
         for deb in (tree / "var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
         image = tmp / IMAGE_FILE
-        with open(image, "xb") as fh:
-            fh.truncate(ROOT_SIZE)
-        proc = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "qemubox-root", "-d", str(tree), str(image)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise ToolError(f"mkfs.ext4 -d for the image failed: {proc.stderr.strip()[-300:]}")
+        size = make_ext4(tree, image)
         shutil.rmtree(tree)
-        image.chmod(0o444)  # the base of copy-on-write overlays: never written
         info = {"recipe": recipe.to_dict(), "mirror": mirror, "built": time.time()}
-        info["bytes"] = image.stat().st_blocks * 512
+        info["bytes"] = size
         paths.write_json(tmp / MANIFEST, info)
 
     paths.fill(target.parent, make)

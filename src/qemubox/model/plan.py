@@ -18,7 +18,10 @@ from typing import Any
 from qemubox import arch as arches
 from qemubox.errors import InputError
 
-SCHEMA = 1
+SCHEMA = 2
+# Schemas this qemubox reads: 1 lacks only fields that have defaults (root.source,
+# root.config: a plan of 1 never boots a container image).
+READS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class RootPlan:
     overlay: str = ""  # a disk's writes; "" until planned
     fs: str = "virtiofs"  # a share's: 9p or virtiofs
     recipe: dict | None = None  # how to build ``base`` when it is missing
+    source: str = ""  # a container image's (skopeo's name): unpacked into ``base`` when missing
+    config: dict | None = None  # a container image's run-time config (image/ociconfig.py)
 
     def kernel_argument(self) -> str:
         """What tells the agent (``qemubox.root=``) where its root is."""
@@ -253,9 +258,10 @@ class MachinePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MachinePlan:
-        if data.get("schema") != SCHEMA:
+        if data.get("schema") not in READS:
             raise InputError(
-                f"a machine plan of schema {data.get('schema')!r}; this qemubox reads {SCHEMA}"
+                f"a machine plan of schema {data.get('schema')!r}; this qemubox reads "
+                f"{', '.join(map(str, READS))}"
             )
         try:
             values = {f.name: data[f.name] for f in fields(cls) if f.name in data or _required(f)}
@@ -330,6 +336,8 @@ OUTSIDE_KEY = {
     "root.base_format": "base says it",
     "root.overlay": "where a disk root's writes go, per machine",
     "root.recipe": "how base is made, not what it is",
+    "root.source": "where base is unpacked from, not what it is",
+    "root.config": "how commands start, after boot",
     "snapshot": "what a start does with the key, not the guest",
 }
 

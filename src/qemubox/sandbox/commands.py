@@ -59,6 +59,7 @@ def execute(
     stdin_stream,
     max_output: int | None,
     tty: tuple[int, int] | None,
+    user: tuple[int, int, tuple[int, ...]] | None = None,
 ) -> ExecResult:
     """Run ``argv`` in ``box``'s guest (see ``Sandbox.exec``)."""
     agent = box.agent()
@@ -71,7 +72,7 @@ def execute(
     try:
         try:
             ident, pend = agent.start(
-                argv, full_env, cwd, with_stdin, on_stdout, on_stderr, max_output, tty
+                argv, full_env, cwd, with_stdin, on_stdout, on_stderr, max_output, tty, user
             )
         except ValueError as err:
             raise InputError(str(err)) from None

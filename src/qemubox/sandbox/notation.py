@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 
 from qemubox.errors import InputError
@@ -99,6 +100,18 @@ def workdir(text: str) -> str:
     if not text.startswith("/"):
         raise InputError(f"--workdir {text!r}: expected an absolute guest path")
     return posixpath.normpath(text)
+
+
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?")
+
+
+def user(text: str | None) -> str | None:
+    """``--user``: NAME, UID, NAME:GROUP or UID:GID (None: not given)."""
+    if text is None:
+        return None
+    if not _USER_RE.fullmatch(text):
+        raise InputError(f"--user {text!r}: expected NAME, UID, NAME:GROUP or UID:GID")
+    return text
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

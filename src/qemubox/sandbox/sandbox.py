@@ -407,6 +407,7 @@ class Sandbox:
         stdin_stream=None,
         max_output: int | None = None,
         tty: tuple[int, int] | None = None,
+        user: str | tuple[int, int, tuple[int, ...]] | None = None,
     ) -> ExecResult:
         """Run argv in the guest; returns its exit code and output.
 
@@ -417,14 +418,35 @@ class Sandbox:
         (default: the session's) the command's process group is killed and ``timed_out``
         is set. With ``tty`` (rows, columns) the command runs on a pseudo-terminal of that
         size: its stdin, stdout and stderr are the terminal (all output comes as stdout;
-        :meth:`resize_terminals` changes the size).
+        :meth:`resize_terminals` changes the size). ``user`` runs it as someone else than
+        root: a name of the root's ``/etc/passwd``, ``UID[:GID]``, ``NAME:GROUP``, or
+        (uid, gid, groups); a name also sets ``HOME`` unless ``env`` does.
         """
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
+        ids = None
+        if isinstance(user, str):
+            who = self.identity(user)
+            env = {"HOME": who.home, **(env or {})}
+            ids = who.to_tuple()
+        elif user is not None:
+            ids = (int(user[0]), int(user[1]), tuple(int(g) for g in user[2]))
         return commands.execute(
             self, argv, env, cwd, stdin, timeout, on_stdout, on_stderr,
-            stdin_stream, max_output, tty,
+            stdin_stream, max_output, tty, ids,
         )  # fmt: skip
+
+    @require(Runstate.RUNNING)
+    def identity(self, user: str):
+        """``user`` (``NAME``, ``UID``, ``NAME:GROUP``, ``UID:GID``) as the ids it has in this
+        guest's root (its ``/etc/passwd`` and ``/etc/group`` now)."""
+        from qemubox.image.ociconfig import resolve_user
+
+        files = ("/etc/passwd", "/etc/group")
+        r = self.exec(own_shell('for f; do cat -- "$f" 2>/dev/null; printf "\\0"; done', *files))
+        texts = r.stdout.decode(errors="replace").split("\0")
+        passwd, group = ([*texts, "", ""])[:2]
+        return resolve_user(user, passwd, group)
 
     @require(Runstate.RUNNING)
     def resize_terminals(self, rows: int, columns: int) -> None:

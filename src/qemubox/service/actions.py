@@ -18,6 +18,13 @@ from qemubox.service.session import SessionRequest
 # --- the actions ----------------------------------------------------------------------------
 
 
+def may_have_command(image: str) -> bool:
+    """Whether ``image`` can say what to run (a container image's Entrypoint and Cmd)."""
+    from qemubox.image import catalog
+
+    return image not in catalog.BUILTIN and not catalog.is_path(image)
+
+
 @dataclass(frozen=True)
 class Run:
     """A command in a fresh sandbox; with ``name``, in a new named sandbox that stays
@@ -34,6 +41,10 @@ class Run:
     files: tuple[tuple[str, bytes], ...] = ()  # (guest path, content) written before it runs
 
     def __post_init__(self) -> None:
+        if not self.command.argv and not may_have_command(self.session.image):
+            raise InputError(
+                f"no command given: image {self.session.image} has no Entrypoint or Cmd to run"
+            )
         if self.name is None:
             if self.detach or self.remove or self.ttl:
                 raise InputError("-d, --rm and --ttl go with --name")
@@ -188,7 +199,7 @@ def _run(action: Run, streams: Streams | None) -> RunResult:
     if action.name is None:
         with Sandbox(session) as sandbox:
             _write_files(sandbox, action.files)
-            code = run_in(sandbox, action.command, streams)
+            code = run_in(sandbox, action.command, streams, run=True)
             sandbox.phase(Phase.COMMAND)
         sandbox.phase(Phase.TEARDOWN)
         return RunResult(code, timings=sandbox.timings)
@@ -198,7 +209,7 @@ def _run(action: Run, streams: Streams | None) -> RunResult:
         if action.detach:
             start_in_background(sandbox, action.command)
             return RunResult(Exit.OK, name=action.name)
-        return RunResult(run_in(sandbox, action.command, streams), name=action.name)
+        return RunResult(run_in(sandbox, action.command, streams, run=True), name=action.name)
     finally:
         if action.remove:
             sandbox.remove(force=True)

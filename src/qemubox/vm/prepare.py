@@ -84,7 +84,7 @@ def realize(plan: MachinePlan) -> MachinePlan:
     for disk in plan.disks:
         prepare_disk(disk)
     if plan.root.kind == "disk":
-        catalog.ensure_built(plan.root)
+        catalog.ensure_built(plan.root, plan.arch)
         make_overlay(plan.root)
     ports = tuple(PortPlan(p.host or free_port(), p.guest) for p in plan.ports)
     return replace(plan, ports=ports)
