@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -235,7 +236,13 @@ def test_an_oci_archive_runs_its_entrypoint_and_cmd_with_its_config(kernel, arch
 
 @pytest.mark.kernel
 @pytest.mark.qemu
-def test_one_image_by_any_transport_and_name_is_unpacked_once(kernel, archives, state):
+def test_one_image_by_any_transport_and_name_is_unpacked_once(kernel, archives, state, tmp_path):
+    storage = f"containers-storage:[vfs@{tmp_path}/root+{tmp_path}/run]localhost/app:1"
+    copied = subprocess.run(
+        ["skopeo", "copy", "-q", f"oci-archive:{archives['oci']}", storage],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert copied.returncode == 0, copied.stderr
     r = qemubox("image", "import", "app", f"oci-archive:{archives['oci']}")
     assert r.code == 0, r.err
     digest = r.out.split()[-1]
@@ -244,6 +251,7 @@ def test_one_image_by_any_transport_and_name_is_unpacked_once(kernel, archives, 
     for name, source in [
         ("app2", f"docker-archive:{archives['docker']}"),
         ("app3", f"oci:{archives['layout']}:1.2"),
+        ("app4", storage),  # podman's and buildah's local images
     ]:
         r = qemubox("image", "import", name, source)
         assert (r.code, r.out.split()[-1]) == (0, digest), r.err
@@ -251,7 +259,12 @@ def test_one_image_by_any_transport_and_name_is_unpacked_once(kernel, archives, 
         assert (again["base"], again["built"]) == (made["base"], unpacked)
     assert made["config"]["user"] == "app" and made["digest"] == digest
     listed = json.loads(qemubox("image", "ls", "--json").out)
-    assert {i["name"] for i in listed if i["digest"] == digest} == {"app", "app2", "app3"}
+    assert {i["name"] for i in listed if i["digest"] == digest} == {"app", "app2", "app3", "app4"}
+    xattrs = subprocess.run(
+        ["debugfs", "-R", "ea_list /data/new.txt", made["base"]],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    assert 'user.origin (6) = "layer2"' in xattrs
     r = qemubox("run", "--kernel", kernel, "--image", "app2", "--", "cat /data/kept.txt")
     assert (r.code, r.out) == (0, "kept\n"), r.err
 
@@ -272,6 +285,21 @@ def test_a_named_sandbox_on_an_imported_image_keeps_its_root(kernel, archives, s
     assert r.code == 2 and "used by sandbox box" in r.err
     assert qemubox("rm", "-f", "box").code == 0
     assert qemubox("image", "rm", "app").code == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.qemu
+def test_a_root_with_no_shell_and_no_libc_boots(kernel, state, tmp_path):
+    layer = layer_tar([Entry("busybox", data=BUSYBOX.read_bytes(), mode=0o755)])
+    config = {"Entrypoint": ["/busybox", "echo"], "Cmd": ["distroless"]}
+    layout = oci_layout(tmp_path / "l", [layer], config, arches.host().oci_arch, "latest")
+    image = f"oci-archive:{tar_dir(layout, tmp_path / 'd.tar')}"
+    r = qemubox("run", "--kernel", kernel, "--image", image, "--net", "user")
+    assert (r.code, r.out) == (0, "distroless\n"), r.err
+    r = qemubox("run", "--kernel", kernel, "--image", image, "--", "sh")
+    assert r.code == 0 and r.out == "sh\n"  # echo's argument: the root has no sh to run
+    r = qemubox("run", "--kernel", kernel, "--image", image, "--entrypoint", "/bin/sh")
+    assert r.code == 127 and "/bin/sh" in r.err
 
 
 def _cache_entries() -> set[str]:
@@ -361,3 +389,43 @@ def test_a_user_travels_in_the_exec_frame_and_bad_ids_are_refused():
     for bad in [(-1, 0, ()), (0, 1 << 32, ()), (0, 0, tuple(range(65)))]:
         with pytest.raises(ValueError):
             p.exec_request([b"id"], [], b"/", False, user=bad)
+
+
+@pytest.mark.kernel
+@pytest.mark.qemu
+def test_a_dockerfile_from_an_archive_in_its_context(kernel, archives, state, tmp_path):
+    shutil.copy(archives["docker"], tmp_path / "base.tar")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM docker-archive:base.tar\nUSER root\nRUN echo built > /built\nUSER app\n"
+        'ENTRYPOINT ["/bin/cat"]\nCMD ["/built"]\n'
+    )
+    r = qemubox("image", "build", "derived", "-f", tmp_path / "Dockerfile")
+    assert r.code == 0, r.err[-2000:]
+    r = qemubox("run", "--kernel", kernel, "--image", "derived")
+    assert (r.code, r.out) == (0, "built\n"), r.err
+    r = qemubox("run", "--kernel", kernel, "--image", "derived", "--", "/etc/motd")
+    assert (r.code, r.out) == (0, "two\n"), r.err
+
+
+@pytest.mark.kernel
+@pytest.mark.qemu
+def test_a_matrix_runs_its_cells_on_container_images(kernel, archives, state, tmp_path):
+    shutil.copy(archives["oci"], tmp_path / "app.tar")
+    assert qemubox("image", "import", "app", f"docker-archive:{archives['docker']}").code == 0
+    (tmp_path / "m.toml").write_text(
+        f'[[kernel]]\nname = "k"\npath = "{kernel}"\n'
+        '[matrix]\nimage = ["oci-archive:app.tar", "app", "minimal"]\n'
+        '[[test]]\nname = "motd"\ncommand = "cat /etc/motd 2>/dev/null || echo none"\n'
+    )
+    out = tmp_path / "out.json"
+    r = qemubox("matrix", tmp_path / "m.toml", "--json", out, cwd=tmp_path / "..")
+    assert r.code == 0, r.err
+    cells = json.loads(out.read_text())
+    found = {c["axes"]["image"]: c["stdout"] for c in cells}
+    assert found == {"oci-archive:app.tar": "two\n", "app": "two\n", "minimal": "none\n"}
+    (tmp_path / "m.toml").write_text(
+        f'[[kernel]]\nname = "k"\npath = "{kernel}"\n'
+        '[[test]]\nname = "t"\ncommand = "true"\nimage = "oci-archive:gone.tar"\n'
+    )
+    r = qemubox("matrix", tmp_path / "m.toml")
+    assert r.code == 2 and "image: image 'oci-archive:gone.tar'" in r.err, r.err

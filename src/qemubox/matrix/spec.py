@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from qemubox.errors import InputError
+from qemubox.image import reference
 from qemubox.kernel.profiles import DEFAULT as DEFAULT_PROFILE
 from qemubox.kernel.profiles import PROFILES
 from qemubox.model import session as defaults
@@ -257,6 +258,11 @@ class _Reader:
         """One run option, checked and with its host paths made absolute."""
         if name in ("memory", "image", "workdir", "accel"):
             value = self._str(key, value)
+            if name == "image" and reference.looks_like(value):
+                try:  # a container image: its path is the matrix file's, like the others
+                    return reference.parse(value, self.base).skopeo()
+                except InputError as err:
+                    raise self.fail(key, str(err)) from None
             if name == "image" and ("/" in value or value.startswith(".")):
                 value = self._path(value)
             return value
