@@ -101,6 +101,7 @@ def test_users_resolve_as_docker_resolves_them():
     assert resolve_user("4242", PASSWD, GROUP).to_tuple() == (4242, 0, (0,))
     assert resolve_user("app:staff", PASSWD, GROUP).to_tuple() == (1000, 50, (50,))
     assert resolve_user("7:8", "", "").to_tuple() == (7, 8, (8,))
+    assert resolve_user("root", "", "").to_tuple() == (0, 0, (0,))  # no passwd at all
     for bad, words in [("nobody", "not in the image's /etc/passwd"), ("app:nogroup", "group")]:
         with pytest.raises(InputError, match=words):
             resolve_user(bad, PASSWD, GROUP)
@@ -224,6 +225,8 @@ def test_an_oci_archive_runs_its_entrypoint_and_cmd_with_its_config(kernel, arch
         "whiteout", "c ", "new", "kept", "2", "hardlinked", "1000:1001 640", "1000:1001 700",
         "1", "root-writable",
     ]  # fmt: skip
+    r = qemubox("run", "--kernel", kernel, "--image", image, "--", "test -e /written; echo $?")
+    assert (r.code, r.out) == (0, "1\n"), r.err  # a run never sees another's writes
     r = qemubox(
         "run", "--kernel", kernel, "--image", image, "--entrypoint", "/bin/echo", "-w", "/opq",
         "--", "args", "replace", "cmd",
@@ -429,3 +432,15 @@ def test_a_matrix_runs_its_cells_on_container_images(kernel, archives, state, tm
     )
     r = qemubox("matrix", tmp_path / "m.toml")
     assert r.code == 2 and "image: image 'oci-archive:gone.tar'" in r.err, r.err
+
+
+def test_system_tools_are_found_off_an_ordinary_users_path(monkeypatch):
+    from qemubox.apt import program
+
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")  # Debian's default for users
+    assert program("mkfs.ext4", "e2fsprogs") in ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
+    assert program("depmod", "kmod").endswith("sbin/depmod")
+    with pytest.raises(
+        InputError, match="nosuchtool not found: install it with 'apt-get install x'"
+    ):
+        program("nosuchtool", "x")

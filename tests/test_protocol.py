@@ -39,6 +39,9 @@ def test_agent_c_frame_types_match():
         ("NONCE_SIZE", p.NONCE_SIZE),
         ("STDIN_WINDOW", p.STDIN_WINDOW),
         ("EXEC_STDIN", p.EXEC_STDIN),
+        ("EXEC_TTY", p.EXEC_TTY),
+        ("EXEC_USER", p.EXEC_USER),
+        ("MAX_GROUPS", p.MAX_GROUPS),
     ],
 )
 def test_agent_c_limits_match(name, value):

@@ -1,12 +1,26 @@
-"""Debian packages qemubox installs or fetches on demand."""
+"""Debian packages qemubox installs or fetches on demand, and where their programs are."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 from qemubox.errors import InputError, ToolError, last_line
+
+# Where Debian puts administrators' tools (mkfs.ext4, depmod, debugfs, debootstrap): not on an
+# ordinary user's PATH, yet many of them serve that user too.
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def program(name: str, package: str) -> str:
+    """The path of program ``name``: on the caller's PATH, else in the system directories;
+    a one-line error names the Debian package when it is nowhere."""
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SYSTEM_DIRS))
+    if found is None:
+        raise InputError(f"{name} not found: install it with 'apt-get install {package}'")
+    return found
 
 
 def apt_install(package: str, why: str) -> None:

@@ -57,7 +57,7 @@ enum {
 	FR_PONG = 26, FR_STDIN_ACK = 27,
 };
 
-#define VERSION 2
+#define VERSION 3
 #define HEADER 9
 #define MAX_PAYLOAD (256 * 1024)
 #define CHUNK (64 * 1024)
@@ -65,7 +65,8 @@ enum {
 #define STDIN_WINDOW (1024 * 1024)
 #define EXEC_STDIN 1
 #define EXEC_TTY 2
-#define EXEC_USER 4 /* uid, gid and the supplementary groups follow */
+/* EXEC flag: uid, gid and the supplementary groups follow */
+#define EXEC_USER 4
 #define MAX_GROUPS 64
 #define MAX_EXECS 64
 #define MAX_PORTS 16

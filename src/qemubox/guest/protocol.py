@@ -23,7 +23,7 @@ from enum import IntEnum
 
 from qemubox.errors import ProtocolViolation
 
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct("<BII")  # type, id, payload length
 MAX_PAYLOAD = 256 * 1024  # any frame, either way
 CHUNK = 64 * 1024  # stdin and output chunks

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from qemubox import arch as arches
 from qemubox import paths
-from qemubox.apt import apt_install
+from qemubox.apt import apt_install, program
 from qemubox.errors import InputError
 from qemubox.image.ext4 import make_ext4
 from qemubox.image.recipe import Recipe
@@ -73,7 +73,9 @@ def check_can_build(recipe: Recipe) -> None:
             "building a Debian image needs root (debootstrap makes files of every owner): "
             "run this qemubox command as root once; later sandboxes use the cached image"
         )
-    if shutil.which("debootstrap") is None:
+    try:
+        program("debootstrap", "debootstrap")
+    except InputError:
         apt_install("debootstrap", "building a Debian image needs debootstrap")
 
 
@@ -110,7 +112,7 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
         tmp.mkdir()
         run_logged(
             [
-                "debootstrap",
+                program("debootstrap", "debootstrap"),
                 "--variant=minbase",
                 f"--arch={recipe.arch}",
                 "--components=main",

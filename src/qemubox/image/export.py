@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox import paths
+from qemubox.apt import program
 from qemubox.errors import InputError, ToolError
 from qemubox.image import oci
 from qemubox.image.ociconfig import ImageConfig
@@ -43,14 +44,14 @@ def config_args(config: ImageConfig, arch: arches.Arch) -> list[str]:
 
 def write_archive(base: Path, config: ImageConfig, arch: arches.Arch, out: Path) -> None:
     """``out``: an OCI archive of the ext4 image ``base``, with ``config``."""
-    if shutil.which("umoci") is None or shutil.which("debugfs") is None:
-        oci.need_tools("umoci", "debugfs")
+    oci.need_tools("umoci")
+    debugfs = program("debugfs", "e2fsprogs")
     work = paths.temp_beside(out)
     work.mkdir()
     try:
         tree, layout = work / "tree", work / "layout"
         tree.mkdir()
-        _run(["debugfs", "-R", f"rdump / {tree}", str(base)], f"reading {base}")
+        _run([debugfs, "-R", f"rdump / {tree}", str(base)], f"reading {base}")
         shutil.rmtree(tree / "lost+found", ignore_errors=True)
         image = f"{layout}:{TAG}"
         _run(["umoci", "init", "--layout", str(layout)], "umoci init")

@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from qemubox.apt import program
 from qemubox.errors import ToolError
 
 MIN_SIZE = 4 << 30  # the guest's / (sparse: only what is written takes space)
@@ -28,8 +29,9 @@ def make_ext4(tree: Path, image: Path) -> int:
     size = max(MIN_SIZE, 2 * tree_bytes(tree) + (1 << 30))
     with open(image, "xb") as fh:
         fh.truncate(size)
+    mkfs = program("mkfs.ext4", "e2fsprogs")
     proc = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "qemubox-root", "-d", str(tree), str(image)],
+        [mkfs, "-q", "-F", "-m", "0", "-L", "qemubox-root", "-d", str(tree), str(image)],
         capture_output=True,
         text=True,
         check=False,

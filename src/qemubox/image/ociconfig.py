@@ -147,6 +147,8 @@ def resolve_user(spec: str, passwd: str, group: str) -> Identity:
         entry = next((u for u in users if u[2] == user), None)
     else:
         entry = next((u for u in users if u[0] == user), None)
+        if entry is None and user == "root":  # a root with no /etc/passwd still has root
+            entry = ["root", "x", "0", "0", "", "/root", ""]
         if entry is None:
             raise InputError(f"user {user!r} is not in the image's /etc/passwd")
         uid = _number(entry[2], entry[0])

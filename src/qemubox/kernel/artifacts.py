@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.apt import apt_download
+from qemubox.apt import apt_download, program
 from qemubox.errors import InputError, ToolError
 from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, locked
@@ -206,7 +206,10 @@ def indexed_modules(modules: Path, version: str) -> Path:
 def _depmod(base: Path, version: str, what: Path) -> None:
     """Index ``base/lib/modules/<version>`` (modules.dep, aliases, ...)."""
     proc = subprocess.run(
-        ["depmod", "-b", str(base), version], capture_output=True, text=True, check=False
+        [program("depmod", "kmod"), "-b", str(base), version],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise ToolError(f"depmod for the modules in {what} failed: {proc.stderr.strip()}")

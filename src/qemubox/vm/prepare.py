@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox import paths
+from qemubox.apt import program
 from qemubox.errors import InputError, last_line
 from qemubox.guest import initramfs
 from qemubox.image import catalog
@@ -128,7 +129,7 @@ def _make_disk(disk: DiskPlan, path: Path) -> None:
         with open(tmp, "xb") as fh:
             fh.truncate(disk.size)
         proc = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", str(tmp)],
+            [program("mkfs.ext4", "e2fsprogs"), "-q", "-F", "-E", "root_owner=0:0", str(tmp)],
             capture_output=True,
             text=True,
             check=False,
@@ -155,7 +156,8 @@ def _check_ext4(path: Path) -> None:
         raise InputError(
             f"disk {path} exists but is not an ext4 image; qemubox never reformats an existing disk"
         )
-    proc = subprocess.run(["dumpe2fs", "-h", str(path)], capture_output=True, text=True)
+    dumpe2fs = program("dumpe2fs", "e2fsprogs")
+    proc = subprocess.run([dumpe2fs, "-h", str(path)], capture_output=True, text=True)
     if proc.returncode != 0 or "Filesystem features" not in proc.stdout:
         why = last_line(proc.stderr, "unreadable superblock")
         raise InputError(f"disk {path} is not a usable ext4 image: {why}")
