@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,13 @@ class Result:
     code: int
     out: str
     err: str
+
+
+def as_at_a_terminal() -> None:
+    """A child's ``preexec_fn``: Ctrl-C reaches it as it would at a terminal, whatever the
+    test runner inherited (a runner started in the background ignores SIGINT, and so would
+    its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def qemubox(*args: str, stdin: str = "", cwd=None, timeout: float = 600, env=None) -> Result:

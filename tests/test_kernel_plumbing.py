@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from helpers import qemubox
+from helpers import as_at_a_terminal, qemubox
 from qemubox.errors import InputError
 from qemubox.kernel.build import BuildRequest, config_items, request_fragments, resolve_source
 from qemubox.kernel.doctor import diagnose
@@ -403,6 +403,7 @@ def test_ctrl_c_stops_make_and_keeps_the_build_dir(private_cache, tmp_path, monk
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_at_a_terminal,
     )
     deadline = time.monotonic() + 300
     while not stall.exists():

@@ -16,7 +16,7 @@ import time
 import pytest
 from junitparser import JUnitXml
 
-from helpers import qemubox
+from helpers import as_at_a_terminal, qemubox
 from qemubox.matrix import Matrix
 from qemubox.matrix.execute import run_matrix
 
@@ -213,6 +213,7 @@ def test_ctrl_c_leaves_no_qemu(matrix_dir, kernel):
         [sys.executable, "-m", "qemubox", "matrix", str(matrix_dir / "c.toml")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=as_at_a_terminal,
     )
     qemu: set[int] = set()
     deadline = time.monotonic() + 120

@@ -489,7 +489,12 @@ def test_boot_timeout(kernel):
     assert err.value.exit_code == 121
 
 
-def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path):
+def _ignoring_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+
+
+@pytest.mark.parametrize("start", [None, _ignoring_hangups], ids=["plain", "under-nohup"])
+def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path, start):
     """QEMU lives as long as the process that started it — not the thread: a sandbox
     started in a worker thread that then ends keeps working."""
     script = tmp_path / "owner.py"
@@ -512,7 +517,9 @@ def test_sigkill_of_the_owner_leaves_no_qemu(kernel, tmp_path):
         time.sleep(600)
     """)
     )
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, preexec_fn=start
+    )
     pid_text, rundir, said = owner.stdout.readline().split()
     assert said == "alive"
     qemu_pid = int(pid_text)

@@ -134,7 +134,7 @@ def check_can_unpack() -> None:
     if os.geteuid() != 0:
         raise InputError(
             "unpacking a container image needs root (its files have many owners): run "
-            "this qemubox command as root once; the image is then usable by every user"
+            "this qemubox command as root"
         )
     need_tools("skopeo", "umoci")
 

@@ -91,7 +91,10 @@ def build() -> MCPServer:
     ) -> dict[str, Any]:
         """Run a command in a fresh sandbox VM and return its stdout, stderr and exit code.
         A string command runs under `sh -c`; a list is the argv. `files` (guest path ->
-        text) are written first. Output is cut at 64 KiB per stream (`truncated`)."""
+        text) are written first. Output is cut at 64 KiB per stream (`truncated`). `image`:
+        minimal, debian, host, an image name of `qemubox image ls`, or a container image
+        (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG), whose Env, WorkingDir and User
+        apply."""
         return await _call(
             ctx, tools.sandbox_run, command, image, kernel, memory, timeout, network, files
         )

@@ -113,10 +113,18 @@ class Keeping:
         ]
 
 
+# The signals the keeper traps. A shell cannot trap a signal ignored when it started, and
+# ignoring is inherited: under ``nohup`` (SIGHUP ignored) the keeper would let QEMU outlive a
+# starter killed while it boots. The child takes them back to their defaults first.
+_KEEPER_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+
+
 def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
     """In the child: get ``sig`` when the thread that started us ends. That thread is the
     spawner below, which lives as long as the process, so: when the process dies, even by
     SIGKILL."""
+    for caught in _KEEPER_SIGNALS:
+        signal.signal(caught, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the parent died between fork and prctl
