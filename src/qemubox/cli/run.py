@@ -96,7 +96,8 @@ _SESSION_OPTIONS = [
         show_default=True,
         metavar="IMAGE",
         help="The root: minimal, host (this machine's / read-only), debian, an image of "
-        "`qemubox image ls`, or an ext4/qcow2 file.",
+        "`qemubox image ls`, a container image (oci-archive:FILE, docker-archive:FILE, "
+        "oci:DIR[:TAG], containers-storage:NAME, docker-daemon:NAME), or an ext4/qcow2 file.",
     ),
 ]
 
