@@ -1,15 +1,17 @@
-"""The MCP door: each tool of ``tools.py`` registered with its JSON schema (from its
-typed arguments), run in a worker thread while progress notifications go out every few
-seconds, its result as text (JSON) plus structured content, and any qemubox error a tool
-error of one line — never a crashed server. Served over stdio, or streamable HTTP behind
-a bearer token (``--listen``)."""
+"""The MCP door: each tool of ``tools.py`` registered as it is (its name, docstring and
+typed arguments make the tool and its JSON schema), run in a worker thread while progress
+notifications go out every few seconds, its result as text (JSON) plus structured content,
+and any qemubox error a tool error of one line — never a crashed server. Served over
+stdio, or streamable HTTP behind a bearer token (``--listen``)."""
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -33,7 +35,7 @@ async def _call(ctx: Context | None, work, *args, **kwargs) -> dict[str, Any]:
         with lock:
             said.append(message)
 
-    if "progress" in work.__code__.co_varnames:
+    if "progress" in inspect.signature(work).parameters:
         kwargs["progress"] = progress
     done = anyio.Event()
     outcome: dict[str, Any] = {}
@@ -67,6 +69,31 @@ async def _call(ctx: Context | None, work, *args, **kwargs) -> dict[str, Any]:
     return outcome["value"]
 
 
+def _tool(work: Callable[..., dict]) -> Callable[..., Any]:
+    """The MCP tool of ``work``: its name, description (docstring), arguments with their
+    types and defaults (the JSON schema is made of them), plus the Context the SDK hands a
+    tool to report progress with; ``work``'s ``progress`` argument is ours, not the
+    client's."""
+    signature = inspect.signature(work, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "progress"]
+
+    async def tool(ctx: Context, **kwargs: Any) -> dict[str, Any]:
+        return await _call(ctx, work, **kwargs)
+
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)
+    tool.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[context, *params], return_annotation=dict[str, Any]
+    )
+    tool.__annotations__ = {
+        "ctx": Context,
+        **{p.name: p.annotation for p in params},
+        "return": dict[str, Any],
+    }
+    tool.__name__ = tool.__qualname__ = work.__name__
+    tool.__doc__ = work.__doc__
+    return tool
+
+
 def build() -> MCPServer:
     server = MCPServer(
         "qemubox",
@@ -78,121 +105,8 @@ def build() -> MCPServer:
         ),
     )
 
-    @server.tool()
-    async def sandbox_run(
-        ctx: Context,
-        command: str | list[str],
-        image: str = "minimal",
-        kernel: str | None = None,
-        memory: str = "512M",
-        timeout: float | None = 60.0,
-        network: str = "none",
-        files: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Run a command in a fresh sandbox VM and return its stdout, stderr and exit code.
-        A string command runs under `sh -c`; a list is the argv. `files` (guest path ->
-        text) are written first. Output is cut at 64 KiB per stream (`truncated`). `image`:
-        minimal, debian, host, an image name of `qemubox image ls`, or a container image
-        (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG), whose Env, WorkingDir and User
-        apply."""
-        return await _call(
-            ctx, tools.sandbox_run, command, image, kernel, memory, timeout, network, files
-        )
-
-    @server.tool()
-    async def sandbox_create(
-        ctx: Context,
-        name: str,
-        image: str = "minimal",
-        kernel: str | None = None,
-        memory: str = "512M",
-        network: str = "none",
-        ttl: float | None = None,
-    ) -> dict[str, Any]:
-        """Start a named sandbox that lives on between calls (until removed, or unused for
-        `ttl` seconds)."""
-        return await _call(ctx, tools.sandbox_create, name, image, kernel, memory, network, ttl)
-
-    @server.tool()
-    async def sandbox_exec(
-        ctx: Context,
-        name: str,
-        command: str | list[str],
-        timeout: float | None = 60.0,
-        cwd: str = "/",
-        env: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Run a command in the named sandbox; its stdout, stderr and exit code."""
-        return await _call(ctx, tools.sandbox_exec, name, command, timeout, cwd, env)
-
-    @server.tool()
-    async def sandbox_write_file(
-        ctx: Context, name: str, path: str, content: str, mode: int = 0o644
-    ) -> dict[str, Any]:
-        """Write a text file (at most 1 MiB) in the named sandbox."""
-        return await _call(ctx, tools.sandbox_write_file, name, path, content, mode)
-
-    @server.tool()
-    async def sandbox_read_file(ctx: Context, name: str, path: str) -> dict[str, Any]:
-        """Read a file of the named sandbox as text (cut at 1 MiB: `truncated`)."""
-        return await _call(ctx, tools.sandbox_read_file, name, path)
-
-    @server.tool()
-    async def sandbox_list(ctx: Context) -> dict[str, Any]:
-        """The named sandboxes: name, state, image, kernel, memory, ports, expiry."""
-        return await _call(ctx, tools.sandbox_list)
-
-    @server.tool()
-    async def sandbox_remove(ctx: Context, name: str, force: bool = True) -> dict[str, Any]:
-        """Remove a named sandbox (killed first when running and `force`)."""
-        return await _call(ctx, tools.sandbox_remove, name, force)
-
-    @server.tool()
-    async def kernel_build(
-        ctx: Context,
-        source: str | None = None,
-        version: str | None = None,
-        profile: str = "minimal",
-        fragments: list[str] | None = None,
-        config: list[str] | None = None,
-        arch: str | None = None,
-    ) -> dict[str, Any]:
-        """Configure (verified), build and install a guest kernel: from a source tree or
-        tarball, or Debian's linux-source-X.Y (`version`). Options that do not stick fail the
-        call with the reason for each. Cached: an unchanged build returns at once."""
-        return await _call(
-            ctx, tools.kernel_build, source, version, profile, fragments, config, arch
-        )
-
-    @server.tool()
-    async def kernel_run(
-        ctx: Context,
-        kernel: str,
-        command: str | list[str],
-        memory: str = "512M",
-        timeout: float | None = 60.0,
-    ) -> dict[str, Any]:
-        """Boot `kernel` (a path, or `debian`) and run a command; a panic or a boot failure
-        comes back with the guest console's last lines."""
-        return await _call(ctx, tools.kernel_run, kernel, command, memory, timeout)
-
-    @server.tool()
-    async def kconfig_explain(
-        ctx: Context,
-        tree: str,
-        option: str,
-        config: str | None = None,
-        arch: str | None = None,
-    ) -> dict[str, Any]:
-        """Why a kernel option has its value in a .config (default: the tree's): what keeps
-        it from y, or what holds it where it is (dependencies, selects, choices, ranges)."""
-        return await _call(ctx, tools.kconfig_explain, tree, option, config, arch)
-
-    @server.tool()
-    async def matrix_run(ctx: Context, file: str) -> dict[str, Any]:
-        """Run a qemubox matrix file (kernels x tests x axes); the per-cell summary."""
-        return await _call(ctx, tools.matrix_run, file)
-
+    for work in tools.TOOLS:
+        server.tool()(_tool(work))
     return server
 
 

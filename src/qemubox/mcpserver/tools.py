@@ -73,6 +73,12 @@ def sandbox_run(
     network: str = defaults.NETWORKS[0],
     files: dict[str, str] | None = None,
 ) -> dict:
+    """Run a command in a fresh sandbox VM and return its stdout, stderr and exit code.
+    A string command runs under `sh -c`; a list is the argv. `files` (guest path -> text)
+    are written first. Output is cut at 64 KiB per stream (`truncated`). `image`: minimal,
+    debian, host, an image name of `qemubox image ls`, or a container image
+    (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG), whose Env, WorkingDir and User
+    apply."""
     request = CommandRequest(_argv(command), timeout=_timeout(timeout))
     action = actions.Run(request, _session(image, kernel, memory, network), files=_files(files))
     capture = Capture(MAX_OUTPUT)
@@ -91,6 +97,8 @@ def sandbox_create(
     network: str = defaults.NETWORKS[0],
     ttl: float | None = None,
 ) -> dict:
+    """Start a named sandbox that lives on between calls (until removed, or unused for
+    `ttl` seconds)."""
     actions.perform(actions.Create(name, _session(image, kernel, memory, network), ttl))
     return {"name": name, "state": "running"}
 
@@ -99,10 +107,12 @@ def sandbox_exec(
     name: str,
     command: str | list[str],
     timeout: float | None = defaults.DEFAULT_TIMEOUT,
-    cwd: str = "/",
+    cwd: str | None = None,
     env: dict[str, str] | None = None,
 ) -> dict:
-    if not cwd.startswith("/"):
+    """Run a command in the named sandbox; its stdout, stderr and exit code. `cwd`
+    defaults to the image's WorkingDir, else /."""
+    if cwd is not None and not cwd.startswith("/"):
         raise InputError(f"cwd {cwd!r}: expected an absolute guest path")
     request = CommandRequest(_argv(command), dict(env or {}), cwd, _timeout(timeout))
     capture = Capture(MAX_OUTPUT)
@@ -112,6 +122,7 @@ def sandbox_exec(
 
 
 def sandbox_write_file(name: str, path: str, content: str, mode: int = 0o644) -> dict:
+    """Write a text file (at most 1 MiB) in the named sandbox."""
     data = content.encode()
     if len(data) > MAX_FILE:
         raise InputError(f"content: {len(data)} bytes, at most {MAX_FILE}")
@@ -120,6 +131,7 @@ def sandbox_write_file(name: str, path: str, content: str, mode: int = 0o644) ->
 
 
 def sandbox_read_file(name: str, path: str) -> dict:
+    """Read a file of the named sandbox as text (cut at 1 MiB: `truncated`)."""
     data = actions.perform(actions.ReadFile(name, path))
     return {
         "path": path,
@@ -130,11 +142,13 @@ def sandbox_read_file(name: str, path: str) -> dict:
 
 
 def sandbox_list() -> dict:
+    """The named sandboxes: name, state, image, kernel, memory, ports, expiry."""
     found = actions.perform(actions.List(everything=True))
     return {"sandboxes": [s.to_dict() for s in found]}
 
 
 def sandbox_remove(name: str, force: bool = True) -> dict:
+    """Remove a named sandbox (killed first when running and `force`)."""
     actions.perform(actions.Remove((name,), force))
     return {"removed": name}
 
@@ -147,8 +161,9 @@ def kernel_build(
     config: list[str] | None = None,
     arch: str | None = None,
 ) -> dict:
-    """The kernel installed in a directory of the cache named by its inputs; a config that
-    did not come out as asked is an error carrying the explanation of every option."""
+    """Configure (verified), build and install a guest kernel: from a source tree or
+    tarball, or Debian's linux-source-X.Y (`version`). Options that do not stick fail the
+    call with the reason for each. Cached: an unchanged build returns at once."""
     from qemubox.kernel.build import BuildRequest, ConfigMismatchError
     from qemubox.kernel.profiles import PROFILES
     from qemubox.paths import cache_dir
@@ -190,8 +205,8 @@ def kernel_run(
     memory: str = defaults.DEFAULT_MEMORY,
     timeout: float | None = defaults.DEFAULT_TIMEOUT,
 ) -> dict:
-    """A command in a sandbox booting ``kernel``; a panic or a boot failure is a result
-    too, with the console's tail (what a kernel developer needs to see)."""
+    """Boot `kernel` (a path, or `debian`) and run a command; a panic or a boot failure
+    comes back with the guest console's last lines."""
     try:
         return sandbox_run(command, kernel=kernel, memory=memory, timeout=timeout)
     except SandboxError as err:
@@ -203,9 +218,11 @@ def kernel_run(
         }
 
 
-def kconfig_explain(tree: str, option: str, config: str | None = None, arch: str | None = None):
-    """Why ``option`` has its value in ``config`` (default: the tree's .config): what keeps
-    a ``n`` option from ``y``, or holds a set one at its value."""
+def kconfig_explain(
+    tree: str, option: str, config: str | None = None, arch: str | None = None
+) -> dict:
+    """Why a kernel option has its value in a .config (default: the tree's): what keeps
+    it from y, or what holds it where it is (dependencies, selects, choices, ranges)."""
     from qemubox.kconfig.engine import read_config
     from qemubox.kconfig.explain import explain_mismatches
     from qemubox.kconfig.fragment import parse_config_text
@@ -235,6 +252,7 @@ def kconfig_explain(tree: str, option: str, config: str | None = None, arch: str
 
 
 def matrix_run(file: str, progress: Progress | None = None) -> dict:
+    """Run a qemubox matrix file (kernels x tests x axes); the per-cell summary."""
     from qemubox.matrix import report
     from qemubox.matrix.spec import Matrix
 
@@ -262,6 +280,22 @@ def matrix_run(file: str, progress: Progress | None = None) -> dict:
         "failed": counts["fail"],
         "errors": counts["error"],
     }
+
+
+# The tools, in the order a client lists them; each one's docstring is its description.
+TOOLS = (
+    sandbox_run,
+    sandbox_create,
+    sandbox_exec,
+    sandbox_write_file,
+    sandbox_read_file,
+    sandbox_list,
+    sandbox_remove,
+    kernel_build,
+    kernel_run,
+    kconfig_explain,
+    matrix_run,
+)
 
 
 def describe(err: QemuboxError) -> str:
