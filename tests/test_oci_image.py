@@ -234,7 +234,25 @@ def test_an_oci_archive_runs_its_entrypoint_and_cmd_with_its_config(kernel, arch
     assert (r.code, r.out) == (0, "args replace cmd\n"), r.err
     r = qemubox("run", "--kernel", kernel, "--image", image, "--", "touch /x; exit 3")
     assert r.code == 3 and "Permission denied" in r.err  # app may not write /
+    r = qemubox("run", "--kernel", kernel, "--image", image, "-u", "nobody", "--", "id")
+    assert r.code == 2, r.err
+    assert (
+        r.err.splitlines()[-1] == "qemubox: error: user 'nobody' is not in the image's /etc/passwd"
+    )
     assert data_digest(archives["oci"]) == before  # the archive is never written
+
+
+@pytest.mark.kernel
+@pytest.mark.qemu
+def test_the_python_api_runs_commands_as_a_user_by_name_or_ids(kernel, archives):
+    from qemubox import Sandbox, Session
+
+    with Sandbox(Session(image=f"oci-archive:{archives['oci']}", kernel=kernel)) as box:
+        script = ["/bin/sh", "-c", 'echo "$(id -u):$(id -g) $HOME"']
+        assert box.exec(script).stdout == b"0:0 /root\n"  # the API runs as root unless told
+        assert box.exec(script, user="app").stdout == b"1000:1001 /home/app\n"
+        r = box.exec(["/bin/id", "-G"], user=(4242, 7, (7, 10)))
+        assert r.stdout.split() == [b"7", b"10"]
 
 
 @pytest.mark.kernel
@@ -306,10 +324,13 @@ def test_a_root_with_no_shell_and_no_libc_boots(kernel, state, tmp_path):
 
 
 def _cache_entries() -> set[str]:
+    """The unpacked images, and anything half-made, in the cache (not the empty lock files
+    through which concurrent unpackers of one image wait for each other)."""
     from qemubox import paths
 
     root = paths.cache_dir() / "images" / "oci"
-    return set(os.listdir(root)) if root.is_dir() else set()
+    names = set(os.listdir(root)) if root.is_dir() else set()
+    return {n for n in names if not (n.startswith(".") and n.endswith(".lock"))}
 
 
 @pytest.mark.kernel
@@ -333,6 +354,20 @@ def test_bad_images_are_one_line_exit_2_and_leave_nothing(kernel, archives, stat
             r = qemubox(*argv)
             assert r.code == 2, (argv, r.err)
             assert words in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    # An archive replaced between planning and unpacking is refused, not booted as the image
+    # that was planned.
+    from qemubox.image import catalog
+
+    def archive(name: str, salt: str) -> Path:  # an image never unpacked before
+        config = {"Cmd": ["true"], "Env": [f"SALT={salt}"]}
+        layout = oci_layout(tmp_path / name, app_layers(), config, arches.host().oci_arch, "1")
+        return tar_dir(layout, tmp_path / f"{name}.tar")
+
+    moving = archive("planned", os.urandom(8).hex())
+    root = catalog.root_plan(f"oci-archive:{moving}", "disk", arches.host().debian_arch, "9p")
+    archive("other", os.urandom(8).hex()).replace(moving)
+    with pytest.raises(InputError, match="changed since it was planned: run again"):
+        catalog.ensure_built(root, arches.host().name)
     assert _cache_entries() == before
     assert json.loads(qemubox("image", "ls", "--json").out)[-1]["name"] == "debian"
 

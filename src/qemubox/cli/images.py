@@ -15,16 +15,14 @@ def image() -> None:
     (imported, or built from a Dockerfile)."""
 
 
-def _arch() -> str:
-    from qemubox import arch as arches
-
-    return arches.host().debian_arch
-
-
 def _host():
     from qemubox import arch as arches
 
     return arches.host()
+
+
+def _arch() -> str:
+    return _host().debian_arch
 
 
 def _size(n: int) -> str:

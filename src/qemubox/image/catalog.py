@@ -135,9 +135,11 @@ def ensure_built(root: RootPlan, arch: str) -> None:
     if root.kind != "disk" or Path(root.base).exists():
         return
     if root.source:
-        made = oci.unpack(reference.parse(root.source), arches.get(arch), f"unpacking {root.image}")
-        if str(oci.base_path(made["digest"])) != root.base:
+        ref, record = reference.parse(root.source), arches.get(arch)
+        found = oci.identify(ref, record)
+        if str(oci.base_path(found.digest)) != root.base:
             raise InputError(f"image {root.image} changed since it was planned: run again")
+        oci.unpack(ref, record, f"unpacking {root.image}", found)
         return
     if root.recipe is None:
         if root.config is not None:

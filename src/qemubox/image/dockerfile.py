@@ -98,8 +98,7 @@ def build(
         raise InputError(f"-f {dockerfile}: larger than {MAX_DOCKERFILE >> 20} MiB")
     parse_build_args(build_args)
     oci.check_can_unpack()
-    if shutil.which("buildah") is None:
-        oci.need_tools("buildah")
+    oci.need_tools("buildah")
 
     def resolve(image: str) -> str:
         if reference.looks_like(image):
@@ -118,7 +117,7 @@ def build(
     builds.mkdir(parents=True, exist_ok=True)
     work = paths.temp_beside(builds / name)
     work.mkdir()
-    tag = f"localhost/qemubox-build-{os.getpid()}-{work.name[-10:-4]}:latest"
+    tag = f"localhost/qemubox-build-{os.urandom(6).hex()}:latest"
     log = builds / f"{name}.log"
     try:
         (work / "Dockerfile").write_text(text)

@@ -34,7 +34,6 @@ ETC = {
     "etc/resolv.conf": f"nameserver {DNS}\n",
 }
 RUNTIME_DIRS = {"dev": 0o755, "proc": 0o555, "sys": 0o555, "run": 0o755, "tmp": 0o1777}
-TOOLS = {"skopeo": "skopeo", "umoci": "umoci"}  # program -> its Debian package
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class Identity:
 
     digest: str  # sha256:HEX
     config: ImageConfig
-    blob: bytes
 
 
 def oci_dir() -> Path:
@@ -67,9 +65,10 @@ def record(digest: str) -> dict | None:
 
 
 def need_tools(*names: str) -> None:
+    """skopeo, umoci, buildah: each program is its Debian package's name."""
     for name in names:
         if shutil.which(name) is None:
-            apt_install(TOOLS.get(name, name), f"container images need {name}")
+            apt_install(name, f"container images need {name}")
 
 
 def _skopeo(args: list[str], what: str, timeout: float = 600) -> bytes:
@@ -114,12 +113,15 @@ def identify(ref: Reference, arch: arches.Arch) -> Identity:
         raise InputError(
             f"image {ref} is for {config.architecture}; this guest is {arch.oci_arch} ({arch.name})"
         )
-    return Identity("sha256:" + hashlib.sha256(blob).hexdigest(), config, blob)
+    return Identity("sha256:" + hashlib.sha256(blob).hexdigest(), config)
 
 
-def unpack(ref: Reference, arch: arches.Arch, label: str | None = None) -> dict:
-    """The image's ext4 base in the cache, made once; returns its record."""
-    found = identify(ref, arch)
+def unpack(
+    ref: Reference, arch: arches.Arch, label: str | None = None, found: Identity | None = None
+) -> dict:
+    """The image's ext4 base in the cache, made once; returns its record. ``found``: what
+    :func:`identify` says of ``ref`` (it is asked when not given)."""
+    found = found or identify(ref, arch)
     target = base_dir(found.digest)
     if not target.exists():
         check_can_unpack()
@@ -152,8 +154,7 @@ def _make(tmp: Path, ref: Reference, found: Identity, arch: arches.Arch, label: 
         _copy_progress(),
         interrupted=f"{label}: interrupted; nothing was kept",
     )
-    index = json.loads((layout / "index.json").read_text())
-    manifest_digest = index["manifests"][0]["digest"]
+    manifest_digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
     run_logged(
         ["umoci", "raw", "unpack", "--image", f"{layout}:{TAG}", str(rootfs)],
         log.with_name("unpack.log"),

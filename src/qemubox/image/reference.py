@@ -19,7 +19,8 @@ TRANSPORTS = {
     "containers-storage": "an image of podman's or buildah's local storage",
     "docker-daemon": "an image of the local Docker daemon",
 }
-REGISTRIES = ("docker", "registry", "dir", "atomic", "ostree", "sif", "tarball")
+REGISTRIES = ("docker", "registry", "atomic")
+UNSUPPORTED = ("dir", "ostree", "sif", "tarball")  # skopeo's, meant as transports here too
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 _PREFIX = re.compile(r"([a-z][a-z0-9-]*):(.*)", re.S)
 MAX_REFERENCE = 4096
@@ -43,7 +44,7 @@ def looks_like(text: str) -> bool:
     """Whether ``text`` is meant as a transport reference (rather than an image name or
     an image file's path)."""
     m = _PREFIX.fullmatch(text)
-    return bool(m) and (m.group(1) in TRANSPORTS or m.group(1) in REGISTRIES)
+    return bool(m) and m.group(1) in (*TRANSPORTS, *REGISTRIES, *UNSUPPORTED)
 
 
 def parse(text: str, cwd: Path | None = None) -> Reference:
