@@ -41,8 +41,10 @@ def no_qemu_unless_marked(request, tmp_path_factory, monkeypatch):
         return
     shims = tmp_path_factory.mktemp("no-qemu")
     trace = shims / "started"
-    for arch in ("x86_64", "aarch64"):
-        shim = shims / f"qemu-system-{arch}"
+    from qemubox.arch import ARCHES
+
+    for arch in ARCHES.values():
+        shim = shims / arch.qemu_binary
         shim.write_text(f'#!/bin/sh\necho "$0 $*" >> {trace}\nexit 1\n')
         shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")

@@ -212,7 +212,9 @@ def test_detached_moves_the_console_to_a_socket(tmp_path):
 def test_config_arch():
     assert config_arch("CONFIG_A=y\nCONFIG_X86_64=y\n") == "x86_64"
     assert config_arch("CONFIG_ARM64=y\n") == "arm64"
-    assert config_arch("CONFIG_RISCV=y\n") is None
+    assert config_arch("CONFIG_RISCV=y\n") == "riscv64"
+    assert config_arch("CONFIG_X86_32=y\n") == "i386"
+    assert config_arch("CONFIG_SPARC=y\n") is None
 
 
 def test_find_build_looks_in_builds_first(tmp_path):

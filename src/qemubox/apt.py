@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,10 +54,10 @@ def apt_download(package: str, directory: Path) -> Path:
     return debs[-1]
 
 
-def download_for_arch(package: str, debian_arch: str, directory: Path, state: Path) -> Path:
-    """Download ``package`` built for another architecture, from the mirror this host's apt
-    sources name, with package lists of that architecture kept under ``state`` (the host's
-    own apt configuration is not touched). Returns the .deb's path."""
+def _foreign(debian_arch: str, state: Path) -> list[str]:
+    """apt options for packages of another architecture, from the mirror this host's apt
+    sources name, with that architecture's package lists kept under ``state`` (the host's
+    own apt configuration is not touched); the lists are fetched the first time."""
     for sub in ("lists/partial", "cache/archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     options = [
@@ -75,6 +76,24 @@ def download_for_arch(package: str, debian_arch: str, directory: Path, state: Pa
         )
         if proc.returncode != 0:
             raise ToolError(f"apt-get update for {debian_arch} failed: {last_line(proc.stderr)}")
+    return options
+
+
+def depends(package: str, debian_arch: str | None = None, state: Path | None = None) -> str:
+    """``apt-cache depends`` of a package (of another architecture, with ``state``)."""
+    if shutil.which("apt-cache") is None:
+        raise InputError("no apt-cache here: give a kernel with --kernel")
+    options = _foreign(debian_arch, state) if debian_arch and state else []
+    proc = subprocess.run(
+        ["apt-cache", *options, "depends", package], capture_output=True, text=True, check=False
+    )
+    return proc.stdout
+
+
+def download_for_arch(package: str, debian_arch: str, directory: Path, state: Path) -> Path:
+    """Download ``package`` built for another architecture (see ``_foreign``). Returns the
+    .deb's path."""
+    options = _foreign(debian_arch, state)
     proc = subprocess.run(
         ["apt-get", *options, "download", package],
         cwd=directory,
@@ -88,3 +107,90 @@ def download_for_arch(package: str, debian_arch: str, directory: Path, state: Pa
             f"apt-get download {package} ({debian_arch}) failed: {last_line(proc.stderr)}"
         )
     return debs[-1]
+
+
+def debian_sources(etc: Path = Path("/etc/apt")) -> list[tuple[str, str, str]]:
+    """(URI, suite, components) of each Debian source of this host's apt configuration:
+    those of its release (``VERSION_CODENAME``), in either format (one-line ``.list`` or
+    deb822 ``.sources``)."""
+    codename = _codename()
+    found: list[tuple[str, str, str]] = []
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
+    for path in files:
+        for line in _read(path).splitlines():
+            words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 4 and words[0] == "deb":
+                found.append((words[1], words[2], " ".join(words[3:])))
+    for path in sorted((etc / "sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", _read(path)):
+            fields = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (ln.partition(":") for ln in stanza.splitlines())
+                if v and not k.startswith((" ", "#"))
+            )
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    found.append((uri, suite, fields.get("components", "")))
+    return [s for s in found if not codename or s[1].split("-")[0] == codename]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _codename() -> str:
+    for line in _read(Path("/etc/os-release")).splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return ""
+
+
+def download_source(package: str, directory: Path, state: Path) -> Path:
+    """Download and unpack Debian's source package ``package`` into ``directory``, from the
+    Debian mirrors of this host's apt sources (their deb-src twins, with lists kept under
+    ``state``). Returns the unpacked tree."""
+    sources = debian_sources()
+    if not sources:
+        raise ToolError("no Debian source in /etc/apt to fetch source packages from")
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    listing = state / "sources.list"
+    listing.write_text("".join(f"deb-src {u} {s} {c}\n" for u, s, c in sources))
+    options = [
+        "-qq",
+        "-o", f"Dir::Etc::SourceList={listing}",
+        "-o", "Dir::Etc::SourceParts=/nonexistent",
+        "-o", f"Dir::State::Lists={state / 'lists'}",
+        "-o", f"Dir::Cache={state / 'cache'}",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "Debug::NoDropPrivs=1",
+    ]  # fmt: skip
+    for command in (["update"], ["source", "--download-only", package]):
+        proc = subprocess.run(
+            ["apt-get", *options, *command],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ToolError(f"apt-get {command[0]} ({package}) failed: {last_line(proc.stderr)}")
+    dsc = sorted(directory.glob(f"{package}_*.dsc"))
+    if not dsc:
+        raise ToolError(f"apt-get source {package} fetched no .dsc")
+    tree = directory / "src"
+    proc = subprocess.run(
+        [program("dpkg-source", "dpkg-dev"), "--no-check", "-x", str(dsc[-1]), str(tree)],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ToolError(f"dpkg-source -x {dsc[-1].name} failed: {last_line(proc.stderr)}")
+    return tree

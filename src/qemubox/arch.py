@@ -10,7 +10,8 @@ from qemubox.errors import InputError
 
 @dataclass(frozen=True)
 class Arch:
-    name: str  # the kernel's ARCH
+    name: str  # qemubox's name (x86_64, armhf, ...): --arch, matrices, manifests
+    karch: str  # the kernel's ARCH (make ARCH=...)
     srcarch: str  # the arch/ directory of the kernel tree
     uname: str  # what `uname -m` prints in the guest
     image: str  # the boot image make builds, relative to the build directory
@@ -20,18 +21,25 @@ class Arch:
     pci_machine: str
     console: str  # the serial console's device name in the guest
     debian_arch: str
-    debian_kernel: str  # Debian's metapackage for its generic kernel
+    debian_kernel: str | None  # Debian's metapackage for its kernel (None: Debian 12 has none)
     oci_arch: str  # what an OCI image config's "architecture" says (Go's GOARCH)
     cross_prefix: str  # CROSS_COMPILE on a host of another arch (Debian's cross compilers)
     cross_package: str  # the Debian package with that compiler
     cross_libc: str  # the Debian package with its libc (for the static guest agent)
     elf_machine: int  # e_machine of its vmlinux
     config_symbol: str  # the .config symbol that says a kernel is of this arch
-    image_magic: tuple[int, bytes]  # where its boot image (not ELF) says what it is
-    boots_vmlinux: bool  # whether QEMU boots its ELF vmlinux (x86's PVH entry)
+    image_magic: tuple[int, bytes] | None  # where its boot image (not ELF) says what it is
+    boots_vmlinux: bool  # whether QEMU boots its ELF vmlinux (x86_64: through its PVH entry)
     fragments: tuple[str, ...] = ()  # shipped fragments every guest kernel of this arch needs
     firmware: str | None = None  # what boots a disk when no -kernel is given (None: QEMU's)
     mmio_machine_options: str = ""  # what the lean machine is given (-machine NAME,OPTIONS)
+    pci_machine_options: str = ""  # and the other one
+    tcg_cpu: str = "max"  # the CPU QEMU emulates (KVM passes the host's through)
+    bus: str = "pci"  # the virtio transport of its devices: -device virtio-KIND-BUS
+    migrates: bool = True  # QEMU saves and restores this machine (snapshots, pools, pause)
+    # Debian's package with a static busybox for it (None: none, built from Debian's source)
+    busybox_package: str | None = "busybox-static"
+    bits: int = 64
 
     def machine(self, mmio: bool) -> str:
         """The QEMU machine: the lean virtio-mmio one when the kernel can use it."""
@@ -39,13 +47,24 @@ class Arch:
 
     def machine_arg(self, machine: str) -> str:
         """``-machine``'s value for ``machine``, with the options this arch gives it."""
-        if machine == self.mmio_machine and self.mmio_machine_options:
-            return f"{machine},{self.mmio_machine_options}"
-        return machine
+        options = (
+            self.mmio_machine_options if machine == self.mmio_machine else self.pci_machine_options
+        )
+        return f"{machine},{options}" if options else machine
+
+    def device(self, kind: str, machine: str) -> str:
+        """A virtio device's model on ``machine``: virtio-KIND-device on virtio-mmio
+        machines, virtio-KIND-pci on PCI ones, virtio-KIND-ccw on s390x's channel I/O."""
+        bus = "device" if machine == self.mmio_machine else self.bus
+        return f"virtio-{kind}-{bus}"
 
     def compiler(self) -> str:
-        """The C compiler that builds for this arch on this host."""
-        return "gcc" if self.srcarch == host().srcarch else self.cross_prefix + "gcc"
+        """The C compiler that builds user programs for this arch on this host."""
+        return "gcc" if self.name == host().name else self.cross_prefix + "gcc"
+
+    def kernel_hint(self) -> str:
+        """How to get a kernel for this arch when none is given."""
+        return f"build one with 'qemubox kernel build --arch {self.name}', or give --kernel"
 
 
 ARCHES: dict[str, Arch] = {
@@ -53,6 +72,7 @@ ARCHES: dict[str, Arch] = {
     for a in (
         Arch(
             name="x86_64",
+            karch="x86_64",
             srcarch="x86",
             uname="x86_64",
             image="vmlinux",  # booted through its PVH entry (the x86_64 fragment)
@@ -76,6 +96,7 @@ ARCHES: dict[str, Arch] = {
         ),
         Arch(
             name="arm64",
+            karch="arm64",
             srcarch="arm64",
             uname="aarch64",
             image="arch/arm64/boot/Image",
@@ -97,13 +118,174 @@ ARCHES: dict[str, Arch] = {
             fragments=("arm64",),
             firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
         ),
+        Arch(
+            name="armhf",
+            karch="arm",
+            srcarch="arm",
+            uname="armv7l",
+            image="arch/arm/boot/zImage",
+            qemu_binary="qemu-system-arm",
+            qemu_package="qemu-system-arm",
+            mmio_machine=None,
+            pci_machine="virt",
+            # A kernel without LPAE reaches no PCI window above 4 GiB.
+            pci_machine_options="highmem=off",
+            tcg_cpu="cortex-a15",
+            console="ttyAMA0",
+            debian_arch="armhf",
+            debian_kernel="linux-image-armmp",
+            oci_arch="arm",
+            cross_prefix="arm-linux-gnueabihf-",
+            cross_package="gcc-arm-linux-gnueabihf",
+            cross_libc="libc6-dev-armhf-cross",
+            elf_machine=40,
+            config_symbol="CONFIG_ARM",
+            image_magic=(0x24, b"\x18\x28\x6f\x01"),
+            boots_vmlinux=False,
+            fragments=("armhf",),
+            bits=32,
+        ),
+        Arch(
+            name="i386",
+            karch="i386",
+            srcarch="x86",
+            uname="i686",
+            image="arch/x86/boot/bzImage",
+            qemu_binary="qemu-system-i386",
+            qemu_package="qemu-system-x86",
+            mmio_machine=None,
+            pci_machine="q35",
+            console="ttyS0",
+            debian_arch="i386",
+            debian_kernel="linux-image-686",
+            oci_arch="386",
+            cross_prefix="i686-linux-gnu-",
+            cross_package="gcc-i686-linux-gnu",
+            cross_libc="libc6-dev-i386-cross",
+            elf_machine=3,
+            config_symbol="CONFIG_X86_32",
+            image_magic=None,  # a bzImage, told from x86_64's by its setup header
+            boots_vmlinux=False,
+            fragments=("i386",),
+            bits=32,
+        ),
+        Arch(
+            name="ppc64le",
+            karch="powerpc",
+            srcarch="powerpc",
+            uname="ppc64le",
+            image="vmlinux",
+            qemu_binary="qemu-system-ppc64",
+            qemu_package="qemu-system-ppc",
+            mmio_machine=None,
+            pci_machine="pseries",
+            # Virtual Open Firmware (no SLOF to run under emulation), and the speculation
+            # mitigations TCG does not emulate declared absent rather than warned about.
+            pci_machine_options="x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,"
+            "cap-ccf-assist=off",
+            tcg_cpu="power9",
+            console="hvc0",
+            debian_arch="ppc64el",
+            debian_kernel="linux-image-powerpc64le",
+            oci_arch="ppc64le",
+            cross_prefix="powerpc64le-linux-gnu-",
+            cross_package="gcc-powerpc64le-linux-gnu",
+            cross_libc="libc6-dev-ppc64el-cross",
+            elf_machine=21,
+            config_symbol="CONFIG_PPC64",
+            image_magic=None,
+            boots_vmlinux=True,
+            fragments=("ppc64le",),
+        ),
+        Arch(
+            name="s390x",
+            karch="s390",
+            srcarch="s390",
+            uname="s390x",
+            image="arch/s390/boot/bzImage",
+            qemu_binary="qemu-system-s390x",
+            qemu_package="qemu-system-misc",
+            mmio_machine=None,
+            pci_machine="s390-ccw-virtio",
+            tcg_cpu="max",
+            bus="ccw",
+            console="ttysclp0",
+            debian_arch="s390x",
+            debian_kernel="linux-image-s390x",
+            oci_arch="s390x",
+            cross_prefix="s390x-linux-gnu-",
+            cross_package="gcc-s390x-linux-gnu",
+            cross_libc="libc6-dev-s390x-cross",
+            elf_machine=22,
+            config_symbol="CONFIG_S390",
+            image_magic=(0x10008, b"S390EP"),
+            boots_vmlinux=False,
+            fragments=("s390x",),
+        ),
+        Arch(
+            name="riscv64",
+            karch="riscv",
+            srcarch="riscv",
+            uname="riscv64",
+            image="arch/riscv/boot/Image",
+            qemu_binary="qemu-system-riscv64",
+            qemu_package="qemu-system-misc",
+            mmio_machine=None,
+            pci_machine="virt",  # OpenSBI, QEMU's default firmware, boots the kernel
+            console="ttyS0",
+            debian_arch="riscv64",
+            debian_kernel=None,
+            oci_arch="riscv64",
+            cross_prefix="riscv64-linux-gnu-",
+            cross_package="gcc-riscv64-linux-gnu",
+            cross_libc="libc6-dev-riscv64-cross",
+            elf_machine=243,
+            config_symbol="CONFIG_RISCV",
+            image_magic=(0x38, b"RSC\x05"),
+            boots_vmlinux=False,
+            fragments=("riscv64",),
+            busybox_package=None,
+        ),
+        Arch(
+            name="mips64el",
+            karch="mips",
+            srcarch="mips",
+            uname="mips64",
+            image="vmlinux",
+            qemu_binary="qemu-system-mips64el",
+            qemu_package="qemu-system-mips",
+            mmio_machine=None,
+            pci_machine="malta",
+            tcg_cpu="5KEc",
+            console="ttyS0",
+            debian_arch="mips64el",
+            debian_kernel="linux-image-5kc-malta",
+            oci_arch="mips64le",
+            cross_prefix="mips64el-linux-gnuabi64-",
+            cross_package="gcc-mips64el-linux-gnuabi64",
+            cross_libc="libc6-dev-mips64el-cross",
+            elf_machine=8,
+            config_symbol="CONFIG_MIPS",
+            image_magic=None,
+            boots_vmlinux=True,
+            fragments=("mips64el",),
+        ),
     )
 }
 
 # Other spellings of an ARCH (uname -m, Debian), and ARCH values whose kernel tree folds
 # into another arch/ directory (for kconfig work on any architecture).
-_ALIASES = {"amd64": "x86_64", "aarch64": "arm64", "x86-64": "x86_64"}
-_SRCARCH = {"x86_64": "x86", "i386": "x86", "sparc64": "sparc", "parisc64": "parisc"}
+_ALIASES = {
+    "amd64": "x86_64",
+    "aarch64": "arm64",
+    "x86-64": "x86_64",
+    "arm": "armhf",
+    "armv7l": "armhf",
+    "i686": "i386",
+    "ppc64el": "ppc64le",
+    "mips64": "mips64el",
+}
+_SRCARCH = {"sparc64": "sparc", "parisc64": "parisc"}
 
 
 def normalize(name: str | None) -> str:
@@ -113,9 +295,23 @@ def normalize(name: str | None) -> str:
     return _ALIASES.get(name, name)
 
 
+def find(name: str) -> Arch | None:
+    """The record of an arch named by qemubox, Debian, uname or the kernel (make's ARCH)."""
+    return ARCHES.get(normalize(name)) or next(
+        (a for a in ARCHES.values() if a.karch == name), None
+    )
+
+
 def srcarch(name: str) -> str:
     """The arch/ directory of any ARCH value (not only the ones qemubox boots)."""
-    return _SRCARCH.get(name, name)
+    record = find(name)
+    return record.srcarch if record else _SRCARCH.get(name, name)
+
+
+def karch(name: str) -> str:
+    """make's ARCH for any arch name (qemubox's, or the kernel's own as it is)."""
+    record = ARCHES.get(normalize(name))
+    return record.karch if record else name
 
 
 def host() -> Arch:
@@ -125,14 +321,18 @@ def host() -> Arch:
     return ARCHES[name]
 
 
-def by_elf_machine(machine: int) -> Arch | None:
-    return next((a for a in ARCHES.values() if a.elf_machine == machine), None)
+def by_elf_machine(machine: int, bits: int = 64) -> Arch | None:
+    return next((a for a in ARCHES.values() if a.elf_machine == machine and a.bits == bits), None)
 
 
 def by_image(head: bytes) -> Arch | None:
     """The arch whose boot image starts with ``head`` (its first 1 KiB or so)."""
     return next(
-        (a for a in ARCHES.values() if head[a.image_magic[0] :].startswith(a.image_magic[1])),
+        (
+            a
+            for a in ARCHES.values()
+            if a.image_magic and head[a.image_magic[0] :].startswith(a.image_magic[1])
+        ),
         None,
     )
 

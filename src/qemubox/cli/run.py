@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from qemubox.arch import ARCHES
 from qemubox.cli import terminal
 from qemubox.cli.common import CONTEXT, say
 from qemubox.model import session as defaults
@@ -71,6 +72,12 @@ _SESSION_OPTIONS = [
         help="Kernel image (default: the newest qemubox build, else Debian's).",
     ),
     click.option("--modules", metavar="DIR", help="Modules of --kernel (lib/modules/VERSION)."),
+    click.option(
+        "--arch",
+        type=click.Choice(list(ARCHES)),
+        help="The guest's architecture (default: this host's, or --kernel's); another "
+        "one's is emulated (TCG).",
+    ),
     click.option(
         "--boot-timeout",
         default=f"{defaults.DEFAULT_BOOT_TIMEOUT:g}",

@@ -24,6 +24,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -157,13 +158,27 @@ static void flush_port(struct port *p)
 	p->olen -= done;
 }
 
+/* Every number on the wire is little-endian, whatever the guest's byte order (s390x). */
+static void put_le32(unsigned char *at, uint32_t v)
+{
+	v = htole32(v);
+	memcpy(at, &v, 4);
+}
+
+static uint32_t le32_at(const unsigned char *at)
+{
+	uint32_t v;
+	memcpy(&v, at, 4);
+	return le32toh(v);
+}
+
 static void send_frame(struct port *p, uint8_t type, uint32_t id, const void *payload,
 		       uint32_t len)
 {
 	unsigned char head[HEADER];
 	head[0] = type;
-	memcpy(head + 1, &id, 4);
-	memcpy(head + 5, &len, 4);
+	put_le32(head + 1, id);
+	put_le32(head + 5, len);
 	queue(p, head, HEADER);
 	if (len)
 		queue(p, payload, len);
@@ -173,11 +188,10 @@ static void send_frame(struct port *p, uint8_t type, uint32_t id, const void *pa
 static void send_error(struct port *p, uint32_t id, int err, const char *message)
 {
 	char buf[1024];
-	uint32_t e = err;
 	size_t n = strlen(message);
 	if (n > sizeof(buf) - 4)
 		n = sizeof(buf) - 4;
-	memcpy(buf, &e, 4);
+	put_le32((unsigned char *)buf, (uint32_t)err);
 	memcpy(buf + 4, message, n);
 	send_frame(p, FR_ERROR, id, buf, 4 + n);
 }
@@ -222,7 +236,7 @@ static uint32_t get_u32(struct reader *r)
 		r->bad = 1;
 		return 0;
 	}
-	memcpy(&v, r->p, 4);
+	v = le32_at(r->p);
 	r->p += 4;
 	return v;
 }
@@ -472,8 +486,10 @@ static void close_stdin(struct exec *e)
 
 static void ack_stdin(struct exec *e, uint32_t n)
 {
+	unsigned char buf[4];
+	put_le32(buf, n);
 	if (n)
-		send_frame(e->port, FR_STDIN_ACK, e->id, &n, 4);
+		send_frame(e->port, FR_STDIN_ACK, e->id, buf, 4);
 }
 
 /* Hand the command what it will take of its stdin; the host learns how much (it keeps at
@@ -646,6 +662,7 @@ static void renew(struct port *port, uint32_t id, const unsigned char *p, size_t
 		return;
 	}
 	memcpy(&ns, p, 8);
+	ns = le64toh(ns);
 	ts.tv_sec = ns / 1000000000ULL;
 	ts.tv_nsec = ns % 1000000000ULL;
 	if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
@@ -669,7 +686,6 @@ static void renew(struct port *port, uint32_t id, const unsigned char *p, size_t
 static void hello(struct port *port, uint32_t id, const unsigned char *p, size_t len)
 {
 	unsigned char buf[NONCE_SIZE + 4 + 256];
-	uint32_t version = VERSION;
 	size_t n;
 	FILE *f;
 	if (len != NONCE_SIZE) {
@@ -678,7 +694,7 @@ static void hello(struct port *port, uint32_t id, const unsigned char *p, size_t
 	}
 	end_all_commands(port); /* an earlier client's */
 	memcpy(buf, p, NONCE_SIZE);
-	memcpy(buf + NONCE_SIZE, &version, 4);
+	put_le32(buf + NONCE_SIZE, VERSION);
 	n = NONCE_SIZE + 4;
 	f = fopen("/proc/sys/kernel/osrelease", "r");
 	if (f) {
@@ -793,8 +809,8 @@ static void read_port(struct port *p)
 			off++;
 		if (p->rlen - off < HEADER)
 			break;
-		memcpy(&id, p->rbuf + off + 1, 4);
-		memcpy(&len, p->rbuf + off + 5, 4);
+		id = le32_at(p->rbuf + off + 1);
+		len = le32_at(p->rbuf + off + 5);
 		if (len > MAX_PAYLOAD) {
 			/* Not a frame of ours: an earlier client's remains. Drop it all; the next
 			 * client pads and says HELLO. */
@@ -833,7 +849,7 @@ static void pump(struct exec *e, int *fd, uint8_t type, int max, int force)
 
 static void finish_if_done(struct exec *e, long long now)
 {
-	int32_t result[2];
+	unsigned char result[8];
 	if (!e->used || !e->exited)
 		return;
 	/* Background processes may keep the pipes open: do not wait for them for long. */
@@ -849,11 +865,11 @@ static void finish_if_done(struct exec *e, long long now)
 	close_fd(&e->err);
 	close_stdin(e);
 	if (WIFSIGNALED(e->status)) {
-		result[0] = 1;
-		result[1] = WTERMSIG(e->status);
+		put_le32(result, 1);
+		put_le32(result + 4, WTERMSIG(e->status));
 	} else {
-		result[0] = 0;
-		result[1] = WEXITSTATUS(e->status);
+		put_le32(result, 0);
+		put_le32(result + 4, WEXITSTATUS(e->status));
 	}
 	send_frame(e->port, FR_EXIT, e->id, result, sizeof(result));
 	memset(e, 0, sizeof(*e));

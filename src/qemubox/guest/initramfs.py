@@ -12,12 +12,13 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.apt import apt_install, download_for_arch
+from qemubox.apt import apt_install, download_for_arch, download_source
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
 from qemubox.model.net import DNS
@@ -90,20 +91,47 @@ def agent_binary(arch: arches.Arch) -> Path:
 def busybox(arch: arches.Arch) -> Path:
     """A static busybox for the guest: the host's for its own arch, else Debian's
     busybox-static of that arch, fetched once into the cache."""
-    if arch.srcarch == arches.host().srcarch:
+    if arch.name == arches.host().name:
         if not HOST_BUSYBOX.is_file():
             raise InputError("busybox-static is not installed (apt-get install busybox-static)")
         return HOST_BUSYBOX
 
     def make(tmp: Path) -> None:
         tmp.mkdir()
+        if arch.busybox_package is None:
+            _build_busybox(arch, tmp / "busybox")
+            return
         deb = download_for_arch(
-            "busybox-static", arch.debian_arch, tmp, cache_dir() / "apt" / arch.debian_arch
+            arch.busybox_package, arch.debian_arch, tmp, cache_dir() / "apt" / arch.debian_arch
         )
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
         os.replace(tmp / "x" / "bin" / "busybox", tmp / "busybox")
 
     return fill(cache_dir() / "busybox" / arch.debian_arch, make) / "busybox"
+
+
+def _build_busybox(arch: arches.Arch, target: Path) -> None:
+    """busybox built static from Debian's source for an arch Debian has no package of
+    (busybox's default configuration), put at ``target``."""
+    from qemubox.progress import run_logged  # rich, only when compiling
+
+    compiler = arch.compiler()
+    if shutil.which(compiler) is None:
+        apt_install(arch.cross_package, f"{compiler} is needed to build busybox for {arch.name}")
+        apt_install(arch.cross_libc, f"{arch.cross_libc} is needed to build busybox")
+    with tempfile.TemporaryDirectory(dir=target.parent.parent) as work:
+        tree = download_source("busybox", Path(work), cache_dir() / "apt" / "source")
+        make = ["make", "-C", str(tree), f"CROSS_COMPILE={compiler.removesuffix('gcc')}"]
+        subprocess.run([*make, "defconfig"], capture_output=True, check=True)
+        config = tree / ".config"
+        config.write_text(
+            config.read_text().replace("# CONFIG_STATIC is not set", "CONFIG_STATIC=y")
+        )
+        jobs = str(os.cpu_count() or 1)
+        label = f"building busybox for {arch.name}"
+        log = Path(work) / "build.log"
+        run_logged([*make, "-j", jobs, "busybox"], log, label, lambda line: line.strip()[:60])
+        shutil.copy(tree / "busybox", target)
 
 
 def _module_name(path: str) -> str:

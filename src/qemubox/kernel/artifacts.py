@@ -8,7 +8,6 @@ import hashlib
 import mmap
 import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemubox import arch as arches
-from qemubox.apt import apt_download, program
+from qemubox.apt import apt_download, depends, download_for_arch, program
 from qemubox.errors import InputError, ToolError
 from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, locked
@@ -76,6 +75,21 @@ def bzimage_version(image: Path) -> str | None:
     except OSError:
         return None
     return text.split()[0] if text else None
+
+
+IMAGE_HEAD = 0x10010  # enough of a boot image to tell its arch (s390x's mark is at 64 KiB)
+_XLF_KERNEL_64 = 1  # the bzImage setup header's xloadflags (0x236): a 64-bit kernel
+
+
+def bzimage_arch(image: Path) -> str:
+    """x86_64 or i386, as a bzImage's setup header says (an older i386 one has no flag)."""
+    try:
+        with open(image, "rb") as fh:
+            fh.seek(0x236)
+            flags = int.from_bytes(fh.read(2), "little")
+    except OSError:
+        return "x86_64"
+    return "x86_64" if flags & _XLF_KERNEL_64 else "i386"
 
 
 _PT_NOTE = 4
@@ -233,20 +247,20 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
     if not image.is_file():
         raise InputError(f"--kernel {path}: no such file")
     version = bzimage_version(image)
-    arch = "x86_64"
+    arch = bzimage_arch(image)
     elf = None if version else elf_kernel(image)
     if elf is not None:
         arch, version = _bootable_elf(path, elf)
     elif version is None:
         with open(image, "rb") as fh:
-            found = arches.by_image(fh.read(1024))
+            found = arches.by_image(fh.read(IMAGE_HEAD))
         if found is not None and not found.boots_vmlinux:  # an Image: its name says more
             arch = found.name
-            name = image.resolve().name
-            version = name.split("-", 1)[1] if "-" in name else None
+            version = _named_version(image)
         if version is None:
             raise InputError(
-                f"--kernel {path}: not a bzImage, vmlinux or arm64 Image with a version"
+                f"--kernel {path}: not a kernel image qemubox knows, or one whose file name "
+                "does not say its version (NAME-VERSION)"
             )
     return _kernel(
         image.resolve(),
@@ -265,13 +279,21 @@ def _bootable_elf(path: str | Path, elf: ElfKernel) -> tuple[str, str]:
         booted = ", ".join(arches.ARCHES)
         hint = f"its {record.image}" if record else f"a kernel of {booted}"
         raise InputError(f"--kernel {path}: an ELF vmlinux QEMU cannot boot: give {hint}")
-    if not elf.pvh:
+    if record.name == "x86_64" and not elf.pvh:
         raise InputError(
             f"--kernel {path}: a vmlinux without a PVH entry (CONFIG_PVH): give its bzImage"
         )
-    if elf.version is None:
+    # A self-decompressing vmlinuz (mips) has its banner packed: its name says more.
+    version = elf.version or _named_version(Path(path))
+    if version is None:
         raise InputError(f"--kernel {path}: a vmlinux without a Linux version banner")
-    return elf.arch, elf.version
+    return record.name, version
+
+
+def _named_version(image: Path) -> str | None:
+    """The release in a kernel file's name, as Debian names them (vmlinuz-RELEASE)."""
+    name = image.resolve().name
+    return name.split("-", 1)[1] if "-" in name else None
 
 
 def built_kernel(arch: str) -> KernelPlan | None:
@@ -298,17 +320,31 @@ def built_kernel(arch: str) -> KernelPlan | None:
 
 
 def debian_kernel(arch: str) -> KernelPlan:
-    """Debian's generic kernel package, downloaded with apt-get and unpacked into the cache."""
-    meta = arches.get(arch).debian_kernel
-    root = cache_dir() / "debian-kernel"
+    """Debian's kernel package for ``arch``, downloaded with apt-get (from the mirror of this
+    host's apt sources, whatever the arch) and unpacked into the cache."""
+    record = arches.get(arch)
+    if record.debian_kernel is None:
+        raise InputError(f"Debian 12 has no kernel package for {arch}: {record.kernel_hint()}")
+    root = _debian_kernels(record)
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / ".lock"):
         kernel = cached_debian_kernel(arch)
         if kernel:
             return kernel
-        package = _debian_package_name(meta)
+        foreign = record.name != arches.host().name
+        state = cache_dir() / "apt" / record.debian_arch
+        deps = depends(record.debian_kernel, *((record.debian_arch, state) if foreign else ()))
+        m = re.search(r"Depends: (linux-image-\S+)", deps)
+        if not m:
+            raise ToolError(
+                f"cannot find the package behind {record.debian_kernel} (apt-get update first?)"
+            )
+        package = m.group(1)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            deb = apt_download(package, Path(tmp))
+            if foreign:
+                deb = download_for_arch(package, record.debian_arch, Path(tmp), state)
+            else:
+                deb = apt_download(package, Path(tmp))
             target = root / package
             unpack = Path(tmp) / "x"
             subprocess.run(["dpkg-deb", "-x", str(deb), str(unpack)], check=True)
@@ -319,22 +355,17 @@ def debian_kernel(arch: str) -> KernelPlan:
         return kernel
 
 
-def _debian_package_name(meta: str) -> str:
-    if shutil.which("apt-cache") is None:
-        raise InputError("no apt-cache here: give a kernel with --kernel")
-    proc = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
-    m = re.search(r"Depends: (linux-image-\S+)", proc.stdout)
-    if not m:
-        raise ToolError(f"cannot find the package behind {meta} (apt-get update first?)")
-    return m.group(1)
+def _debian_kernels(record: arches.Arch) -> Path:
+    """Where Debian's kernel packages of an arch are unpacked."""
+    return cache_dir() / "debian-kernel" / record.debian_arch
 
 
 def _unpacked_kernel(root: Path, arch: str) -> KernelPlan | None:
-    images = sorted((root / "boot").glob("vmlinuz-*"))
+    images = sorted((root / "boot").glob("vmlinu[xz]-*"))  # ppc64el ships an ELF vmlinux
     if not images:
         return None
     image = images[-1]
-    version = image.name.removeprefix("vmlinuz-")
+    version = image.name.split("-", 1)[1]
     modules = root / "lib" / "modules" / version
     if modules.is_dir() and not (modules / "modules.dep").is_file():
         # A package carries no modules.dep: its install script makes it.
@@ -351,15 +382,25 @@ def _unpacked_kernel(root: Path, arch: str) -> KernelPlan | None:
 
 
 def choose_kernel(
-    kernel: str | None, modules: Path | None = None, fetch: bool = True
+    kernel: str | None,
+    modules: Path | None = None,
+    fetch: bool = True,
+    arch: str | None = None,
 ) -> KernelPlan:
-    """``kernel``: a path, ``debian``, or None (qemubox's newest build, else Debian's).
+    """``kernel``: a path, ``debian``, or None (qemubox's newest build for ``arch``, else
+    Debian's). ``arch``: the guest's (None: the host's; a given kernel's own otherwise).
     Without ``fetch``, Debian's kernel must be in the cache already (a dry run fetches
     nothing)."""
-    arch = arches.host().name
     if kernel and kernel != "debian":
-        return kernel_from_path(kernel, modules)
+        found = kernel_from_path(kernel, modules)
+        if arch and found.arch != arches.normalize(arch):
+            raise InputError(f"--kernel {kernel} is a {found.arch} kernel, not {arch}")
+        return found
+    record = arches.get(arch or arches.host().name)
+    arch = record.name
     found = None if kernel == "debian" else built_kernel(arch)
+    if found is None and record.debian_kernel is None:
+        raise InputError(f"Debian 12 has no kernel package for {arch}: {record.kernel_hint()}")
     if found is None and not fetch:
         found = cached_debian_kernel(arch)
         if found is None:
@@ -371,7 +412,7 @@ def choose_kernel(
 
 
 def cached_debian_kernel(arch: str) -> KernelPlan | None:
-    root = cache_dir() / "debian-kernel"
+    root = _debian_kernels(arches.get(arch))
     for unpacked in sorted(root.glob("linux-image-*"), reverse=True):
         kernel = _unpacked_kernel(unpacked, arch)
         if kernel:

@@ -38,7 +38,7 @@ from qemubox.kernel.install import same_file
 from qemubox.kernel.profiles import DEFAULT as DEFAULT_PROFILE
 from qemubox.kernel.profiles import PROFILES
 from qemubox.kernel.source import debian_source, extract_tarball, file_sha256
-from qemubox.linux.tree import KernelTree, cross_compile_prefix, normalize_arch
+from qemubox.linux.tree import KernelTree, cross_compile_prefix
 from qemubox.paths import cache_dir, locked, read_json, updating_json, write_json
 
 KERNEL_ORG = "https://cdn.kernel.org/pub/linux/kernel"
@@ -335,10 +335,10 @@ def _has_modules(config_text: str) -> bool:
     return "\nCONFIG_MODULES=y\n" in "\n" + config_text
 
 
-def _compile(tree: KernelTree, jobs: int, label: str) -> float:
+def _compile(tree: KernelTree, image: str, jobs: int, label: str) -> float:
     from qemubox.kernel.progress import run_make  # rich, only when compiling
 
-    image_target = Path(arches.get(tree.arch).image).name
+    image_target = Path(image).name
     config_text = tree.config_path.read_text()
     targets = list(dict.fromkeys([image_target, "vmlinux"]))
     if _has_modules(config_text):
@@ -355,9 +355,10 @@ def build_kernel(req: BuildRequest) -> BuildResult:
     """Configure, verify, build (or find the finished build) and install into req.output."""
     from qemubox.kernel.install import install_build
 
-    arch = normalize_arch(req.arch)
+    arch = arches.normalize(req.arch)
     if arch not in arches.ARCHES:
-        raise InputError(f"--arch {arch}: qemubox builds {', '.join(arches.ARCHES)}")
+        raise InputError(f"--arch {req.arch}: qemubox builds {', '.join(arches.ARCHES)}")
+    karch = arches.get(arch).karch
     base, merged, fragment_names = request_fragments(req, arch)
     source = resolve_source(req.kernel_version, req.source, req.sha256)
     cc = _cc_version(arch)
@@ -374,12 +375,12 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             notes = install_build(manifest, build_dir, req.output)
             return BuildResult(manifest, build_dir, req.output, False, notes)
 
-        kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", arch)
+        kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", karch)
         scan = scan_tree(source.path) if source.fingerprint is None else None
         config_text = _configure(source, kconf, merged, base, input_key, scan)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         build_dir = root / f"{prefix}{config_sha[:16]}"
-        work = KernelTree(source.path, root / f"{prefix}{req.profile}", arch)
+        work = KernelTree(source.path, root / f"{prefix}{req.profile}", karch)
         built_from = _built_from(scan, input_key, config_sha) if scan else None
         ran_make = False
         if not (build_dir / BUILD_MARK).is_file() or not (
@@ -388,7 +389,7 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             (work.build / TREE_MARK).unlink(missing_ok=True)
             install_config(work, config_text)
             label = f"building {source.description} ({req.profile}, {arch})"
-            seconds = _compile(work, jobs, label)
+            seconds = _compile(work, arches.get(arch).image, jobs, label)
             ran_make = True
             release = (work.build / "include/config/kernel.release").read_text().strip()
             manifest = {

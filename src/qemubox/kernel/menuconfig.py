@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox.errors import ToolError
 from qemubox.kconfig.engine import apply_fragments, read_config
 from qemubox.kconfig.explain import explain_mismatches
@@ -15,7 +16,7 @@ from qemubox.kconfig.merge import merge
 from qemubox.kconfig.verify import verify
 from qemubox.kernel.build import BuildRequest, request_fragments, resolve_source
 from qemubox.kernel.builds import build_root
-from qemubox.linux.tree import KernelTree, normalize_arch
+from qemubox.linux.tree import KernelTree
 from qemubox.paths import write_keeping_old
 
 
@@ -36,10 +37,12 @@ def config_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, s
 
 
 def menuconfig(req: BuildRequest, save: Path) -> MenuconfigOutcome:
-    arch = normalize_arch(req.arch)
+    arch = arches.normalize(req.arch)
     base, merged, _ = request_fragments(req, arch)
     source = resolve_source(req.kernel_version, req.source, req.sha256)
-    tree = KernelTree.open(source.path, build_root() / f"{source.key}-{arch}-kconfig", arch)
+    tree = KernelTree.open(
+        source.path, build_root() / f"{source.key}-{arch}-kconfig", arches.get(arch).karch
+    )
     apply_fragments(tree, merged, base)
     before = read_config(tree.config_path)
     proc = subprocess.run(tree.make_args(["menuconfig"]), env=os.environ, check=False)

@@ -15,12 +15,13 @@ from qemubox.errors import InputError, ToolError
 
 
 def host_arch() -> str:
-    return arch.normalize(None)
+    return arch.karch(arch.normalize(None))
 
 
 def normalize_arch(name: str | None) -> str:
-    """A kernel ARCH value; ``None`` is the host's (always explicit: x86_64, not x86)."""
-    return arch.normalize(name)
+    """make's ARCH for an arch name (qemubox's, Debian's or the kernel's own); ``None`` is
+    the host's (always explicit: x86_64, not x86)."""
+    return arch.karch(arch.normalize(name))
 
 
 def srcarch(name: str) -> str:
@@ -31,7 +32,7 @@ def cross_compile_prefix(name: str) -> str | None:
     """The ``CROSS_COMPILE`` prefix for building ``name`` on this host, if one is needed."""
     if srcarch(name) == srcarch(host_arch()):
         return None
-    record = arch.ARCHES.get(name)
+    record = arch.find(name)
     return record.cross_prefix if record else None
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from qemubox import paths
 from qemubox.errors import QemuboxError, SandboxError
 from qemubox.matrix import ktap
-from qemubox.matrix.spec import Cell, KernelSpec, Matrix
+from qemubox.matrix.spec import DEBIAN, Cell, KernelSpec, Matrix
 from qemubox.model.phase import Phase, totals
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
@@ -82,7 +82,7 @@ def kernel_key(spec: KernelSpec) -> str:
 def build(spec: KernelSpec) -> Kernel:
     """The kernel of ``spec``, built (or found built: the builder caches by configuration,
     so cells of equal configurations share a build, across runs too)."""
-    if spec.path:
+    if spec.path:  # a file, or Debian's kernel package (fetched where the cell runs)
         return Kernel(spec.path)
     from qemubox.kernel.build import BuildRequest, build_kernel
 
@@ -104,7 +104,9 @@ def build(spec: KernelSpec) -> Kernel:
 
 
 def pack(kernel: Kernel) -> bytes:
-    """A kernel and its modules as one tar, to travel to a worker."""
+    """A kernel and its modules as one tar, to travel to a worker (Debian's: its name)."""
+    if kernel.image == DEBIAN:
+        return DEBIAN.encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(os.path.realpath(kernel.image), arcname="vmlinuz")
@@ -119,6 +121,8 @@ def _no_tree_links(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 def unpack(data: bytes) -> Kernel:
     """A packed kernel, kept in this machine's cache under its digest (once)."""
+    if data == DEBIAN.encode():
+        return Kernel(DEBIAN)
     digest = hashlib.sha256(data).hexdigest()[:32]
 
     def make(tmp: Path) -> None:

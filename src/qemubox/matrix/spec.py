@@ -7,7 +7,7 @@ before anything runs.
     timeout = 120
 
     [[kernel]]                 # the options of `qemubox kernel build`, or a built `path`
-    name = "base"
+    name = "base"              # (path = "debian": Debian's kernel package of its `arch`)
     profile = "minimal"
     config = ["CONFIG_LOG_BUF_SHIFT=16"]
 
@@ -16,8 +16,9 @@ before anything runs.
     command = ["uname", "-r"]  # or one string, run by sh -c
     volumes = ["data:/mnt/data:ro"]
 
-    [matrix]                   # more axes: kernel config (lists of items) or run options
-    config = [[], ["CONFIG_LOG_BUF_SHIFT=17"]]
+    [matrix]                   # more axes: kernel config (lists of items), the kernel's
+    config = [[], ["CONFIG_LOG_BUF_SHIFT=17"]]     # arch, or run options
+    arch = ["x86_64", "arm64"]
     memory = ["256M", "1G"]
 
     [[exclude]]                # cells matching every key are dropped
@@ -55,7 +56,8 @@ KERNEL_KEYS |= {"path"}
 RUN_KEYS = {"memory", "cpus", "timeout", "boot_timeout", "volumes", "disks", "image", "network"}
 RUN_KEYS |= {"accel", "env", "workdir"}
 TEST_KEYS = RUN_KEYS | {"name", "command"}
-KERNEL_AXES = {"config", "fragments"}  # axes that change the kernel; the others, the run
+KERNEL_AXES = {"config", "fragments", "arch"}  # axes that change the kernel; the others, the run
+DEBIAN = "debian"  # a kernel's path naming Debian's kernel package of its arch
 
 
 class MatrixError(InputError):
@@ -118,6 +120,7 @@ class Cell:
             boot_timeout=o.get("boot_timeout", 120),
             accel=o.get("accel", defaults.ACCELS[0]),
             image=o.get("image", defaults.DEFAULT_IMAGE),
+            arch=self.kernel.arch,
         )
 
 
@@ -204,23 +207,31 @@ class _Reader:
                 self._fragment(f"{where}.fragments", f) for f in t.get("fragments", ())
             ),
             config=self._config(f"{where}.config", t.get("config", [])),
-            arch=self._str(f"{where}.arch", t["arch"]) if "arch" in t else None,
-            path=self._path(self._str(f"{where}.path", t["path"])) if "path" in t else None,
+            arch=self._arch(f"{where}.arch", t["arch"]) if "arch" in t else None,
+            path=self._kernel_path(f"{where}.path", t["path"]) if "path" in t else None,
         )
-        if spec.path and set(t) - {"name", "path"}:
+        given = {"name", "path", "arch"} if spec.path == DEBIAN else {"name", "path"}
+        if spec.path and set(t) - given:
             raise self.fail(f"{where}.path", "a built kernel takes no build options")
-        if spec.path and not Path(spec.path).is_file():
+        if spec.path and spec.path != DEBIAN and not Path(spec.path).is_file():
             raise self.fail(f"{where}.path", f"no such file: {spec.path}")
         if spec.source and not Path(spec.source).exists():
             raise self.fail(f"{where}.source", f"no such file or directory: {spec.source}")
         if spec.version and spec.source:
             raise self.fail(where, "version and source exclude each other")
-        if spec.arch:
-            from qemubox import arch as arches
-
-            if arches.normalize(spec.arch) not in arches.ARCHES:
-                raise self.fail(f"{where}.arch", f"must be one of {', '.join(arches.ARCHES)}")
         return spec
+
+    def _arch(self, key: str, value: Any) -> str:
+        from qemubox import arch as arches
+
+        value = self._str(key, value)
+        if arches.normalize(value) not in arches.ARCHES:
+            raise self.fail(key, f"must be one of {', '.join(arches.ARCHES)}")
+        return arches.normalize(value)
+
+    def _kernel_path(self, key: str, value: Any) -> str:
+        value = self._str(key, value)
+        return value if value == DEBIAN else self._path(value)
 
     def _fragment(self, key: str, value: Any) -> str:
         value = self._str(key, value)
@@ -386,6 +397,10 @@ class _Reader:
                 extra = tuple(self._fragment(key, f) for f in self._strings(key, value))
                 extra = tuple(f for f in extra if f not in kernel.fragments)
                 kernel = replace(kernel, fragments=kernel.fragments + extra)
+            elif name == "arch":
+                if kernel.path and kernel.path != DEBIAN:
+                    raise self.fail(f"kernel {kernel.name!r}", "a built kernel has its own arch")
+                kernel = replace(kernel, arch=self._arch(key, value))
             else:
                 options = {**dict(test.options), name: self.run_value(key, name, value)}
                 test = replace(test, options=tuple(sorted(options.items())))

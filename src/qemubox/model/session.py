@@ -45,6 +45,7 @@ class ValidSession:
     root_fs: str = "9p"  # a share root's
     overlay: str | None = None
     snapshot: bool = True
+    arch: str | None = None  # the guest's (None: the host's, or the given kernel's)
 
     def features(self) -> tuple[str, ...]:
         """What the guest needs drivers for, beyond its console and agent port."""

@@ -23,14 +23,14 @@ def escape(value: str | Path) -> str:
 
 
 def _device(plan: MachinePlan, kind: str) -> str:
-    """virtio device model names: -device on virtio-mmio machines, -pci on PCI ones."""
-    suffix = "device" if plan.machine == "microvm" else "pci"
-    return f"virtio-{kind}-{suffix}"
+    """virtio device model names, as the machine's transport wants them."""
+    return plan.arch_record.device(kind, plan.machine)
 
 
-def _cpu(accel: str) -> str:
-    """KVM passes the host's CPU through; TCG emulates every feature it can."""
-    return "host" if accel == "kvm" else "max"
+def _cpu(record: arches.Arch, accel: str) -> str:
+    """KVM passes the host's CPU through; TCG emulates the arch's richest CPU its kernels
+    run on."""
+    return "host" if accel == "kvm" else record.tcg_cpu
 
 
 def machine_args(plan: MachinePlan) -> list[str]:
@@ -59,7 +59,7 @@ def machine_args(plan: MachinePlan) -> list[str]:
         "-accel",
         plan.accel,
         "-cpu",
-        _cpu(plan.accel),
+        _cpu(plan.arch_record, plan.accel),
         "-smp",
         str(plan.cpus),
         "-m",
@@ -71,7 +71,7 @@ def share_args(plan: MachinePlan) -> list[str]:
     args = []
     for i, share in enumerate(plan.exported):
         if share.fs == "virtiofs":
-            fs = "vhost-user-fs-device" if plan.machine == "microvm" else "vhost-user-fs-pci"
+            fs = _device(plan, "fs").replace("virtio-", "vhost-user-", 1)
             args += [
                 "-chardev",
                 f"socket,id=fs{i},path={escape(plan.virtiofs_socket(i))}",
@@ -224,7 +224,7 @@ def bare_boot_args(
         "-accel",
         accel,
         "-cpu",
-        _cpu(accel),
+        _cpu(record, accel),
         "-m",
         f"{memory_mib}M",
         "-nodefaults",

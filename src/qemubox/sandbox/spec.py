@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox.errors import InputError
 from qemubox.image import catalog
 from qemubox.model.plan import DiskPlan, PortPlan, SharePlan
@@ -87,6 +88,9 @@ class Session:
     # Start from a snapshot of a booted guest (recorded by the first start of its kind)
     # when the session allows it (see vm/snapshot.py); otherwise boot.
     snapshot: bool = True
+    # The guest's architecture (x86_64, arm64, armhf, i386, ppc64le, s390x, riscv64,
+    # mips64el); None: the host's, or that of the kernel given.
+    arch: str | None = None
 
     def validate(self) -> ValidSession:
         return validate(self)
@@ -171,6 +175,7 @@ def validate(s: Session) -> ValidSession:
             raise InputError(f"--modules {s.modules}: no modules.dep there")
     if s.timeout is not None and s.timeout <= 0:
         raise InputError(f"timeout must be positive, got {s.timeout}")
+    guest_arch = arches.get(s.arch).name if s.arch else None
     image, root_kind = catalog.check(s.image)
     overlay = _overlay(s.overlay) if root_kind == "disk" else None
     return ValidSession(
@@ -192,6 +197,7 @@ def validate(s: Session) -> ValidSession:
         root_fs=_root_fs() if root_kind == "share" else "9p",
         overlay=overlay,
         snapshot=bool(s.snapshot),
+        arch=guest_arch,
     )
 
 

@@ -28,6 +28,7 @@ class SessionRequest:
     accel: str = defaults.ACCELS[0]
     snapshot: bool = True
     image: str = defaults.DEFAULT_IMAGE
+    arch: str | None = None
 
     def session(self, timeout: float | None = None, console_log: str | None = None) -> Session:
         """The Session asked for; its commands' default ``timeout``."""
@@ -48,6 +49,7 @@ class SessionRequest:
             console_log=console_log,
             image=self.image,
             snapshot=self.snapshot,
+            arch=self.arch,
         )
 
     @classmethod

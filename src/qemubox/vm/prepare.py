@@ -30,7 +30,8 @@ def plan_session(spec: ValidSession, runtime_dir: Path, dry_run: bool = False) -
     With ``dry_run`` nothing is fetched, probed, compiled or created: an unprobed KVM counts
     as TCG, and Debian's kernel must already be in the cache."""
     kernel = pvh.with_pvh_boot(
-        choose_kernel(spec.kernel, spec.modules, fetch=not dry_run), make=not dry_run
+        choose_kernel(spec.kernel, spec.modules, fetch=not dry_run, arch=spec.arch),
+        make=not dry_run,
     )
     record = arches.get(kernel.arch)
     choice = choose_accel(

@@ -1,0 +1,173 @@
+"""Every architecture of the arch table as a sandbox: the table itself and what is read from
+it (fast), and each arch booted once under TCG — Debian's kernel package where Debian 12 has
+one, qemubox's own build for riscv64 — with its snapshot, its pool, shares, disks and network."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+
+from helpers import qemubox
+from qemubox import arch as arches
+from qemubox.errors import InputError
+from qemubox.kernel.artifacts import bzimage_arch
+from qemubox.model.plan import Capability
+from qemubox.sandbox.spec import Session
+
+UNAME = {
+    "x86_64": "x86_64",
+    "arm64": "aarch64",
+    "armhf": "armv7l",
+    "i386": "i686",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "mips64el": "mips64",
+}
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def test_the_table_has_every_arch_the_issue_names_with_its_uname():
+    assert {name: a.uname for name, a in arches.ARCHES.items()} == UNAME
+
+
+@pytest.mark.parametrize("name", list(arches.ARCHES))
+def test_each_record_is_complete_and_consistent(name):
+    a = arches.ARCHES[name]
+    assert a.qemu_binary.startswith("qemu-system-") and a.qemu_package.startswith("qemu-system-")
+    assert a.cross_prefix.endswith("-") and a.cross_package.startswith("gcc-")
+    assert a.cross_libc.endswith("-cross") and a.cross_libc.startswith("libc6-dev-")
+    assert a.fragments == (name,), "each arch's own build has its shipped fragment"
+    assert a.tcg_cpu and a.console and a.pci_machine and a.bits in (32, 64)
+    assert arches.normalize(a.debian_arch) == name, "Debian's name leads to the same record"
+    assert arches.find(a.karch) is a
+    assert a.debian_kernel is None or a.debian_kernel.startswith("linux-image-")
+
+
+def test_names_of_others_lead_to_the_record():
+    for alias, name in [("aarch64", "arm64"), ("armv7l", "armhf"), ("i686", "i386")]:
+        assert arches.get(alias).name == name
+    for karch, name in [("arm", "armhf"), ("powerpc", "ppc64le"), ("s390", "s390x")]:
+        assert arches.find(karch).name == name and arches.karch(name) == karch
+    assert arches.karch("mips64el") == "mips" and arches.srcarch("riscv64") == "riscv"
+    assert arches.karch("sparc64") == "sparc64" and arches.srcarch("sparc64") == "sparc"
+    with pytest.raises(InputError, match="unknown architecture 'vax'"):
+        arches.get("vax")
+
+
+def test_devices_follow_the_machines_transport():
+    assert arches.get("x86_64").device("blk", "microvm") == "virtio-blk-device"
+    assert arches.get("x86_64").device("blk", "q35") == "virtio-blk-pci"
+    assert arches.get("s390x").device("serial", "s390-ccw-virtio") == "virtio-serial-ccw"
+    assert arches.get("ppc64le").machine_arg("pseries").startswith("pseries,x-vof=on,")
+    assert arches.get("armhf").machine_arg("virt") == "virt,highmem=off"
+    assert arches.get("arm64").machine_arg("virt") == "virt"
+
+
+def test_boot_images_tell_their_arch(tmp_path):
+    zimage = bytearray(64)
+    zimage[0x24:0x28] = b"\x18\x28\x6f\x01"
+    riscv = bytearray(64)
+    riscv[0x38:0x3C] = b"RSC\x05"
+    s390 = bytearray(0x10010)
+    s390[0x10008:0x1000E] = b"S390EP"
+    arm64 = bytearray(64)
+    arm64[56:60] = b"ARM\x64"
+    for head, name in [(zimage, "armhf"), (riscv, "riscv64"), (s390, "s390x"), (arm64, "arm64")]:
+        assert arches.by_image(bytes(head)).name == name
+    assert arches.by_image(bytes(64)) is None
+    for flags, name in [(1, "x86_64"), (0, "i386")]:
+        image = tmp_path / name
+        header = bytearray(0x240)
+        header[0x202:0x206] = b"HdrS"
+        header[0x236] = flags  # xloadflags: XLF_KERNEL_64
+        image.write_bytes(bytes(header))
+        assert bzimage_arch(image) == name
+
+
+def test_a_kernels_config_tells_its_arch():
+    assert arches.by_config("CONFIG_X86_32=y\n").name == "i386"
+    assert arches.by_config("CONFIG_PPC64=y\nCONFIG_PPC=y\n").name == "ppc64le"
+    assert arches.by_config("CONFIG_S390=y\n").name == "s390x"
+
+
+def test_bad_arch_is_one_line_exit_2():
+    r = qemubox("run", "--arch", "vax", "--", "true")
+    assert r.code == 2 and "'vax' is not one of" in r.err and "Traceback" not in r.err
+
+
+def test_riscv64_without_a_kernel_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path))  # no build of it here
+    r = qemubox("run", "--arch", "riscv64", "--dry-run", "--", "true")
+    assert r.code == 2, r.err
+    assert r.err.strip().splitlines()[-1] == (
+        "qemubox: error: Debian 12 has no kernel package for riscv64: build one with "
+        "'qemubox kernel build --arch riscv64', or give --kernel"
+    )
+
+
+def test_a_kernel_of_another_arch_than_asked_is_refused(tmp_path):
+    image = tmp_path / "Image-6.12.0"
+    head = bytearray(64)
+    head[56:60] = b"ARM\x64"
+    image.write_bytes(bytes(head))
+    r = qemubox("run", "--arch", "s390x", "--kernel", image, "--dry-run", "--", "true")
+    assert r.code == 2 and f"--kernel {image} is a arm64 kernel, not s390x" in r.err
+
+
+# --- each arch, booted --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def riscv64_kernel(tmp_path_factory):
+    """Debian 12 has no riscv64 kernel: qemubox's minimal build (cached)."""
+    out = tmp_path_factory.mktemp("kernel-riscv64")
+    r = qemubox("kernel", "build", "--arch", "riscv64", "-o", out, timeout=3000)
+    assert r.code == 0, r.err[-2000:]
+    return str(out / "vmlinuz")
+
+
+FOREIGN = [a for a in arches.ARCHES if a != arches.host().name]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", FOREIGN)
+def test_each_arch_runs_restores_pools_and_has_its_devices(name, request, tmp_path):
+    """One arch end to end: a boot (which records the snapshot), a restored start, a start
+    from a pool, then a booted run with a 9p share, an ext4 disk and a network."""
+    from qemubox import Pool, Sandbox
+
+    warnings.simplefilter("ignore")
+    kernel = request.getfixturevalue("riscv64_kernel") if name == "riscv64" else None
+    session = Session(arch=name, kernel=kernel, memory="256M", boot_timeout=180)
+    with Sandbox(session) as box:
+        plan = box.machine.plan
+        assert box.exec(["uname", "-m"]).stdout.decode() == UNAME[name] + "\n"
+        assert box.exec(["sh", "-c", "echo out; echo err >&2; exit 7"]).exit_code == 7
+    assert plan.arch == name and plan.cannot(Capability.SNAPSHOT) is None
+    with Sandbox(session) as again:  # restored: the clock and the byte order still agree
+        assert "restore" in [phase for phase, _ in again.timings]
+        guest = int(again.exec(["date", "+%s"]).stdout)
+        assert abs(guest - time.time()) <= 2
+        r = again.exec(["cat"], stdin=b"x" * 100_000)
+        assert (r.exit_code, len(r.stdout)) == (0, 100_000)
+    with Pool(session, size=1) as warm, warm.sandbox() as taken:
+        assert "taken from the pool" in [phase for phase, _ in taken.timings]
+        assert taken.exec(["uname", "-m"]).stdout.decode() == UNAME[name] + "\n"
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "hello").write_text("from the host\n")
+    args = ["--kernel", kernel] if kernel else []
+    r = qemubox(
+        "run", "--arch", name, *args, "-m", "256M", "--boot-timeout", "180",
+        "-v", f"{share}:/mnt:ro", "--disk", "16M:/data", "--net", "user", "--",
+        "sh", "-c", "cat /mnt/hello; echo kept > /data/f && cat /data/f; "
+        "ip -o -4 addr show eth0 | grep -o 'inet [0-9.]*'",
+        timeout=400,
+    )  # fmt: skip
+    assert (r.code, r.out) == (0, "from the host\nkept\ninet 10.0.2.15\n"), r.err[-2000:]
