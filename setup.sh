@@ -22,8 +22,14 @@ pkgs=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zst
       python3-venv ca-certificates debootstrap openssh-client skopeo umoci buildah)
 if [ "$dev" = 1 ]; then
   # The --explain tests run against a second kernel generation too; the arm64 cross build
-  # is booted on QEMU's virt machine.
-  pkgs+=(linux-source-6.1 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm procps)
+  # is booted on QEMU's virt machine; every other architecture boots once (its QEMU, and
+  # the cross compiler its guest agent is built with; riscv64's kernel too).
+  pkgs+=(linux-source-6.1 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm procps
+         qemu-system-ppc qemu-system-mips qemu-system-misc
+         gcc-arm-linux-gnueabihf libc6-dev-armhf-cross gcc-i686-linux-gnu libc6-dev-i386-cross
+         gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross gcc-s390x-linux-gnu
+         libc6-dev-s390x-cross gcc-riscv64-linux-gnu libc6-dev-riscv64-cross
+         gcc-mips64el-linux-gnuabi64 libc6-dev-mips64el-cross)
 fi
 
 missing=()

@@ -37,6 +37,9 @@ class Arch:
     tcg_cpu: str = "max"  # the CPU QEMU emulates (KVM passes the host's through)
     bus: str = "pci"  # the virtio transport of its devices: -device virtio-KIND-BUS
     migrates: bool = True  # QEMU saves and restores this machine (snapshots, pools, pause)
+    # PCI slots whose interrupts the guest kernel routes, when not every slot's are: its
+    # PCI devices are put there, eight functions a slot (None: QEMU places them)
+    pci_slots: tuple[int, ...] | None = None
     # Debian's package with a static busybox for it (None: none, built from Debian's source)
     busybox_package: str | None = "busybox-static"
     bits: int = 64
@@ -232,6 +235,7 @@ ARCHES: dict[str, Arch] = {
             qemu_package="qemu-system-misc",
             mmio_machine=None,
             pci_machine="virt",  # OpenSBI, QEMU's default firmware, boots the kernel
+            tcg_cpu="rv64",  # QEMU 7.2 has no "max" here
             console="ttyS0",
             debian_arch="riscv64",
             debian_kernel=None,
@@ -256,6 +260,7 @@ ARCHES: dict[str, Arch] = {
             qemu_package="qemu-system-mips",
             mmio_machine=None,
             pci_machine="malta",
+            pci_slots=(18, 19, 20, 21),  # Malta's four PCI slots: others have no IRQ
             tcg_cpu="5KEc",
             console="ttyS0",
             debian_arch="mips64el",

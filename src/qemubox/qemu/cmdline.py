@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qemubox import arch as arches
+from qemubox.errors import InputError
 from qemubox.model.net import GUEST_IP
 from qemubox.model.plan import ROOT_ID, MachinePlan
 
@@ -163,7 +164,25 @@ def qemu_args(plan: MachinePlan) -> list[str]:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
     if plan.snapshot and plan.snapshot.role in ("restore", "resume"):
         args += ["-incoming", "defer"]  # the state comes over QMP (see vm/snapshot.py)
-    return args + confinement_args(plan)
+    return _placed(args + confinement_args(plan), plan.arch_record.pci_slots)
+
+
+def _placed(args: list[str], slots: tuple[int, ...] | None) -> list[str]:
+    """The PCI devices of ``args`` given addresses in ``slots``, when the machine routes
+    interrupts of those slots only: device k goes to slot k mod n, function k div n (each
+    slot multifunction; its functions share the slot's interrupt)."""
+    if not slots:
+        return args
+    out, k = [], 0
+    for i, arg in enumerate(args):
+        if i and args[i - 1] == "-device" and arg.split(",", 1)[0].endswith("-pci"):
+            slot, function = slots[k % len(slots)], k // len(slots)
+            if function > 7:
+                raise InputError(f"more PCI devices than this machine has slots for ({k + 1})")
+            arg += f",addr={slot:#x}.{function}" + (",multifunction=on" if not function else "")
+            k += 1
+        out.append(arg)
+    return out
 
 
 def _console_append(plan: MachinePlan) -> str:

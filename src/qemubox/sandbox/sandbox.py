@@ -252,7 +252,10 @@ class Sandbox:
             raise SandboxError(f"the guest cannot mount: {err}", self.console_tail()) from None
         if self.plan.network != "none":
             # A MAC of its own: clones of one snapshot would otherwise share the template's.
+            # Its driver, loaded at boot, may still be probing (seconds, under emulation).
             script = (
+                "i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do "
+                "sleep 0.1; i=$((i+1)); done; "
                 f"ip link set eth0 address {random_mac()} && "
                 f"ip link set eth0 up && ip addr add {GUEST_IP}/{PREFIX} "
                 f"dev eth0 && ip route add default via {GATEWAY}"

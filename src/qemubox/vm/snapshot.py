@@ -23,6 +23,7 @@ first three, and is recorded again otherwise. The RAM files are kept within a bu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -60,18 +61,20 @@ def _file_id(path: str) -> list:
 
 def key(plan: MachinePlan) -> str:
     """What decides a booted guest, as a digest: the plan's own (``compat_key``: machine,
-    size, command line, device layout), and the files behind the paths it names — a
+    size, command line, device layout), the arch's record, and the files behind the paths it names — a
     kernel, initramfs or QEMU rebuilt in place is another guest. Equal keys restore each
     other's snapshots."""
     qemu = plan.arch_record.qemu_binary
     inputs = {
         "format": FORMAT,
         "plan": plan.compat_key(),
+        "arch": dataclasses.asdict(plan.arch_record),  # its machine, CPU, device placement
         "kernel": _file_id(plan.kernel.image),
         "initrd": _file_id(plan.initrd),
         "qemu": _file_id(shutil.which(qemu) or qemu),
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    blob = json.dumps(inputs, sort_keys=True, default=repr)  # repr: the record's magic bytes
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def ram_dir() -> Path:
