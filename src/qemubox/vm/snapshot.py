@@ -61,9 +61,9 @@ def _file_id(path: str) -> list:
 
 def key(plan: MachinePlan) -> str:
     """What decides a booted guest, as a digest: the plan's own (``compat_key``: machine,
-    size, command line, device layout), the arch's record, and the files behind the paths it names — a
-    kernel, initramfs or QEMU rebuilt in place is another guest. Equal keys restore each
-    other's snapshots."""
+    size, command line, device layout), the arch's record, and the files behind the paths
+    it names — a kernel, initramfs or QEMU rebuilt in place is another guest. Equal keys
+    restore each other's snapshots."""
     qemu = plan.arch_record.qemu_binary
     inputs = {
         "format": FORMAT,
