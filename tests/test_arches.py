@@ -4,6 +4,7 @@ one, qemubox's own build for riscv64 — with its snapshot, its pool, shares, di
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -171,3 +172,19 @@ def test_each_arch_runs_restores_pools_and_has_its_devices(name, request, tmp_pa
         timeout=400,
     )  # fmt: skip
     assert (r.code, r.out) == (0, "from the host\nkept\ninet 10.0.2.15\n"), r.err[-2000:]
+
+
+@pytest.mark.qemu
+def test_a_matrix_runs_its_test_on_each_arch_of_its_axis(tmp_path):
+    (tmp_path / "m.toml").write_text(
+        '[[kernel]]\nname = "debian"\npath = "debian"\n'
+        '[[test]]\nname = "uname"\ncommand = ["uname", "-m"]\n'
+        '[matrix]\narch = ["armhf", "s390x", "mips64el"]\n'
+    )
+    out = tmp_path / "out.json"
+    r = qemubox("matrix", tmp_path / "m.toml", "--json", out, timeout=900)
+    assert r.code == 0, r.err[-2000:]
+    records = {rec["cell"]: rec for rec in json.loads(out.read_text())}
+    for name in ("armhf", "s390x", "mips64el"):
+        rec = records[f"debian/uname[arch={name}]"]
+        assert (rec["status"], rec["stdout"]) == ("pass", UNAME[name] + "\n"), rec

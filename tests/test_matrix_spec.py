@@ -128,6 +128,12 @@ cpus = 2
         (EXAMPLE + "[[include]]\nkernel = 'base'\n", "include[0]: an included cell names"),
         (EXAMPLE + "[[exclude]]\ntest = 'uname'\n[[exclude]]\ntest = 'suite'\n", "every cell"),
         (EXAMPLE + "[extra]\n", "extra: unknown section"),
+        (EXAMPLE + "[matrix]\narch = ['vax']\n", "matrix.arch: must be one of x86_64, arm64"),
+        (
+            "[[kernel]]\nname='d'\npath='debian'\nprofile='minimal'\n"
+            "[[test]]\nname='t'\ncommand=['true']\n",
+            "kernel 'd'.path: a built kernel takes no build options",
+        ),
         ("[[kernel]\n", "not TOML"),
     ],
 )
@@ -215,3 +221,49 @@ def test_an_axis_value_the_kernel_has_already_makes_no_other_kernel(tmp_path):
     )
     assert len(m.cells) == 4
     assert len({c.kernel.build_inputs() for c in m.cells}) == 1
+
+
+ARCHES = """
+[[kernel]]
+name = "debian"
+path = "debian"
+
+[[kernel]]
+name = "own"
+profile = "minimal"
+arch = "aarch64"
+
+[[test]]
+name = "uname"
+command = ["uname", "-m"]
+
+[matrix]
+arch = ["s390x", "armhf"]
+"""
+
+
+def test_an_arch_axis_makes_a_kernel_per_arch(here):
+    m = Matrix.from_file(write(here, ARCHES))
+    assert [c.id for c in m.cells] == [
+        "debian/uname[arch=s390x]",
+        "debian/uname[arch=armhf]",
+        "own/uname[arch=s390x]",
+        "own/uname[arch=armhf]",
+    ]
+    debian = [c for c in m.cells if c.kernel.name == "debian"]
+    assert [(c.kernel.path, c.kernel.arch) for c in debian] == [
+        ("debian", "s390x"),
+        ("debian", "armhf"),
+    ]
+    assert debian[0].session("debian").arch == "s390x"
+    own = [c.kernel for c in m.cells if c.kernel.name == "own"]
+    assert [k.arch for k in own] == ["s390x", "armhf"] and len({kernel_key(k) for k in own}) == 2
+    one = Matrix.from_file(write(here, ARCHES.split("[matrix]")[0]))
+    assert one.cells[1].kernel.arch == "arm64", "an arch's other names are its name"
+
+
+def test_a_built_kernel_has_its_own_arch(here):
+    (here / "vmlinuz").write_bytes(b"x")
+    text = "[[kernel]]\nname='k'\npath='vmlinuz'\n[[test]]\nname='t'\ncommand=['true']\n"
+    with pytest.raises(InputError, match="kernel 'k': a built kernel has its own arch"):
+        Matrix.from_file(write(here, text + "[matrix]\narch = ['s390x']\n"))

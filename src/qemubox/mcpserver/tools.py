@@ -37,10 +37,12 @@ def _timeout(value: float | None) -> float | None:
     return value
 
 
-def _session(image: str, kernel: str | None, memory: str, network: str) -> SessionRequest:
+def _session(
+    image: str, kernel: str | None, memory: str, network: str, arch: str | None = None
+) -> SessionRequest:
     if network not in defaults.NETWORKS:
         raise InputError(f"network: one of {', '.join(defaults.NETWORKS)}, not {network!r}")
-    return SessionRequest(memory=memory, image=image, kernel=kernel, net=network)
+    return SessionRequest(memory=memory, image=image, kernel=kernel, net=network, arch=arch)
 
 
 def _output(capture: Capture, code: int, timed_out: bool = False) -> dict:
@@ -72,15 +74,18 @@ def sandbox_run(
     timeout: float | None = defaults.DEFAULT_TIMEOUT,
     network: str = defaults.NETWORKS[0],
     files: dict[str, str] | None = None,
+    arch: str | None = None,
 ) -> dict:
     """Run a command in a fresh sandbox VM and return its stdout, stderr and exit code.
     A string command runs under `sh -c`; a list is the argv. `files` (guest path -> text)
     are written first. Output is cut at 64 KiB per stream (`truncated`). `image`: minimal,
     debian, host, an image name of `qemubox image ls`, or a container image
     (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG), whose Env, WorkingDir and User
-    apply."""
+    apply. `arch`: the guest's architecture (x86_64, arm64, armhf, i386, ppc64le, s390x,
+    riscv64, mips64el; default: the host's), emulated when it is another."""
     request = CommandRequest(_argv(command), timeout=_timeout(timeout))
-    action = actions.Run(request, _session(image, kernel, memory, network), files=_files(files))
+    session = _session(image, kernel, memory, network, arch)
+    action = actions.Run(request, session, files=_files(files))
     capture = Capture(MAX_OUTPUT)
     streams = capture.streams()
     result = actions.perform(action, streams)
@@ -96,10 +101,12 @@ def sandbox_create(
     memory: str = defaults.DEFAULT_MEMORY,
     network: str = defaults.NETWORKS[0],
     ttl: float | None = None,
+    arch: str | None = None,
 ) -> dict:
     """Start a named sandbox that lives on between calls (until removed, or unused for
-    `ttl` seconds)."""
-    actions.perform(actions.Create(name, _session(image, kernel, memory, network), ttl))
+    `ttl` seconds), of architecture `arch` (default: the host's)."""
+    session = _session(image, kernel, memory, network, arch)
+    actions.perform(actions.Create(name, session, ttl))
     return {"name": name, "state": "running"}
 
 
@@ -204,11 +211,12 @@ def kernel_run(
     command: str | list[str],
     memory: str = defaults.DEFAULT_MEMORY,
     timeout: float | None = defaults.DEFAULT_TIMEOUT,
+    arch: str | None = None,
 ) -> dict:
-    """Boot `kernel` (a path, or `debian`) and run a command; a panic or a boot failure
-    comes back with the guest console's last lines."""
+    """Boot `kernel` (a path, or `debian`: Debian's kernel package of `arch`) and run a
+    command; a panic or a boot failure comes back with the guest console's last lines."""
     try:
-        return sandbox_run(command, kernel=kernel, memory=memory, timeout=timeout)
+        return sandbox_run(command, kernel=kernel, memory=memory, timeout=timeout, arch=arch)
     except SandboxError as err:
         return {
             "exit_code": err.exit_code,
