@@ -82,7 +82,9 @@ def ls(as_json, show_all):
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in found], indent=2))
         return
-    rows = [("NAME", "STATE", "IMAGE", "KERNEL", "MEMORY", "CPUS", "UP", "PORTS", "EXPIRES")]
+    rows = [
+        ("NAME", "STATE", "IMAGE", "ARCH", "KERNEL", "MEMORY", "CPUS", "UP", "PORTS", "EXPIRES")
+    ]
     for s in found:
         state = s.state + (f" ({s.note})" if s.note and s.state is not State.RUNNING else "")
         expires = "in use" if s.in_use and s.ttl else _until(s.expires)
@@ -92,6 +94,7 @@ def ls(as_json, show_all):
                 s.name,
                 state,
                 s.image,
+                s.arch,
                 s.kernel or "-",
                 s.memory,
                 str(s.cpus),

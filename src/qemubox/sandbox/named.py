@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox import paths
 from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
 from qemubox.model.plan import Capability
@@ -47,6 +48,7 @@ class Status:
     state: State
     note: str  # why it stopped or failed
     image: str
+    arch: str
     kernel: str
     memory: str
     cpus: int
@@ -161,6 +163,7 @@ def status(name: str) -> Status:
         state=state,
         note=note,
         image=session.image,
+        arch=record.get("arch") or session.arch or arches.host().name,
         kernel=kernel,
         memory=str(session.memory),
         cpus=session.cpus,
@@ -388,6 +391,7 @@ def _boot(name: str, cls: type[Sandbox]):
             "ready": False,
             "started": time.time(),
             "kernel": kernel.version or Path(kernel.image).name,
+            "arch": box.machine.plan.arch,
             "base": box.machine.plan.root.base,  # a disk root's image: kept while we are
         }
         SANDBOXES.write(name, record)
