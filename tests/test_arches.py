@@ -188,3 +188,20 @@ def test_a_matrix_runs_its_test_on_each_arch_of_its_axis(tmp_path):
     for name in ("armhf", "s390x", "mips64el"):
         rec = records[f"debian/uname[arch={name}]"]
         assert (rec["status"], rec["stdout"]) == ("pass", UNAME[name] + "\n"), rec
+
+
+def test_kvm_is_considered_only_where_the_hosts_kvm_runs_the_guest(monkeypatch, tmp_path):
+    from qemubox.qemu import accel
+
+    monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path))  # no verdict of this host's
+    monkeypatch.setattr(accel.os.path, "exists", lambda path: True)
+    monkeypatch.setattr(accel.os, "access", lambda path, mode: True)
+
+    def choice(guest: str) -> accel.AccelChoice:
+        record = arches.get(guest)
+        return accel.choose_accel("auto", record.qemu_binary, "k", guest, "x86_64", probe=False)
+
+    assert choice("s390x") == accel.AccelChoice("tcg", "")  # emulated: no KVM to try
+    assert choice("armhf") == accel.AccelChoice("tcg", "")
+    not_probed = accel.AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
+    assert choice("i386") == not_probed == choice("x86_64")  # x86_64's KVM runs i386

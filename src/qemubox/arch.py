@@ -43,6 +43,7 @@ class Arch:
     # Debian's package with a static busybox for it (None: none, built from Debian's source)
     busybox_package: str | None = "busybox-static"
     bits: int = 64
+    kvm_hosts: tuple[str, ...] = ()  # other hosts whose KVM runs it (x86_64's runs i386)
 
     def machine(self, mmio: bool) -> str:
         """The QEMU machine: the lean virtio-mmio one when the kernel can use it."""
@@ -171,6 +172,7 @@ ARCHES: dict[str, Arch] = {
             boots_vmlinux=False,
             fragments=("i386",),
             bits=32,
+            kvm_hosts=("x86_64",),
         ),
         Arch(
             name="ppc64le",

@@ -100,7 +100,8 @@ def choose_accel(
     """The accelerator to use for ``requested`` (auto, kvm or tcg). Without ``probe``, an
     unknown verdict counts as TCG and nothing is booted. ``kernel`` (what the probe boots)
     may be a function, called only when a probe runs."""
-    if requested == "tcg" or (requested == "auto" and guest_arch != host_arch):
+    foreign = guest_arch != host_arch and host_arch not in arches.get(guest_arch).kvm_hosts
+    if requested == "tcg" or (requested == "auto" and foreign):
         return AccelChoice("tcg", "")
     if requested == "kvm":
         return AccelChoice("kvm", "")
