@@ -36,7 +36,6 @@ class Arch:
     pci_machine_options: str = ""  # and the other one
     tcg_cpu: str = "max"  # the CPU QEMU emulates (KVM passes the host's through)
     bus: str = "pci"  # the virtio transport of its devices: -device virtio-KIND-BUS
-    migrates: bool = True  # QEMU saves and restores this machine (snapshots, pools, pause)
     # PCI slots whose interrupts the guest kernel routes, when not every slot's are: its
     # PCI devices are put there, eight functions a slot (None: QEMU places them)
     pci_slots: tuple[int, ...] | None = None

@@ -133,16 +133,6 @@ class Capability(StrEnum):
 LIMITS: tuple[tuple[Capability, Callable[[MachinePlan], bool], str], ...] = (
     (
         Capability.SNAPSHOT,
-        lambda p: not p.arch_record.migrates,
-        "QEMU cannot save and restore this machine",
-    ),
-    (
-        Capability.PAUSE,
-        lambda p: not p.arch_record.migrates,
-        "QEMU cannot save and restore this machine",
-    ),
-    (
-        Capability.SNAPSHOT,
         lambda p: p.shared_memory,
         "virtiofs needs guest RAM shared with virtiofsd",
     ),
