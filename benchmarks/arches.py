@@ -5,10 +5,11 @@ emulating this one); with --builds, the clean cross build of each minimal kernel
 
 Run by hand (boots take seconds each; a clean build takes minutes per architecture):
 
-    .venv/bin/python benchmarks/arches.py [-n 3] [--arch s390x ...] [--builds]
+    .venv/bin/python benchmarks/arches.py [-n 3] [--arch s390x ...] [--debian] [--builds]
 
 Each arch boots the kernel `run --arch` picks (qemubox's newest build for it, else Debian's
-kernel package); riscv64 needs one built (`qemubox kernel build --arch riscv64`). Figures are
+kernel package; with --debian, Debian's, and riscv64, which has none, is left out); riscv64
+needs one built (`qemubox kernel build --arch riscv64`). Figures are
 medians of n. Builds run in a scratch cache (the extracted source is borrowed), so they are
 really clean.
 """
@@ -71,17 +72,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--arch", action="append", choices=list(arches.ARCHES))
+    parser.add_argument("--debian", action="store_true", help="boot Debian's kernel packages")
     parser.add_argument("--builds", action="store_true", help="also time clean cross builds")
     args = parser.parse_args()
     host = arches.host().name
     wanted = [host, *[a for a in args.arch or arches.ARCHES if a != host]]
+    kernel = ["--kernel", "debian"] if args.debian else []
+    if args.debian:
+        wanted = [a for a in wanted if arches.get(a).debian_kernel]
 
     print(f"{'arch':10} {'boot to agent':>14} {'run (booted)':>13} {'run (restored)':>15}")
     reference = None
     for name in wanted:
-        booted = [run_true(name, "--no-snapshot") for _ in range(args.n)]
-        run_true(name)  # records the snapshot
-        restored = [run_true(name)[0] for _ in range(args.n)]
+        booted = [run_true(name, *kernel, "--no-snapshot") for _ in range(args.n)]
+        run_true(name, *kernel)  # records the snapshot
+        restored = [run_true(name, *kernel)[0] for _ in range(args.n)]
         boot = statistics.median(b for _, b in booted if b is not None)
         whole = statistics.median(w for w, _ in booted)
         again = statistics.median(restored)
