@@ -94,11 +94,11 @@ def qemu_command(plan: RunPlan) -> list[str]:
     given = options + plan.extra
     args = [cfg.arch.qemu_binary, *options]
     if not _names(given, "-machine", "-M"):
-        args += ["-machine", cfg.arch.pci_machine]
+        args += ["-machine", cfg.arch.machine_arg(cfg.arch.pci_machine)]
     if not (_names(given, "-accel", "-enable-kvm") or _machine_names_accel(given)):
         args += ["-accel", plan.accel]
     if not _names(given, "-cpu"):
-        args += ["-cpu", "host" if plan.accel == "kvm" else "max"]
+        args += ["-cpu", "host" if plan.accel == "kvm" else cfg.arch.tcg_cpu]
     if plan.name and not _names(given, "-name"):
         args += ["-name", plan.name]
     if plan.kernel is not None:

@@ -111,8 +111,6 @@ def make_spec(
     if not _LOCALE_RE.fullmatch(locale):
         raise InputError(f"--locale {locale!r}: a UTF-8 locale such as en_US.UTF-8 or C.UTF-8")
     extra = parse_packages(packages) if packages else ()
-    if arch.debian_kernel is None:
-        raise InputError(f"Debian has no {arch.name} kernel package to install")
     wanted = {*BASE_PACKAGES, arch.debian_kernel, *extra}
     if locale != "C.UTF-8":
         wanted.add("locales")

@@ -65,7 +65,7 @@ def host_kernel(build: Path) -> HostKernel:
     if arch == "x86_64" and _has_pvh_entry(vmlinux):
         # Booted as it is: no bzImage made, nor decompressed under emulation at each boot.
         return HostKernel(build, vmlinux, build, vmlinux, arch)
-    env_arch = [f"ARCH={arches.get(arch).name}"] if arch else []
+    env_arch = [f"ARCH={arches.get(arch).karch}"] if arch else []
     proc = subprocess.run(
         ["make", "-s", *env_arch, "image_name"],
         cwd=build,
