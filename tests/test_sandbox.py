@@ -591,7 +591,7 @@ def test_cli_sandbox_failures(kernel, tmp_path):
     r = qemubox("run", "--kernel", kernel, "--no-snapshot", "--boot-timeout", "0.3", "--", "true")
     assert r.code == 121
     r = qemubox("run", "--kernel", "/etc/passwd", "--", "true")
-    assert r.code == 2 and "not a bzImage" in r.err
+    assert r.code == 2 and "--kernel /etc/passwd: not a kernel image qemubox knows" in r.err
     log = tmp_path / "console.log"
     r = qemubox("run", "--kernel", kernel, "--console-log", log, "--", "true")
     assert r.code == 0 and log.exists()
