@@ -310,6 +310,7 @@ def test_kill_inspect_the_ls_table_logs_f_and_a_tar_stream_in(kernel, state, tmp
         "NAME",
         "STATE",
         "IMAGE",
+        "ARCH",
         "KERNEL",
         "MEMORY",
         "CPUS",
@@ -317,7 +318,8 @@ def test_kill_inspect_the_ls_table_logs_f_and_a_tar_stream_in(kernel, state, tmp
         "PORTS",
         "EXPIRES",
     ]
-    assert table[1].split()[:2] == ["verbs", "running"] and "->80" in table[1]
+    assert table[1].split()[:4] == ["verbs", "running", "minimal", "x86_64"]
+    assert "->80" in table[1]
     # a tar stream into a directory of the sandbox
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "f").write_text("streamed\n")
