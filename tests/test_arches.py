@@ -205,3 +205,54 @@ def test_kvm_is_considered_only_where_the_hosts_kvm_runs_the_guest(monkeypatch, 
     assert choice("armhf") == accel.AccelChoice("tcg", "")
     not_probed = accel.AccelChoice("tcg", "KVM not probed yet (a dry run boots nothing)")
     assert choice("i386") == not_probed == choice("x86_64")  # x86_64's KVM runs i386
+
+
+def _args(name: str, session: Session, tmp_path) -> list[str]:
+    from qemubox.model.plan import KernelPlan, make_plan
+    from qemubox.qemu.cmdline import qemu_args
+
+    kernel = KernelPlan("/k/vmlinuz", "6.1.0", name, None, None, "a kernel", mmio=False)
+    return qemu_args(make_plan(session.validate(), kernel, "tcg", "", str(tmp_path), "/i", None))
+
+
+def _devices(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == "-device"]
+
+
+def test_s390x_devices_are_on_channel_io(tmp_path):
+    from qemubox.sandbox.spec import Disk
+
+    args = _args("s390x", Session(network="user", disks=[Disk("16M", "/d")]), tmp_path)
+    virtio = [d.split(",")[0] for d in _devices(args) if d.startswith("virtio-")]
+    assert virtio == [
+        "virtio-serial-ccw",
+        "virtio-rng-ccw",
+        "virtio-blk-ccw",
+        "virtio-net-ccw",
+    ]
+    assert args[args.index("-machine") + 1] == "s390-ccw-virtio"
+    assert args[args.index("-cpu") + 1] == "max"
+
+
+def test_malta_puts_its_pci_devices_in_the_slots_its_kernel_routes(tmp_path):
+    from qemubox.sandbox.spec import Disk
+
+    disks = [Disk("16M", f"/d{i}") for i in range(3)]
+    args = _args("mips64el", Session(network="user", disks=disks), tmp_path)
+    pci = [d for d in _devices(args) if d.split(",")[0].endswith("-pci")]
+    addresses = [d.split("addr=")[1] for d in pci]
+    assert addresses == [
+        "0x12.0,multifunction=on",  # serial
+        "0x13.0,multifunction=on",  # rng
+        "0x14.0,multifunction=on",
+        "0x15.0,multifunction=on",
+        "0x12.1",  # the fifth device shares the first slot
+        "0x13.1",
+    ]
+    assert all("addr=" not in d for d in _devices(args) if d.startswith("virtserialport"))
+    assert args[args.index("-cpu") + 1] == "5KEc"
+    too_many = [Disk("16M", f"/d{i}") for i in range(31)]
+    with pytest.raises(InputError, match="more PCI devices than this machine has slots for"):
+        _args("mips64el", Session(disks=too_many), tmp_path)
+    x86 = _args("x86_64", Session(network="user", disks=disks), tmp_path)
+    assert all("addr=" not in d for d in _devices(x86)), "QEMU places them elsewhere"
