@@ -17,19 +17,20 @@ class Arch:
     image: str  # the boot image make builds, relative to the build directory
     qemu_binary: str
     qemu_package: str  # the Debian package with qemu_binary
-    mmio_machine: str | None  # a machine with virtio-mmio (no PCI), when QEMU has one
     pci_machine: str
     console: str  # the serial console's device name in the guest
     debian_arch: str
     debian_kernel: str | None  # Debian's metapackage for its kernel (None: Debian 12 has none)
     oci_arch: str  # what an OCI image config's "architecture" says (Go's GOARCH)
     cross_prefix: str  # CROSS_COMPILE on a host of another arch (Debian's cross compilers)
-    cross_package: str  # the Debian package with that compiler
-    cross_libc: str  # the Debian package with its libc (for the static guest agent)
     elf_machine: int  # e_machine of its vmlinux
     config_symbol: str  # the .config symbol that says a kernel is of this arch
-    image_magic: tuple[int, bytes] | None  # where its boot image (not ELF) says what it is
-    boots_vmlinux: bool  # whether QEMU boots its ELF vmlinux (x86_64: through its PVH entry)
+    mmio_machine: str | None = None  # a machine with virtio-mmio (no PCI), when QEMU has one
+    # where its boot image (not ELF) says what it is (None: nowhere that tells it apart; an
+    # i386 bzImage is told from x86_64's by its setup header)
+    image_magic: tuple[int, bytes] | None = None
+    boots_vmlinux: bool = False  # whether QEMU boots its ELF vmlinux
+    pvh: bool = False  # its vmlinux boots through its PVH entry point (x86_64), so needs one
     fragments: tuple[str, ...] = ()  # shipped fragments every guest kernel of this arch needs
     firmware: str | None = None  # what boots a disk when no -kernel is given (None: QEMU's)
     mmio_machine_options: str = ""  # what the lean machine is given (-machine NAME,OPTIONS)
@@ -43,6 +44,16 @@ class Arch:
     busybox_package: str | None = "busybox-static"
     bits: int = 64
     kvm_hosts: tuple[str, ...] = ()  # other hosts whose KVM runs it (x86_64's runs i386)
+
+    @property
+    def cross_package(self) -> str:
+        """The Debian package with its cross compiler (gcc-x86-64-linux-gnu, ...)."""
+        return "gcc-" + self.cross_prefix.rstrip("-").replace("_", "-")
+
+    @property
+    def cross_libc(self) -> str:
+        """The Debian package with its libc (for the static guest agent)."""
+        return f"libc6-dev-{self.debian_arch}-cross"
 
     def machine(self, mmio: bool) -> str:
         """The QEMU machine: the lean virtio-mmio one when the kernel can use it."""
@@ -88,12 +99,11 @@ ARCHES: dict[str, Arch] = {
             debian_kernel="linux-image-amd64",
             oci_arch="amd64",
             cross_prefix="x86_64-linux-gnu-",
-            cross_package="gcc-x86-64-linux-gnu",
-            cross_libc="libc6-dev-amd64-cross",
             elf_machine=62,
             config_symbol="CONFIG_X86_64",
             image_magic=(0x202, b"HdrS"),
             boots_vmlinux=True,
+            pvh=True,
             fragments=("x86_64",),
             mmio_machine_options="rtc=on",
         ),
@@ -105,19 +115,15 @@ ARCHES: dict[str, Arch] = {
             image="arch/arm64/boot/Image",
             qemu_binary="qemu-system-aarch64",
             qemu_package="qemu-system-arm",
-            mmio_machine=None,
             pci_machine="virt",
             console="ttyAMA0",
             debian_arch="arm64",
             debian_kernel="linux-image-arm64",
             oci_arch="arm64",
             cross_prefix="aarch64-linux-gnu-",
-            cross_package="gcc-aarch64-linux-gnu",
-            cross_libc="libc6-dev-arm64-cross",
             elf_machine=183,
             config_symbol="CONFIG_ARM64",
             image_magic=(56, b"ARM\x64"),
-            boots_vmlinux=False,
             fragments=("arm64",),
             firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
         ),
@@ -129,7 +135,6 @@ ARCHES: dict[str, Arch] = {
             image="arch/arm/boot/zImage",
             qemu_binary="qemu-system-arm",
             qemu_package="qemu-system-arm",
-            mmio_machine=None,
             pci_machine="virt",
             # A kernel without LPAE reaches no PCI window above 4 GiB.
             pci_machine_options="highmem=off",
@@ -139,12 +144,9 @@ ARCHES: dict[str, Arch] = {
             debian_kernel="linux-image-armmp",
             oci_arch="arm",
             cross_prefix="arm-linux-gnueabihf-",
-            cross_package="gcc-arm-linux-gnueabihf",
-            cross_libc="libc6-dev-armhf-cross",
             elf_machine=40,
             config_symbol="CONFIG_ARM",
             image_magic=(0x24, b"\x18\x28\x6f\x01"),
-            boots_vmlinux=False,
             fragments=("armhf",),
             bits=32,
         ),
@@ -156,19 +158,14 @@ ARCHES: dict[str, Arch] = {
             image="arch/x86/boot/bzImage",
             qemu_binary="qemu-system-i386",
             qemu_package="qemu-system-x86",
-            mmio_machine=None,
             pci_machine="q35",
             console="ttyS0",
             debian_arch="i386",
             debian_kernel="linux-image-686",
             oci_arch="386",
             cross_prefix="i686-linux-gnu-",
-            cross_package="gcc-i686-linux-gnu",
-            cross_libc="libc6-dev-i386-cross",
             elf_machine=3,
             config_symbol="CONFIG_X86_32",
-            image_magic=None,  # a bzImage, told from x86_64's by its setup header
-            boots_vmlinux=False,
             fragments=("i386",),
             bits=32,
             kvm_hosts=("x86_64",),
@@ -181,7 +178,6 @@ ARCHES: dict[str, Arch] = {
             image="vmlinux",
             qemu_binary="qemu-system-ppc64",
             qemu_package="qemu-system-ppc",
-            mmio_machine=None,
             pci_machine="pseries",
             # Virtual Open Firmware (no SLOF to run under emulation), and the speculation
             # mitigations TCG does not emulate declared absent rather than warned about.
@@ -193,11 +189,8 @@ ARCHES: dict[str, Arch] = {
             debian_kernel="linux-image-powerpc64le",
             oci_arch="ppc64le",
             cross_prefix="powerpc64le-linux-gnu-",
-            cross_package="gcc-powerpc64le-linux-gnu",
-            cross_libc="libc6-dev-ppc64el-cross",
             elf_machine=21,
             config_symbol="CONFIG_PPC64",
-            image_magic=None,
             boots_vmlinux=True,
             fragments=("ppc64le",),
         ),
@@ -209,7 +202,6 @@ ARCHES: dict[str, Arch] = {
             image="arch/s390/boot/bzImage",
             qemu_binary="qemu-system-s390x",
             qemu_package="qemu-system-misc",
-            mmio_machine=None,
             pci_machine="s390-ccw-virtio",
             tcg_cpu="max",
             bus="ccw",
@@ -218,12 +210,9 @@ ARCHES: dict[str, Arch] = {
             debian_kernel="linux-image-s390x",
             oci_arch="s390x",
             cross_prefix="s390x-linux-gnu-",
-            cross_package="gcc-s390x-linux-gnu",
-            cross_libc="libc6-dev-s390x-cross",
             elf_machine=22,
             config_symbol="CONFIG_S390",
             image_magic=(0x10008, b"S390EP"),
-            boots_vmlinux=False,
             fragments=("s390x",),
         ),
         Arch(
@@ -234,7 +223,6 @@ ARCHES: dict[str, Arch] = {
             image="arch/riscv/boot/Image",
             qemu_binary="qemu-system-riscv64",
             qemu_package="qemu-system-misc",
-            mmio_machine=None,
             pci_machine="virt",  # OpenSBI, QEMU's default firmware, boots the kernel
             tcg_cpu="rv64",  # QEMU 7.2 has no "max" here
             console="ttyS0",
@@ -242,12 +230,9 @@ ARCHES: dict[str, Arch] = {
             debian_kernel=None,
             oci_arch="riscv64",
             cross_prefix="riscv64-linux-gnu-",
-            cross_package="gcc-riscv64-linux-gnu",
-            cross_libc="libc6-dev-riscv64-cross",
             elf_machine=243,
             config_symbol="CONFIG_RISCV",
             image_magic=(0x38, b"RSC\x05"),
-            boots_vmlinux=False,
             fragments=("riscv64",),
             busybox_package=None,
         ),
@@ -259,7 +244,6 @@ ARCHES: dict[str, Arch] = {
             image="vmlinux",
             qemu_binary="qemu-system-mips64el",
             qemu_package="qemu-system-mips",
-            mmio_machine=None,
             pci_machine="malta",
             pci_slots=(18, 19, 20, 21),  # Malta's four PCI slots: others have no IRQ
             tcg_cpu="5KEc",
@@ -268,11 +252,8 @@ ARCHES: dict[str, Arch] = {
             debian_kernel="linux-image-5kc-malta",
             oci_arch="mips64le",
             cross_prefix="mips64el-linux-gnuabi64-",
-            cross_package="gcc-mips64el-linux-gnuabi64",
-            cross_libc="libc6-dev-mips64el-cross",
             elf_machine=8,
             config_symbol="CONFIG_MIPS",
-            image_magic=None,
             boots_vmlinux=True,
             fragments=("mips64el",),
         ),

@@ -61,14 +61,21 @@ def agent_path(arch: arches.Arch) -> Path:
     return cache_dir() / "agent" / f"qemubox-agent-{arch.name}-{key}"
 
 
-def agent_binary(arch: arches.Arch) -> Path:
-    """The guest agent, compiled statically for ``arch`` once per source version."""
+def static_compiler(arch: arches.Arch, what: str) -> str:
+    """The C compiler that links static programs for ``arch`` (``what``: for the error),
+    with its libc; a cross compiler is installed when missing (as root)."""
     compiler = arch.compiler()
     if shutil.which(compiler) is None:
         if compiler == "gcc":
-            raise InputError("gcc is needed to build the guest agent (see setup.sh)")
-        apt_install(arch.cross_package, f"{compiler} is needed to build the {arch.name} agent")
-        apt_install(arch.cross_libc, f"{arch.cross_libc} is needed to build the agent")
+            raise InputError(f"gcc is needed to build {what} (see setup.sh)")
+        apt_install(arch.cross_package, f"{compiler} is needed to build {what} for {arch.name}")
+        apt_install(arch.cross_libc, f"{arch.cross_libc} is needed to build {what}")
+    return compiler
+
+
+def agent_binary(arch: arches.Arch) -> Path:
+    """The guest agent, compiled statically for ``arch`` once per source version."""
+    compiler = static_compiler(arch, "the guest agent")
 
     def make(tmp: Path) -> None:
         src = tmp.with_suffix(".c")
@@ -115,21 +122,19 @@ def _build_busybox(arch: arches.Arch, target: Path) -> None:
     (busybox's default configuration), put at ``target``."""
     from qemubox.progress import run_logged  # rich, only when compiling
 
-    compiler = arch.compiler()
-    if shutil.which(compiler) is None:
-        apt_install(arch.cross_package, f"{compiler} is needed to build busybox for {arch.name}")
-        apt_install(arch.cross_libc, f"{arch.cross_libc} is needed to build busybox")
+    compiler = static_compiler(arch, "busybox")
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as work:
         tree = download_source("busybox", Path(work), cache_dir() / "apt" / "source")
         make = ["make", "-C", str(tree), f"CROSS_COMPILE={compiler.removesuffix('gcc')}"]
-        subprocess.run([*make, "defconfig"], capture_output=True, check=True)
+        log = Path(work) / "build.log"
+        what = f"busybox for {arch.name}"
+        run_logged([*make, "defconfig"], log, f"configuring {what}", lambda _: None)
         config = tree / ".config"
         config.write_text(
             config.read_text().replace("# CONFIG_STATIC is not set", "CONFIG_STATIC=y")
         )
         jobs = str(os.cpu_count() or 1)
-        label = f"building busybox for {arch.name}"
-        log = Path(work) / "build.log"
+        label = f"building {what}"
         run_logged([*make, "-j", jobs, "busybox"], log, label, lambda line: line.strip()[:60])
         shutil.copy(tree / "busybox", target)
 

@@ -279,7 +279,7 @@ def _bootable_elf(path: str | Path, elf: ElfKernel) -> tuple[str, str]:
         booted = ", ".join(arches.ARCHES)
         hint = f"its {record.image}" if record else f"a kernel of {booted}"
         raise InputError(f"--kernel {path}: an ELF vmlinux QEMU cannot boot: give {hint}")
-    if record.name == "x86_64" and not elf.pvh:
+    if record.pvh and not elf.pvh:
         raise InputError(
             f"--kernel {path}: a vmlinux without a PVH entry (CONFIG_PVH): give its bzImage"
         )

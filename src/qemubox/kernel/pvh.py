@@ -19,6 +19,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+from qemubox import arch as arches
 from qemubox.kernel.artifacts import config_option, elf_kernel
 from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, least_recently_used
@@ -102,7 +103,7 @@ def with_pvh_boot(kernel: KernelPlan, make: bool = True) -> KernelPlan:
     (unpacked now, with ``make``; else only when it already was). Any other kernel, or
     one that cannot be unpacked here now, is returned as it is (and boots as it is)."""
     image = Path(kernel.image)
-    if kernel.boot or kernel.arch != "x86_64":
+    if kernel.boot or not arches.get(kernel.arch).pvh:
         return kernel
     where = payload(image)  # a few hundred bytes read: None for a vmlinux or an Image
     if where is None or _without_pvh(kernel.config):
