@@ -54,28 +54,40 @@ def apt_download(package: str, directory: Path) -> Path:
     return debs[-1]
 
 
-def _foreign(debian_arch: str, state: Path) -> list[str]:
-    """apt options for packages of another architecture, from the mirror this host's apt
-    sources name, with that architecture's package lists kept under ``state`` (the host's
-    own apt configuration is not touched); the lists are fetched the first time."""
+def _private(state: Path, *options: str) -> list[str]:
+    """apt options (``options`` first) that keep package lists and downloads under
+    ``state``: the host's own apt configuration and cache are not touched."""
     for sub in ("lists/partial", "cache/archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
-    options = [
+    return [
         "-qq",
-        "-o", f"APT::Architecture={debian_arch}",
-        "-o", f"APT::Architectures::={debian_arch}",
+        *options,
         "-o", f"Dir::State::Lists={state / 'lists'}",
         "-o", f"Dir::Cache={state / 'cache'}",
-        "-o", "Dir::State::status=/dev/null",
         "-o", "Debug::NoLocking=1",
         "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "Debug::NoDropPrivs=1",
     ]  # fmt: skip
+
+
+def _run(args: list[str], what: str, cwd: Path | None = None) -> None:
+    """Run an apt or dpkg tool; ToolError with its last word when it fails."""
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ToolError(f"{what} failed: {last_line(proc.stderr)}")
+
+
+def _foreign(debian_arch: str, state: Path) -> list[str]:
+    """apt options for packages of another architecture, from the mirror this host's apt
+    sources name, with that architecture's package lists kept under ``state``; the lists
+    are fetched the first time."""
+    options = _private(
+        state,
+        "-o", f"APT::Architecture={debian_arch}",
+        "-o", f"APT::Architectures::={debian_arch}",
+        "-o", "Dir::State::status=/dev/null",
+    )  # fmt: skip
     if not any((state / "lists").glob("*_Packages*")):
-        proc = subprocess.run(
-            ["apt-get", *options, "update"], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise ToolError(f"apt-get update for {debian_arch} failed: {last_line(proc.stderr)}")
+        _run(["apt-get", *options, "update"], f"apt-get update for {debian_arch}")
     return options
 
 
@@ -157,40 +169,27 @@ def download_source(package: str, directory: Path, state: Path) -> Path:
     sources = debian_sources()
     if not sources:
         raise ToolError("no Debian source in /etc/apt to fetch source packages from")
-    for sub in ("lists/partial", "cache/archives/partial"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
     listing = state / "sources.list"
-    listing.write_text("".join(f"deb-src {u} {s} {c}\n" for u, s, c in sources))
-    options = [
-        "-qq",
+    options = _private(
+        state,
         "-o", f"Dir::Etc::SourceList={listing}",
         "-o", "Dir::Etc::SourceParts=/nonexistent",
-        "-o", f"Dir::State::Lists={state / 'lists'}",
-        "-o", f"Dir::Cache={state / 'cache'}",
-        "-o", "Debug::NoLocking=1",
-        "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "Debug::NoDropPrivs=1",
-    ]  # fmt: skip
-    for command in (["update"], ["source", "--download-only", package]):
-        proc = subprocess.run(
-            ["apt-get", *options, *command],
-            cwd=directory,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise ToolError(f"apt-get {command[0]} ({package}) failed: {last_line(proc.stderr)}")
+    )  # fmt: skip
+    listing.write_text("".join(f"deb-src {u} {s} {c}\n" for u, s, c in sources))
+    _run(["apt-get", *options, "update"], f"apt-get update (sources of {package})")
+    _run(
+        ["apt-get", *options, "source", "--download-only", package],
+        f"apt-get source {package}",
+        directory,
+    )
     dsc = sorted(directory.glob(f"{package}_*.dsc"))
     if not dsc:
         raise ToolError(f"apt-get source {package} fetched no .dsc")
     tree = directory / "src"
-    proc = subprocess.run(
-        [program("dpkg-source", "dpkg-dev"), "--no-check", "-x", str(dsc[-1]), str(tree)],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        check=False,
+    dpkg_source = program("dpkg-source", "dpkg-dev")
+    _run(
+        [dpkg_source, "--no-check", "-x", str(dsc[-1]), str(tree)],
+        f"dpkg-source -x {dsc[-1].name}",
+        directory,
     )
-    if proc.returncode != 0:
-        raise ToolError(f"dpkg-source -x {dsc[-1].name} failed: {last_line(proc.stderr)}")
     return tree
