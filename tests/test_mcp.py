@@ -78,14 +78,19 @@ def test_bad_arguments_are_tool_errors_and_the_server_lives_on():
         bad_net = await client.call_tool("sandbox_run", {"command": "true", "network": "wide"})
         bad_type = await client.call_tool("sandbox_run", {"command": 5})
         bad_name = await client.call_tool("sandbox_exec", {"name": "nope", "command": "true"})
+        bad_arch = await client.call_tool("sandbox_run", {"command": "true", "arch": "vax"})
         still = await client.list_tools()
-        return bad_net, bad_type, bad_name, still
+        return bad_net, bad_type, bad_name, bad_arch, still
 
-    bad_net, bad_type, bad_name, still = session(body)
+    bad_net, bad_type, bad_name, bad_arch, still = session(body)
     assert bad_net.is_error
     assert text(bad_net).endswith("network: one of none, restricted, user, not 'wide'")
     assert bad_type.is_error and "command" in text(bad_type)
     assert bad_name.is_error and "nope" in text(bad_name)
+    assert bad_arch.is_error and text(bad_arch).endswith(
+        "unknown architecture 'vax' (qemubox knows x86_64, arm64, armhf, i386, ppc64le, "
+        "s390x, riscv64, mips64el)"
+    )
     assert len(still.tools) == len(TOOLS)
 
 
@@ -290,3 +295,28 @@ def test_the_kernel_developers_tools(kernel, tmp_path, monkeypatch):
         "x86_64\n",
         1,
     )
+
+
+@pytest.mark.qemu
+def test_a_sandbox_of_another_arch(state):
+    """arch reaches the sandbox: a run and a named sandbox on s390x (Debian's kernel)."""
+
+    async def body(client):
+        run = await client.call_tool(
+            "sandbox_run", {"command": "uname -m", "arch": "s390x", "memory": "256M"}
+        )
+        await client.call_tool("sandbox_create", {"name": "z", "arch": "s390x", "memory": "256M"})
+        listed = await client.call_tool("sandbox_list", {})
+        inside = await client.call_tool("sandbox_exec", {"name": "z", "command": "uname -m"})
+        await client.call_tool("sandbox_remove", {"name": "z"})
+        return run, listed, inside
+
+    run, listed, inside = session(body)
+    assert not run.is_error, text(run)
+    assert (run.structured_content["exit_code"], run.structured_content["stdout"]) == (
+        0,
+        "s390x\n",
+    )
+    assert inside.structured_content["stdout"] == "s390x\n", text(inside)
+    (z,) = listed.structured_content["sandboxes"]
+    assert (z["name"], z["arch"], z["state"]) == ("z", "s390x", "running")

@@ -149,7 +149,7 @@ def sandbox_read_file(name: str, path: str) -> dict:
 
 
 def sandbox_list() -> dict:
-    """The named sandboxes: name, state, image, kernel, memory, ports, expiry."""
+    """The named sandboxes: name, state, image, arch, kernel, memory, ports, expiry."""
     found = actions.perform(actions.List(everything=True))
     return {"sandboxes": [s.to_dict() for s in found]}
 
