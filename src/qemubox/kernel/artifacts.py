@@ -247,11 +247,12 @@ def kernel_from_path(path: str | Path, modules: Path | None = None) -> KernelPla
     if not image.is_file():
         raise InputError(f"--kernel {path}: no such file")
     version = bzimage_version(image)
-    arch = bzimage_arch(image)
     elf = None if version else elf_kernel(image)
-    if elf is not None:
+    if version:
+        arch = bzimage_arch(image)
+    elif elf is not None:
         arch, version = _bootable_elf(path, elf)
-    elif version is None:
+    else:
         with open(image, "rb") as fh:
             found = arches.by_image(fh.read(IMAGE_HEAD))
         if found is not None and not found.boots_vmlinux:  # an Image: its name says more
