@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,11 @@ def data_digest(path) -> str:
             fh.seek(at)
             h.update(hashlib.sha256(fh.read(size)).digest())
     return h.hexdigest()
+
+
+def assert_sleeps(box) -> None:
+    """A guest's sleep lasts its time: neither returning at once (a 32-bit user space
+    whose time system calls the kernel lacks) nor never (a guest whose timer is lost)."""
+    start = time.monotonic()
+    r = box.exec(["sh", "-c", "sleep 1 && echo slept"], timeout=30)
+    assert (r.exit_code, r.stdout) == (0, b"slept\n") and time.monotonic() - start >= 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_sleeps
 from qemubox import Disk, FSShare, Sandbox, Session
 from qemubox.sandbox.sandbox import SnapshotWarning
 from qemubox.vm import snapshot
@@ -54,6 +55,7 @@ def test_restored_sandboxes_are_independent_clones(own_kernel):
         r = second.exec(["sh", "-c", "test -e /tmp/x && echo seen; date +%s"])
         assert "seen" not in r.stdout.decode()
         assert before - 1 <= int(r.stdout) <= time.time()  # not the template's time
+        assert_sleeps(second)  # and its timer goes on
         two = second.exec(["sh", "-c", RANDOM])
     a, b = one.stdout.decode().splitlines(), two.stdout.decode().splitlines()
     assert a[0] != b[0] and a[1] != b[1]  # other random bytes, another uuid
