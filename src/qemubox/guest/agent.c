@@ -645,10 +645,10 @@ static void do_mount(struct port *port, uint32_t id, struct reader *r)
 	free(data);
 }
 
-/* Some machines' QEMU (pseries, Malta, RISC-V virt in 7.2) does not carry the guest's pending
- * timer event across a migration: a restored kernel waits for an interrupt that never comes,
- * and every sleep with it. A timer due before any other makes the kernel program its clock
- * event device again (with no slack, so that it is due first). */
+/* QEMU may restore a guest without its pending timer event (7.2 does on some machines): the
+ * kernel then waits for an interrupt that never comes, and every sleep with it. A timer due
+ * before any other makes the kernel program its clock event device again (with no slack, so
+ * that it is due first). */
 static void kick_timer(void)
 {
 	struct timespec ns = {0, 1};

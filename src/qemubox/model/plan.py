@@ -131,6 +131,14 @@ class Capability(StrEnum):
 # The one table of what rules a capability out: (capability, test, why). A new device or
 # root kind is decided here, for every capability at once.
 LIMITS: tuple[tuple[Capability, Callable[[MachinePlan], bool], str], ...] = (
+    *(
+        (
+            capability,
+            lambda p: not p.arch_record.migrates,
+            "QEMU does not restore this arch's timers reliably: a restored guest may never wake",
+        )
+        for capability in Capability
+    ),
     (
         Capability.SNAPSHOT,
         lambda p: p.shared_memory,
