@@ -86,7 +86,7 @@ def main() -> None:
     reference = None
     for name in wanted:
         booted = [run_true(name, *kernel, "--no-snapshot") for _ in range(args.n)]
-        restored = "         (boots)"  # an arch QEMU does not restore reliably
+        restored = "        (boots)"  # an arch QEMU does not restore reliably
         if arches.get(name).migrates:
             run_true(name, *kernel)  # records the snapshot
             again = statistics.median(run_true(name, *kernel)[0] for _ in range(args.n))
