@@ -62,7 +62,7 @@ def host_kernel(build: Path) -> HostKernel:
         raise InputError(f"-k {build}: no .config (is the kernel configured?)") from None
     arch = config_arch(config)
     vmlinux = build / "vmlinux"
-    if arch == "x86_64" and _has_pvh_entry(vmlinux):
+    if arch and arches.get(arch).pvh and _has_pvh_entry(vmlinux, arch):
         # Booted as it is: no bzImage made, nor decompressed under emulation at each boot.
         return HostKernel(build, vmlinux, build, vmlinux, arch)
     env_arch = [f"ARCH={arches.get(arch).karch}"] if arch else []
@@ -82,11 +82,11 @@ def host_kernel(build: Path) -> HostKernel:
     return HostKernel(build, image, build, vmlinux if vmlinux.is_file() else None, arch)
 
 
-def _has_pvh_entry(vmlinux: Path) -> bool:
+def _has_pvh_entry(vmlinux: Path, arch: str) -> bool:
     from qemubox.kernel.artifacts import elf_kernel
 
     elf = elf_kernel(vmlinux) if vmlinux.is_file() else None
-    return elf is not None and elf.arch == "x86_64" and elf.pvh
+    return elf is not None and elf.arch == arch and elf.pvh
 
 
 def _installed(build: Path, manifest_path: Path) -> HostKernel:
