@@ -16,6 +16,7 @@ import time
 import warnings
 
 from qemubox import Sandbox, Session
+from qemubox.errors import QemuboxError
 
 warnings.simplefilter("ignore")
 
@@ -29,7 +30,11 @@ def cpu_seconds(pid: int) -> float:
 
 def idle_share(kernel: str, arch: str, seconds: float) -> float:
     session = Session(memory="256M", kernel=kernel, arch=arch, snapshot=False)
-    with Sandbox(session) as box:
+    try:
+        box = Sandbox(session).start()
+    except QemuboxError as err:
+        raise SystemExit(f"benchmarks/idle.py: {err}") from None
+    with box:
         assert box.machine is not None
         time.sleep(2)
         before = cpu_seconds(box.machine.pid)
@@ -46,8 +51,9 @@ def main() -> None:
     reference = None
     for kernel in args.kernels:
         share = idle_share(kernel, args.arch, args.seconds)
-        reference = reference or share
-        print(f"{share * 100:6.2f}% of a core   {share / reference:5.2f}x   {kernel}")
+        reference = share if reference is None else reference
+        ratio = f"{share / reference:5.2f}x" if reference else "    -"  # none measured
+        print(f"{share * 100:6.2f}% of a core   {ratio}   {kernel}")
 
 
 if __name__ == "__main__":
