@@ -29,7 +29,7 @@ if [ "$dev" = 1 ]; then
          gcc-arm-linux-gnueabihf libc6-dev-armhf-cross gcc-i686-linux-gnu libc6-dev-i386-cross
          gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross gcc-s390x-linux-gnu
          libc6-dev-s390x-cross gcc-riscv64-linux-gnu libc6-dev-riscv64-cross
-         gcc-mips64el-linux-gnuabi64 libc6-dev-mips64el-cross)
+         gcc-mips64el-linux-gnuabi64 libc6-dev-mips64el-cross openssl)
 fi
 
 missing=()

@@ -18,6 +18,18 @@ def kernel(tmp_path_factory):
     return str(out / "vmlinuz")
 
 
+@pytest.fixture(scope="session")
+def debug_kernel(tmp_path_factory):
+    """A kernel of the debug profile (debug info, kallsyms): its build directory, with
+    ``vmlinuz`` to boot and ``vmlinux`` for debuggers."""
+    from helpers import qemubox
+
+    out = tmp_path_factory.mktemp("debug-kernel")
+    r = qemubox("kernel", "build", "--profile", "debug", "-o", out, timeout=3000)
+    assert r.code == 0, r.err[-2000:]
+    return out
+
+
 @pytest.fixture
 def state(tmp_path, monkeypatch):
     """A state directory of the test's own (the CLI in subprocesses inherits it); named

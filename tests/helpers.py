@@ -115,3 +115,36 @@ def assert_sleeps(box) -> None:
     start = time.monotonic()
     r = box.exec(["sh", "-c", "sleep 1 && echo slept"], timeout=30)
     assert (r.exit_code, r.stdout) == (0, b"slept\n") and time.monotonic() - start >= 1
+
+
+def borrowed_source_cache(tmp_path) -> tuple[Path, Path]:
+    """A scratch cache that borrows the extracted 6.12 source from the user cache:
+    (the source tree, the scratch cache)."""
+    from qemubox.kernel.source import debian_source, source_cache
+
+    src = debian_source("6.12")
+    cache = tmp_path / "cache"
+    (cache / "kernel-source").mkdir(parents=True)
+    (cache / "kernel-source" / src.name).symlink_to(src)
+    (cache / "kernel-source" / "hashes.json").write_text(
+        (source_cache() / "hashes.json").read_text()
+    )
+    return src, cache
+
+
+# make's stand-in, for tests of what surrounds a build: configuration goes to the real make;
+# `vmlinux` hands over a real, bootable build ($REAL, of release $RELEASE).
+STAND_IN_MAKE = """\
+#!/bin/bash
+for a in "$@"; do [[ $a == O=* ]] && out=${a#O=}; done
+case " $* " in
+  *" vmlinux "*)
+    echo "$*" >> "$LOG"
+    mkdir -p "$out/include/config"
+    cp "$REAL/vmlinux" "$out/vmlinux"; cp "$REAL/System.map-$RELEASE" "$out/System.map"
+    echo "$RELEASE" > "$out/include/config/kernel.release"; exit 0;;
+  *" modules_install "*)
+    mkdir -p "$INSTALL_MOD_PATH/lib/modules/$RELEASE"; exit 0;;
+esac
+exec make "$@"
+"""

@@ -68,7 +68,8 @@ def test_list_shows_the_shipped_fragments():
     assert r.code == 0
     names = [line.split()[0] for line in r.out.splitlines()]
     arches = ["arm64", "armhf", "i386", "mips64el", "ppc64le", "riscv64", "s390x", "x86_64"]
-    assert names == sorted([*arches, "debug", "fastboot", "sandbox", "small", "vm", "vmpy"])
+    profiles = ["debug", "fastboot", "kunit", "sandbox", "small", "vm", "vmcore", "vmpy"]
+    assert names == sorted([*arches, *profiles])
     assert all(len(line.split(None, 1)) == 2 for line in r.out.splitlines())
 
 

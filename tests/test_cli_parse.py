@@ -96,7 +96,10 @@ def test_errors_carry_their_exit_status_and_details():
         "message": "Kernel panic - not syncing: x",
         "exit_code": 122,
         "console_tail": "the console's tail",
+        "vmcore": None,
     }
+    saved = {"path": "/tmp/core", "bytes": 1 << 28, "seconds": 1.5}
+    assert KernelPanic("x", "", vmcore=saved).details["vmcore"] == saved
     assert InputError("bad").details["exit_code"] == Exit.INPUT
 
 

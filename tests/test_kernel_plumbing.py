@@ -32,12 +32,12 @@ def fake(tmp_path, name, body):
 @pytest.mark.parametrize(
     ("profile", "arch", "base", "names"),
     [
-        ("minimal", "x86_64", "tinyconfig", ["sandbox", "x86_64"]),
-        ("default", "x86_64", "defconfig", ["sandbox", "x86_64"]),
-        ("small", "x86_64", "tinyconfig", ["sandbox", "small", "x86_64"]),
-        ("fastboot", "x86_64", "tinyconfig", ["sandbox", "fastboot", "x86_64"]),
-        ("debug", "x86_64", "tinyconfig", ["sandbox", "debug", "x86_64"]),
-        ("minimal", "arm64", "tinyconfig", ["sandbox", "arm64"]),
+        ("minimal", "x86_64", "tinyconfig", ["sandbox", "x86_64", "vmcore"]),
+        ("default", "x86_64", "defconfig", ["sandbox", "x86_64", "vmcore"]),
+        ("small", "x86_64", "tinyconfig", ["sandbox", "small", "x86_64", "vmcore"]),
+        ("fastboot", "x86_64", "tinyconfig", ["sandbox", "fastboot", "x86_64", "vmcore"]),
+        ("debug", "x86_64", "tinyconfig", ["sandbox", "debug", "x86_64", "vmcore"]),
+        ("minimal", "arm64", "tinyconfig", ["sandbox", "arm64", "vmcore"]),
     ],
 )
 def test_profiles(profile, arch, base, names):
@@ -347,15 +347,9 @@ exec make "$@"
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """A scratch cache that borrows the extracted 6.12 source from the user cache."""
-    from qemubox.kernel.source import debian_source, source_cache
+    from helpers import borrowed_source_cache
 
-    src = debian_source("6.12")
-    cache = tmp_path / "cache"
-    (cache / "kernel-source").mkdir(parents=True)
-    (cache / "kernel-source" / src.name).symlink_to(src)
-    (cache / "kernel-source" / "hashes.json").write_text(
-        (source_cache() / "hashes.json").read_text()
-    )
+    src, cache = borrowed_source_cache(tmp_path)
     monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(cache))
     make = fake(tmp_path, "make", FAKE_COMPILE)
     monkeypatch.setenv("QEMUBOX_MAKE", str(make))
@@ -447,7 +441,44 @@ def test_git_fingerprint_follows_changes(tmp_path):
     first = _git_fingerprint(tmp_path)
     assert first and _git_fingerprint(tmp_path) == first
     (tmp_path / "a.c").write_text("int b;\n")
-    assert _git_fingerprint(tmp_path) != first
+    changed = _git_fingerprint(tmp_path)
+    assert changed != first
+    # An untracked file counts by its content; an ignored one not at all.
+    (tmp_path / ".gitignore").write_text("*.o\n")
+    (tmp_path / "new.c").write_text("int c;\n")
+    untracked = _git_fingerprint(tmp_path)
+    assert untracked not in (first, changed)
+    (tmp_path / "new.c").write_text("int d;\n")
+    assert _git_fingerprint(tmp_path) != untracked
+    (tmp_path / "new.o").write_text("object")
+    again = _git_fingerprint(tmp_path)
+    assert again == _git_fingerprint(tmp_path)
+    (tmp_path / "new.o").write_text("another object")
+    assert _git_fingerprint(tmp_path) == again
+    # A content committed, reverted and committed again is the content it was.
+    (tmp_path / "a.c").write_text("int a;\n")
+    for name in ("new.c", "new.o", ".gitignore"):
+        (tmp_path / name).unlink()
+    assert _git_fingerprint(tmp_path) == first
+    subprocess.run([*git, "commit", "-qam", "same again", "--allow-empty"], check=True)
+    assert _git_fingerprint(tmp_path) == first
+
+
+def test_a_git_trees_builds_are_kept_per_content_and_the_oldest_pruned(tmp_path):
+    from qemubox.kernel.build import KEEP_VERSIONS, _prune_versions
+
+    stem = "dir-abc-x86_64-0123456789abcdef-"
+    for i in range(KEEP_VERSIONS + 3):
+        d = tmp_path / f"{stem}{i:012x}"
+        d.mkdir()
+        os.utime(d, (1000 + i, 1000 + i))
+    other = tmp_path / "dir-abc-x86_64-fedcba9876543210-000000000000"
+    other.mkdir()
+    newest = tmp_path / f"{stem}{KEEP_VERSIONS + 2:012x}"
+    _prune_versions(tmp_path, stem, newest)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len(kept) == KEEP_VERSIONS + 1 and other.name in kept and newest.name in kept
+    assert f"{stem}{0:012x}" not in kept
 
 
 def test_the_kconfig_digest_follows_kconfig_files_and_base_configs_only(tmp_path):

@@ -67,6 +67,16 @@ def test_the_example_as_written(here):
     assert kernel_key(m.cells[0].kernel) == kernel_key(m.cells[1].kernel)  # built once
 
 
+def test_a_cell_takes_egress_rules(here):
+    text = EXAMPLE.replace(
+        "volumes = [", 'network = "allow=pypi.org"\nadd_hosts = ["a.test:127.0.0.2"]\nvolumes = ['
+    )
+    session = Matrix.from_file(write(here, text)).cells[1].session("/k/vmlinuz")
+    valid = session.validate()
+    assert valid.network == "allow" and valid.egress.items == ("pypi.org",)
+    assert valid.egress.hosts == (("a.test", "127.0.0.2"),)
+
+
 def test_axes_exclude_and_include(here):
     text = (
         EXAMPLE
@@ -135,6 +145,14 @@ cpus = 2
             "kernel 'd'.path: a built kernel takes no build options",
         ),
         ("[[kernel]\n", "not TOML"),
+        (
+            EXAMPLE.replace("volumes = [", 'network = "allow=*."\nvolumes = ['),
+            "test 'suite'.network: egress rule '*.'",
+        ),
+        (
+            EXAMPLE.replace("volumes = [", 'add_hosts = ["a.test"]\nvolumes = ['),
+            "test 'suite'.add_hosts[0]: --add-host 'a.test': expected NAME:IP",
+        ),
     ],
 )
 def test_bad_files_are_one_line_naming_file_and_key(here, text, message):

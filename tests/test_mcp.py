@@ -84,7 +84,9 @@ def test_bad_arguments_are_tool_errors_and_the_server_lives_on():
 
     bad_net, bad_type, bad_name, bad_arch, still = session(body)
     assert bad_net.is_error
-    assert text(bad_net).endswith("network: one of none, restricted, user, not 'wide'")
+    assert text(bad_net).endswith(
+        "network must be none, restricted, user, allow=LIST or deny=LIST, not 'wide'"
+    )
     assert bad_type.is_error and "command" in text(bad_type)
     assert bad_name.is_error and "nope" in text(bad_name)
     assert bad_arch.is_error and text(bad_arch).endswith(

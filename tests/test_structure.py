@@ -33,13 +33,13 @@ PACKAGE = Path(__file__).parent.parent / "src" / "qemubox"
 FLOORS = [
     {"errors"},
     {"arch", "paths", "progress", "apt"},
-    {"store", "model"},
-    {"linux", "qemu"},
+    {"store", "model", "cc"},
+    {"linux", "qemu", "egress"},
     {"kconfig", "guest", "image"},
     {"kernel"},
     {"vm"},
     {"sandbox"},
-    {"matrix", "vmpy"},
+    {"matrix", "vmpy", "bisect"},
     {"service"},
     {"mcpserver"},
     {"cli"},
@@ -153,6 +153,8 @@ def _plan() -> MachinePlan:
             "disk", "debian", "/b.img", "raw", "/o.qcow2", "9p", {"r": 1}, "oci:/l", {"u": 1}
         ),
         snapshot=SnapshotPlan("restore", "k", "/ram", "/state"),
+        egress={"mode": "allow", "items": ["a.test"], "hosts": []},
+        egress_log="/egress.log",
     )
 
 
@@ -207,7 +209,7 @@ def test_every_plan_field_is_in_the_key_or_said_not_to_be():
 # raise model.plan.SCHEMA (a plan on disk of the old shape is then refused in one line,
 # not misread, unless model.plan.READS says the new shape only adds fields with defaults),
 # and put the new fingerprint and schema here.
-FINGERPRINT = (2, "a32989a2d160587b")
+FINGERPRINT = (4, "a74849d9dc9ae678")
 
 
 def _shape(cls) -> list:
@@ -249,10 +251,13 @@ def test_the_plan_shape_is_the_one_its_schema_names():
             {"root": RootPlan("share", "host", "/", fs="9p")},
             {Capability.SNAPSHOT, Capability.POOL, Capability.PAUSE},
         ),
+        ({"egress": {"mode": "deny", "items": ["a.test"], "hosts": []}}, {Capability.POOL}),
     ],
 )
 def test_capabilities_come_from_one_table(change, cannot):
-    plain = replace(_plan(), shares=(), disks=(), ports=(), root=RootPlan(), snapshot=None)
+    plain = replace(
+        _plan(), shares=(), disks=(), ports=(), root=RootPlan(), snapshot=None, egress=None
+    )
     plan = replace(plain, **change)
     assert {c for c in Capability if plan.cannot(c)} == cannot
     assert all(why for cap, _, why in plans.LIMITS)

@@ -48,6 +48,9 @@ class Arch:
     # pauses need (QEMU 7.2 loses RISC-V's timer state, and at times the pseries decrementer's:
     # a restored guest may never wake)
     migrates: bool = True
+    # Whether its machines have fw_cfg, and so QEMU's vmcoreinfo device: a dump of the guest's
+    # memory then carries the kernel's VMCOREINFO (its guest kernels get vmcore.config)
+    vmcoreinfo: bool = False
 
     @property
     def cross_package(self) -> str:
@@ -109,6 +112,7 @@ ARCHES: dict[str, Arch] = {
             boots_vmlinux=True,
             pvh=True,
             fragments=("x86_64",),
+            vmcoreinfo=True,
             mmio_machine_options="rtc=on",
         ),
         Arch(
@@ -129,6 +133,7 @@ ARCHES: dict[str, Arch] = {
             config_symbol="CONFIG_ARM64",
             image_magic=(56, b"ARM\x64"),
             fragments=("arm64",),
+            vmcoreinfo=True,
             firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
         ),
         Arch(
@@ -152,6 +157,7 @@ ARCHES: dict[str, Arch] = {
             config_symbol="CONFIG_ARM",
             image_magic=(0x24, b"\x18\x28\x6f\x01"),
             fragments=("armhf",),
+            vmcoreinfo=True,
             bits=32,
         ),
         Arch(
@@ -171,6 +177,7 @@ ARCHES: dict[str, Arch] = {
             elf_machine=3,
             config_symbol="CONFIG_X86_32",
             fragments=("i386",),
+            vmcoreinfo=True,
             bits=32,
             kvm_hosts=("x86_64",),
         ),
@@ -239,6 +246,7 @@ ARCHES: dict[str, Arch] = {
             config_symbol="CONFIG_RISCV",
             image_magic=(0x38, b"RSC\x05"),
             fragments=("riscv64",),
+            vmcoreinfo=True,
             busybox_package=None,
             migrates=False,
         ),

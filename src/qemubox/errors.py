@@ -102,7 +102,18 @@ class BootError(SandboxError):
 
 
 class KernelPanic(SandboxError):
+    """The guest kernel panicked; ``vmcore``: where its memory was saved (``path``,
+    ``bytes``, ``seconds``) or why it was not (``error``), when a dump was asked for."""
+
     exit_code = Exit.PANIC
+
+    def __init__(self, message: str, console_tail: str = "", vmcore: dict | None = None) -> None:
+        super().__init__(message, console_tail)
+        self.vmcore = vmcore
+
+    @property
+    def details(self) -> dict[str, object]:
+        return {**super().details, "vmcore": self.vmcore}
 
 
 class VMDied(SandboxError):

@@ -18,6 +18,8 @@ from qemubox.errors import Exit
 COMMANDS = {
     "kconfig": ("kconfig", "kconfig"),
     "kernel": ("kernel", "kernel"),
+    "bisect": ("bisect", "bisect"),
+    "kunit": ("kunit", "kunit"),
     "run": ("run", "run"),
     "create": ("sandboxes", "create"),
     "exec": ("sandboxes", "exec_"),
@@ -30,6 +32,8 @@ COMMANDS = {
     "resume": ("sandboxes", "resume"),
     "rm": ("sandboxes", "rm"),
     "logs": ("sandboxes", "logs"),
+    "network": ("sandboxes", "network"),
+    "dump": ("sandboxes", "dump"),
     "cp": ("sandboxes", "cp"),
     "image": ("images", "image"),
     "matrix": ("matrix", "matrix"),

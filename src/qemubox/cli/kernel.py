@@ -74,22 +74,27 @@ def _request(**kw):
 @click.option(
     "-o",
     "--output",
-    default="build/kernel",
-    show_default=True,
     metavar="DIR",
-    help="Where the kernel, config, System.map, vmlinux and modules go.",
+    help="Where the kernel, config, System.map, vmlinux and modules go (default: "
+    "build/kernel; in a kernel tree, the build stays in the cache, where `run` finds it).",
 )
 def kernel_build(output, **kw):
-    """Configure (verified), build and install a guest kernel.
+    """Configure (verified), build and install a guest kernel: Debian's or kernel.org's
+    sources, --source, or the kernel tree you are in.
 
     Builds are cached by source, configuration and arch: a build with nothing changed
     returns at once, and a small change rebuilds incrementally.
     """
     from qemubox.kernel.build import ConfigMismatchError
+    from qemubox.linux.tree import is_source_tree
     from qemubox.service.actions import KernelBuild, perform
 
+    here = not kw["source"] and not kw["kernel_version"] and is_source_tree(Path.cwd())
+    if here:
+        kw["source"] = str(Path.cwd())
+    target = Path(output) if output else None if here else Path("build/kernel")
     try:
-        result = perform(KernelBuild(_request(output=Path(output), **kw)))
+        result = perform(KernelBuild(_request(output=target, **kw)))
     except ConfigMismatchError as err:
         for line in err.lines:
             click.echo(line)

@@ -56,7 +56,27 @@ _SESSION_OPTIONS = [
         "--net",
         default=defaults.NETWORKS[0],
         show_default=True,
-        type=click.Choice(defaults.NETWORKS),
+        metavar="none|restricted|user|allow=LIST|deny=LIST",
+        help="The guest's network. allow=LIST reaches only LIST; deny=LIST all but LIST "
+        "(names, *.suffix wildcards, IP addresses, CIDR ranges; comma-separated).",
+    ),
+    click.option(
+        "--add-host",
+        "add_hosts",
+        multiple=True,
+        metavar="NAME:IP",
+        help="With allow= or deny=: NAME resolves to IP, for the guest and the rules.",
+    ),
+    click.option(
+        "--egress-log",
+        metavar="FILE",
+        help="With allow= or deny=: write every egress decision here (JSON lines).",
+    ),
+    click.option(
+        "--vmcore",
+        metavar="FILE",
+        help="Should the guest kernel panic, save its memory in FILE (an ELF core with the "
+        "kernel's VMCOREINFO, for drgn or crash); exit 122 as always.",
     ),
     click.option(
         "-p",
@@ -72,6 +92,12 @@ _SESSION_OPTIONS = [
         help="Kernel image (default: the newest qemubox build, else Debian's).",
     ),
     click.option("--modules", metavar="DIR", help="Modules of --kernel (lib/modules/VERSION)."),
+    click.option(
+        "--append",
+        default="",
+        metavar="ARGS",
+        help="Add ARGS to the guest kernel's command line (kunit.filter_glob=..., dyndbg=...).",
+    ),
     click.option(
         "--arch",
         type=click.Choice(list(ARCHES)),

@@ -44,9 +44,14 @@ def create(name, ttl, **options):
 @click.option("-i", "--interactive", is_flag=True, help="Pass standard input to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Run it on a pseudo-terminal, fed standard input.")
 @click.option("--timeout", metavar="S", help="Kill the command after S seconds (exit status 124).")
+@click.option(
+    "--vmcore",
+    metavar="FILE",
+    help="Should the guest kernel panic meanwhile, save its memory in FILE (exit 122).",
+)
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
-def exec_(name, command, env, workdir, user, interactive, tty, timeout):
+def exec_(name, command, env, workdir, user, interactive, tty, timeout, vmcore):
     """Run COMMAND in the running sandbox NAME; exit with its exit status (as `run`)."""
     from qemubox.sandbox import notation
     from qemubox.service.command import CommandRequest
@@ -63,7 +68,18 @@ def exec_(name, command, env, workdir, user, interactive, tty, timeout):
     request = CommandRequest(
         tuple(command), command_env, cwd, timeout, interactive, tty, notation.user(user)
     )
-    return perform_streaming(actions.Exec(name, request))
+    return perform_streaming(actions.Exec(name, request, vmcore))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+def dump(name, file):
+    """Save the running sandbox NAME's memory in FILE: an ELF core with the kernel's
+    VMCOREINFO, for drgn or crash (the guest is stopped meanwhile, then runs on)."""
+    saved = perform(actions.Dump(name, file))
+    mib = saved["bytes"] / (1 << 20)
+    click.echo(f"{name}: {mib:.0f} MiB saved in {saved['path']} ({saved['seconds']:.1f} s)")
 
 
 def _until(t: float | None) -> str:
@@ -168,14 +184,16 @@ def rm(names, force):
 @click.command(context_settings=CONTEXT)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing as the guest writes.")
 @click.option("-n", "--tail", "lines", metavar="N", help="Only the last N lines.")
+@click.option("--net", is_flag=True, help="Its egress decisions (JSON lines), not its console.")
 @click.argument("name")
-def logs(name, follow, lines):
-    """NAME's console: of its current run, or of its last one."""
+def logs(name, follow, lines, net):
+    """NAME's console: of its current run, or of its last one. With --net, every egress
+    decision of its rules: time, what, name, address, port, verdict, rule."""
     from qemubox.sandbox import notation
 
     count = notation.count(lines, "--tail") if lines is not None else None
     out = sys.stdout.buffer
-    for chunk in perform(actions.Logs(name, count, follow)):
+    for chunk in perform(actions.Logs(name, count, follow, net)):
         out.write(chunk)
         out.flush()
 
@@ -191,3 +209,26 @@ def cp(src, dst):
     from qemubox.sandbox import notation
 
     perform(actions.Copy(notation.guest_path(src), notation.guest_path(dst)))
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--allow", metavar="LIST", help="Reach only LIST (names, *.suffix, IPs, CIDRs).")
+@click.option("--deny", metavar="LIST", help="Reach everything but LIST.")
+@click.option(
+    "--add-host",
+    "add_hosts",
+    multiple=True,
+    metavar="NAME:IP",
+    help="Pin NAME to IP (replaces the pins; default: kept).",
+)
+@click.argument("name")
+def network(name, allow, deny, add_hosts):
+    """Show NAME's egress rules, or change them: at once while it runs, and for its later
+    starts. NAME must have been made with --net allow=LIST or deny=LIST."""
+    if allow is not None and deny is not None:
+        raise InputError("--allow and --deny: one or the other")
+    net = f"allow={allow}" if allow is not None else f"deny={deny}" if deny is not None else None
+    rules = perform(actions.Network(name, net, tuple(add_hosts) if add_hosts else None))
+    click.echo(rules.notation())
+    for host, ip in rules.hosts:
+        click.echo(f"--add-host {host}:{ip}")

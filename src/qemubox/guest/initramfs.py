@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox.apt import apt_install, download_for_arch, download_source
+from qemubox.cc import compiled
 from qemubox.errors import InputError, ToolError
 from qemubox.guest.cpio import CpioWriter
 from qemubox.model.net import DNS
@@ -40,7 +41,10 @@ FEATURE_MODULES = {
     "balloon": ("virtio_balloon",),
     "overlay": ("overlay",),  # a host root's writes
 }
-OPTIONAL_MODULES = {"virtio_mmio", "virtio_pci", "virtio_rng", "af_packet"}
+# fw_cfg's driver tells QEMU's vmcoreinfo device where the kernel's VMCOREINFO is, so that
+# dumps of the guest's memory open in drgn and crash: on the arches whose machines have one.
+DUMP_MODULES = ("qemu_fw_cfg",)
+OPTIONAL_MODULES = {"virtio_mmio", "virtio_pci", "virtio_rng", "af_packet", *DUMP_MODULES}
 
 _ETC = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
@@ -77,22 +81,8 @@ def agent_binary(arch: arches.Arch) -> Path:
     """The guest agent, compiled statically for ``arch`` once per source version."""
     compiler = static_compiler(arch, "the guest agent")
 
-    def make(tmp: Path) -> None:
-        src = tmp.with_suffix(".c")
-        try:
-            src.write_bytes(agent_source())
-            proc = subprocess.run(
-                [compiler, "-static", "-O2", "-s", "-o", str(tmp), str(src)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        finally:
-            src.unlink(missing_ok=True)
-        if proc.returncode != 0:
-            raise ToolError(f"building the guest agent failed: {proc.stderr.strip()[-500:]}")
-
-    return fill(agent_path(arch), make)
+    flags = [compiler, "-static", "-O2", "-s"]
+    return compiled(agent_source(), agent_path(arch), flags, "the guest agent")
 
 
 def busybox(arch: arches.Arch) -> Path:
@@ -245,6 +235,8 @@ def needed_modules(kernel: KernelPlan, features: tuple[str, ...]) -> list[str]:
         return []
     modules = Path(kernel.modules)
     wanted = list(BASE_MODULES)
+    if arches.get(kernel.arch).vmcoreinfo:
+        wanted += DUMP_MODULES
     for feature in sorted(features):
         wanted += FEATURE_MODULES.get(feature, ())
     dep = _modules_dep(modules)

@@ -5,6 +5,7 @@ image files. ``root_plan`` turns what a session names into the root of a machine
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.errors import InputError
 from qemubox.image import debian, oci, recipe, reference
+from qemubox.image.ociconfig import ImageConfig
 from qemubox.model.plan import RootPlan
 from qemubox.store import Store
 
@@ -105,13 +107,25 @@ def recipe_of(name: str, arch: str) -> recipe.Recipe:
     return recipe.Recipe.from_dict(data["recipe"])
 
 
+def invoking_user() -> str:
+    """Who runs qemubox: a name of this machine's /etc/passwd (with its groups and home),
+    else the uid and gid."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"{os.getuid()}:{os.getgid()}"
+
+
 def root_plan(image: str, kind: str, arch: str, share_fs: str, overlay: str = "") -> RootPlan:
     """The root an image gives a machine of ``arch``, from what :func:`check` made of it
     (nothing is built)."""
     if kind == "initramfs":
         return RootPlan()
-    if kind == "share":
-        return RootPlan(kind="share", image=image, base="/", fs=share_fs)
+    if kind == "share":  # this machine's root: commands run as whoever runs qemubox
+        config = ImageConfig(user=invoking_user()).to_dict()
+        return RootPlan(kind="share", image=image, base="/", fs=share_fs, config=config)
     if reference.looks_like(image):
         found = oci.identify(reference.parse(image), arches.by_debian_arch(arch))
         base = str(oci.base_path(found.digest))

@@ -17,6 +17,7 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.apt import apt_download, depends, download_for_arch, program
 from qemubox.errors import InputError, ToolError
+from qemubox.linux.tree import is_source_tree
 from qemubox.model.plan import KernelPlan
 from qemubox.paths import cache_dir, fill, locked
 
@@ -304,20 +305,38 @@ def built_kernel(arch: str) -> KernelPlan | None:
     for manifest in list_builds():
         if manifest.get("arch") != arch or "sandbox" not in manifest.get("fragments", []):
             continue
-        build_dir = Path(manifest["build_dir"])
-        image = build_dir / manifest["image"]
-        if not image.is_file():
-            continue
-        modules = build_dir / ".qemubox-modules" / "lib" / "modules" / manifest["version"]
-        return _kernel(
-            image,
-            manifest["version"],
-            arch,
-            modules if (modules / "modules.dep").is_file() else None,
-            build_dir / ".config",
-            f"Linux {manifest['version']} built by qemubox ({manifest['profile']})",
-        )
+        if (found := _of_build(manifest)) is not None:
+            return found
     return None
+
+
+def _of_build(manifest: dict) -> KernelPlan | None:
+    """The kernel of a finished build (None: its image is gone)."""
+    build_dir = Path(manifest["build_dir"])
+    image = build_dir / manifest["image"]
+    if not image.is_file():
+        return None
+    modules = build_dir / ".qemubox-modules" / "lib" / "modules" / manifest["version"]
+    return _kernel(
+        image,
+        manifest["version"],
+        manifest["arch"],
+        modules if (modules / "modules.dep").is_file() else None,
+        build_dir / ".config",
+        f"Linux {manifest['version']} built by qemubox ({manifest['profile']})",
+    )
+
+
+def tree_kernel(tree: Path, arch: str | None) -> KernelPlan:
+    """The kernel of source tree ``tree``, built first (out of tree, cached: nothing to do
+    when nothing changed, incrementally otherwise) with the default profile."""
+    from qemubox.kernel.build import BuildRequest, build_kernel
+
+    result = build_kernel(BuildRequest(source=str(tree), arch=arch, output=None))
+    found = _of_build(result.manifest)
+    if found is None:
+        raise ToolError(f"the build of {tree} has no kernel image")
+    return found
 
 
 def debian_kernel(arch: str) -> KernelPlan:
@@ -392,6 +411,12 @@ def choose_kernel(
     Debian's). ``arch``: the guest's (None: the host's; a given kernel's own otherwise).
     Without ``fetch``, Debian's kernel must be in the cache already (a dry run fetches
     nothing)."""
+    if kernel and kernel != "debian" and is_source_tree(Path(kernel)):
+        if not fetch:
+            raise InputError(f"--kernel {kernel}: a dry run builds nothing; build it first")
+        if modules is not None:
+            raise InputError(f"--kernel {kernel} is a source tree: its build has its modules")
+        return tree_kernel(Path(kernel), arch)
     if kernel and kernel != "debian":
         found = kernel_from_path(kernel, modules)
         if arch and found.arch != arches.normalize(arch):

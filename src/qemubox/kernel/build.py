@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qemubox import __version__
 from qemubox import arch as arches
-from qemubox.apt import apt_install
+from qemubox.apt import apt_install, program
 from qemubox.errors import InputError, VerifyError
 from qemubox.kconfig.catalog import resolve_fragment
 from qemubox.kconfig.engine import apply_fragments, install_config
@@ -50,6 +50,13 @@ class Source:
     key: str  # short, filesystem-safe identity of the source
     description: str
     fingerprint: str | None  # identity of its content; None: a directory (see scan_tree)
+    # A directory its user edits: the same key holds other contents over time. Of a git
+    # checkout (fingerprinted), each content's build is kept apart (a revisit builds nothing)
+    editable: bool = False
+
+    @property
+    def versioned(self) -> bool:
+        return self.editable and self.fingerprint is not None
 
 
 @dataclass
@@ -62,7 +69,7 @@ class BuildRequest:
     fragments: Sequence[str] = ()
     config_items: Sequence[str] = ()
     jobs: int | None = None
-    output: Path = Path("build/kernel")
+    output: Path | None = Path("build/kernel")  # None: the build stays in the cache alone
 
 
 @dataclass
@@ -85,19 +92,38 @@ class ConfigMismatchError(VerifyError):
 # --- sources ----------------------------------------------------------------------------------
 
 
+UNTRACKED_LIMIT = (256, 64 << 20)  # untracked files fingerprinted: at most this many, bytes
+
+
 def _git_fingerprint(path: Path) -> str | None:
-    """HEAD plus uncommitted changes of a git checkout; None when not a git checkout."""
+    """The content of a git checkout: HEAD's tree, uncommitted changes, and each untracked
+    (not ignored) file's content. None when not a git checkout, or when its untracked files
+    are too many or too large to read at each build (the tree is then scanned instead)."""
 
     def git(*args: str) -> str | None:
         proc = subprocess.run(["git", "-C", str(path), *args], capture_output=True, check=False)
         return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
 
-    head = git("rev-parse", "HEAD")
-    if head is None:
+    head = git("rev-parse", "HEAD^{tree}")
+    untracked = git("ls-files", "-z", "--others", "--exclude-standard")
+    if head is None or untracked is None:
         return None
     digest = hashlib.sha256(head.encode())
-    for args in (("diff", "HEAD"), ("status", "--porcelain", "--untracked-files=all")):
-        digest.update((git(*args) or "").encode())
+    digest.update((git("diff", "--binary", "HEAD") or "").encode())
+    names = sorted(n for n in untracked.split("\0") if n)
+    count, limit = UNTRACKED_LIMIT
+    sizes = 0
+    if len(names) > count:
+        return None
+    for name in names:
+        try:
+            data = (path / name).read_bytes() if not (path / name).is_symlink() else b""
+        except OSError:
+            return None
+        sizes += len(data)
+        if sizes > limit:
+            return None
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
     return digest.hexdigest()
 
 
@@ -138,7 +164,7 @@ def resolve_source(
         if path.is_dir():
             real = path.resolve()
             key = "dir-" + hashlib.sha256(str(real).encode()).hexdigest()[:10]
-            return Source(real, key, str(real), _git_fingerprint(real))
+            return Source(real, key, str(real), _git_fingerprint(real), editable=True)
         if path.is_file():
             digest = file_sha256(path)
             tree = extract_tarball(path, sha256)
@@ -176,7 +202,9 @@ def request_fragments(req: BuildRequest, arch: str) -> tuple[str, MergedConfig, 
     if req.profile not in PROFILES:
         raise InputError(f"unknown profile {req.profile!r} (one of: {', '.join(PROFILES)})")
     base, shipped = PROFILES[req.profile]
-    names = [*shipped, *arches.get(arch).fragments, *req.fragments]
+    record = arches.get(arch)
+    dumps = ("vmcore",) if record.vmcoreinfo else ()
+    names = [*shipped, *record.fragments, *dumps, *req.fragments]
     assignments = read_fragments(names, resolve=resolve_fragment)
     merged = merge([*assignments, *config_items(req.config_items)])
     return base, merged, [*names, *req.config_items]
@@ -331,6 +359,29 @@ def _store_outputs(work: Path, target: Path, manifest: dict) -> None:
     os.replace(tmp, target)
 
 
+def _work_name(req: BuildRequest) -> str:
+    """The work directory's name: the profile's, and what the request adds to it (a
+    .kunitconfig, say), so that alternating between them rebuilds neither from scratch."""
+    extra = [*req.fragments, *req.config_items]
+    if not extra:
+        return req.profile
+    return f"{req.profile}-{hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:8]}"
+
+
+KEEP_VERSIONS = 8  # builds of one git checkout and configuration kept (the newest)
+
+
+def _prune_versions(root: Path, stem: str, keep: Path) -> None:
+    """Remove the oldest builds named ``stem``... beyond KEEP_VERSIONS (never ``keep``)."""
+    found = sorted(
+        (d for d in root.glob(f"{stem}*") if d.is_dir() and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in found[KEEP_VERSIONS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _has_modules(config_text: str) -> bool:
     return "\nCONFIG_MODULES=y\n" in "\n" + config_text
 
@@ -347,12 +398,15 @@ def _compile(tree: KernelTree, image: str, jobs: int, label: str) -> float:
     staging = tree.build / ".qemubox-modules"
     shutil.rmtree(staging, ignore_errors=True)
     if _has_modules(config_text):
-        tree.make("modules_install", env={"INSTALL_MOD_PATH": str(staging)})
+        # depmod is an administrator's tool (/usr/sbin), off an ordinary user's PATH
+        install = {"INSTALL_MOD_PATH": str(staging), "DEPMOD": program("depmod", "kmod")}
+        tree.make("modules_install", env=install)
     return seconds
 
 
 def build_kernel(req: BuildRequest) -> BuildResult:
-    """Configure, verify, build (or find the finished build) and install into req.output."""
+    """Configure, verify, build (or find the finished build) and install into req.output
+    (when given)."""
     from qemubox.kernel.install import install_build
 
     arch = arches.normalize(req.arch)
@@ -372,15 +426,18 @@ def build_kernel(req: BuildRequest) -> BuildResult:
         if source.fingerprint and known and (root / known / BUILD_MARK).is_file():
             build_dir = root / known
             manifest = read_json(build_dir / BUILD_MARK)
-            notes = install_build(manifest, build_dir, req.output)
-            return BuildResult(manifest, build_dir, req.output, False, notes)
+            notes = install_build(manifest, build_dir, req.output) if req.output else []
+            return BuildResult(manifest, build_dir, req.output or build_dir, False, notes)
 
         kconf = KernelTree.open(source.path, root / f"{prefix}kconfig", karch)
         scan = scan_tree(source.path) if source.fingerprint is None else None
         config_text = _configure(source, kconf, merged, base, input_key, scan)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
-        build_dir = root / f"{prefix}{config_sha[:16]}"
-        work = KernelTree(source.path, root / f"{prefix}{req.profile}", karch)
+        stored = f"{prefix}{config_sha[:16]}"
+        if source.versioned:
+            stored += f"-{source.fingerprint[:12]}"
+        build_dir = root / stored
+        work = KernelTree(source.path, root / f"{prefix}{_work_name(req)}", karch)
         built_from = _built_from(scan, input_key, config_sha) if scan else None
         ran_make = False
         if not (build_dir / BUILD_MARK).is_file() or not (
@@ -413,8 +470,10 @@ def build_kernel(req: BuildRequest) -> BuildResult:
             _store_outputs(work.build, build_dir, manifest)
             if built_from is not None:
                 write_json(work.build / TREE_MARK, built_from)
+            if source.versioned:
+                _prune_versions(root, f"{prefix}{config_sha[:16]}-", build_dir)
         manifest = read_json(build_dir / BUILD_MARK)
         with updating_json(index_path) as index:  # shared by every source's builds
             index[input_key] = build_dir.name
-        notes = install_build(manifest, build_dir, req.output)
-        return BuildResult(manifest, build_dir, req.output, ran_make, notes)
+        notes = install_build(manifest, build_dir, req.output) if req.output else []
+        return BuildResult(manifest, build_dir, req.output or build_dir, ran_make, notes)

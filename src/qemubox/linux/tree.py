@@ -41,6 +41,13 @@ def make_program() -> str:
     return os.environ.get("QEMUBOX_MAKE", "make")
 
 
+def is_source_tree(path: Path) -> bool:
+    """Whether ``path`` is the top of a kernel source tree."""
+    return (
+        (path / "Makefile").is_file() and (path / "Kconfig").is_file() and (path / "arch").is_dir()
+    )
+
+
 def makefile_version(src: Path) -> str:
     """``VERSION.PATCHLEVEL.SUBLEVEL`` from a source tree's top Makefile."""
     head = (src / "Makefile").read_text(encoding="utf-8", errors="replace")[:2000]

@@ -173,15 +173,23 @@ def run_cell(cell: Cell, kernel: Kernel, cancelled: Callable[[], bool] = lambda:
             max_output=KEEP_OUTPUT,
         )
         out = r.stdout.decode(errors="replace")
+        error = f"timed out after {o.get('timeout'):g} s" if r.timed_out else ""
+        if cell.test.kunit is not None:  # the boot's KTAP, out of the kernel log
+            out = ktap.of_kernel_log(out)
+            if not out and not error:
+                error = "no KUnit results in the kernel log (a kernel without CONFIG_KUNIT?)"
         tests = ktap.parse(out) if ktap.is_ktap(out) else []
-        status = PASS if r.exit_code == 0 and not ktap.failed(tests) else FAIL
+        if cell.test.kunit is not None and out and not tests and not error:
+            matching = f" matching {cell.test.kunit}" if cell.test.kunit else ""
+            error = f"no KUnit test ran{matching}"
+        passed = r.exit_code == 0 and not ktap.failed(tests) and not error
         result = _result(
             cell,
-            status,
+            PASS if passed else FAIL,
             stdout=out,
             stderr=r.stderr.decode(errors="replace"),
             subtests=[t.to_dict() for t in tests],
-            error=f"timed out after {o.get('timeout'):g} s" if r.timed_out else "",
+            error=error,
         )
         result.exit_code = r.exit_code
         result.timings = dict(totals(box.timings))

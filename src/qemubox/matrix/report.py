@@ -16,11 +16,12 @@ def write_json(results: list[CellResult], path: Path) -> None:
     path.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
 
 
-def _flat(subtests: list[dict], prefix: str = "") -> list[tuple[str, str]]:
+def _flat(subtests: list[dict], prefix: str = "") -> list[tuple[str, str, list[str]]]:
+    """(path, status, log) of every subtest, depth first."""
     out = []
     for s in subtests:
         name = f"{prefix}.{s['name']}" if prefix else s["name"]
-        out.append((name, s["status"]))
+        out.append((name, s["status"], s.get("log", [])))
         out += _flat(s["subtests"], name)
     return out
 
@@ -49,7 +50,7 @@ def junit(results: list[CellResult], name: str) -> ET.ElementTree:
             counts["tests"] += 1
             time_sum += r.duration
             subs = _flat(r.subtests)
-            bad = sum(1 for _, status in subs if status == "fail")
+            bad = sum(1 for _, status, _ in subs if status == "fail")
             if r.status == FAIL:
                 counts["failures"] += 1
                 why = r.error or (
@@ -62,14 +63,15 @@ def junit(results: list[CellResult], name: str) -> ET.ElementTree:
                 counts["errors"] += 1
                 ET.SubElement(case, "error", message=r.error).text = _text(r.console_tail)
             ET.SubElement(case, "system-out").text = _text(r.stdout)
-            for sub, status in subs:
+            for sub, status, log in subs:
                 sub_case = ET.SubElement(
                     suite, "testcase", classname=f"{suite_name}.{r.test}", name=sub, time="0"
                 )
                 counts["tests"] += 1
                 if status == "fail":
                     counts["failures"] += 1
-                    ET.SubElement(sub_case, "failure", message="not ok")
+                    failure = ET.SubElement(sub_case, "failure", message="not ok")
+                    failure.text = _text("\n".join(log))
                 elif status == "skip":
                     counts["skipped"] += 1
                     ET.SubElement(sub_case, "skipped")
@@ -94,7 +96,7 @@ def summary_rows(results: list[CellResult]) -> list[tuple[str, ...]]:
         subs = _flat(r.subtests)
         note = r.error
         if subs:
-            bad = sum(1 for _, s in subs if s == "fail")
+            bad = sum(1 for _, s, _ in subs if s == "fail")
             note = f"{len(subs)} subtests, {bad} failed" + (f"; {note}" if note else "")
         exit_code = "-" if r.exit_code is None else str(r.exit_code)
         rows.append((r.cell, r.status, exit_code, f"{r.duration:.1f}s", note))

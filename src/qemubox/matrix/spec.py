@@ -13,8 +13,11 @@ before anything runs.
 
     [[test]]                   # a command and the options of `qemubox run`
     name = "uname"
-    command = ["uname", "-r"]  # or one string, run by sh -c
+    command = ["uname", "-r"]  # or one string, run by sh -c; or instead
+    # kunit = "list-kernel-test*"  # the KUnit suites the kernel runs as it boots (a
+                               # kunit.filter_glob; "" all), their KTAP read from its log
     volumes = ["data:/mnt/data:ro"]
+    network = "allow=pypi.org"     # egress rules, as --net; add_hosts = ["NAME:IP"]
 
     [matrix]                   # more axes: kernel config (lists of items), the kernel's
     config = [[], ["CONFIG_LOG_BUF_SHIFT=17"]]     # arch, or run options
@@ -47,17 +50,28 @@ from qemubox.image import reference
 from qemubox.kernel.profiles import DEFAULT as DEFAULT_PROFILE
 from qemubox.kernel.profiles import PROFILES
 from qemubox.model import session as defaults
-from qemubox.model.session import NETWORKS
+from qemubox.model.egress import host_pin, parse_network
 from qemubox.sandbox import notation
 from qemubox.sandbox.spec import Session
 
 KERNEL_KEYS = {"name", "version", "source", "sha256", "profile", "fragments", "config", "arch"}
 KERNEL_KEYS |= {"path"}
-RUN_KEYS = {"memory", "cpus", "timeout", "boot_timeout", "volumes", "disks", "image", "network"}
+RUN_KEYS = {
+    "memory",
+    "cpus",
+    "timeout",
+    "boot_timeout",
+    "volumes",
+    "disks",
+    "image",
+    "network",
+    "add_hosts",
+}
 RUN_KEYS |= {"accel", "env", "workdir"}
-TEST_KEYS = RUN_KEYS | {"name", "command"}
+TEST_KEYS = RUN_KEYS | {"name", "command", "kunit"}
 KERNEL_AXES = {"config", "fragments", "arch"}  # axes that change the kernel; the others, the run
 DEBIAN = "debian"  # a kernel's path naming Debian's kernel package of its arch
+KUNIT_COMMAND = ("dmesg",)  # what a KUnit test runs: the kernel log, with the boot's KTAP
 
 
 class MatrixError(InputError):
@@ -88,6 +102,9 @@ class TestSpec:
     name: str
     command: tuple[str, ...]
     options: tuple[tuple[str, Any], ...] = ()  # run options, as (key, value) in key order
+    # KUnit: the suites run as the kernel boots (a kunit.filter_glob; "": all), read from
+    # its log; the command then reads that log
+    kunit: str | None = None
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
@@ -108,12 +125,17 @@ class Cell:
         """The sandbox this cell runs in, booting ``kernel``."""
         o = dict(self.test.options)
         shares = [notation.volume(v) for v in o.get("volumes", ())]
+        kunit = self.test.kunit
         return Session(
+            # KUnit's suites run as the kernel boots: a restored guest would not run them
+            snapshot=kunit is None,
+            kernel_args=f"kunit.filter_glob={kunit}" if kunit else "",
             memory=o.get("memory", defaults.DEFAULT_MEMORY),
             cpus=o.get("cpus", defaults.DEFAULT_CPUS),
             shares=shares,
             disks=[notation.disk(d) for d in o.get("disks", ())],
             network=o.get("network", defaults.NETWORKS[0]),
+            add_hosts=list(o.get("add_hosts", ())),
             kernel=kernel,
             modules=modules,
             timeout=o.get("timeout", 600),
@@ -260,7 +282,7 @@ class _Reader:
             raise self.fail(f"{where}.{unknown[0]}", f"unknown key (known: {_known(allowed)})")
         out = {}
         for key, value in t.items():
-            if key in ("name", "command"):
+            if key in ("name", "command", "kunit"):
                 continue
             out[key] = self.run_value(f"{where}.{key}", key, value)
         return out
@@ -278,9 +300,13 @@ class _Reader:
                 value = self._path(value)
             return value
         if name == "network":
-            if value not in NETWORKS:
-                raise self.fail(key, f"must be one of {', '.join(NETWORKS)}")
+            try:
+                parse_network(self._str(key, value))
+            except InputError as err:
+                raise self.fail(key, str(err)) from None
             return value
+        if name == "add_hosts":
+            return tuple(text for _, text, _ in self._each(key, value, host_pin))
         if name == "cpus":
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
                 raise self.fail(key, f"expected a whole number from 1 to 64, got {value!r}")
@@ -314,6 +340,14 @@ class _Reader:
         name = self._str(f"test[{i}].name", t.get("name"))
         where = f"test {name!r}"
         command = t.get("command")
+        if "kunit" in t:
+            if command is not None:
+                raise self.fail(f"{where}.kunit", "a KUnit test has no command")
+            glob = t["kunit"]
+            if not isinstance(glob, str) or any(c.isspace() for c in glob) or len(glob) > 256:
+                raise self.fail(f"{where}.kunit", f"expected a suite[.test] glob, got {glob!r}")
+            options = {**defaults, **self.run_options(where, t, TEST_KEYS)}
+            return TestSpec(name, KUNIT_COMMAND, tuple(sorted(options.items())), kunit=glob)
         if isinstance(command, str) and command:
             argv: tuple[str, ...] = ("sh", "-c", command)
         elif isinstance(command, list) and command and all(isinstance(c, str) for c in command):

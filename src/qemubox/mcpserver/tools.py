@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qemubox.errors import InputError, QemuboxError, SandboxError
 from qemubox.model import session as defaults
+from qemubox.model.egress import parse_network
 from qemubox.service import actions
 from qemubox.service.command import Capture, CommandRequest
 from qemubox.service.session import SessionRequest
@@ -40,8 +41,7 @@ def _timeout(value: float | None) -> float | None:
 def _session(
     image: str, kernel: str | None, memory: str, network: str, arch: str | None = None
 ) -> SessionRequest:
-    if network not in defaults.NETWORKS:
-        raise InputError(f"network: one of {', '.join(defaults.NETWORKS)}, not {network!r}")
+    parse_network(network)  # none, restricted, user, allow=LIST or deny=LIST
     return SessionRequest(memory=memory, image=image, kernel=kernel, net=network, arch=arch)
 
 
@@ -82,7 +82,9 @@ def sandbox_run(
     debian, host, an image name of `qemubox image ls`, or a container image
     (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG), whose Env, WorkingDir and User
     apply. `arch`: the guest's architecture (x86_64, arm64, armhf, i386, ppc64le, s390x,
-    riscv64, mips64el; default: the host's), emulated when it is another."""
+    riscv64, mips64el; default: the host's), emulated when it is another. `network`: none,
+    restricted (no egress), user (NAT), allow=LIST (only LIST) or deny=LIST (all but LIST);
+    LIST: names, *.suffix wildcards, IP addresses, CIDR ranges, comma-separated."""
     request = CommandRequest(_argv(command), timeout=_timeout(timeout))
     session = _session(image, kernel, memory, network, arch)
     action = actions.Run(request, session, files=_files(files))

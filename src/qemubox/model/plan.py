@@ -17,11 +17,13 @@ from typing import Any
 
 from qemubox import arch as arches
 from qemubox.errors import InputError
+from qemubox.model.egress import Egress
 
-SCHEMA = 2
-# Schemas this qemubox reads: 1 lacks only fields that have defaults (root.source,
-# root.config: a plan of 1 never boots a container image).
-READS = (1, 2)
+SCHEMA = 4
+# Schemas this qemubox reads: older ones lack only fields that have defaults (1: root.source,
+# root.config: a plan of 1 never boots a container image; 2: egress, egress_log; 3:
+# crash_dumps, vmcore). 4 also has a vmcoreinfo device where its arch has one.
+READS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,16 @@ LIMITS: tuple[tuple[Capability, Callable[[MachinePlan], bool], str], ...] = (
         "it has shares or disks, whose host paths QEMU opens as it starts",
     ),
     (
+        Capability.POOL,
+        lambda p: p.egress is not None,
+        "its egress rules are kept by a proxy that starts with its QEMU",
+    ),
+    (
+        Capability.POOL,
+        lambda p: p.crash_dumps,
+        "its crash dumps are taken by a helper that starts with its QEMU",
+    ),
+    (
         Capability.PAUSE,
         lambda p: p.shared_memory,
         "its virtiofs shares cannot be saved (virtiofsd's state is not)",
@@ -196,13 +208,19 @@ class MachinePlan:
     runtime_dir: str  # sockets, pid, console log
     shares: tuple[SharePlan, ...] = ()
     disks: tuple[DiskPlan, ...] = ()
-    network: str = "none"  # none, restricted or user
+    network: str = "none"  # none, restricted, user, allow or deny (model/session.py)
     ports: tuple[PortPlan, ...] = ()
     balloon: bool = False
     run_as: str | None = None  # the user QEMU drops to once its files are open (when root)
     slots: int = CLIENT_SLOTS  # clients that can be attached at once
     root: RootPlan = field(default_factory=RootPlan)
     snapshot: SnapshotPlan | None = None
+    egress: dict | None = None  # allow or deny's rules (model/egress.py: Egress.to_dict)
+    egress_log: str = ""  # where the egress proxy writes its decisions ("": runtime_dir's)
+    # Whether QEMU holds a guest that resets itself (a kernel panic) for a helper to save its
+    # memory (vm/crash.py), and where to ("": where a command says, else nowhere)
+    crash_dumps: bool = False
+    vmcore: str = ""
     schema: int = field(default=SCHEMA)
 
     # --- places -----------------------------------------------------------------------------
@@ -249,8 +267,27 @@ class MachinePlan:
         )
 
     @property
+    def netdev(self) -> str:
+        """QEMU's user networking as the guest sees it: none, restricted or user (egress
+        rules are kept on the host, outside the guest)."""
+        return "user" if self.network in ("allow", "deny") else self.network
+
+    @property
+    def egress_rules(self) -> Egress | None:
+        return Egress.from_dict(self.egress) if self.egress else None
+
+    @property
+    def egress_log_path(self) -> str:
+        return self.egress_log or f"{self.runtime_dir}/egress.log"
+
+    @property
     def console_log(self) -> str:
         return f"{self.runtime_dir}/console.log"
+
+    @property
+    def crash_monitor(self) -> str:
+        """The socket of the crash helper's monitor, to which QEMU connects as it starts."""
+        return f"{self.runtime_dir}/crash.sock"
 
     @property
     def arch_record(self) -> arches.Arch:
@@ -314,7 +351,7 @@ class MachinePlan:
             "append": self.append,
             "shares": [(s.tag, s.read_only, s.security_model, s.fs) for s in self.shares],
             "disks": [(d.serial, d.size) for d in self.disks],  # a disk's size is the device's
-            "network": self.network,
+            "network": self.netdev,
             "slots": self.slots,
             "balloon": self.balloon,
             "root": [self.root.kind, self.root.base, self.root.fs],
@@ -347,6 +384,10 @@ OUTSIDE_KEY = {
     "root.source": "where base is unpacked from, not what it is",
     "root.config": "how commands start, after boot",
     "snapshot": "what a start does with the key, not the guest",
+    "egress": "kept on the host, by QEMU's shim and the egress proxy",
+    "egress_log": "where the egress proxy writes, on the host",
+    "crash_dumps": "a host-side monitor, and what QEMU does once the guest has reset",
+    "vmcore": "where the host saves a crashed guest's memory",
 }
 
 
@@ -374,6 +415,12 @@ def make_plan(
     """The plan of a VM for a validated session (``vm.spec.ValidSession``), whose root is
     ``root`` (the initramfs by default). Pure."""
     record = arches.get(kernel.arch)
+    if session.vmcore and not record.vmcoreinfo:
+        have = ", ".join(a.name for a in arches.ARCHES.values() if a.vmcoreinfo)
+        raise InputError(
+            f"--vmcore: {record.name}'s machines have no vmcoreinfo device, so its dumps would "
+            f"not open in drgn or crash (these have: {have})"
+        )
     disks = tuple(
         d if d.path else replace(d, path=f"{runtime_dir}/disk{i}.img")
         for i, d in enumerate(session.disks)
@@ -391,12 +438,18 @@ def make_plan(
         kernel=kernel,
         initrd=initrd,
         features=session.features(),
-        append=kernel_cmdline(record, accel, tsc_khz, root.kernel_argument()),
+        append=kernel_cmdline(
+            record, accel, tsc_khz, f"{root.kernel_argument()} {session.kernel_args}".strip()
+        ),
         runtime_dir=runtime_dir,
         shares=session.shares,
         disks=disks,
         network=session.network,
         ports=session.ports,
+        egress=session.egress.to_dict() if session.egress else None,
+        egress_log=str(session.egress_log or ""),
+        crash_dumps=session.crash_dumps and record.vmcoreinfo,
+        vmcore=str(session.vmcore or ""),
         balloon=session.balloon,
         run_as=run_as,
         root=root,

@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemubox.model.egress import Egress
 from qemubox.model.plan import DiskPlan, PortPlan, SharePlan
 
 SECURITY_MODELS = ("passthrough", "mapped-xattr", "mapped-file", "none")
 SHARE_FS = ("9p", "virtiofs")
-NETWORKS = ("none", "restricted", "user")
+# --net: allow=LIST and deny=LIST take egress rules (model/egress.py)
+NETWORKS = ("none", "restricted", "user", "allow", "deny")
 ACCELS = ("auto", "kvm", "tcg")
 DEFAULT_MEMORY = "512M"
 DEFAULT_CPUS = 1
@@ -19,6 +21,10 @@ DEFAULT_TIMEOUT = 60.0  # a command's, seconds
 DEFAULT_BOOT_TIMEOUT = 60.0
 DEFAULT_IMAGE = "minimal"
 MIN_MEMORY = 64 << 20
+KERNEL_ARGS_MAX = 1024  # characters of --append
+# What qemubox's own command line decides: the console it reads, the init it runs (its
+# agent), its root and what a panic does
+OWN_KERNEL_ARGS = ("console", "rdinit", "init", "root", "qemubox.root", "panic")
 MAX_CPUS = 64
 
 
@@ -32,7 +38,7 @@ class ValidSession:
     balloon: bool
     shares: tuple[SharePlan, ...]
     disks: tuple[DiskPlan, ...]  # an ephemeral disk's path is "" until planned
-    network: str
+    network: str  # one of NETWORKS
     ports: tuple[PortPlan, ...]
     kernel: str | None
     modules: Path | None
@@ -46,6 +52,13 @@ class ValidSession:
     overlay: str | None = None
     snapshot: bool = True
     arch: str | None = None  # the guest's (None: the host's, or the given kernel's)
+    egress: Egress | None = None  # allow or deny's rules
+    egress_log: Path | None = None  # where the egress proxy writes its decisions
+    # Whether a crashed guest's memory can be saved (vm/crash.py), and where it goes when
+    # the whole session says so (named sandboxes: each command says)
+    crash_dumps: bool = False
+    vmcore: Path | None = None
+    kernel_args: str = ""  # added to the guest kernel's command line
 
     def features(self) -> tuple[str, ...]:
         """What the guest needs drivers for, beyond its console and agent port."""

@@ -123,10 +123,10 @@ def disk_args(plan: MachinePlan) -> list[str]:
 
 
 def network_args(plan: MachinePlan) -> list[str]:
-    if plan.network == "none":
+    if plan.netdev == "none":
         return []
     netdev = "user,id=net0"
-    if plan.network == "restricted":
+    if plan.netdev == "restricted":
         netdev += ",restrict=on"
     for port in plan.ports:
         netdev += f",hostfwd=tcp:127.0.0.1:{port.host}-{GUEST_IP}:{port.guest}"
@@ -162,9 +162,28 @@ def qemu_args(plan: MachinePlan) -> list[str]:
     ]
     if plan.balloon:
         args += ["-device", f"{_device(plan, 'balloon')},id=balloon0"]
+    args += crash_args(plan)
     if plan.snapshot and plan.snapshot.role in ("restore", "resume"):
         args += ["-incoming", "defer"]  # the state comes over QMP (see vm/snapshot.py)
     return _placed(args + confinement_args(plan), plan.arch_record.pci_slots)
+
+
+def crash_args(plan: MachinePlan) -> list[str]:
+    """The vmcoreinfo device, where the machine has fw_cfg: the guest says there where its
+    VMCOREINFO is, and every dump of its memory carries it. With crash dumps, a monitor for
+    the crash helper (QEMU connects to it) and a guest that resets (a kernel panic, whose
+    -no-reboot makes a shutdown) held paused for it, instead of QEMU ending."""
+    args = ["-device", "vmcoreinfo"] if plan.arch_record.vmcoreinfo else []
+    if plan.crash_dumps:
+        args += [
+            "-chardev",
+            f"socket,id=crash,path={escape(plan.crash_monitor)}",
+            "-mon",
+            "chardev=crash,mode=control",
+            "-action",
+            "shutdown=pause",
+        ]
+    return args
 
 
 def _placed(args: list[str], slots: tuple[int, ...] | None) -> list[str]:

@@ -39,6 +39,7 @@ exec 3<&0
 h=
 eval "$helpers"
 "$@" & q=$!
+echo "$q" > "$d/qemu.pid"
 trap 'sig=1; [ -n "$tied" ] && kill -KILL "$q" $h 2>/dev/null' HUP
 trap 'sig=1; tied=' USR1
 tied=1
@@ -186,15 +187,15 @@ def release(keeper: int, started: int | None) -> None:
         os.kill(keeper, signal.SIGUSR1)
 
 
-def qemu_pid(proc: subprocess.Popen, timeout: float = 5) -> int:
-    """QEMU's pid: the keeper's first child's."""
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+def qemu_pid(proc: subprocess.Popen, runtime_dir: Path, timeout: float = 5) -> int:
+    """QEMU's pid, as its keeper writes it (its helpers are its children too)."""
+    written = runtime_dir / "qemu.pid"
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
-            pids = children.read_text().split()
-            if pids:
-                return int(pids[0])
+            text = written.read_text()
+            if text.endswith("\n"):
+                return int(text)
         time.sleep(0.001)
     return proc.pid  # QEMU is already gone: the keeper stands for it
 

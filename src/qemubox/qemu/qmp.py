@@ -30,6 +30,18 @@ class Monitor:
         self._qmp.connect(negotiate=True)
         self._events: list[dict[str, Any]] = []
 
+    @classmethod
+    def listen(cls, socket_path: str) -> Monitor:
+        """A monitor QEMU connects to (its ``-chardev socket`` without ``server=on``),
+        listening once this returns; :meth:`accept` waits for QEMU."""
+        self = cls.__new__(cls)
+        self._qmp = QEMUMonitorProtocol(socket_path, server=True)
+        self._events = []
+        return self
+
+    def accept(self, timeout: float | None = None) -> None:
+        self._qmp.accept(timeout)
+
     def command(self, name: str, **args: Any) -> Any:
         try:
             return self._qmp.cmd(name, **args)

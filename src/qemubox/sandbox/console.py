@@ -56,10 +56,12 @@ def _start(path: Path, lines: int | None) -> int:
     return begin + ends[-lines] + 1
 
 
-def read(name: str, lines: int | None = None, follow: bool = False) -> Iterator[bytes]:
-    """The console of ``name``'s current (or last) run; with ``follow``, what the guest
-    writes next too, until the sandbox stops."""
-    path = named.console_log(name)
+def read(
+    name: str, lines: int | None = None, follow: bool = False, net: bool = False
+) -> Iterator[bytes]:
+    """The console of ``name``'s current (or last) run — with ``net``, its egress
+    decisions instead; with ``follow``, what comes next too, until the sandbox stops."""
+    path = named.egress_log(name) if net else named.console_log(name)
     if not path.exists():
         return
     at = _start(path, lines)

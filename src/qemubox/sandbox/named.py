@@ -21,16 +21,20 @@ from pathlib import Path
 
 from qemubox import arch as arches
 from qemubox import paths
-from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError
+from qemubox.egress import launch as egress
+from qemubox.errors import BusyError, InputError, QemuboxError, SandboxError, printable
+from qemubox.model.egress import Egress, parse_network
 from qemubox.model.plan import Capability
 from qemubox.model.state import State
 from qemubox.sandbox.sandbox import Sandbox
 from qemubox.sandbox.spec import Session, session_from_dict, session_to_dict
 from qemubox.store import Store
+from qemubox.vm import crash
 from qemubox.vm.machine import OWNER, Machine
 
 SANDBOXES = Store("sandboxes", "sandbox")
 ROOT_OVERLAY = "root.qcow2"  # a disk root's writes, in the sandbox's directory
+EGRESS_LOG = "egress.log"  # its egress decisions, of every run
 STOP_TIMEOUT = 10  # seconds a clean power-off may take before QEMU is killed
 
 # What a sandbox is doing, as observed (see model/state.py).
@@ -90,11 +94,24 @@ def _observe(record: dict) -> tuple[State, str, int | None]:
         code = None
     if not record.get("ready"):
         return FAILED, "it did not finish starting", code
+    panic = _panic(d / "console.log")
+    if panic:
+        return FAILED, panic + crash.describe(crash.outcome(d)), code
     if code == 0:
         return STOPPED, "the guest powered off", code
     if code is not None and code > 128:
         return FAILED, f"QEMU was killed by signal {code - 128}", code
     return FAILED, f"QEMU ended with status {code}", code
+
+
+def _panic(console_log: Path) -> str:
+    """The panic line of a guest's last words, if it panicked."""
+    with contextlib.suppress(OSError), open(console_log, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
+        for line in reversed(fh.read().decode(errors="replace").splitlines()):
+            if "Kernel panic - not syncing" in line:
+                return printable(line[line.index("Kernel panic") :].strip())
+    return ""
 
 
 def _settle(name: str, record: dict, state: State, note: str) -> dict:
@@ -210,7 +227,10 @@ def record(name: str) -> dict:
     data["status"] = current.to_dict()
     if current.machine:
         with contextlib.suppress(QemuboxError, OSError):
-            data["plan"] = Machine.open(current.machine).plan.to_dict()
+            machine = Machine.open(current.machine)
+            data["plan"] = machine.plan.to_dict()
+            if (rules := egress.read_rules(machine.dir)) is not None:  # as `network` left them
+                data["plan"]["egress"] = rules.to_dict()
     return data
 
 
@@ -228,8 +248,18 @@ def _own_session(name: str, session: Session, image: str) -> Session:
         for i, d in enumerate(session.disks)
     ]
     overlay = session.overlay or str(home / ROOT_OVERLAY)
+    egress_log = session.egress_log
+    if egress_log is None and "=" in session.network:  # rules: logged for `logs --net`
+        egress_log = str(home / EGRESS_LOG)
     return replace(
-        session, shares=shares, disks=disks, console_log=None, image=image, overlay=overlay
+        session,
+        shares=shares,
+        disks=disks,
+        console_log=None,
+        image=image,
+        overlay=overlay,
+        egress_log=egress_log,
+        vmcore=str(Path(session.vmcore).absolute()) if session.vmcore else None,
     )
 
 
@@ -312,6 +342,8 @@ def pause(name: str) -> None:
         machine.wait_gone(10)
         machine.wait_keeper(5)
         plan = machine.plan.to_dict()
+        if (rules := egress.read_rules(machine.dir)) is not None:  # as `network` left them
+            plan["egress"] = rules.to_dict()
         record = _settle(name, record, PAUSED, "")
         SANDBOXES.write(name, {**record, "paused": {"plan": plan, "at": time.time()}})
 
@@ -376,7 +408,8 @@ def _boot(name: str, cls: type[Sandbox]):
         record, state, _ = _up_to_date(name)
         if state.live:
             return None
-        box = cls(session_from_dict(record["session"]))
+        # Every named sandbox is ready for `exec --vmcore` (those made earlier too)
+        box = cls(replace(session_from_dict(record["session"]), crash_dumps=True))
         try:
             box.launch(True, *_idle_action(name, record))
         except BaseException:
@@ -487,6 +520,44 @@ def console_log(name: str) -> Path:
     if state.live:
         return paths.machine_runtime_dir(record["machine"]) / "console.log"
     return SANDBOXES.dir(name) / "console.log"
+
+
+def egress_log(name: str) -> Path:
+    """Where ``name``'s egress decisions are written (JSON lines)."""
+    session = session_from_dict(_current(name, wait=False)[0]["session"])
+    if "=" not in session.network:
+        raise InputError(f"sandbox {name!r} has --net {session.network}: no egress rules, no log")
+    return Path(session.egress_log or SANDBOXES.dir(name) / EGRESS_LOG)
+
+
+def network(name: str, net: str | None = None, hosts: tuple[str, ...] | None = None) -> Egress:
+    """``name``'s egress rules; with ``net`` (allow=LIST or deny=LIST) and ``hosts``
+    (NAME:IP pins; None: kept), changed first: at once while it runs (its proxy reads them
+    again), and for its later starts."""
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        session = session_from_dict(record["session"])
+        _, rules = parse_network(session.network, tuple(session.add_hosts))
+        if rules is None:
+            raise InputError(
+                f"sandbox {name!r} has --net {session.network}: only a sandbox made with "
+                "--net allow=LIST or deny=LIST has egress rules to change"
+            )
+        if net is None and hosts is None:
+            return rules
+        _, new = parse_network(net or rules.notation(), rules.hosts if hosts is None else hosts)
+        if new is None:
+            raise InputError(f"network {net!r}: a sandbox's rules are allow=LIST or deny=LIST")
+        if state.live:
+            egress.write_rules(paths.machine_runtime_dir(record["machine"]), new)
+        if state == PAUSED:
+            record["paused"]["plan"]["egress"] = new.to_dict()
+        pins = [f"{n}:{ip}" for n, ip in new.hosts]
+        record["session"] = session_to_dict(
+            replace(session, network=new.notation(), add_hosts=pins)
+        )
+        SANDBOXES.write(name, record)
+        return new
 
 
 def is_running(name: str) -> bool:

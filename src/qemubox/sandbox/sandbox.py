@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qemubox import paths
+from qemubox.egress import launch as egress
 from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable from here
     BootError,
     GuestError,
@@ -28,6 +29,7 @@ from qemubox.errors import (  # noqa: F401 - the sandbox's errors, importable fr
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout
 from qemubox.guest.protocol import own_shell
+from qemubox.model.egress import Egress, parse_network
 from qemubox.model.net import DNS, GATEWAY, GUEST_IP, PREFIX
 from qemubox.model.phase import Phase, Timing
 from qemubox.model.plan import KernelPlan, MachinePlan, SnapshotPlan
@@ -39,8 +41,8 @@ from qemubox.qemu.cmdline import qemu_args
 from qemubox.sandbox import commands
 from qemubox.sandbox.commands import ExecResult
 from qemubox.sandbox.runstate import Runstate, require
-from qemubox.sandbox.spec import Session
-from qemubox.vm import pool, prepare, snapshot
+from qemubox.sandbox.spec import Session, writable_file
+from qemubox.vm import crash, pool, prepare, snapshot
 from qemubox.vm.machine import Machine
 
 MS_RDONLY = 1
@@ -60,6 +62,13 @@ class AccelWarning(UserWarning):
 
 class SnapshotWarning(UserWarning):
     """A snapshot could not be recorded or restored: the sandbox booted instead."""
+
+
+def _vmcore_path(path: str | Path) -> Path:
+    """A dump's path, checked as a console log's is (a file in a writable directory)."""
+    checked = writable_file(str(path), "vmcore")
+    assert checked is not None
+    return checked
 
 
 class Sandbox:
@@ -361,6 +370,41 @@ class Sandbox:
     @property
     def ports(self) -> list[tuple[int, int]]:
         return [(p.host, p.guest) for p in self.plan.ports] if self.plan else []
+
+    def set_egress(self, network: str, add_hosts: tuple[str, ...] | list[str] = ()) -> Egress:
+        """Change a running sandbox's egress rules (it was started with allow=LIST or
+        deny=LIST) to ``network``, another allow=LIST or deny=LIST, with ``add_hosts``
+        (NAME:IP): in force for its next connection and lookup."""
+        if self.plan is None or self.plan.egress is None:
+            raise SandboxError("only a sandbox started with egress rules can change them")
+        _, rules = parse_network(network, tuple(add_hosts))
+        if rules is None:
+            raise InputError(f"network {network!r}: egress rules are allow=LIST or deny=LIST")
+        egress.write_rules(self.plan.runtime_dir, rules)
+        return rules
+
+    def vmcore_to(self, path: str | Path | None) -> None:
+        """Should the guest kernel panic from now on, save its memory at ``path`` (None:
+        where the session said, if it did). Named sandboxes can; others only when their
+        session gave ``vmcore``."""
+        if self.plan is None or not self.plan.crash_dumps:
+            if self.plan is None:
+                why = "it is not running"
+            elif not self.plan.arch_record.vmcoreinfo:
+                why = f"{self.plan.arch}'s machines have no vmcoreinfo device"
+            else:  # a session without vmcore, or a sandbox made before named ones had it
+                why = "it was started without crash dumps (stop and start it)"
+            raise InputError(f"--vmcore: this sandbox cannot save a dump: {why}")
+        if path is not None:
+            path = _vmcore_path(path)
+        crash.set_target(self.plan.runtime_dir, path)
+
+    @require(Runstate.RUNNING)
+    def dump(self, path: str | Path) -> dict:
+        """Save the guest's memory now, as an ELF core (with the kernel's VMCOREINFO where
+        the arch has the device), at ``path``; the guest is stopped meanwhile and then runs
+        on. Returns ``path``, ``bytes`` and ``seconds``."""
+        return crash.save(self._running().monitor(), _vmcore_path(path))
 
     def console_tail(self) -> str:
         return self.machine.console_tail() if self.machine else ""

@@ -10,6 +10,7 @@ from pathlib import Path
 from qemubox import arch as arches
 from qemubox.errors import InputError
 from qemubox.image import catalog
+from qemubox.model.egress import parse_network
 from qemubox.model.plan import DiskPlan, PortPlan, SharePlan
 from qemubox.model.session import (
     ACCELS,
@@ -18,9 +19,10 @@ from qemubox.model.session import (
     DEFAULT_IMAGE,
     DEFAULT_MEMORY,
     DEFAULT_TIMEOUT,
+    KERNEL_ARGS_MAX,
     MAX_CPUS,
     MIN_MEMORY,
-    NETWORKS,
+    OWN_KERNEL_ARGS,
     SECURITY_MODELS,
     SHARE_FS,
     ValidSession,
@@ -73,8 +75,15 @@ class Session:
     balloon: bool = False
     shares: list[FSShare] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
+    # none, restricted, user, or egress rules: allow=LIST / deny=LIST (model/egress.py)
     network: str = "none"
     ports: list[tuple[int, int]] = field(default_factory=list)
+    add_hosts: list[str] = field(default_factory=list)  # NAME:IP, pinned for the rules
+    egress_log: str | None = None  # where egress decisions are written (default: the VM's)
+    # Should the guest kernel panic, its memory is saved here (an ELF core with VMCOREINFO)
+    vmcore: str | None = None
+    crash_dumps: bool = False  # able to save it where a command says (named sandboxes)
+    kernel_args: str = ""  # added to the guest kernel's command line (-- --append)
     kernel: str | None = None  # a path, "debian", or None for the best available
     modules: str | None = None
     timeout: float | None = DEFAULT_TIMEOUT  # default per-command timeout, seconds
@@ -112,14 +121,13 @@ def validate(s: Session) -> ValidSession:
         raise InputError(f"memory {s.memory!r} is too small (at least 64M)")
     if not isinstance(s.cpus, int) or isinstance(s.cpus, bool) or not 1 <= s.cpus <= MAX_CPUS:
         raise InputError(f"cpus must be a whole number from 1 to {MAX_CPUS}, got {s.cpus!r}")
-    if s.network not in NETWORKS:
-        raise InputError(f"network must be one of {', '.join(NETWORKS)}, got {s.network!r}")
+    network, egress = parse_network(s.network, tuple(s.add_hosts))
     if s.accel not in ACCELS:
         raise InputError(f"accel must be one of {', '.join(ACCELS)}, got {s.accel!r}")
     ports = tuple(
         PortPlan(_port(h, "host port", True), _port(g, "guest port", False)) for h, g in s.ports
     )
-    if ports and s.network == "none":
+    if ports and network == "none":
         raise InputError("published ports need a network (restricted or user), not none")
     used_points: set[str] = set()
 
@@ -184,14 +192,19 @@ def validate(s: Session) -> ValidSession:
         balloon=s.balloon,
         shares=tuple(shares),
         disks=tuple(disks),
-        network=s.network,
+        network=network,
         ports=ports,
+        egress=egress,
+        egress_log=_egress_log(s.egress_log, egress),
+        crash_dumps=bool(s.crash_dumps or s.vmcore),
+        kernel_args=_kernel_args(s.kernel_args),
+        vmcore=writable_file(s.vmcore, "vmcore"),
         kernel=s.kernel,
         modules=modules,
         timeout=s.timeout,
         boot_timeout=s.boot_timeout,
         accel=s.accel,
-        console_log=_console_log(s.console_log),
+        console_log=writable_file(s.console_log),
         image=image,
         root_kind=root_kind,
         root_fs=_root_fs() if root_kind == "share" else "9p",
@@ -199,6 +212,20 @@ def validate(s: Session) -> ValidSession:
         snapshot=bool(s.snapshot),
         arch=guest_arch,
     )
+
+
+def _kernel_args(text: str) -> str:
+    """Words for the guest kernel's command line: printable, bounded, none of qemubox's own."""
+    if not isinstance(text, str):
+        raise InputError(f"kernel arguments must be a string, got {text!r}")
+    if len(text) > KERNEL_ARGS_MAX:
+        raise InputError(f"--append: {len(text)} characters, at most {KERNEL_ARGS_MAX}")
+    if any(not (" " <= c <= "~") for c in text):
+        raise InputError(f"--append {text!r}: printable ASCII on one line only")
+    for word in text.split():
+        if word.split("=", 1)[0] in OWN_KERNEL_ARGS:
+            raise InputError(f"--append {word}: qemubox sets {word.split('=', 1)[0]}= itself")
+    return " ".join(text.split())
 
 
 def _root_fs() -> str:
@@ -230,18 +257,26 @@ def _check_virtiofs(host_path: str) -> None:
         )
 
 
-def _console_log(path: str | None) -> Path | None:
-    """Where to keep the console log: a file in an existing directory."""
+def writable_file(path: str | None, what: str = "console log") -> Path | None:
+    """Where to write a file the host keeps (a console log, a log, a dump): a file in an
+    existing, writable directory."""
     if not path:
         return None
     p = Path(path).expanduser().absolute()
     if p.is_dir():
-        raise InputError(f"console log {path!r} is a directory")
+        raise InputError(f"{what} {path!r} is a directory")
     if not p.parent.is_dir():
-        raise InputError(f"console log {path!r}: directory {p.parent} does not exist")
+        raise InputError(f"{what} {path!r}: directory {p.parent} does not exist")
     if not os.access(p.parent, os.W_OK):
-        raise InputError(f"console log {path!r}: directory {p.parent} is not writable")
+        raise InputError(f"{what} {path!r}: directory {p.parent} is not writable")
     return p
+
+
+def _egress_log(path: str | None, egress) -> Path | None:
+    """Where the egress proxy writes its decisions, when not in the VM's directory."""
+    if path and egress is None:
+        raise InputError("--egress-log needs egress rules (--net allow=LIST or deny=LIST)")
+    return writable_file(path, "egress log")
 
 
 def session_to_dict(s: Session) -> dict:

@@ -65,6 +65,7 @@ class Create:
 class Exec:
     name: str
     command: CommandRequest
+    vmcore: str | None = None  # should the kernel panic meanwhile, its memory goes here
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,34 @@ class Logs:
     name: str
     lines: int | None = None
     follow: bool = False
+    net: bool = False  # the egress decisions, not the console
+
+
+@dataclass(frozen=True)
+class Network:
+    """A named sandbox's egress rules: shown, or changed to ``net`` (allow=LIST or
+    deny=LIST) with ``add_hosts`` (NAME:IP; None: kept)."""
+
+    name: str
+    net: str | None = None
+    add_hosts: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Dump:
+    """A running named sandbox's memory, saved now as an ELF core at ``path``."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Bisect:
+    """The first bad commit between two revisions of a kernel tree: each step builds the
+    checkout and runs a command on it as ``Run`` does (``request``: a
+    ``bisect.drive.BisectRequest``, checked before the tree is touched)."""
+
+    request: object
 
 
 @dataclass(frozen=True)
@@ -192,9 +221,11 @@ def _run(action: Run, streams: Streams | None) -> RunResult:
 
     session = action.session.session(action.command.timeout, action.console_log)
     if action.dry_run:
+        from qemubox.egress.launch import qemu_prefix
         from qemubox.qemu.cmdline import qemu_args
 
-        return RunResult(Exit.OK, qemu_args=qemu_args(Sandbox(session).make_plan(dry_run=True)))
+        plan = Sandbox(session).make_plan(dry_run=True)
+        return RunResult(Exit.OK, qemu_args=qemu_prefix(plan, build=False) + qemu_args(plan))
     streams = streams or _quiet()
     if action.name is None:
         with Sandbox(session) as sandbox:
@@ -236,7 +267,21 @@ def _exec(action: Exec, streams: Streams | None) -> int:
 
     sandbox = named.attach(action.name)
     try:
+        if action.vmcore:
+            sandbox.vmcore_to(action.vmcore)
         return run_in(sandbox, action.command, streams or _quiet())
+    finally:
+        if action.vmcore and sandbox.machine is not None and sandbox.machine.alive():
+            sandbox.vmcore_to(None)
+        sandbox.detach()
+
+
+def _dump(action: Dump, streams) -> dict:
+    from qemubox.sandbox import named
+
+    sandbox = named.attach(action.name)
+    try:
+        return sandbox.dump(action.path)
     finally:
         sandbox.detach()
 
@@ -316,13 +361,25 @@ def _remove(action: Remove, streams) -> None:
 def _logs(action: Logs, streams) -> Iterator[bytes]:
     from qemubox.sandbox import console
 
-    return console.read(action.name, action.lines, action.follow)
+    return console.read(action.name, action.lines, action.follow, action.net)
+
+
+def _network(action: Network, streams):
+    from qemubox.sandbox import named
+
+    return named.network(action.name, action.net, action.add_hosts)
 
 
 def _kernel_build(action: KernelBuild, streams):
     from qemubox.kernel.build import build_kernel
 
     return build_kernel(action.request)
+
+
+def _bisect(action: Bisect, echo):
+    from qemubox.bisect.drive import bisect
+
+    return bisect(action.request, echo or (lambda line: None))
 
 
 def _run_matrix(action: RunMatrix, events) -> list:
@@ -384,6 +441,9 @@ ACTIONS: dict[type, Callable] = {
     Resume: _for_each("resume"),
     Remove: _remove,
     Logs: _logs,
+    Network: _network,
+    Dump: _dump,
+    Bisect: _bisect,
     KernelBuild: _kernel_build,
     RunMatrix: _run_matrix,
     StartPool: _start_pool,

@@ -20,7 +20,11 @@ class SessionRequest:
     share_fs: str = defaults.SHARE_FS[0]
     shares: tuple[str, ...] = ()  # HOST:TAG:GUEST[:ro]
     disks: tuple[str, ...] = ()  # SIZE:GUEST[:PATH]
-    net: str = defaults.NETWORKS[0]
+    net: str = defaults.NETWORKS[0]  # or allow=LIST, deny=LIST (egress rules)
+    add_hosts: tuple[str, ...] = ()  # NAME:IP
+    egress_log: str | None = None
+    vmcore: str | None = None  # where a panicked guest's memory is saved
+    append: str = ""  # the guest kernel's command line's further words
     publish: tuple[str, ...] = ()  # HOST:GUEST
     kernel: str | None = None
     modules: str | None = None
@@ -40,6 +44,10 @@ class SessionRequest:
             shares=[replace(share, fs=self.share_fs) for share in shares],
             disks=[notation.disk(d) for d in self.disks],
             network=self.net,
+            add_hosts=list(self.add_hosts),
+            egress_log=self.egress_log,
+            vmcore=self.vmcore,
+            kernel_args=self.append,
             ports=[notation.publish(p) for p in self.publish],
             kernel=self.kernel,
             modules=self.modules,

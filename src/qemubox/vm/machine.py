@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qemubox import paths
+from qemubox.egress import launch as egress
 from qemubox.errors import (
     BootError,
     BusyError,
@@ -41,6 +42,7 @@ from qemubox.model.state import State
 from qemubox.qemu import process
 from qemubox.qemu.cmdline import qemu_args
 from qemubox.qemu.virtiofs import virtiofsd_commands
+from qemubox.vm import crash
 
 CONSOLE_TAIL_LINES = 30
 CONSOLE_KEEP = 4 << 20  # bytes of console log kept on disk; a guest may write without end
@@ -172,11 +174,18 @@ class Machine:
                 f"{binary} is not installed (apt-get install {plan.arch_record.qemu_package})"
             )
         helpers = tuple((tuple(command), socket) for command, socket in virtiofsd_commands(plan))
+        environment = egress.qemu_prefix(plan)
+        if (proxy := egress.proxy_helper(plan)) is not None:
+            egress.write_rules(plan.runtime_dir, plan.egress_rules)
+            helpers += (proxy,)
+        if (dumper := crash.helper(plan)) is not None:
+            helpers += (dumper,)
         keeping = process.Keeping(
             Path(plan.runtime_dir), CONSOLE_KEEP, lock_fd, idle, on_idle, helpers
         )
-        proc = process.spawn(qemu_args(plan), keeping, Path(plan.runtime_dir) / "qemu.log")
-        pid = process.qemu_pid(proc)
+        command = environment + qemu_args(plan)
+        proc = process.spawn(command, keeping, Path(plan.runtime_dir) / "qemu.log")
+        pid = process.qemu_pid(proc, Path(plan.runtime_dir))
         machine = cls(plan, pid, process.start_time(pid), detached)
         machine._proc = proc
         machine.keeper = (proc.pid, process.start_time(proc.pid))
@@ -369,9 +378,11 @@ class Machine:
         tail = self.console_tail()
         code = self.exit_status()
         self._move(State.FAILED)
+        saved = crash.outcome(self.dir)
         if "Kernel panic" in tail:
             line = next(ln for ln in tail.splitlines() if "Kernel panic" in ln)
-            raise KernelPanic(line[line.index("Kernel panic") :].strip(), tail)
+            panic = line[line.index("Kernel panic") :].strip()
+            raise KernelPanic(panic + crash.describe(saved), tail, vmcore=saved)
         fatal = [ln for ln in tail.splitlines() if ln.startswith(AGENT_GAVE_UP)]
         if fatal:  # the agent said why it powered off (a root it could not mount...)
             raise BootError(f"the guest could not start: {fatal[-1].split(': ', 1)[1]}", tail)

@@ -1,0 +1,189 @@
+"""`qemubox bisect`: git bisect run over real builds and boots of a real history (the 6.12
+source in a git repository: one commit adds a bad boot message, a later one breaks the
+build), the first bad commit found, the tree left as it was (also when interrupted); and
+every refusal before anything is touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import qemubox
+from qemubox.bisect.step import BAD, GOOD, SKIP, verdict
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Q",
+    "GIT_AUTHOR_EMAIL": "q@example.com",
+    "GIT_COMMITTER_NAME": "Q",
+    "GIT_COMMITTER_EMAIL": "q@example.com",
+}
+MESSAGE = "qemubox-bisect: a bad boot message"
+CHECK = ["sh", "-c", f"! dmesg | grep -q '{MESSAGE}'"]
+
+
+def git(tree: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(tree), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **GIT_ENV},
+    )
+    return proc.stdout.strip()
+
+
+def commit(tree: Path, message: str) -> str:
+    git(tree, "commit", "-q", "-a", "-m", message)
+    return git(tree, "rev-parse", "HEAD")
+
+
+def test_each_revision_is_judged_by_its_commands_exit_status():
+    assert [verdict(c) for c in (0, 125, 1, 2, 121, 122, 124, 130)] == [
+        GOOD, SKIP, BAD, BAD, BAD, BAD, BAD, BAD,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    """A git checkout shaped like a kernel tree, with two commits."""
+    tree = tmp_path / "linux"
+    (tree / "arch").mkdir(parents=True)
+    (tree / "Kconfig").write_text("")
+    (tree / "Makefile").write_text("VERSION = 6\n")
+    git(tree, "init", "-q", "-b", "main")
+    git(tree, "add", "-A")
+    first = commit(tree, "one")
+    (tree / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 12\n")
+    return tree, first, commit(tree, "two")
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "message"),
+    [
+        (None, ["--good", "nope"], "--good nope: no such commit in"),
+        (None, ["--good", "HEAD", "--bad", "HEAD~1"], "is not an ancestor of --bad HEAD~1"),
+        (None, ["--good", "HEAD", "--bad", "main"], "are the same commit"),
+        ("dirty", [], "1 file(s) with uncommitted changes (Makefile...): commit or stash them"),
+        ("bisecting", [], "a bisection is under way there (`git bisect reset` ends it)"),
+        (None, ["--kernel", "x"], "--kernel does not go with it"),
+        (None, ["--name", "x"], "--name does not go with it"),
+        (None, ["-m", "1"], "memory '1' is too small"),
+    ],
+)
+def test_a_bisection_that_cannot_be_done_is_refused_before_the_tree_is_touched(
+    small_tree, change, args, message
+):
+    tree, first, second = small_tree
+    if change == "dirty":
+        (tree / "Makefile").write_text("changed\n")
+    if change == "bisecting":
+        git(tree, "bisect", "start", second, first)
+    before = (git(tree, "status", "--porcelain"), git(tree, "rev-parse", "HEAD"))
+    own = [a for a in args if a in ("--good", "--bad")]
+    defaults = [*(["--good", first] if "--good" not in own else []),
+                *(["--bad", second] if "--bad" not in own else [])]  # fmt: skip
+    r = qemubox("bisect", "--source", tree, *defaults, *args, "--", "true")
+    assert (r.code, r.err.count("\n")) == (2, 1) and message in r.err, r.err
+    assert (git(tree, "status", "--porcelain"), git(tree, "rev-parse", "HEAD")) == before
+
+
+def test_a_tree_that_is_no_git_checkout_is_refused(tmp_path):
+    r = qemubox("bisect", "--source", tmp_path, "--good", "a", "--bad", "b", "--", "true")
+    assert (r.code, r.err) == (
+        2,
+        f"qemubox: error: --source {tmp_path}: not a git checkout (bisection needs its history)\n",
+    )
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """The 6.12 source as a git repository (hard links to the extracted source: git replaces
+    a file it checks out, never writes into it): base; a bad boot message; a broken build;
+    the build fixed; a documentation change. (tree, {name: commit})."""
+    from qemubox.kernel.source import debian_source
+
+    tree = tmp_path_factory.mktemp("bisect") / "linux"
+    subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
+    ignore = tree / ".gitignore"  # Debian's ignores every file at the top: not upstream's
+    kept = ignore.read_text().split("# Debian packaging")[0]
+    ignore.unlink()
+    ignore.write_text(kept)
+    git(tree, "init", "-q", "-b", "main")
+    git(tree, "add", "-A")
+    commits = {"base": commit(tree, "base")}
+    main_c = tree / "init" / "main.c"
+    text = main_c.read_text()
+    anchor = "\tsystem_state = SYSTEM_RUNNING;\n"
+    assert text.count(anchor) == 1
+    main_c.unlink()  # a file of its own, not the extracted source's
+    main_c.write_text(text.replace(anchor, f'{anchor}\tpr_notice("{MESSAGE}\\n");\n'))
+    commits["bad"] = commit(tree, "init: print a bad boot message")
+    version_c = tree / "init" / "version.c"
+    original = version_c.read_text()
+    version_c.unlink()
+    version_c.write_text(original + "\n#error qemubox-bisect: a broken build\n")
+    commits["broken"] = commit(tree, "init: break the build")
+    version_c.unlink()
+    version_c.write_text(original)
+    commits["fixed"] = commit(tree, "init: fix the build")
+    doc = tree / "Documentation" / "index.rst"
+    text = doc.read_text()
+    doc.unlink()
+    doc.write_text(text + "\n")
+    commits["doc"] = commit(tree, "Documentation: a blank line")
+    return tree, commits
+
+
+@pytest.mark.kernel
+@pytest.mark.qemu
+def test_bisect_finds_the_commit_that_added_a_bad_boot_message_and_leaves_the_tree_as_it_was(
+    history,
+):
+    tree, commits = history
+    r = qemubox(
+        "bisect", "--source", tree, "--good", commits["base"], "--bad", commits["doc"],
+        "-m", "256M", "--", *CHECK, timeout=3000,
+    )  # fmt: skip
+    assert r.code == 0, r.err[-3000:]
+    assert r.out == f"{commits['bad']} is the first bad commit: init: print a bad boot message\n"
+    # The broken revision was tested first (the middle), and skipped; each step said so live.
+    assert "init: break the build: skip (the build failed:" in r.err
+    assert f"{commits['bad'][:12]} init: print a bad boot message: bad (exit status 1)" in r.err
+    assert git(tree, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert git(tree, "rev-parse", "HEAD") == commits["doc"]
+    assert git(tree, "status", "--porcelain", "--untracked-files=all") == ""
+    assert not (tree / ".git" / "BISECT_LOG").exists()
+
+    # Again, from a detached HEAD, interrupted while a step's command runs: the revisions
+    # built above build nothing, and the tree is left detached where it was.
+    git(tree, "checkout", "-q", "--detach", commits["fixed"])  # left detached, as found
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemubox", "bisect", "--source", str(tree),
+         "--good", commits["base"], "--bad", commits["doc"], "--", "sleep", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 600
+    for line in proc.stderr:
+        seen.append(line)
+        if "running the command" in line or time.monotonic() > deadline:
+            break
+    assert "built before; running the command" in "".join(seen), "".join(seen)
+    time.sleep(2)  # the command is in its sandbox
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C at a terminal
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + err
+    assert "Traceback" not in err
+    assert git(tree, "rev-parse", "HEAD") == commits["fixed"]
+    detached = subprocess.run(["git", "-C", str(tree), "symbolic-ref", "-q", "HEAD"], check=False)
+    assert detached.returncode == 1
+    assert git(tree, "status", "--porcelain", "--untracked-files=all") == ""
+    assert not (tree / ".git" / "BISECT_LOG").exists()
+    git(tree, "checkout", "-q", "main")
