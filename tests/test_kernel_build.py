@@ -41,7 +41,7 @@ def test_build_installs_the_seed_layout(minimal_x86):
     release = manifest["version"]
     assert release.startswith("6.12.")
     assert manifest["arch"] == "x86_64" and manifest["profile"] == "minimal"
-    assert manifest["fragments"] == ["sandbox", "x86_64"]
+    assert manifest["fragments"] == ["sandbox", "x86_64", "vmcore"]
     assert manifest["source"] == "Debian linux-source-6.12"
     assert len(manifest["config_sha256"]) == 64 and manifest["build_seconds"] >= 0
     for name in (f"vmlinuz-{release}", f"config-{release}", f"System.map-{release}", "vmlinux"):
@@ -185,7 +185,7 @@ def test_menuconfig_saves_changes_as_a_fragment(tmp_path, monkeypatch):
 def test_arm64_cross_build_boots_on_virt(minimal_arm64, tmp_path):
     manifest = json.loads((minimal_arm64 / "manifest.json").read_text())
     assert manifest["arch"] == "arm64" and manifest["image"] == "arch/arm64/boot/Image"
-    assert manifest["fragments"] == ["sandbox", "arm64"]
+    assert manifest["fragments"] == ["sandbox", "arm64", "vmcore"]
     source = tmp_path / "init.c"
     source.write_text(
         textwrap.dedent("""\

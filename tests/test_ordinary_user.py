@@ -95,6 +95,7 @@ def user(tmp_path_factory):
     finally:
         subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True, check=False)
         subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)
+        shutil.rmtree(f"/dev/shm/qemubox-{entry.pw_uid}", ignore_errors=True)  # its RAM files
 
 
 def test_an_ordinary_user_runs_sandboxes_from_an_empty_cache(user):

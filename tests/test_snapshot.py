@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -282,26 +283,91 @@ def test_a_sparse_copy_keeps_data_and_holes(tmp_path):
     assert dst.stat().st_blocks * 512 <= 3 * 4096 * 4  # holes stay holes
 
 
-def test_ram_files_of_a_cache_that_is_gone_are_dropped(tmp_path, monkeypatch):
-    shm = Path("/dev/shm") / f"qemubox-{os.getuid()}"
-    shm.mkdir(mode=0o700, exist_ok=True)
-    gone, kept, unmarked = (shm / f"test-{os.getpid()}-{n}" for n in ("gone", "kept", "unmarked"))
-    for d, store in ((gone, tmp_path / "gone" / "snapshots"), (kept, tmp_path / "snapshots")):
-        d.mkdir()
-        (d / snapshot.STORE_MARK).write_text(str(store))
-        (d / "k.ram").write_bytes(b"ram")
-    unmarked.mkdir()
+@pytest.fixture
+def shm(tmp_path, monkeypatch):
+    """A stand-in for /dev/shm: the real caches' RAM files are neither counted nor taken."""
+    monkeypatch.setattr(snapshot, "SHM", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
     monkeypatch.setenv("QEMUBOX_CACHE_DIR", str(tmp_path / "cache"))
     snapshot._ram_dir.cache_clear()
+    yield snapshot._user_dir()
+    snapshot._ram_dir.cache_clear()
+
+
+def _cache(user: Path, name: str, store: Path) -> Path:
+    d = user / name
+    d.mkdir(parents=True)
+    (d / snapshot.STORE_MARK).write_text(str(store))
+    return d
+
+
+def _recorded(ram_dir: Path, store: Path, k: str, used: float, size: int = 64 << 10) -> Path:
+    ram = ram_dir / f"{k}.ram"
+    ram.write_bytes(b"r" * size)
+    os.utime(ram, (used, used))
+    (store / k).mkdir(parents=True)
+    (store / k / "state").write_bytes(b"s")
+    (store / k / "meta.json").write_text("{}")
+    return ram
+
+
+def test_ram_files_of_a_cache_that_is_gone_are_dropped(shm, tmp_path):
+    gone = _cache(shm, "gone", tmp_path / "gone" / "snapshots")
+    kept = _cache(shm, "kept", tmp_path / "snapshots")
+    for d in (gone, kept):
+        (d / "k.ram").write_bytes(b"ram")
+    (shm / "unmarked").mkdir()
+    mine = snapshot.ram_dir()
+    assert (mine / snapshot.STORE_MARK).read_text() == str(tmp_path / "cache" / "snapshots")
+    assert not gone.exists() and not (shm / "unmarked").exists()
+    assert (kept / "k.ram").read_bytes() == b"ram"
+
+
+def test_ram_files_are_kept_within_one_budget_across_caches(shm, tmp_path, monkeypatch):
+    from qemubox import paths
+
+    mine, own_store = snapshot.ram_dir(), snapshot.store_dir()
+    other_store = tmp_path / "other" / "snapshots"
+    other = _cache(shm, "other", other_store)
+    now = time.time()
+    # An orphan (its record gone), a file its recorder holds between its files, a recording
+    orphan = other / "orphan.ram"
+    orphan.write_bytes(b"o" * 4096)
+    between = other / "between.ram"
+    between.write_bytes(b"b" * 4096)
+    os.utime(between, (now - 500, now - 500))  # the oldest: the first taken, were it free
+    other_store.mkdir(parents=True)
+    held = paths.try_lock(other_store / ".between.lock")
+    recording = mine / f".rec.{os.getpid()}.ram"
+    recording.write_bytes(b"x" * (256 << 10))
+    old_other = _recorded(other, other_store, "old", now - 300)
+    old_mine = _recorded(mine, own_store, "mine", now - 200)
+    new_other = _recorded(other, other_store, "new", now - 100)
     try:
-        mine = snapshot.ram_dir()
-        assert (mine / snapshot.STORE_MARK).read_text() == str(tmp_path / "cache" / "snapshots")
-        assert not gone.exists() and not unmarked.exists()
-        assert (kept / "k.ram").read_bytes() == b"ram"
+        # Room for four of these files: a recording of 64 KiB needs one of the three to go
+        monkeypatch.setattr(snapshot, "BUDGET_MAX", (3 << 16) + 8192 + 4096)
+        snapshot.make_room(64 << 10)
+        assert not orphan.exists() and between.exists() and recording.exists()
+        assert not old_other.exists() and not (other_store / "old").exists()
+        assert old_mine.exists() and new_other.exists()
+        # A restore makes a file the most recently used: the other cache's goes first
+        assert snapshot.find(None, "mine") is not None  # the key given: no plan read
+        snapshot.make_room(128 << 10)
+        assert not new_other.exists() and not (other_store / "new").exists()
+        assert old_mine.exists()
+        snapshot.make_room(192 << 10)  # the own cache's record goes with its file
+        assert not old_mine.exists() and not (own_store / "mine").exists()
+        assert between.exists()  # held all along
     finally:
-        shutil.rmtree(kept, ignore_errors=True)
-        shutil.rmtree(snapshot.ram_dir(), ignore_errors=True)
-        snapshot._ram_dir.cache_clear()
+        os.close(held)
+    # No room on tmpfs for a recording: one OSError, which a start turns into its warning
+    monkeypatch.setattr(snapshot, "SPARE", 1 << 60)
+    plan = types.SimpleNamespace(memory_mib=1)
+    with pytest.raises(OSError, match=r"has \d+ MiB free, recording needs \d+ MiB"):
+        snapshot.claim(plan, "k")
+    fd = paths.try_lock(own_store / ".k.lock")  # the key's lock was let go
+    assert fd is not None
+    os.close(fd)
 
 
 def test_the_initramfs_cache_keeps_those_used_last(tmp_path, monkeypatch):

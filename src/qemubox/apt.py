@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qemubox.errors import InputError, ToolError, last_line
@@ -13,6 +15,40 @@ from qemubox.errors import InputError, ToolError, last_line
 # Where Debian puts administrators' tools (mkfs.ext4, depmod, debugfs, debootstrap): not on an
 # ordinary user's PATH, yet many of them serve that user too.
 SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+# What apt and debootstrap say when the mirror or the network failed them rather than the
+# request (a mirror in the middle of a sync serves an index of the wrong size): such a
+# failure is tried again, RETRY_DELAYS seconds apart; any other is said at once.
+TRANSIENT = re.compile(
+    r"unexpected size|mirror sync|hash sum mismatch|failed to fetch|couldn't download"
+    r"|could not (?:connect|resolve)|temporary failure|connection (?:failed|timed out|refused)"
+    r"|timed out|unable to fetch|error reading from server|\b50[234]\b",
+    re.IGNORECASE,
+)
+RETRY_DELAYS = (3.0, 6.0, 12.0)
+
+
+def transient(output: str) -> bool:
+    """Whether a failed apt or debootstrap run blames the mirror or the network."""
+    return TRANSIENT.search(output) is not None
+
+
+def attempts(
+    what: str,
+    run: Callable[[], subprocess.CompletedProcess],
+    enough: Callable[[], bool] = lambda: False,
+) -> subprocess.CompletedProcess:
+    """Run an apt tool (``run``) until it succeeds (or fails having done ``enough``), again
+    after each of ``RETRY_DELAYS`` while its failure is :func:`transient`; ToolError naming
+    ``what`` with its last word otherwise. Returns the last run."""
+    for delay in (*RETRY_DELAYS, None):
+        proc = run()
+        if proc.returncode == 0 or enough():
+            return proc
+        if delay is None or not transient(f"{proc.stdout or ''}{proc.stderr or ''}"):
+            break
+        time.sleep(delay)
+    raise ToolError(f"{what} failed: {last_line(proc.stderr)}")
 
 
 def program(name: str, package: str) -> str:
@@ -28,29 +64,22 @@ def apt_install(package: str, why: str) -> None:
     """Install a package when root; otherwise say the exact command (``why`` says what for)."""
     if os.geteuid() != 0:
         raise InputError(f"{why}: install it with 'apt-get install {package}' (as root)")
-    proc = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise ToolError(f"apt-get install {package} failed: {last_line(proc.stderr)}")
+    args = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    attempts(f"apt-get install {package}", lambda: _capture(args, env=env))
+
+
+def _capture(args: list[str], cwd: Path | None = None, env: dict | None = None):
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
 def apt_download(package: str, directory: Path) -> Path:
     """Download a package's .deb into ``directory`` (no root needed); returns its path."""
-    proc = subprocess.run(
-        ["apt-get", "download", package],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    what = f"apt-get download {package}"
+    attempts(what, lambda: _capture(["apt-get", "download", package], directory))
     debs = sorted(directory.glob("*.deb"))
-    if proc.returncode != 0 or not debs:
-        raise ToolError(f"apt-get download {package} failed: {last_line(proc.stderr)}")
+    if not debs:
+        raise ToolError(f"{what} failed: it fetched no .deb")
     return debs[-1]
 
 
@@ -70,10 +99,28 @@ def _private(state: Path, *options: str) -> list[str]:
 
 
 def _run(args: list[str], what: str, cwd: Path | None = None) -> None:
-    """Run an apt or dpkg tool; ToolError with its last word when it fails."""
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    """Run an apt or dpkg tool (see :func:`attempts`)."""
+    attempts(what, lambda: _capture(args, cwd))
+
+
+_UPDATED: set[Path] = set()  # the private list directories this process has updated
+
+
+def _update(options: list[str], state: Path, what: str, kind: str) -> None:
+    """``apt-get update`` of the private lists under ``state``, once per process. An update
+    that failed yet brought lists of ``kind`` (``Packages``, ``Sources``) goes on with them:
+    a mirror that serves one index badly (bookworm-security's, mid-sync) leaves the others
+    usable; the next process updates again."""
+    lists = state / "lists"
+    if lists in _UPDATED:
+        return
+    update = ["apt-get", *options, "update"]
+    proc = attempts(what, lambda: _capture(update), lambda: any(lists.glob(f"*_{kind}*")))
     if proc.returncode != 0:
-        raise ToolError(f"{what} failed: {last_line(proc.stderr)}")
+        (state / "partial").touch()
+    else:
+        (state / "partial").unlink(missing_ok=True)
+    _UPDATED.add(lists)
 
 
 def _foreign(debian_arch: str, state: Path) -> list[str]:
@@ -86,8 +133,8 @@ def _foreign(debian_arch: str, state: Path) -> list[str]:
         "-o", f"APT::Architectures::={debian_arch}",
         "-o", "Dir::State::status=/dev/null",
     )  # fmt: skip
-    if not any((state / "lists").glob("*_Packages*")):
-        _run(["apt-get", *options, "update"], f"apt-get update for {debian_arch}")
+    if not any((state / "lists").glob("*_Packages*")) or (state / "partial").exists():
+        _update(options, state, f"apt-get update for {debian_arch}", "Packages")
     return options
 
 
@@ -106,18 +153,11 @@ def download_for_arch(package: str, debian_arch: str, directory: Path, state: Pa
     """Download ``package`` built for another architecture (see ``_foreign``). Returns the
     .deb's path."""
     options = _foreign(debian_arch, state)
-    proc = subprocess.run(
-        ["apt-get", *options, "download", package],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    what = f"apt-get download {package} ({debian_arch})"
+    attempts(what, lambda: _capture(["apt-get", *options, "download", package], directory))
     debs = sorted(directory.glob(f"*_{debian_arch}.deb"))
-    if proc.returncode != 0 or not debs:
-        raise ToolError(
-            f"apt-get download {package} ({debian_arch}) failed: {last_line(proc.stderr)}"
-        )
+    if not debs:
+        raise ToolError(f"{what} failed: it fetched no .deb")
     return debs[-1]
 
 
@@ -176,7 +216,7 @@ def download_source(package: str, directory: Path, state: Path) -> Path:
         "-o", "Dir::Etc::SourceParts=/nonexistent",
     )  # fmt: skip
     listing.write_text("".join(f"deb-src {u} {s} {c}\n" for u, s, c in sources))
-    _run(["apt-get", *options, "update"], f"apt-get update (sources of {package})")
+    _update(options, state, f"apt-get update (sources of {package})", "Sources")
     _run(
         ["apt-get", *options, "source", "--download-only", package],
         f"apt-get source {package}",

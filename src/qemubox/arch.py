@@ -45,11 +45,11 @@ class Arch:
     bits: int = 64
     kvm_hosts: tuple[str, ...] = ()  # other hosts whose KVM runs it (x86_64's runs i386)
     # Whether QEMU carries a running guest across a migration whole, as snapshots, pools and
-    # pauses need (QEMU 7.2 loses RISC-V's timer state, and at times the pseries decrementer's:
-    # a restored guest may never wake)
+    # pauses need (QEMU 7.2 loses RISC-V's timer state, at times the pseries decrementer's and
+    # a Malta's PCI interrupts: a restored guest may hang)
     migrates: bool = True
-    # Whether its machines have fw_cfg, and so QEMU's vmcoreinfo device: a dump of the guest's
-    # memory then carries the kernel's VMCOREINFO (its guest kernels get vmcore.config)
+    # Whether its machines have fw_cfg with DMA, and so QEMU's vmcoreinfo device: a dump of
+    # the guest's memory then carries the kernel's VMCOREINFO (its kernels get vmcore.config)
     vmcoreinfo: bool = False
 
     @property
@@ -246,8 +246,7 @@ ARCHES: dict[str, Arch] = {
             config_symbol="CONFIG_RISCV",
             image_magic=(0x38, b"RSC\x05"),
             fragments=("riscv64",),
-            vmcoreinfo=True,
-            busybox_package=None,
+            busybox_package=None,  # its virt machine's fw_cfg has no DMA: no vmcoreinfo
             migrates=False,
         ),
         Arch(
@@ -270,6 +269,7 @@ ARCHES: dict[str, Arch] = {
             config_symbol="CONFIG_MIPS",
             boots_vmlinux=True,
             fragments=("mips64el",),
+            migrates=False,  # a restored Malta loses its PCI interrupts at times
         ),
     )
 }

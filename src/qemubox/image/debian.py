@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qemubox import arch as arches
 from qemubox import paths
-from qemubox.apt import apt_install, program
-from qemubox.errors import InputError
+from qemubox.apt import RETRY_DELAYS, apt_install, program, transient
+from qemubox.errors import InputError, last_line
 from qemubox.image.ext4 import make_ext4
 from qemubox.image.recipe import Recipe
 from qemubox.model.net import DNS
@@ -102,7 +103,7 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
     if target.exists():
         return target
     check_can_build(recipe)
-    from qemubox.progress import run_logged  # rich, only when building
+    from qemubox.progress import CommandFailed, run_logged  # rich, only when building
 
     log = images_dir() / f"{recipe.key()}.log"
     debs = debs_dir(recipe.suite, recipe.arch)
@@ -110,24 +111,40 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
     def make(tmp: Path) -> None:
         tree = tmp / "tree"
         tmp.mkdir()
-        run_logged(
-            [
-                program("debootstrap", "debootstrap"),
-                "--variant=minbase",
-                f"--arch={recipe.arch}",
-                "--components=main",
-                f"--include={','.join(recipe.packages)}",
-                f"--cache-dir={debs}",
-                recipe.suite,
-                str(tree),
-                mirror,
-            ],
-            log,
-            label,
-            debootstrap_progress(),
-            console=console,
-            interrupted=f"{label}: interrupted; nothing was kept",
-        )
+        args = [
+            program("debootstrap", "debootstrap"),
+            "--variant=minbase",
+            f"--arch={recipe.arch}",
+            "--components=main",
+            f"--include={','.join(recipe.packages)}",
+            f"--cache-dir={debs}",
+            recipe.suite,
+            str(tree),
+            mirror,
+        ]
+        for delay in (*RETRY_DELAYS, None):  # a mirror's or network's failure: again
+            try:
+                run_logged(
+                    args,
+                    log,
+                    label,
+                    debootstrap_progress(),
+                    console=console,
+                    interrupted=f"{label}: interrupted; nothing was kept",
+                )
+                break
+            except CommandFailed as err:
+                if delay is None or not transient(err.log_tail):
+                    raise
+                shutil.rmtree(tree, ignore_errors=True)  # from an empty tree; debs are kept
+                why = (
+                    f"{label}: the mirror failed ({last_line(err.log_tail)}); again in {delay:g} s"
+                )
+                if console is not None:
+                    console.print(why, highlight=False, soft_wrap=True)
+                else:
+                    print(why, file=sys.stderr)
+                time.sleep(delay)
         for name, text in _ETC.items():
             (tree / name).unlink(missing_ok=True)
             (tree / name).write_text(text)

@@ -137,7 +137,7 @@ LIMITS: tuple[tuple[Capability, Callable[[MachinePlan], bool], str], ...] = (
         (
             capability,
             lambda p: not p.arch_record.migrates,
-            "QEMU does not restore this arch's timers reliably: a restored guest may never wake",
+            "QEMU does not restore this arch's machines reliably: a restored guest may hang",
         )
         for capability in Capability
     ),

@@ -16,14 +16,17 @@ command.
 Files: ``/dev/shm/qemubox-<uid>/<cache>/<key>.ram`` (tmpfs, gone at reboot) and
 ``<cache>/snapshots/<key>/`` (``state``, ``meta.json``, and ``console``: what the boot
 printed, which a clone's console log starts with); a snapshot is whole only with the
-first three, and is recorded again otherwise. The RAM files are kept within a budget
-(:func:`budget`): recording one first removes the least recently used beyond it.
+first three, and is recorded again otherwise. The RAM files of all of a user's caches are
+kept within one budget (:func:`budget`): recording one first removes the least recently
+used beyond it, whichever cache holds them, and a RAM file whose record is gone; a start
+that tmpfs has no room to record boots without recording.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -43,6 +46,8 @@ FORMAT = 1  # bumped when what a snapshot holds changes
 MIGRATION_TIMEOUT = 30.0
 STORE_MARK = "store"  # in a RAM directory: the snapshot store it belongs to
 BUDGET_MAX = 4 << 30  # bytes of RAM files at most, and a quarter of the tmpfs
+SHM = Path("/dev/shm")  # the tmpfs the RAM files live on
+SPARE = 64 << 20  # bytes left free on tmpfs beyond a recording's two RAM files
 
 
 class SnapshotError(SandboxError):
@@ -80,12 +85,17 @@ def key(plan: MachinePlan) -> str:
 def ram_dir() -> Path:
     """Ours on tmpfs (a directory someone else made there is refused), one per cache
     directory: a RAM file belongs with the state file beside which it was recorded."""
-    return _ram_dir(str(store_dir().absolute()))
+    return _ram_dir(str(SHM), str(store_dir().absolute()))
+
+
+def _user_dir() -> Path:
+    """This user's directory on tmpfs, holding one directory per cache."""
+    return SHM / f"qemubox-{os.getuid()}"
 
 
 @functools.cache
-def _ram_dir(store: str) -> Path:
-    d = Path("/dev/shm") / f"qemubox-{os.getuid()}"
+def _ram_dir(shm: str, store: str) -> Path:
+    d = _user_dir()
     d.mkdir(mode=0o700, exist_ok=True)
     paths.trusted(d)
     mine = d / hashlib.sha256(store.encode()).hexdigest()[:12]
@@ -110,15 +120,23 @@ def _drop_orphans(d: Path) -> None:
     its file privately and keeps it), and those of the layout before these directories."""
     for old in d.glob("*.ram"):
         old.unlink(missing_ok=True)
+    for sub, store in _caches(d):
+        if store is None or not store.parent.is_dir():
+            shutil.rmtree(sub, ignore_errors=True)
+
+
+def _caches(d: Path) -> list[tuple[Path, Path | None]]:
+    """The cache directories in this user's directory ``d`` (those still being made are
+    named with a dot), each with the snapshot store it belongs to (None: unmarked)."""
+    found = []
     for sub in d.iterdir():
         if not sub.is_dir() or sub.name.startswith("."):
             continue
         try:
-            store = Path((sub / STORE_MARK).read_text())
+            found.append((sub, Path((sub / STORE_MARK).read_text())))
         except OSError:
-            store = None
-        if store is None or not store.parent.is_dir():
-            shutil.rmtree(sub, ignore_errors=True)
+            found.append((sub, None))
+    return found
 
 
 def store_dir() -> Path:
@@ -138,6 +156,7 @@ def find(plan: MachinePlan, k: str | None = None) -> SnapshotPlan | None:
     if ram.is_file() and state.is_file() and meta.is_file():
         with contextlib.suppress(OSError):
             os.utime(meta)
+            os.utime(ram)  # its time among all caches' RAM files (see make_room)
         return SnapshotPlan("restore", k, str(ram), str(state))
     return None
 
@@ -158,9 +177,80 @@ def remove(k: str) -> None:
 
 
 def budget() -> int:
-    """Bytes the RAM files may take on tmpfs: a quarter of it, at most ``BUDGET_MAX``."""
+    """Bytes the RAM files of all of a user's caches may take on tmpfs: a quarter of it,
+    at most ``BUDGET_MAX``."""
     st = os.statvfs(ram_dir())
     return min(BUDGET_MAX, st.f_blocks * st.f_frsize // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RamFile:
+    path: Path
+    store: Path | None  # the snapshot store it belongs to (None: its directory is unmarked)
+    used: float  # touched when it is restored
+    size: int
+
+    @property
+    def key(self) -> str:
+        return self.path.name.removesuffix(".ram")
+
+    def held(self) -> bool:
+        """Whether its recorder holds its key's lock now (it may be between its files)."""
+        return self.store is not None and paths.is_locked(self.store / f".{self.key}.lock")
+
+    def recorded(self) -> bool:
+        d = self.store / self.key if self.store else None
+        return d is not None and (d / "state").is_file() and (d / "meta.json").is_file()
+
+    def drop(self) -> None:
+        """Remove it and its record (its cache's snapshot of this key is no longer whole)."""
+        self.path.unlink(missing_ok=True)
+        if self.store is not None:
+            shutil.rmtree(self.store / self.key, ignore_errors=True)
+
+
+def _ram_files() -> list[_RamFile]:
+    """The snapshots' RAM files of all of this user's caches (a recorder's own
+    ``.KEY.PID.ram`` is not one yet), least recently used first."""
+    found = []
+    for sub, store in _caches(_user_dir()):
+        for ram in sub.iterdir():
+            if ram.name.startswith(".") or ram.suffix != ".ram":
+                continue
+            with contextlib.suppress(OSError):
+                st = ram.stat()
+                found.append(_RamFile(ram, store, st.st_mtime, st.st_blocks * 512))
+    return sorted(found, key=lambda f: f.used)
+
+
+def make_room(memory: int) -> None:
+    """Before a machine of ``memory`` bytes is recorded: remove the RAM files whose record
+    is gone, then the least recently used of all of this user's caches until they and this
+    one fit the budget (a file whose recorder holds its lock is never taken). OSError when
+    tmpfs has still no room for the recording (its machine's RAM file and the template's
+    copy, and ``SPARE``): a guest whose shared RAM cannot be backed would die of SIGBUS."""
+    _drop_orphans(_user_dir())
+    files = []
+    for f in _ram_files():
+        if f.recorded() or f.held():
+            files.append(f)
+        else:
+            f.drop()
+    total = sum(f.size for f in files)
+    limit = budget() - memory
+    for f in files:
+        if total <= limit:
+            break
+        if not f.held():
+            f.drop()
+            total -= f.size
+    st = os.statvfs(_user_dir())
+    free, need = st.f_bavail * st.f_frsize, 2 * memory + SPARE
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{SHM} has {free >> 20} MiB free, recording needs {need >> 20} MiB",
+        )
 
 
 def starter_monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
@@ -257,7 +347,8 @@ def claim(plan: MachinePlan, k: str) -> tuple[SnapshotPlan, int] | None:
     try:
         for stale in ram_dir().glob(f".{k}.*"):  # a recorder of this key that was killed
             stale.unlink(missing_ok=True)
-        prune(max_bytes=max(0, budget() - (plan.memory_mib << 20)))  # room for this one
+        prune()
+        make_room(plan.memory_mib << 20)
         _, state, _ = _places(k)
         state.parent.mkdir(parents=True, exist_ok=True)
         tag = f"{k}.{os.getpid()}"
