@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -247,10 +246,7 @@ def make_room(memory: int) -> None:
     st = os.statvfs(_user_dir())
     free, need = st.f_bavail * st.f_frsize, 2 * memory + SPARE
     if free < need:
-        raise OSError(
-            errno.ENOSPC,
-            f"{SHM} has {free >> 20} MiB free, recording needs {need >> 20} MiB",
-        )
+        raise OSError(f"{SHM} has {free >> 20} MiB free, recording needs {need >> 20} MiB")
 
 
 def starter_monitor(plan: MachinePlan, deadline: float, alive: Callable[[], bool]):
