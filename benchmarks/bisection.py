@@ -27,28 +27,16 @@ import time
 import uuid
 from pathlib import Path
 
-from qemubox.kernel.source import debian_source
-from qemubox.paths import cache_dir
+from common import linked_source, seconds
 
 ANCHOR = 'pr_notice("%s", linux_banner);'
 GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
 
 
-def seconds(command: list[str], cwd: Path | None = None) -> tuple[float, str]:
-    start = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
-    return time.monotonic() - start, proc.stdout
-
-
 def private_repository() -> Path:
     """Our own git repository of the 6.12 tree: hard links, made once."""
-    tree = cache_dir() / "bench-bisect" / "linux"
+    tree = linked_source("bench-bisect", ".git")
     if not (tree / ".git").is_dir():
-        tree.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["rm", "-rf", str(tree)], check=True)
-        subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
         ignore = tree / ".gitignore"  # Debian's ignores every file at the top
         kept = ignore.read_text().split("# Debian packaging")[0]
         ignore.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 QEMUBOX = [sys.executable, "-m", "qemubox"]
 
@@ -22,3 +23,26 @@ def timed(env: dict, *args: str) -> float:
     start = time.monotonic()
     qemubox(env, *args)
     return time.monotonic() - start
+
+
+def seconds(command: list[str], cwd: Path | None = None) -> tuple[float, str]:
+    """Seconds any command takes, and its stdout; a failure ends the benchmark."""
+    start = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, command))} failed:\n{proc.stderr[-2000:]}")
+    return time.monotonic() - start, proc.stdout
+
+
+def linked_source(name: str, done: str) -> Path:
+    """A benchmark's own copy of Debian's 6.12 tree in the cache (hard links), made again
+    unless its ``done`` entry is there."""
+    from qemubox.kernel.source import debian_source
+    from qemubox.paths import cache_dir
+
+    tree = cache_dir() / name / "linux"
+    if not (tree / done).exists():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["rm", "-rf", str(tree)], check=True)
+        subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
+    return tree

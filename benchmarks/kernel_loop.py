@@ -17,36 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from qemubox.kernel.source import debian_source
-from qemubox.paths import cache_dir
+from common import QEMUBOX, linked_source, seconds
 
 ANCHOR = 'pr_notice("%s", linux_banner);'
 
 
 def qemubox(*args: str) -> tuple[float, str]:
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "qemubox", *args], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        sys.exit(f"qemubox {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return time.monotonic() - start, proc.stdout
-
-
-def private_tree() -> Path:
-    """Our own copy of the 6.12 tree: hard links, made once."""
-    tree = cache_dir() / "bench-kernel-loop" / "linux"
-    if not (tree / "Makefile").is_file():
-        tree.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["rm", "-rf", str(tree)], check=True)
-        subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
-    return tree
+    return seconds([*QEMUBOX, *args])
 
 
 def edit(tree: Path, marker: str) -> None:
@@ -66,7 +48,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3, help="rounds (medians are printed)")
     args = parser.parse_args()
 
-    tree = private_tree()
+    tree = linked_source("bench-kernel-loop", "Makefile")
     out = tree.parent / "out"
     build = ("kernel", "build", "--source", str(tree), "-o", str(out))
     print("first build of the tree (once per cache) ...", flush=True)
