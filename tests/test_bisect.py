@@ -27,6 +27,13 @@ MESSAGE = "qemubox-bisect: a bad boot message"
 CHECK = ["sh", "-c", f"! dmesg | grep -q '{MESSAGE}'"]
 
 
+def rewrite(path: Path, text: str) -> None:
+    """A file of its own with ``text`` (the tree is hard links to the extracted source,
+    which writing in place would change)."""
+    path.unlink()
+    path.write_text(text)
+
+
 def git(tree: Path, *args: str) -> str:
     proc = subprocess.run(
         ["git", "-C", str(tree), *args],
@@ -121,21 +128,16 @@ def history(tmp_path_factory):
     text = main_c.read_text()
     anchor = "\tsystem_state = SYSTEM_RUNNING;\n"
     assert text.count(anchor) == 1
-    main_c.unlink()  # a file of its own, not the extracted source's
-    main_c.write_text(text.replace(anchor, f'{anchor}\tpr_notice("{MESSAGE}\\n");\n'))
+    rewrite(main_c, text.replace(anchor, f'{anchor}\tpr_notice("{MESSAGE}\\n");\n'))
     commits["bad"] = commit(tree, "init: print a bad boot message")
     version_c = tree / "init" / "version.c"
     original = version_c.read_text()
-    version_c.unlink()
-    version_c.write_text(original + "\n#error qemubox-bisect: a broken build\n")
+    rewrite(version_c, original + "\n#error qemubox-bisect: a broken build\n")
     commits["broken"] = commit(tree, "init: break the build")
-    version_c.unlink()
-    version_c.write_text(original)
+    rewrite(version_c, original)
     commits["fixed"] = commit(tree, "init: fix the build")
     doc = tree / "Documentation" / "index.rst"
-    text = doc.read_text()
-    doc.unlink()
-    doc.write_text(text + "\n")
+    rewrite(doc, doc.read_text() + "\n")
     commits["doc"] = commit(tree, "Documentation: a blank line")
     return tree, commits
 

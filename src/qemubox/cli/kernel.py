@@ -92,7 +92,7 @@ def kernel_build(output, **kw):
     here = not kw["source"] and not kw["kernel_version"] and is_source_tree(Path.cwd())
     if here:
         kw["source"] = str(Path.cwd())
-    target = Path(output) if output else None if here else Path("build/kernel")
+    target = Path(output) if output else (None if here else Path("build/kernel"))
     try:
         result = perform(KernelBuild(_request(output=target, **kw)))
     except ConfigMismatchError as err:

@@ -89,7 +89,8 @@ _SESSION_OPTIONS = [
     click.option(
         "--kernel",
         metavar="PATH|debian",
-        help="Kernel image (default: the newest qemubox build, else Debian's).",
+        help="Kernel image, or a kernel source tree DIR (built first, cached) "
+        "(default: the newest qemubox build, else Debian's).",
     ),
     click.option("--modules", metavar="DIR", help="Modules of --kernel (lib/modules/VERSION)."),
     click.option(
