@@ -6,9 +6,11 @@ before they wait for a QEMU that is starting, so that the import and QEMU's star
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import Any
 
 from qemu.qmp import ExecuteError
@@ -26,18 +28,33 @@ class Monitor:
     machine holds it."""
 
     def __init__(self, socket_path: str) -> None:
-        self._qmp = QEMUMonitorProtocol(socket_path)
+        self._open(socket_path, server=False)
         self._qmp.connect(negotiate=True)
-        self._events: list[dict[str, Any]] = []
 
     @classmethod
     def listen(cls, socket_path: str) -> Monitor:
         """A monitor QEMU connects to (its ``-chardev socket`` without ``server=on``),
         listening once this returns; :meth:`accept` waits for QEMU."""
         self = cls.__new__(cls)
-        self._qmp = QEMUMonitorProtocol(socket_path, server=True)
-        self._events = []
+        self._open(socket_path, server=True)
         return self
+
+    def _open(self, socket_path: str, server: bool) -> None:
+        """The library's client, on an event loop of this monitor's own: the library would
+        otherwise make one per thread and leave it open, to be collected as the interpreter
+        exits (when its sockets may be gone first, which prints a traceback on stderr). The
+        loop is closed with the monitor, or at exit if the monitor never is."""
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)  # what the library's constructor takes
+        try:
+            self._qmp = QEMUMonitorProtocol(socket_path, server=server)
+        except BaseException:
+            self.loop.close()
+            raise
+        finally:
+            asyncio.set_event_loop(None)  # the thread is left with no loop, as it came
+        self._closing = weakref.finalize(self, _shut, self._qmp, self.loop)
+        self._events: list[dict[str, Any]] = []
 
     def accept(self, timeout: float | None = None) -> None:
         self._qmp.accept(timeout)
@@ -85,5 +102,11 @@ class Monitor:
         return taken
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._qmp.close()
+        self._closing()
+
+
+def _shut(qmp: QEMUMonitorProtocol, loop: asyncio.AbstractEventLoop) -> None:
+    """Close the connection (or stop listening), then the loop it ran on."""
+    with contextlib.suppress(Exception):  # a QEMU that exited has nothing more to say
+        qmp.close()
+    loop.close()
