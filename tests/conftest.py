@@ -1,5 +1,8 @@
 import os
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -7,27 +10,133 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture(scope="session")
-def kernel(tmp_path_factory):
-    """qemubox's minimal kernel (built once, cached), used by path."""
+# Every kernel the suite builds with `qemubox kernel build`, by the fixture that returns it:
+# the build's options. Those the selected tests need are built in the background from the
+# start of the run, in this order, in the idle scheduling class: with the CPU time nothing
+# else wants (a test booting a TCG guest leaves a core free most of the time). A fixture
+# then finds its kernel built, or waits on the builder's lock while it is finished. Modules
+# run in the order of the last of these kernels they need, those needing none first.
+BUILDS: dict[str, tuple[str, ...]] = {
+    # qemubox's minimal kernel
+    "kernel": (),
+    # the debug profile (debug info, kallsyms) with the vm fragment and one module: for
+    # vmcores, `vm run -k` (modules over 9p) and the matrix's second kernel, built once
+    "debug_kernel": ("--profile", "debug", "-f", "vm", "--config-item", "CONFIG_ISO9660_FS=m"),
+    # a cross build, with KUnit's example and list suites (the arm64 KUnit run's kernel)
+    "minimal_arm64": ("--arch", "arm64", "-f", "kunit", "-f", "{kunitconfig}"),
+    # Debian 12 has no riscv64 kernel
+    "riscv64_kernel": ("--arch", "riscv64"),
+}
+
+
+def _build_args(name: str, kunitconfig: Path) -> list[str]:
+    return ["kernel", "build", *(a.format(kunitconfig=kunitconfig) for a in BUILDS[name])]
+
+
+def _kunitconfig(tmp_path_factory) -> Path:
+    from helpers import KUNITCONFIG
+
+    path = tmp_path_factory.getbasetemp() / "suite.kunitconfig"
+    if not path.exists():
+        path.write_text(KUNITCONFIG)
+    return path
+
+
+def _built(name: str, tmp_path_factory) -> Path:
+    """The kernel ``name`` installed in a directory of its own (built, or found built)."""
     from helpers import qemubox
 
-    out = tmp_path_factory.mktemp("sandbox-kernel")
-    r = qemubox("kernel", "build", "-o", out, timeout=3000)
-    assert r.code == 0, r.err[-2000:]
-    return str(out / "vmlinuz")
+    out = tmp_path_factory.mktemp(name)
+    args = _build_args(name, _kunitconfig(tmp_path_factory))
+    r = qemubox(*args, "-o", out, timeout=3000)
+    assert r.code == 0, r.err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory):
+    """qemubox's minimal kernel, used by path."""
+    return str(_built("kernel", tmp_path_factory) / "vmlinuz")
 
 
 @pytest.fixture(scope="session")
 def debug_kernel(tmp_path_factory):
-    """A kernel of the debug profile (debug info, kallsyms): its build directory, with
-    ``vmlinuz`` to boot and ``vmlinux`` for debuggers."""
-    from helpers import qemubox
+    """A kernel of the debug profile (see BUILDS), installed: ``vmlinuz`` to boot, ``vmlinux``
+    for debuggers, ``manifest.json`` and its modules."""
+    return _built("debug_kernel", tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("debug-kernel")
-    r = qemubox("kernel", "build", "--profile", "debug", "-o", out, timeout=3000)
-    assert r.code == 0, r.err[-2000:]
-    return out
+
+@pytest.fixture(scope="session")
+def minimal_arm64(tmp_path_factory):
+    return _built("minimal_arm64", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def riscv64_kernel(tmp_path_factory):
+    return str(_built("riscv64_kernel", tmp_path_factory) / "vmlinuz")
+
+
+def _needs(item) -> set[str]:
+    """The kernels of BUILDS a test asks for: as fixtures, or lazily (``builds`` mark)."""
+    lazy = {name for mark in item.iter_markers("builds") for name in mark.args}
+    return (set(item.fixturenames) | lazy) & set(BUILDS)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = list(BUILDS)
+    rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        need = max((order.index(n) for n in _needs(item)), default=-1)
+        rank[module] = max(rank.get(module, -1), need)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: files keep order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernels_in_background(request, tmp_path_factory):
+    """Build the kernels the selected tests need, one after the other, in the background
+    (see BUILDS); stopped with the run."""
+    wanted = [n for n in BUILDS if any(n in _needs(item) for item in request.session.items)]
+    if not wanted:
+        yield
+        return
+    kunitconfig = _kunitconfig(tmp_path_factory)
+    log_path = tmp_path_factory.getbasetemp() / "kernels-in-background.log"
+    commands = [
+        [sys.executable, "-m", "qemubox", *_build_args(name, kunitconfig),
+         "-o", str(tmp_path_factory.mktemp(f"background-{name}"))]
+        for name in wanted
+    ]  # fmt: skip
+    env = dict(os.environ)  # as the run began (tests change theirs)
+    lock = threading.Lock()
+    stopped = False
+    running: list[subprocess.Popen] = []
+
+    def idle() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+    def build_all() -> None:
+        with open(log_path, "ab") as log:
+            for command in commands:
+                with lock:
+                    if stopped:
+                        return
+                    proc = subprocess.Popen(
+                        command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                        preexec_fn=idle, start_new_session=True,
+                    )  # fmt: skip
+                    running.append(proc)
+                proc.wait()
+
+    worker = threading.Thread(target=build_all, name="kernels-in-background", daemon=True)
+    worker.start()
+    yield
+    with lock:
+        stopped = True
+        for proc in running:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+    worker.join(timeout=60)
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from qemubox import arch as arches
 
+# The suites the KUnit tests enable (the arm64 kernel the suite builds has them too).
+KUNITCONFIG = "CONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_LIST_KUNIT_TEST=y\n"
+
 
 @dataclass
 class Result:

@@ -140,19 +140,11 @@ def test_a_kernel_of_another_arch_than_asked_is_refused(tmp_path):
 # --- each arch, booted --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def riscv64_kernel(tmp_path_factory):
-    """Debian 12 has no riscv64 kernel: qemubox's minimal build (cached)."""
-    out = tmp_path_factory.mktemp("kernel-riscv64")
-    r = qemubox("kernel", "build", "--arch", "riscv64", "-o", out, timeout=3000)
-    assert r.code == 0, r.err[-2000:]
-    return str(out / "vmlinuz")
-
-
 FOREIGN = [a for a in arches.ARCHES if a != arches.host().name]
 
 
 @pytest.mark.qemu
+@pytest.mark.builds("riscv64_kernel")  # asked for below, by its riscv64 case
 @pytest.mark.parametrize("name", FOREIGN)
 def test_each_arch_runs_restores_pools_and_has_its_devices(name, request, tmp_path):
     """One arch end to end: a boot (which records the snapshot), a restored start, a start

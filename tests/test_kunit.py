@@ -10,14 +10,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import qemubox
+from helpers import KUNITCONFIG, qemubox
 from qemubox.errors import InputError
 from qemubox.matrix import ktap
 from qemubox.matrix.kunit import kunitconfigs, matrix
 from qemubox.matrix.spec import Matrix, MatrixError
 from qemubox.sandbox.spec import Session
 
-KUNITCONFIG = "CONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_LIST_KUNIT_TEST=y\n"
 LOG = """\
 [    0.412000] Run /init as init process
 [    0.300001] KTAP version 1
@@ -191,7 +190,8 @@ def test_kunit_builds_boots_and_reports_a_failing_case_with_its_log(broken_tree,
 
 @pytest.mark.kernel
 @pytest.mark.qemu
-def test_kunit_on_arm64_runs_the_trees_suites_and_all_pass(tmp_path):
+def test_kunit_on_arm64_runs_the_trees_suites_and_all_pass(minimal_arm64, tmp_path):
+    """The suite's arm64 kernel has these suites (conftest's BUILDS): the run finds it built."""
     config = tmp_path / "k.kunitconfig"
     config.write_text(KUNITCONFIG)
     r = qemubox("kunit", "--arch", "arm64", "--kunitconfig", config, cwd=tmp_path, timeout=3000)

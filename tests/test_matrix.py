@@ -42,9 +42,11 @@ timeout = 120
 name = "base"
 profile = "minimal"
 
-# The kernel test_vms.py boots with `vm run -k` too (the same inputs: one build for both).
+# The suite's debug kernel, which test_vms.py boots with `vm run -k` and test_vmcore.py
+# dumps (the same inputs: one build for all three).
 [[kernel]]
 name = "vm"
+profile = "debug"
 fragments = ["vm"]
 config = ["CONFIG_ISO9660_FS=m"]
 
@@ -124,7 +126,7 @@ def comparable(records: list[dict]) -> list[tuple]:
     ]
 
 
-def test_a_matrix_here_and_on_a_dask_cluster(matrix_dir, kernel):
+def test_a_matrix_here_and_on_a_dask_cluster(matrix_dir, kernel, debug_kernel):
     from distributed import Client
 
     out, xml = matrix_dir / "out.json", matrix_dir / "out.xml"

@@ -64,20 +64,6 @@ def wait_console(top: Path, name: str, pattern: str, timeout: float) -> str:
     raise AssertionError(f"{pattern!r} not on {name}'s console:\n{console_log(top, name)[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def module_kernel(tmp_path_factory):
-    """qemubox's minimal kernel with the vm fragment (what systemd needs) and one module,
-    built by the CLI (cached; incremental on the minimal build). test_matrix.py's "vm"
-    kernel has the same inputs: the suite builds it once."""
-    out = tmp_path_factory.mktemp("vm-kernel")
-    r = qemubox(
-        "kernel", "build", "-f", "vm", "--config-item", "CONFIG_ISO9660_FS=m", "-o", out,
-        timeout=3000,
-    )  # fmt: skip
-    assert r.code == 0, r.err[-2000:]
-    return json.loads((out / "manifest.json").read_text()), out
-
-
 def test_dry_run_k_names_the_build_directory_exactly(where, kernel):
     """-k against a real kernel build directory (looked up under Builds): its vmlinux
     (qemubox builds have a PVH entry, and no bzImage), the whole directory over 9p,
@@ -167,11 +153,13 @@ def test_installed_debian_boots_with_its_own_kernel_and_answers_ssh(debian):
 
 
 @needs_root
-def test_a_host_built_kernel_loads_its_module_over_9p(debian, module_kernel):
+def test_a_host_built_kernel_loads_its_module_over_9p(debian, debug_kernel):
     """The seed's killer feature: the VM boots a kernel from the host's build directory,
-    and modprobe finds the module in that directory, shared read-only over 9p."""
+    and modprobe finds the module in that directory, shared read-only over 9p (the suite's
+    debug kernel: the vm fragment, and iso9660 as a module)."""
     top, env = debian
-    manifest, installed = module_kernel
+    installed = debug_kernel
+    manifest = json.loads((installed / "manifest.json").read_text())
     release = manifest["version"]
     for build in (manifest["work_dir"], str(installed)):  # a build tree; an install dir
         r = vm(env, "run", "deb", "-k", build, "-d")
@@ -238,11 +226,9 @@ def test_install_script_edited_and_failing(debian, tmp_path):
     assert not (top / "vms/deb/deb.qcow2.bak").exists()
 
 
-def test_aarch64_vm_boots_a_host_built_arm64_kernel(where, tmp_path):
+def test_aarch64_vm_boots_a_host_built_arm64_kernel(where, minimal_arm64, tmp_path):
     top, env = where
-    out = tmp_path / "arm64"
-    r = qemubox("kernel", "build", "--arch", "arm64", "-o", out, timeout=3000)
-    assert r.code == 0, r.err[-2000:]
+    out = minimal_arm64
     assert vm(env, "create", "arm", "--arch", "aarch64", "-m", "512M", "-s", "1G").code == 0
     assert "qemu_arch = 'aarch64'" in (top / "vms/arm/config.py").read_text()
     r = vm(env, "run", "arm", "-k", str(out), "-n")
