@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # Every kernel the suite builds with `qemubox kernel build`, by the fixture that returns it:
 # the build's options. Those the selected tests need are built in the background from the
-# start of the run, in this order, in the idle scheduling class: with the CPU time nothing
-# else wants (a test booting a TCG guest leaves a core free most of the time). A fixture
-# then finds its kernel built, or waits on the builder's lock while it is finished. Modules
-# run in the order of the last of these kernels they need, those needing none first.
+# start of the run, in this order, in the idle scheduling class and the least-weighted
+# scheduling group: with the CPU time nothing else wants (a test booting a TCG guest leaves
+# a core free most of the time). A fixture then finds its kernel built, or waits on the
+# builder's lock while it is finished. Modules run in the order of the last of these
+# kernels they need, those needing none first.
 BUILDS: dict[str, tuple[str, ...]] = {
     # qemubox's minimal kernel
     "kernel": (),
@@ -114,6 +116,11 @@ def kernels_in_background(request, tmp_path_factory):
 
     def idle() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        # A session of its own is a scheduling group of its own where the kernel groups by
+        # session (autogroup), and the idle class counts only within a group: the group's
+        # share is lowered to the least too.
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text("19")
 
     def build_all() -> None:
         with open(log_path, "ab") as log:
