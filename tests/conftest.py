@@ -56,6 +56,50 @@ def _built(name: str, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def linux_history(tmp_path_factory):
+    """The 6.12 source as a git repository (hard links to the extracted source: git replaces
+    a file it checks out, never writes into it), with a .kunitconfig: base; a bad boot
+    message; a broken build; the build fixed; a documentation change; a KUnit case made to
+    fail (main). (tree, {name: commit}). The bisection's test and the KUnit run's share it,
+    and with it the work directory of its KUnit configuration's builds."""
+    from helpers import BAD_BOOT_MESSAGE, KUNITCONFIG, commit, git, rewrite
+    from qemubox.kernel.source import debian_source
+
+    tree = tmp_path_factory.mktemp("history") / "linux"
+    subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
+    ignore = tree / ".gitignore"  # Debian's ignores every file at the top: not upstream's
+    kept = ignore.read_text().split("# Debian packaging")[0]
+    ignore.unlink()
+    ignore.write_text(kept)
+    (tree / ".kunitconfig").write_text(KUNITCONFIG)
+    git(tree, "init", "-q", "-b", "main")
+    git(tree, "add", "-A")
+    commits = {"base": commit(tree, "base")}
+    main_c = tree / "init" / "main.c"
+    text = main_c.read_text()
+    anchor = "\tsystem_state = SYSTEM_RUNNING;\n"
+    assert text.count(anchor) == 1
+    rewrite(main_c, text.replace(anchor, f'{anchor}\tpr_notice("{BAD_BOOT_MESSAGE}\\n");\n'))
+    commits["bad"] = commit(tree, "init: print a bad boot message")
+    version_c = tree / "init" / "version.c"
+    original = version_c.read_text()
+    rewrite(version_c, original + "\n#error qemubox-bisect: a broken build\n")
+    commits["broken"] = commit(tree, "init: break the build")
+    rewrite(version_c, original)
+    commits["fixed"] = commit(tree, "init: fix the build")
+    doc = tree / "Documentation" / "index.rst"
+    rewrite(doc, doc.read_text() + "\n")
+    commits["doc"] = commit(tree, "Documentation: a blank line")
+    test = tree / "lib" / "list-test.c"
+    text = test.read_text()
+    line = "\tKUNIT_EXPECT_TRUE(test, list_empty_careful(&list1));\n"
+    assert text.count(line) == 1
+    rewrite(test, text.replace(line, line.replace("EXPECT_TRUE", "EXPECT_FALSE")))
+    commits["kunit"] = commit(tree, "lib: a list test made to fail")
+    return tree, commits
+
+
+@pytest.fixture(scope="session")
 def kernel(tmp_path_factory):
     """qemubox's minimal kernel, used by path."""
     return str(_built("kernel", tmp_path_factory) / "vmlinuz")

@@ -151,3 +151,37 @@ case " $* " in
 esac
 exec make "$@"
 """
+
+
+# --- a kernel tree's git history -----------------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Q",
+    "GIT_AUTHOR_EMAIL": "q@example.com",
+    "GIT_COMMITTER_NAME": "Q",
+    "GIT_COMMITTER_EMAIL": "q@example.com",
+}
+BAD_BOOT_MESSAGE = "qemubox-bisect: a bad boot message"
+
+
+def rewrite(path: Path, text: str) -> None:
+    """A file of its own with ``text`` (a tree of hard links to the extracted source, which
+    writing in place would change)."""
+    path.unlink()
+    path.write_text(text)
+
+
+def git(tree: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(tree), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **GIT_ENV},
+    )
+    return proc.stdout.strip()
+
+
+def commit(tree: Path, message: str) -> str:
+    git(tree, "commit", "-q", "-a", "-m", message)
+    return git(tree, "rev-parse", "HEAD")

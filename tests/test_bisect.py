@@ -1,7 +1,7 @@
 """`qemubox bisect`: git bisect run over real builds and boots of a real history (the 6.12
-source in a git repository: one commit adds a bad boot message, a later one breaks the
-build), the first bad commit found, the tree left as it was (also when interrupted); and
-every refusal before anything is touched."""
+source in a git repository, conftest.py's linux_history: one commit adds a bad boot message,
+a later one breaks the build), the first bad commit found, the tree left as it was (also
+when interrupted); and every refusal before anything is touched."""
 
 from __future__ import annotations
 
@@ -10,44 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import qemubox
+from helpers import BAD_BOOT_MESSAGE, commit, git, qemubox
 from qemubox.bisect.step import BAD, GOOD, SKIP, verdict
 
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Q",
-    "GIT_AUTHOR_EMAIL": "q@example.com",
-    "GIT_COMMITTER_NAME": "Q",
-    "GIT_COMMITTER_EMAIL": "q@example.com",
-}
-MESSAGE = "qemubox-bisect: a bad boot message"
-CHECK = ["sh", "-c", f"! dmesg | grep -q '{MESSAGE}'"]
-
-
-def rewrite(path: Path, text: str) -> None:
-    """A file of its own with ``text`` (the tree is hard links to the extracted source,
-    which writing in place would change)."""
-    path.unlink()
-    path.write_text(text)
-
-
-def git(tree: Path, *args: str) -> str:
-    proc = subprocess.run(
-        ["git", "-C", str(tree), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **GIT_ENV},
-    )
-    return proc.stdout.strip()
-
-
-def commit(tree: Path, message: str) -> str:
-    git(tree, "commit", "-q", "-a", "-m", message)
-    return git(tree, "rev-parse", "HEAD")
+CHECK = ["sh", "-c", f"! dmesg | grep -q '{BAD_BOOT_MESSAGE}'"]
 
 
 def test_each_revision_is_judged_by_its_commands_exit_status():
@@ -81,6 +50,7 @@ def small_tree(tmp_path):
         (None, ["--kernel", "x"], "--kernel does not go with it"),
         (None, ["--name", "x"], "--name does not go with it"),
         (None, ["-m", "1"], "memory '1' is too small"),
+        (None, ["-f", "nosuch"], "--fragment no such fragment: nosuch (not a file, nor one"),
     ],
 )
 def test_a_bisection_that_cannot_be_done_is_refused_before_the_tree_is_touched(
@@ -108,49 +78,17 @@ def test_a_tree_that_is_no_git_checkout_is_refused(tmp_path):
     )
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory):
-    """The 6.12 source as a git repository (hard links to the extracted source: git replaces
-    a file it checks out, never writes into it): base; a bad boot message; a broken build;
-    the build fixed; a documentation change. (tree, {name: commit})."""
-    from qemubox.kernel.source import debian_source
-
-    tree = tmp_path_factory.mktemp("bisect") / "linux"
-    subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
-    ignore = tree / ".gitignore"  # Debian's ignores every file at the top: not upstream's
-    kept = ignore.read_text().split("# Debian packaging")[0]
-    ignore.unlink()
-    ignore.write_text(kept)
-    git(tree, "init", "-q", "-b", "main")
-    git(tree, "add", "-A")
-    commits = {"base": commit(tree, "base")}
-    main_c = tree / "init" / "main.c"
-    text = main_c.read_text()
-    anchor = "\tsystem_state = SYSTEM_RUNNING;\n"
-    assert text.count(anchor) == 1
-    rewrite(main_c, text.replace(anchor, f'{anchor}\tpr_notice("{MESSAGE}\\n");\n'))
-    commits["bad"] = commit(tree, "init: print a bad boot message")
-    version_c = tree / "init" / "version.c"
-    original = version_c.read_text()
-    rewrite(version_c, original + "\n#error qemubox-bisect: a broken build\n")
-    commits["broken"] = commit(tree, "init: break the build")
-    rewrite(version_c, original)
-    commits["fixed"] = commit(tree, "init: fix the build")
-    doc = tree / "Documentation" / "index.rst"
-    rewrite(doc, doc.read_text() + "\n")
-    commits["doc"] = commit(tree, "Documentation: a blank line")
-    return tree, commits
-
-
 @pytest.mark.kernel
 @pytest.mark.qemu
 def test_bisect_finds_the_commit_that_added_a_bad_boot_message_and_leaves_the_tree_as_it_was(
-    history,
+    linux_history,
 ):
-    tree, commits = history
+    """Built with KUnit's configuration (the tree's .kunitconfig), as a KUnit failure is
+    bisected: `qemubox kunit` on the tree goes on from these builds (test_kunit.py)."""
+    tree, commits = linux_history
     r = qemubox(
         "bisect", "--source", tree, "--good", commits["base"], "--bad", commits["doc"],
-        "-m", "256M", "--", *CHECK, timeout=3000,
+        "-f", "kunit", "-f", tree / ".kunitconfig", "-m", "256M", "--", *CHECK, timeout=3000,
     )  # fmt: skip
     assert r.code == 0, r.err[-3000:]
     assert r.out == f"{commits['bad']} is the first bad commit: init: print a bad boot message\n"
@@ -158,7 +96,7 @@ def test_bisect_finds_the_commit_that_added_a_bad_boot_message_and_leaves_the_tr
     assert "init: break the build: skip (the build failed:" in r.err
     assert f"{commits['bad'][:12]} init: print a bad boot message: bad (exit status 1)" in r.err
     assert git(tree, "symbolic-ref", "HEAD") == "refs/heads/main"
-    assert git(tree, "rev-parse", "HEAD") == commits["doc"]
+    assert git(tree, "rev-parse", "HEAD") == commits["kunit"]
     assert git(tree, "status", "--porcelain", "--untracked-files=all") == ""
     assert not (tree / ".git" / "BISECT_LOG").exists()
 
@@ -167,7 +105,8 @@ def test_bisect_finds_the_commit_that_added_a_bad_boot_message_and_leaves_the_tr
     git(tree, "checkout", "-q", "--detach", commits["fixed"])  # left detached, as found
     proc = subprocess.Popen(
         [sys.executable, "-m", "qemubox", "bisect", "--source", str(tree),
-         "--good", commits["base"], "--bad", commits["doc"], "--", "sleep", "600"],
+         "--good", commits["base"], "--bad", commits["doc"],
+         "-f", "kunit", "-f", str(tree / ".kunitconfig"), "--", "sleep", "600"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     seen = []

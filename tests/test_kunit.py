@@ -5,12 +5,11 @@ KTAP read (x86_64 with one case made to fail, arm64 all passing); and the parsin
 from __future__ import annotations
 
 import json
-import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import KUNITCONFIG, qemubox
+from helpers import KUNITCONFIG, git, qemubox
 from qemubox.errors import InputError
 from qemubox.matrix import ktap
 from qemubox.matrix.kunit import kunitconfigs, matrix
@@ -129,27 +128,13 @@ def test_an_option_a_kunitconfig_cannot_have_is_explained_before_anything_is_com
     assert r.err.endswith("nothing was compiled\n")
 
 
-@pytest.fixture(scope="module")
-def broken_tree(tmp_path_factory):
-    """The 6.12 source with one KUnit case made to fail (hard links to the extracted source;
-    the edited file replaced, not written through its link), and its .kunitconfig."""
-    from qemubox.kernel.source import debian_source
-
-    tree = tmp_path_factory.mktemp("kunit") / "linux"
-    subprocess.run(["cp", "-al", str(debian_source("6.12")), str(tree)], check=True)
-    test = tree / "lib" / "list-test.c"
-    text = test.read_text()
-    line = "\tKUNIT_EXPECT_TRUE(test, list_empty_careful(&list1));\n"
-    assert text.count(line) == 1
-    test.unlink()
-    test.write_text(text.replace(line, line.replace("EXPECT_TRUE", "EXPECT_FALSE")))
-    (tree / ".kunitconfig").write_text(KUNITCONFIG)
-    return tree
-
-
 @pytest.mark.kernel
 @pytest.mark.qemu
-def test_kunit_builds_boots_and_reports_a_failing_case_with_its_log(broken_tree, tmp_path):
+def test_kunit_builds_boots_and_reports_a_failing_case_with_its_log(linux_history, tmp_path):
+    """The tree's main has a list test made to fail; the bisection's test built earlier
+    revisions of it with the same configuration, and this build goes on from there."""
+    broken_tree, _ = linux_history
+    git(broken_tree, "checkout", "-q", "main")
     out_json, out_junit = tmp_path / "k.json", tmp_path / "k.xml"
     r = qemubox(
         "kunit", "--source", broken_tree, "--kunitconfig", broken_tree, "--json", out_json,

@@ -34,6 +34,7 @@ class BisectRequest:
     run_args: tuple[str, ...]  # `qemubox run`'s options, then -- and the command
     arch: str | None = None
     profile: str = DEFAULT
+    fragments: tuple[str, ...] = ()  # on top of the profile: shipped names, or files
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,12 @@ class BisectResult:
     steps: tuple[Step, ...]
 
 
-def check(req: BisectRequest) -> tuple[Path, str, str]:
-    """The tree's top, and the good and bad commits: everything checked, nothing touched."""
+def check(req: BisectRequest) -> tuple[Path, str, str, tuple[str, ...]]:
+    """The tree's top, the good and bad commits, and the fragments (files by absolute path:
+    each step runs in the tree): everything checked, nothing touched."""
     if req.profile not in PROFILES:
         raise InputError(f"--profile {req.profile}: one of {', '.join(PROFILES)}")
+    fragments = tuple(_fragment(f) for f in req.fragments)
     tree = g.toplevel(Path(req.tree).expanduser().absolute())
     if not is_source_tree(tree):
         raise InputError(f"--source {req.tree}: not a kernel source tree (no Makefile, Kconfig)")
@@ -79,13 +82,24 @@ def check(req: BisectRequest) -> tuple[Path, str, str]:
             f"{tree}: {len(changed)} file(s) with uncommitted changes ({changed[0]}...): "
             "commit or stash them first"
         )
-    return tree, good, bad
+    return tree, good, bad, fragments
+
+
+def _fragment(arg: str) -> str:
+    from qemubox.kconfig.catalog import resolve_fragment
+
+    try:
+        resolve_fragment(arg)
+    except InputError as err:
+        raise InputError(f"--fragment {err}") from None
+    path = Path(arg).expanduser()
+    return str(path.absolute()) if path.exists() else arg
 
 
 def bisect(req: BisectRequest, echo: Callable[[str], None]) -> BisectResult:
     """Find the first bad commit between ``req.good`` and ``req.bad``; ``echo`` shows git's
     lines as they come (each step shows its own on stderr)."""
-    tree, good, bad = check(req)
+    tree, good, bad, fragments = check(req)
     original = g.head(tree)
     with tempfile.TemporaryDirectory(prefix="qemubox-bisect-") as d:
         spec, record = Path(d) / "step.json", Path(d) / "steps.jsonl"
@@ -95,6 +109,7 @@ def bisect(req: BisectRequest, echo: Callable[[str], None]) -> BisectResult:
                     "tree": str(tree),
                     "arch": req.arch,
                     "profile": req.profile,
+                    "fragments": list(fragments),
                     "run_args": list(req.run_args),
                     "record": str(record),
                 }

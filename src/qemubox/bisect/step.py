@@ -38,9 +38,11 @@ def judge(spec: dict) -> int:
     _say(f"qemubox bisect: {title}: building")
     record = {"commit": sha, "subject": subject(tree, sha)}
     try:
-        built = build_kernel(
-            BuildRequest(source=str(tree), arch=spec["arch"], profile=spec["profile"], output=None)
-        )
+        request = BuildRequest(
+            source=str(tree), arch=spec["arch"], profile=spec["profile"],
+            fragments=tuple(spec["fragments"]), output=None,
+        )  # fmt: skip
+        built = build_kernel(request)
     except QemuboxError as err:
         _say(f"qemubox bisect: {title}: skip (the build failed: {err})")
         return _record(spec, record, SKIP, None, False, began, f"the build failed: {err}")

@@ -65,8 +65,17 @@ def _checked_run_args(args: tuple[str, ...]) -> tuple[tuple[str, ...], str | Non
     type=click.Choice(list(PROFILES)),
     help="How each revision is configured.",
 )
+@click.option(
+    "-f",
+    "--fragment",
+    "fragments",
+    multiple=True,
+    metavar="NAME|FILE",
+    help="A configuration fragment on top of the profile, as for `kernel build` (a "
+    "shipped fragment's name, or a file: a .kunitconfig, say); repeatable.",
+)
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="[RUN OPTIONS] -- CMD...")
-def bisect(tree, good, bad, profile, run_args):
+def bisect(tree, good, bad, profile, fragments, run_args):
     """Find the first bad commit between --good and --bad with `git bisect run`: each step
     builds the checkout (cached: a revision built before builds nothing), boots it with
     `qemubox run`'s options, and runs CMD: exit status 0 good, 125 skip, anything else bad;
@@ -76,7 +85,7 @@ def bisect(tree, good, bad, profile, run_args):
     from qemubox.service.actions import Bisect, perform
 
     run_args, arch = _checked_run_args(tuple(run_args))
-    request = BisectRequest(tree, good, bad, run_args, arch, profile)
+    request = BisectRequest(tree, good, bad, run_args, arch, profile, tuple(fragments))
     result = perform(Bisect(request), say)
     for step in result.steps:
         how = "built" if step.built else ("failed to build" if step.exit_code is None else "cached")
