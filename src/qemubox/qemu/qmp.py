@@ -52,7 +52,7 @@ class Monitor:
             self.loop.close()
             raise
         finally:
-            asyncio.set_event_loop(None)  # the thread is left with no loop, as it came
+            asyncio.set_event_loop(None)  # none left set on the thread (this one is ours)
         self._closing = weakref.finalize(self, _shut, self._qmp, self.loop)
         self._events: list[dict[str, Any]] = []
 
