@@ -12,6 +12,26 @@ from pathlib import Path
 
 from qemubox import arch as arches
 
+# Every kernel the suite builds with `qemubox kernel build`, by the fixture of conftest.py
+# that returns it: the build's options. Those the selected tests need are built in the
+# background from the start of the run, in this order, in the idle scheduling class and the
+# least-weighted scheduling group: with the CPU time nothing else wants (a test booting a
+# TCG guest leaves a core free most of the time). A fixture then finds its kernel built, or
+# waits on the builder's lock while it is finished. Modules run in the order of the last of
+# these kernels they need, those needing none first.
+BUILDS: dict[str, tuple[str, ...]] = {
+    # qemubox's minimal kernel
+    "kernel": (),
+    # the debug profile (debug info, kallsyms) with the vm fragment and one module: for
+    # vmcores, `vm run -k` (modules over 9p) and the matrix's second kernel, built once
+    "debug_kernel": ("--profile", "debug", "-f", "vm", "--config-item", "CONFIG_ISO9660_FS=m"),
+    # a cross build, with KUnit's example and list suites (the arm64 KUnit run's kernel)
+    "minimal_arm64": ("--arch", "arm64", "-f", "kunit", "-f", "{kunitconfig}"),
+    # Debian 12 has no riscv64 kernel
+    "riscv64_kernel": ("--arch", "riscv64"),
+}
+
+
 # The suites the KUnit tests enable (the arm64 kernel the suite builds has them too).
 KUNITCONFIG = "CONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_LIST_KUNIT_TEST=y\n"
 
