@@ -176,7 +176,7 @@ def test_kunit_builds_boots_and_reports_a_failing_case_with_its_log(linux_histor
 @pytest.mark.kernel
 @pytest.mark.qemu
 def test_kunit_on_arm64_runs_the_trees_suites_and_all_pass(minimal_arm64, tmp_path):
-    """The suite's arm64 kernel has these suites (conftest's BUILDS): the run finds it built."""
+    """The suite's arm64 kernel has these suites (helpers.BUILDS): the run finds it built."""
     config = tmp_path / "k.kunitconfig"
     config.write_text(KUNITCONFIG)
     r = qemubox("kunit", "--arch", "arm64", "--kunitconfig", config, cwd=tmp_path, timeout=3000)
