@@ -89,11 +89,10 @@ def _fragment(arg: str) -> str:
     from qemubox.kconfig.catalog import resolve_fragment
 
     try:
-        resolve_fragment(arg)
+        found = resolve_fragment(arg)
     except InputError as err:
         raise InputError(f"--fragment {err}") from None
-    path = Path(arg).expanduser()
-    return str(path.absolute()) if path.exists() else arg
+    return str(found.absolute()) if found == Path(arg) else arg  # a file, or a shipped name
 
 
 def bisect(req: BisectRequest, echo: Callable[[str], None]) -> BisectResult:
