@@ -140,6 +140,18 @@ def assert_sleeps(box) -> None:
     assert (r.exit_code, r.stdout) == (0, b"slept\n") and time.monotonic() - start >= 1
 
 
+def assert_clock_is_now(box, script: str = "date +%s") -> list[bytes]:
+    """The guest's clock reads the host's time (within the second `date` truncates to) while
+    the command runs, whatever time its snapshot or pool member was taken at; the window is
+    the host's time before and after the call, so a slow emulated guest cannot fail it.
+    Returns the lines the script printed; its last line is the guest's time."""
+    before = time.time()
+    lines = box.exec(["sh", "-c", script]).stdout.split()
+    after = time.time()
+    assert before - 1 <= int(lines[-1]) <= after + 1, (before, lines[-1], after)
+    return lines
+
+
 def borrowed_source_cache(tmp_path) -> tuple[Path, Path]:
     """A scratch cache that borrows the extracted 6.12 source from the user cache:
     (the source tree, the scratch cache)."""

@@ -35,7 +35,8 @@ class AgentClient(Connection):
         self.request(Frame.MOUNT, p.mount_request(source, target, fstype, options, flags))
 
     def renew(self) -> None:
-        """Give a restored guest the host's time and fresh randomness (its RNG reseeded)."""
+        """Give the guest the host's time and fresh randomness (its RNG reseeded): at each
+        start, booted or restored, and at each resume."""
         self.request(Frame.RENEW, p.renew_request(time.time_ns(), os.urandom(p.RENEW_SEED)))
 
     def poweroff(self, timeout: float = 10) -> None:

@@ -43,7 +43,7 @@ class Frame(IntEnum):
     POWEROFF = 7  # sync and power off; answered by OK
     BYE = 8  # the client leaves: end its commands; answered by OK
     RESIZE = 9  # u32 rows, u32 columns: the size of a command's terminal
-    RENEW = 10  # u64 ns since the epoch, then seed bytes: a restored guest's clock and RNG
+    RENEW = 10  # u64 ns since the epoch, then seed bytes: a starting guest's clock and RNG
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes

@@ -212,21 +212,22 @@ class Sandbox:
         assert self.machine is not None and self.spec is not None
         agent = self.machine.attach(self.spec.boot_timeout)
         role = self.plan.snapshot.role if self.plan and self.plan.snapshot else None
-        if role == "restore":
-            self.phase(Phase.AGENT_READY)
-            agent.renew()  # a clone's own clock and randomness, before anything runs
-        else:
-            self.phase(Phase.BOOT)
+        self.phase(Phase.AGENT_READY if role == "restore" else Phase.BOOT)
         if role == "record":
-            self._record()
+            agent = self._record()
+        # Before anything runs, the host's time to the nanosecond and fresh randomness: a
+        # clone has its snapshot's, a booted guest the RTC's whole second (and a slow emulated
+        # boot behind it), a recorded one a clock that stood still while it was saved.
+        agent.renew()
         self.runstate = Runstate.RUNNING
         self._setup()
         self.phase(Phase.SETUP)
         if self.machine.detached:
             self.machine.release()
 
-    def _record(self) -> None:
-        """Save the freshly booted machine as its key's snapshot, then go on with it."""
+    def _record(self) -> AgentClient:
+        """Save the freshly booted machine as its key's snapshot, then go on with it: the
+        agent it answers on again."""
         assert self.machine is not None and self._claim is not None
         self.machine.hang_up()  # the snapshot holds no client
         try:
@@ -235,8 +236,9 @@ class Sandbox:
             warnings.warn(str(err), SnapshotWarning, stacklevel=6)
         finally:
             self._drop_claim()
-        self.machine.reconnect(self.spec.boot_timeout)
+        agent = self.machine.reconnect(self.spec.boot_timeout)
         self.phase(Phase.RECORD)
+        return agent
 
     def _drop_claim(self) -> None:
         if self._claim is not None:
