@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,12 @@ def test_each_arch_runs_restores_pools_and_has_its_devices(name, request, tmp_pa
         plan = box.machine.plan
         assert box.exec(["uname", "-m"]).stdout.decode() == UNAME[name] + "\n"
         assert box.exec(["sh", "-c", "echo out; echo err >&2; exit 7"]).exit_code == 7
+        r = box.exec(["sh", "-c", "printf 12345 > /tmp/five; echo $$"])
+        assert r.stdout == f"{r.pid}\n".encode()  # a pid, a size, a time: in any byte order
+        (five,) = [e for e in box.files.list("/tmp") if e.name == "five"]
+        assert (five.size, five.kind, abs(five.mtime_ns / 1e9 - time.time()) < 60) == (
+            5, "file", True
+        )  # fmt: skip
         assert_sleeps(box)
     migrates = arches.get(name).migrates
     assert plan.arch == name and (plan.cannot(Capability.SNAPSHOT) is None) == migrates

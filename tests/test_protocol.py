@@ -42,12 +42,20 @@ def test_agent_c_frame_types_match():
         ("EXEC_TTY", p.EXEC_TTY),
         ("EXEC_USER", p.EXEC_USER),
         ("MAX_GROUPS", p.MAX_GROUPS),
+        ("FS_USER", p.FS_USER),
+        ("MAX_DEPTH", p.MAX_DEPTH),
+        ("MAX_ENTRIES", p.MAX_ENTRIES),
     ],
 )
 def test_agent_c_limits_match(name, value):
     m = re.search(rf"^#define {name} \(?(\d+)(?: \* (\d+))?\)?$", agent_c(), re.M)
     assert m, f"agent.c does not define {name}"
     assert int(m[1]) * int(m[2] or 1) == value
+
+
+def test_agent_c_file_operations_match():
+    c_ops = dict(re.findall(r"\bFS_([A-Z]+) = (\d+)", agent_c()))
+    assert {k: int(v) for k, v in c_ops.items()} == {op.name: op.value for op in p.FsOp}
 
 
 # --- framing ------------------------------------------------------------------------------------
@@ -239,6 +247,83 @@ def test_huge_length_is_a_violation_with_bounded_memory(pair):
     with pytest.raises(ProtocolViolation, match="claims"):
         client.wait(ident, pend, 5)
     assert client.closed
+
+
+def test_a_command_s_pid_arrives_before_its_output(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.send(Frame.STARTED, ident, (4242).to_bytes(4, "little"))
+    agent.send(Frame.EXIT, ident, p.exit_status(0))
+    assert client.wait(ident, pend, 5) and pend.pid == 4242
+
+
+def test_a_command_said_to_start_twice_is_a_violation(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    for _ in range(2):
+        agent.send(Frame.STARTED, ident, (7).to_bytes(4, "little"))
+    with pytest.raises(ProtocolViolation, match="start twice"):
+        client.wait(ident, pend, 5)
+
+
+ENTRY = p.Entry("/tmp/caf\udce9", 0o100640, 1000, 1001, 5, 1_800_000_000_123_456_789)
+
+
+def test_file_requests_and_entries_on_the_wire():
+    payload = p.fs_request(p.FsOp.MOVE, "/a", "/b", user=(1000, 1001, (27,)))
+    assert payload == (
+        struct.pack("<III", 4, p.FS_USER, 0) + b"\2\0\0\0/a" + b"\2\0\0\0/b"
+        + struct.pack("<IIII", 1000, 1001, 1, 27)
+    )  # fmt: skip
+    link = p.Entry("/l", 0o120777, 0, 0, 3, 0, "dir")
+    assert p.decode_entries(p.entries([ENTRY, link])) == [ENTRY, link]
+    assert p.entries([ENTRY])[4:17] == b"\t\0\0\0/tmp/caf\xe9"  # the guest's bytes, as they are
+    assert (ENTRY.kind, ENTRY.name, link.kind, p.Entry("/", 0o40755, 0, 0, 0, 0).name) == (
+        "file", "caf\udce9", "symlink", "/"
+    )  # fmt: skip
+    with pytest.raises(ProtocolViolation, match="extra bytes"):
+        p.decode_entries(p.entries([ENTRY]) + b"x")
+    with pytest.raises(ProtocolViolation, match="too short"):
+        p.decode_entries(p.entries([ENTRY])[:-1])
+    with pytest.raises(ValueError, match="'x' is not an absolute path"):
+        p.fs_request(p.FsOp.STAT, "x")
+    with pytest.raises(ValueError, match="a listing 0 levels deep"):
+        p.fs_request(p.FsOp.LIST, "/")
+
+
+def test_a_listing_comes_in_parts_until_ok(pair):
+    client, agent = pair
+    got = {}
+    t = threading.Thread(target=lambda: got.update(e=client.fs(p.FsOp.LIST, "/", depth=1)))
+    t.start()
+    _, ident, _ = agent.next()
+    agent.send(Frame.ENTRIES, ident, p.entries([ENTRY] * 2))
+    agent.send(Frame.ENTRIES, ident, p.entries([ENTRY]))
+    agent.send(Frame.OK, ident)
+    t.join(5)
+    assert got["e"] == [ENTRY] * 3
+
+
+def test_a_listing_longer_than_the_bound_is_a_violation(pair):
+    client, agent = pair
+    failed = {}
+
+    def listing():
+        try:
+            client.fs(p.FsOp.LIST, "/", depth=1)
+        except ProtocolViolation as err:
+            failed["err"] = err
+
+    t = threading.Thread(target=listing)
+    t.start()
+    _, ident, _ = agent.next()
+    part = p.entries([p.Entry("/", 0, 0, 0, 0, 0)] * 5000)
+    for _ in range(p.MAX_ENTRIES // 5000 + 1):
+        agent.send(Frame.ENTRIES, ident, part)
+    t.join(5)
+    assert "more entries than a listing has" in str(failed["err"])
 
 
 def test_garbage_is_a_violation(pair):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import json
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from helpers import qemubox
-from qemubox.errors import InputError
+from qemubox.errors import GuestError, InputError
+from qemubox.guest import protocol as p
 from qemubox.sandbox.sandbox import KernelPanic, Sandbox, SandboxError
 from qemubox.sandbox.spec import Disk, FSShare, Session
 
@@ -154,6 +156,107 @@ def test_write_and_read_file_errors(sb):
         sb.read_file("/nope")
     with pytest.raises(SandboxError, match="cannot write /proc/nope/x"):
         sb.write_file("/proc/nope/x", b"x")
+
+
+def test_a_command_reports_its_guest_pid(sb):
+    r = sb.exec(["sh", "-c", "echo $$"])
+    assert r.pid is not None and r.stdout == f"{r.pid}\n".encode()
+    assert sb.exec(["/nope"]).pid is None  # it never ran
+
+
+def test_file_operations_without_a_command(sb):
+    sb.exec(["sh", "-c", "mkdir -p /tmp/f/sub/deeper && printf 12345 > /tmp/f/a && "
+                         "ln -s sub /tmp/f/link && touch /tmp/f/sub/deeper/z"])  # fmt: skip
+    started = time.time_ns()
+    a = sb.files.stat("/tmp/f/a")
+    assert (a.path, a.name, a.kind, a.size, a.uid, a.mode & 0o777) == (
+        "/tmp/f/a", "a", "file", 5, 0, 0o644
+    )  # fmt: skip
+    assert abs(a.mtime_ns - started) < 60 * 10**9  # the guest's clock is the host's
+    link = sb.files.stat("/tmp/f/link")
+    assert (link.kind, link.target) == ("symlink", "sub")
+    assert sb.files.stat("/tmp/f/sub").kind == "dir"
+
+    top = {e.path: e.kind for e in sb.files.list("/tmp/f")}
+    assert top == {"/tmp/f/a": "file", "/tmp/f/sub": "dir", "/tmp/f/link": "symlink"}
+    deep = {e.path for e in sb.files.list("/tmp/f", depth=3)}
+    assert deep == {*top, "/tmp/f/sub/deeper", "/tmp/f/sub/deeper/z"}  # the link not entered
+    assert {e.path for e in sb.files.list("/tmp/f", depth=2)} == {*top, "/tmp/f/sub/deeper"}
+
+    made = sb.files.make_dir("/tmp/f/new/one/two")
+    assert (made.path, made.kind, made.mode & 0o777) == ("/tmp/f/new/one/two", "dir", 0o755)
+    moved = sb.files.rename("/tmp/f/a", "/tmp/f/elsewhere/b")  # its parents made
+    assert (moved.path, moved.size) == ("/tmp/f/elsewhere/b", 5)
+    assert sb.read_file("/tmp/f/elsewhere/b") == b"12345"
+    sb.files.remove("/tmp/f/new")  # all it holds
+    sb.files.remove("/tmp/f/link")  # the link, not what it points to
+    assert {e.name for e in sb.files.list("/tmp/f")} == {"sub", "elsewhere"}
+    assert [e.name for e in sb.files.list("/tmp/f/sub/deeper/..")] == ["deeper"]  # as it is
+
+    # Each refusal is the guest's errno with the path it concerns.
+    for call, err in [
+        (lambda: sb.files.stat("/tmp/f/nope"), errno.ENOENT),
+        (lambda: sb.files.list("/tmp/f/elsewhere/b"), errno.ENOTDIR),
+        (lambda: sb.files.make_dir("/tmp/f/sub"), errno.EEXIST),
+        (lambda: sb.files.rename("/tmp/f/nope", "/tmp/f/x"), errno.ENOENT),
+        (lambda: sb.files.remove("/tmp/f/nope"), errno.ENOENT),
+        (lambda: sb.files.remove("/"), errno.EBUSY),
+    ]:
+        with pytest.raises(GuestError) as caught:
+            call()
+        assert caught.value.errno == err and str(caught.value).startswith("/"), caught.value
+    for call, message in [
+        (lambda: sb.files.stat("tmp"), "'tmp' is not an absolute path"),
+        (lambda: sb.files.rename("/tmp/f/sub", "x"), "'x' is not an absolute path"),
+        (lambda: sb.files.list("/tmp", depth=0), "a listing 0 levels deep"),
+        (lambda: sb.files.list("/tmp", depth=65), "a listing 65 levels deep"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            call()
+    sb.files.remove("/tmp/f")
+    assert sb.exec(["test", "-e", "/tmp/f"]).exit_code == 1
+
+
+def test_file_operations_as_a_user(sb):
+    sb.exec(["sh", "-c", "mkdir -p /tmp/u && chmod 1777 /tmp/u && mkdir -p /tmp/closed && "
+                         "chmod 700 /tmp/closed && touch /tmp/closed/secret"])  # fmt: skip
+    mine = sb.files.make_dir("/tmp/u/mine/deep", user="1000:1001")
+    assert (mine.uid, mine.gid) == (1000, 1001)
+    assert (sb.files.stat("/tmp/u/mine").uid, sb.files.stat("/tmp/u/mine").gid) == (1000, 1001)
+    for call in (
+        lambda: sb.files.list("/tmp/closed", user="1000"),
+        lambda: sb.files.stat("/tmp/closed/secret", user="1000"),
+        lambda: sb.files.make_dir("/tmp/closed/x", user="1000"),
+        lambda: sb.files.remove("/tmp/closed/secret", user="1000"),
+    ):
+        with pytest.raises(GuestError) as caught:
+            call()
+        assert caught.value.errno == errno.EACCES
+    assert sb.files.stat("/tmp/closed/secret").uid == 0  # root again for the next request
+    assert sb.files.make_dir("/tmp/closed/x").uid == 0
+    sb.files.remove("/tmp/u/mine", user="1000")
+    sb.exec(["rm", "-rf", "/tmp/u", "/tmp/closed"])
+
+
+def test_a_listing_of_many_entries_comes_in_parts_and_has_a_bound(sb):
+    """A listing larger than one frame arrives whole; one over MAX_ENTRIES is refused."""
+    name = "n" * 100
+    script = (
+        "mkdir /tmp/many && mount -t tmpfs -o nr_inodes=0 none /tmp/many && cd /tmp/many && "
+        f"seq 3000 | sed s/^/{name}/ | xargs touch"
+    )
+    r = sb.exec(["sh", "-c", script])
+    assert r.exit_code == 0, r.stderr
+    listed = sb.files.list("/tmp/many")  # some 500 kB of entries
+    assert len({e.name for e in listed}) == 3000
+    r = sb.exec(["sh", "-c", f"cd /tmp/many && seq {p.MAX_ENTRIES} | xargs mkdir"])
+    assert r.exit_code == 0, r.stderr
+    with pytest.raises(GuestError, match=f"/tmp/many: more than {p.MAX_ENTRIES} entries"):
+        sb.files.list("/tmp/many")
+    assert sb.exec(["sh", "-c", "rm /tmp/many/n*"]).exit_code == 0
+    assert len(sb.files.list("/tmp/many")) == p.MAX_ENTRIES  # as many as it may hold
+    assert sb.exec(["umount", "/tmp/many"]).exit_code == 0
+    sb.files.remove("/tmp/many")
 
 
 # --- shares and disks ---------------------------------------------------------------------------
@@ -671,8 +774,21 @@ def test_readme_api_example(kernel, tmp_path):
     with Sandbox(s) as sb:
         r = sb.exec(["sh", "-c", "echo hi; exit 3"], env={"A": "1"}, cwd="/", stdin=b"", timeout=10)
         assert (r.exit_code, r.stdout, r.stderr) == (3, b"hi\n", b"")
+        assert r.pid > 1
         sb.write_file("/tmp/x", b"data")
         assert sb.read_file("/tmp/x") == b"data"
+        assert sb.files.make_dir("/tmp/d/e", user="1000").uid == 1000
+        listed = [(e.path, e.kind, e.size) for e in sb.files.list("/tmp", depth=2)]
+        assert sorted(e[:2] for e in listed) == [
+            ("/tmp/d", "dir"),
+            ("/tmp/d/e", "dir"),
+            ("/tmp/x", "file"),
+        ]
+        assert ("/tmp/x", "file", 4) in listed
+        assert sb.files.stat("/tmp/x").mtime_ns > 0
+        sb.files.rename("/tmp/x", "/tmp/d/x")
+        sb.files.remove("/tmp/d")
+        assert [e.name for e in sb.files.list("/tmp") if e.name in ("x", "d")] == []
         sb.set_memory("256M")
         size_kib = int(run(sb, "df -k /data | tail -1").stdout.split()[1])
         assert 900_000 < size_kib < 1_100_000, size_kib

@@ -23,10 +23,12 @@
  * stopped) client holds back its own commands and nobody else's.
  */
 #define _GNU_SOURCE
+#define _FILE_OFFSET_BITS 64 /* 32-bit guests: sizes and inode numbers past 2^31 */
 #include <dirent.h>
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <grp.h>
 #include <net/if.h>
 #include <poll.h>
@@ -36,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/random.h>
+#include <sys/fsuid.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -54,12 +57,19 @@
 
 enum {
 	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
-	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10,
+	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10, FR_FS = 11,
 	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
-	FR_PONG = 26, FR_STDIN_ACK = 27,
+	FR_PONG = 26, FR_STDIN_ACK = 27, FR_ENTRIES = 28, FR_STARTED = 29,
 };
 
-#define VERSION 3
+/* FS operations */
+enum { FS_STAT = 1, FS_LIST = 2, FS_MKDIR = 3, FS_MOVE = 4, FS_REMOVE = 5 };
+/* FS flag: uid, gid and the supplementary groups follow */
+#define FS_USER 1
+#define MAX_DEPTH 64
+#define MAX_ENTRIES 100000
+
+#define VERSION 4
 #define HEADER 9
 #define MAX_PAYLOAD (256 * 1024)
 #define CHUNK (64 * 1024)
@@ -258,6 +268,26 @@ static char *get_str(struct reader *r)
 	return s;
 }
 
+/* A user as the host names one: uid, gid, the supplementary groups. */
+struct ids {
+	uint32_t uid, gid, ngroups;
+	gid_t groups[MAX_GROUPS];
+};
+
+static void get_ids(struct reader *r, struct ids *who)
+{
+	who->uid = get_u32(r);
+	who->gid = get_u32(r);
+	who->ngroups = get_u32(r);
+	for (uint32_t i = 0; i < who->ngroups && i < MAX_GROUPS; i++)
+		who->groups[i] = get_u32(r);
+}
+
+static int bad_ids(const struct ids *who)
+{
+	return who->ngroups > MAX_GROUPS || who->uid == (uint32_t)-1 || who->gid == (uint32_t)-1;
+}
+
 static struct exec *find_exec(struct port *p, uint32_t id)
 {
 	for (int i = 0; i < MAX_EXECS; i++)
@@ -294,8 +324,7 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 	char tty_name[128] = "";
 	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 }, report[2] = { -1, -1 };
 	int tty = flags & EXEC_TTY, master = -1;
-	uint32_t uid = 0, gid = 0, ngroups = 0;
-	gid_t groups[MAX_GROUPS];
+	struct ids who = { 0 };
 	struct exec *e = NULL;
 	pid_t pid;
 
@@ -320,15 +349,9 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		rows = get_u32(r);
 		cols = get_u32(r);
 	}
-	if (flags & EXEC_USER) {
-		uid = get_u32(r);
-		gid = get_u32(r);
-		ngroups = get_u32(r);
-		for (uint32_t i = 0; i < ngroups && i < MAX_GROUPS; i++)
-			groups[i] = get_u32(r);
-	}
-	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535)) ||
-	    ngroups > MAX_GROUPS || uid == (uint32_t)-1 || gid == (uint32_t)-1) {
+	if (flags & EXEC_USER)
+		get_ids(r, &who);
+	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535)) || bad_ids(&who)) {
 		send_error(port, id, EINVAL, "bad exec request");
 		goto done;
 	}
@@ -383,7 +406,8 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 		}
 		note[0] = 'u';
 		if ((flags & EXEC_USER) &&
-		    (setgroups(ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
+		    (setgroups(who.ngroups, who.groups) < 0 || setgid(who.gid) < 0 ||
+		     setuid(who.uid) < 0))
 			goto report;
 		note[0] = 'c';
 		/* execvpe searches our own PATH: the command's PATH, when given, is the one. */
@@ -420,8 +444,8 @@ report:
 				snprintf(msg, sizeof(msg), "cannot open terminal %s: %s", tty_name,
 					 strerror(saved));
 			else if (note[0] == 'u')
-				snprintf(msg, sizeof(msg), "cannot become user %u (group %u): %s", uid,
-					 gid, strerror(saved));
+				snprintf(msg, sizeof(msg), "cannot become user %u (group %u): %s",
+					 who.uid, who.gid, strerror(saved));
 			else
 				snprintf(msg, sizeof(msg), "%s %s: %s",
 					 note[0] == 'c' ? "cannot change directory to" : "cannot run",
@@ -448,6 +472,11 @@ report:
 		set_nonblock(e->err);
 	if (e->in >= 0)
 		set_nonblock(e->in);
+	{
+		unsigned char started[4];
+		put_le32(started, (uint32_t)pid);
+		send_frame(port, FR_STARTED, id, started, 4);
+	}
 	goto done;
 fail:
 	close_fd(&master);
@@ -465,6 +494,221 @@ done:
 	free(argv);
 	free(envp);
 	free(cwd);
+}
+
+/* --- file operations ------------------------------------------------------------------- */
+
+/* ENTRIES frames under construction: u32 count, then per entry the path, u32 mode, uid and
+ * gid, u64 size, u64 mtime (ns since the epoch) and the symlink's target (empty otherwise). */
+struct entries {
+	struct port *port;
+	uint32_t id;
+	unsigned char buf[MAX_PAYLOAD];
+	size_t len;
+	uint32_t count, total;
+};
+
+static void put_le64(unsigned char *at, uint64_t v)
+{
+	v = htole64(v);
+	memcpy(at, &v, 8);
+}
+
+static void flush_entries(struct entries *en)
+{
+	put_le32(en->buf, en->count);
+	send_frame(en->port, FR_ENTRIES, en->id, en->buf, en->len);
+	en->len = 4;
+	en->count = 0;
+}
+
+/* Add path's entry (lstat: a symlink is itself, with its target); errno when it fails. */
+static int add_entry(struct entries *en, const char *path, const struct stat *st)
+{
+	char target[4096] = "";
+	size_t plen = strlen(path), tlen = 0;
+	struct stat own;
+	if (!st) {
+		if (lstat(path, &own) < 0)
+			return errno;
+		st = &own;
+	}
+	if (S_ISLNK(st->st_mode)) {
+		ssize_t n = readlink(path, target, sizeof(target) - 1);
+		tlen = n > 0 ? (size_t)n : 0;
+	}
+	if (plen > 4096)
+		return ENAMETOOLONG;
+	if (en->len + 4 + plen + 4 * 3 + 8 * 2 + 4 + tlen > MAX_PAYLOAD)
+		flush_entries(en);
+	put_le32(en->buf + en->len, plen);
+	memcpy(en->buf + en->len + 4, path, plen);
+	en->len += 4 + plen;
+	put_le32(en->buf + en->len, st->st_mode);
+	put_le32(en->buf + en->len + 4, st->st_uid);
+	put_le32(en->buf + en->len + 8, st->st_gid);
+	put_le64(en->buf + en->len + 12, (uint64_t)st->st_size);
+	put_le64(en->buf + en->len + 20,
+		 (uint64_t)st->st_mtim.tv_sec * 1000000000ULL + (uint64_t)st->st_mtim.tv_nsec);
+	put_le32(en->buf + en->len + 28, tlen);
+	memcpy(en->buf + en->len + 32, target, tlen);
+	en->len += 32 + tlen;
+	en->count++;
+	en->total++;
+	return 0;
+}
+
+/* The entries under dir, down to depth levels (symlinks are not followed). */
+static int list_dir(struct entries *en, const char *dir, uint32_t depth)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+	int err = 0;
+	if (!d)
+		return errno;
+	while (!err && (de = readdir(d))) {
+		char path[4096];
+		struct stat st;
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		if (snprintf(path, sizeof(path), "%s%s%s", dir, strcmp(dir, "/") ? "/" : "",
+			     de->d_name) >= (int)sizeof(path)) {
+			err = ENAMETOOLONG;
+			break;
+		}
+		if (lstat(path, &st) < 0)
+			continue; /* gone meanwhile */
+		if (en->total >= MAX_ENTRIES) {
+			err = E2BIG;
+			break;
+		}
+		err = add_entry(en, path, &st);
+		if (!err && depth > 1 && S_ISDIR(st.st_mode)) {
+			err = list_dir(en, path, depth - 1);
+			if (err == EACCES || err == ENOENT)
+				err = 0; /* a directory it may not read, or gone: listed, not entered */
+		}
+	}
+	closedir(d);
+	return err;
+}
+
+/* mkdir -p; errno of the first failure, EEXIST only for path itself. */
+static int make_dirs(const char *path, int parents_only)
+{
+	char buf[4096];
+	if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf))
+		return ENAMETOOLONG;
+	for (char *p = buf + 1; *p; p++)
+		if (*p == '/') {
+			*p = 0;
+			if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+				return errno;
+			*p = '/';
+		}
+	if (!parents_only && mkdir(buf, 0755) < 0)
+		return errno;
+	return 0;
+}
+
+static int remove_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)ftw;
+	if ((flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 && errno != ENOENT)
+		return errno;
+	return 0;
+}
+
+/* A file operation as the user the host names (its file system ids and groups), the
+ * answer ENTRIES (then OK) or ERROR. Paths are absolute. */
+static void do_fs(struct port *port, uint32_t id, struct reader *r)
+{
+	static struct entries en;
+	uint32_t op = get_u32(r), flags = get_u32(r), depth = get_u32(r);
+	char *path = get_str(r), *to = get_str(r);
+	struct ids who = { 0 };
+	char msg[1024];
+	int err = 0;
+	if (flags & FS_USER)
+		get_ids(r, &who);
+	if (r->bad || r->p != r->end || !path || !to || path[0] != '/' ||
+	    (op == FS_MOVE && to[0] != '/') || op < FS_STAT || op > FS_REMOVE ||
+	    (op == FS_LIST && (depth < 1 || depth > MAX_DEPTH)) || bad_ids(&who)) {
+		send_error(port, id, EINVAL, "bad file request");
+		goto done;
+	}
+	if (flags & FS_USER) {
+		if (setgroups(who.ngroups, who.groups) < 0) {
+			send_error(port, id, errno, "setgroups");
+			goto done;
+		}
+		setfsgid(who.gid);
+		setfsuid(who.uid);
+	}
+	en.port = port;
+	en.id = id;
+	en.len = 4;
+	en.count = en.total = 0;
+	switch (op) {
+	case FS_STAT:
+		err = add_entry(&en, path, NULL);
+		break;
+	case FS_LIST: {
+		struct stat st;
+		if (stat(path, &st) < 0)
+			err = errno;
+		else if (!S_ISDIR(st.st_mode))
+			err = ENOTDIR;
+		else
+			err = list_dir(&en, path, depth);
+		break;
+	}
+	case FS_MKDIR:
+		err = make_dirs(path, 0);
+		if (!err)
+			err = add_entry(&en, path, NULL);
+		break;
+	case FS_MOVE:
+		err = make_dirs(to, 1);
+		if (!err && rename(path, to) < 0)
+			err = errno;
+		if (!err)
+			err = add_entry(&en, to, NULL);
+		break;
+	case FS_REMOVE: {
+		struct stat st;
+		if (lstat(path, &st) < 0)
+			err = errno;
+		else if (!strcmp(path, "/"))
+			err = EBUSY;
+		else {
+			int rc = nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS);
+			err = rc > 0 ? rc : rc < 0 ? errno : 0;
+		}
+		break;
+	}
+	}
+	if (flags & FS_USER) {
+		setfsuid(0);
+		setfsgid(0);
+		setgroups(0, NULL);
+	}
+	if (err) {
+		if (err == E2BIG)
+			snprintf(msg, sizeof(msg), "%s: more than %d entries", path, MAX_ENTRIES);
+		else
+			snprintf(msg, sizeof(msg), "%s: %s", op == FS_MOVE && err != ENOENT ? to : path,
+				 strerror(err));
+		send_error(port, id, err, msg);
+		goto done;
+	}
+	if (en.count)
+		flush_entries(&en);
+	send_frame(port, FR_OK, id, NULL, 0);
+done:
+	free(path);
+	free(to);
 }
 
 static void do_resize(struct port *port, uint32_t id, struct reader *r)
@@ -754,6 +998,9 @@ static void handle_frame(struct port *port, uint8_t type, uint32_t id, const uns
 		break;
 	case FR_RENEW:
 		renew(port, id, p, len);
+		break;
+	case FR_FS:
+		do_fs(port, id, &r);
 		break;
 	case FR_POWEROFF:
 		sync();

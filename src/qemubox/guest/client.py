@@ -1,6 +1,7 @@
 """The host side of the agent protocol: the requests a client makes of a guest agent —
-ping, mount, renew, poweroff, a command's start, stdin, signals, terminal size, its end —
-over a :class:`~qemubox.guest.transport.Connection` (framing, HELLO, ids, resync).
+ping, mount, renew, file operations, poweroff, a command's start (and its pid), stdin,
+signals, terminal size, its end — over a :class:`~qemubox.guest.transport.Connection`
+(framing, HELLO, ids, resync).
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ class AgentClient(Connection):
         """Give the guest the host's time and fresh randomness (its RNG reseeded): at each
         start, booted or restored, and at each resume."""
         self.request(Frame.RENEW, p.renew_request(time.time_ns(), os.urandom(p.RENEW_SEED)))
+
+    def fs(
+        self,
+        op: p.FsOp,
+        path: str,
+        to: str = "",
+        depth: int = 0,
+        user: tuple[int, int, tuple[int, ...]] | None = None,
+        timeout: float = 60,
+    ) -> list[p.Entry]:
+        """A file operation (see :class:`~qemubox.guest.protocol.FsOp`) as ``user`` (uid,
+        gid, groups; root when None): the entries it answers with."""
+        return self._answer(Frame.FS, p.fs_request(op, path, to, depth, user), timeout).entries
 
     def poweroff(self, timeout: float = 10) -> None:
         """Sync the guest's file systems and power it off."""

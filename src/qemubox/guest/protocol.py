@@ -17,13 +17,14 @@ client). Requests then carry ids chosen by the client; the agent's frames answer
 
 from __future__ import annotations
 
+import stat
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
 from qemubox.errors import ProtocolViolation
 
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct("<BII")  # type, id, payload length
 MAX_PAYLOAD = 256 * 1024  # any frame, either way
 CHUNK = 64 * 1024  # stdin and output chunks
@@ -44,6 +45,7 @@ class Frame(IntEnum):
     BYE = 8  # the client leaves: end its commands; answered by OK
     RESIZE = 9  # u32 rows, u32 columns: the size of a command's terminal
     RENEW = 10  # u64 ns since the epoch, then seed bytes: a starting guest's clock and RNG
+    FS = 11  # FsRequest: a file operation, answered by ENTRIES frames (if any), then OK
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes
@@ -53,6 +55,8 @@ class Frame(IntEnum):
     OK = 25  # empty
     PONG = 26  # the PING's payload
     STDIN_ACK = 27  # u32 bytes of stdin the command has taken
+    ENTRIES = 28  # u32 count, then Entry records: a file operation's answer, in parts
+    STARTED = 29  # u32 pid: the command runs (before any of its output)
 
 
 _VALUES = frozenset(f.value for f in Frame)
@@ -62,6 +66,19 @@ EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
 EXEC_TTY = 2  # ExecRequest flag: the command runs on a pseudo-terminal (rows, columns follow)
 EXEC_USER = 4  # ExecRequest flag: uid, gid, the supplementary groups' count and ids follow
 MAX_GROUPS = 64
+FS_USER = 1  # FsRequest flag: uid, gid, the supplementary groups' count and ids follow
+MAX_DEPTH = 64  # levels a listing goes down at most
+MAX_ENTRIES = 100_000  # entries of one listing at most
+
+
+class FsOp(IntEnum):
+    STAT = 1  # the path's entry (a symlink's own, with its target)
+    LIST = 2  # the entries under a directory, ``depth`` levels down (symlinks not entered)
+    MKDIR = 3  # make the directory and its parents: its entry (EEXIST when it was there)
+    MOVE = 4  # rename to ``to``, making its parents: the moved entry
+    REMOVE = 5  # remove the path, a directory with all it holds
+
+
 # The agent keeps its initramfs's busybox here whatever the root: qemubox's own commands
 # (network setup, cp, file transfers) run on it, so any root serves them.
 GUEST_BUSYBOX = "/run/qemubox/busybox"
@@ -80,7 +97,7 @@ def encode(kind: Frame, ident: int, payload: bytes = b"") -> bytes:
 
 
 def _str(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
+    data = value.encode(errors="surrogateescape") if isinstance(value, str) else value
     return struct.pack("<I", len(data)) + data
 
 
@@ -171,6 +188,77 @@ def renew_request(now_ns: int, seed: bytes) -> bytes:
     if len(seed) != RENEW_SEED:
         raise ValueError(f"a seed of {len(seed)} bytes, not {RENEW_SEED}")
     return struct.pack("<Q", now_ns) + seed
+
+
+def fs_request(
+    op: FsOp,
+    path: str,
+    to: str = "",
+    depth: int = 0,
+    user: tuple[int, int, tuple[int, ...]] | None = None,
+) -> bytes:
+    """An FS payload: u32 op, flags, depth; the path, the target; the user, if any."""
+    if not path.startswith("/") or (op == FsOp.MOVE and not to.startswith("/")):
+        raise ValueError(f"{to if path.startswith('/') else path!r} is not an absolute path")
+    if op == FsOp.LIST and not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"a listing {depth} levels deep (1 to {MAX_DEPTH})")
+    payload = struct.pack("<III", op, FS_USER if user else 0, depth) + _str(path) + _str(to)
+    if user:
+        payload += user_request(*user)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"a path of {len(path) + len(to)} bytes")
+    return payload
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file's entry in the guest, as lstat(2) gives it."""
+
+    path: str
+    mode: int  # st_mode: type and permission bits
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    target: str = ""  # a symlink's
+
+    @property
+    def kind(self) -> str:
+        """``file``, ``dir``, ``symlink`` or ``other``."""
+        if stat.S_ISREG(self.mode):
+            return "file"
+        if stat.S_ISDIR(self.mode):
+            return "dir"
+        return "symlink" if stat.S_ISLNK(self.mode) else "other"
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rpartition("/")[2] or "/"
+
+
+_ENTRY = struct.Struct("<IIIQQ")  # mode, uid, gid, size, mtime_ns
+
+
+def decode_entries(payload: bytes) -> list[Entry]:
+    r = Reader(payload, "ENTRIES")
+    out = []
+    for _ in range(r.u32()):
+        path = r.string().decode(errors="surrogateescape")
+        mode, uid, gid, size, mtime = _ENTRY.unpack(r.take(_ENTRY.size))
+        target = r.string().decode(errors="surrogateescape")
+        out.append(Entry(path, mode, uid, gid, size, mtime, target))
+    r.end()
+    return out
+
+
+def entries(items: list[Entry]) -> bytes:
+    """An ENTRIES payload (what the agent sends; for tests and fakes)."""
+    return struct.pack("<I", len(items)) + b"".join(
+        _str(e.path.encode(errors="surrogateescape"))
+        + _ENTRY.pack(e.mode, e.uid, e.gid, e.size, e.mtime_ns)
+        + _str(e.target.encode(errors="surrogateescape"))
+        for e in items
+    )
 
 
 def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:

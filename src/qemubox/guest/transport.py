@@ -53,6 +53,8 @@ class Pending:
     status: p.ExitStatus | None = None
     error: GuestError | None = None
     payload: bytes = b""
+    entries: list[p.Entry] = field(default_factory=list)  # a file operation's answer
+    pid: int | None = None  # a command's, in the guest, once it runs
     in_flight: int = 0  # stdin bytes sent and not yet taken by the command
     window: threading.Condition = field(default_factory=threading.Condition)
 
@@ -273,6 +275,11 @@ class Connection:
             pend.error = GuestError(*p.decode_error(payload))
             pend.done.set()
         elif not pend.is_exec:
+            if kind == Frame.ENTRIES:
+                pend.entries += p.decode_entries(payload)
+                if len(pend.entries) > p.MAX_ENTRIES:
+                    raise ProtocolViolation("the guest sent more entries than a listing has")
+                return
             if kind not in (Frame.OK, Frame.PONG):
                 raise ProtocolViolation(f"{kind.name} frame answers a request that is no command")
             pend.payload = payload
@@ -288,6 +295,10 @@ class Connection:
                     raise ProtocolViolation("the guest acknowledged stdin it was never sent")
                 pend.in_flight -= taken
                 pend.window.notify_all()
+        elif kind == Frame.STARTED:
+            if pend.pid is not None:
+                raise ProtocolViolation("a command was said to start twice")
+            pend.pid = p.decode_u32(payload, "STARTED")
         elif kind == Frame.EXIT:
             pend.status = p.decode_exit(payload)
             pend.done.set()
@@ -320,6 +331,9 @@ class Connection:
 
     def request(self, kind: Frame, payload: bytes = b"", timeout: float | None = 30) -> bytes:
         """A request answered by OK or PONG; raises GuestError, AgentGone or TimeoutError."""
+        return self._answer(kind, payload, timeout).payload
+
+    def _answer(self, kind: Frame, payload: bytes, timeout: float | None) -> Pending:
         ident, pend = self._new()
         try:
             self._send(kind, ident, payload, timeout)
@@ -329,7 +343,7 @@ class Connection:
                 raise TimeoutError(f"the guest agent did not answer within {timeout} s")
             if pend.error:
                 raise pend.error
-            return pend.payload
+            return pend
         except SendTimeout:
             raise TimeoutError(f"the guest agent did not answer within {timeout} s") from None
         finally:

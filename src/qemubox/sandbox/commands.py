@@ -33,6 +33,7 @@ class ExecResult:
     signal: int | None = None
     timed_out: bool = False
     truncated: bool = False  # output past max_output was dropped
+    pid: int | None = None  # the command's process id in the guest (None: it did not start)
 
 
 class Host(Protocol):
@@ -98,14 +99,8 @@ def execute(
         if on_stderr:
             on_stderr(message)
         return ExecResult(exec_exit_code(err), b"", b"" if on_stderr else message)
-    except ProtocolViolation as err:
-        box.fail()
-        raise ProtocolViolation(
-            f"protocol violation by the guest: {err}", box.console_tail()
-        ) from None
-    except AgentGone:
-        box.vm_gone("while running a command")
-        raise VMDied("the guest agent went away", box.console_tail()) from None
+    except (ProtocolViolation, AgentGone) as err:
+        raise broken(box, err, "while running a command") from None
     finally:
         stop_pump.set()
         box.terminals.discard(ident)
@@ -119,7 +114,18 @@ def execute(
         status.signal,
         timed_out,
         pend.truncated,
+        pend.pid,
     )
+
+
+def broken(box: Host, err: ProtocolViolation | AgentGone, doing: str) -> VMDied:
+    """The error to raise when the agent's connection broke ``doing`` something: the guest
+    broke the protocol (the machine is failed) or went away."""
+    if isinstance(err, ProtocolViolation):
+        box.fail()
+        return ProtocolViolation(f"protocol violation by the guest: {err}", box.console_tail())
+    box.vm_gone(doing)
+    return VMDied("the guest agent went away", box.console_tail())
 
 
 def _kill(box: Host, agent: AgentClient, ident: int, pend) -> None:

@@ -38,7 +38,7 @@ from qemubox.model.size import parse_size
 from qemubox.model.state import State
 from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import qemu_args
-from qemubox.sandbox import commands
+from qemubox.sandbox import commands, files
 from qemubox.sandbox.commands import ExecResult
 from qemubox.sandbox.runstate import Runstate, require
 from qemubox.sandbox.spec import Session, writable_file
@@ -473,17 +473,21 @@ class Sandbox:
         """
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
-        ids = None
         if isinstance(user, str):
-            who = self.identity(user)
-            env = {"HOME": who.home, **(env or {})}
-            ids = who.to_tuple()
-        elif user is not None:
-            ids = (int(user[0]), int(user[1]), tuple(int(g) for g in user[2]))
+            env = {"HOME": self.identity(user).home, **(env or {})}
+        ids = self.ids_of(user)
         return commands.execute(
             self, argv, env, cwd, stdin, timeout, on_stdout, on_stderr,
             stdin_stream, max_output, tty, ids,
         )  # fmt: skip
+
+    def ids_of(self, user: str | tuple[int, int, tuple[int, ...]] | None):
+        """(uid, gid, groups) of ``user`` as :meth:`exec` takes it; None for root."""
+        if isinstance(user, str):
+            return self.identity(user).to_tuple()
+        if user is not None:
+            return (int(user[0]), int(user[1]), tuple(int(g) for g in user[2]))
+        return None
 
     @require(Runstate.RUNNING)
     def identity(self, user: str):
@@ -519,6 +523,11 @@ class Sandbox:
                 f"cannot read {path} in the guest: {r.stderr.decode(errors='replace').strip()}"
             )
         return r.stdout
+
+    @property
+    def files(self) -> files.Files:
+        """File operations in the guest, one agent request each (no command run)."""
+        return files.Files(self)
 
     # --- memory (virtio-balloon over QMP) -------------------------------------------------------
 
