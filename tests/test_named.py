@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import qemubox
+from qemubox.errors import InputError
 from qemubox.qemu import process
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
@@ -180,6 +181,91 @@ def test_the_python_api_on_the_same_records(kernel, state):
     assert Sandbox.list()[0].state == "stopped"
     again.remove()
     assert Sandbox.list() == []
+
+
+def test_kept_processes_outlive_their_client_and_are_taken_over_by_pid(kernel, state):
+    from qemubox import GuestError, Sandbox, Session
+
+    first = Sandbox.create("procs", Session(memory="256M", kernel=kernel))
+    script = 'echo "up $$"; while read line; do echo "got $line"; done; echo eof; exit 5'
+    kept = first.processes.start(["sh", "-c", script], stdin=True, keep=b'{"tag": "server"}')
+    seen = []
+    first.processes.start(["sh", "-c", "sleep 1000"])  # not kept: it ends with its client
+    ended = first.processes.start(["true"], keep=b"gone")
+    assert ended.wait(30).exit_code == 0
+    assert kept.write_stdin(b"one\n") and kept.running
+    listed = first.processes.list()
+    assert [(k.pid, k.attached, k.tty, k.note) for k in listed] == [
+        (kept.pid, True, False, b'{"tag": "server"}')
+    ]  # the ended one is not listed
+    first.leave()  # this client goes; the kept command runs on, its output dropped meanwhile
+
+    second = Sandbox.attach("procs")
+    (again,) = second.processes.list()
+    assert (again.pid, again.attached, again.note) == (kept.pid, False, b'{"tag": "server"}')
+    r = second.exec(["sh", "-c", "pgrep -f 'sleep 1000' || echo none"])
+    assert r.stdout == b"none\n"  # the one not kept went with its client
+    taken = second.processes.connect(kept.pid, on_stdout=seen.append)
+    assert taken.pid == kept.pid and second.processes.list()[0].attached
+    assert taken.write_stdin(b"two\n")
+    third = Sandbox.attach("procs")  # a third client takes it over from the second
+    final = third.processes.connect(kept.pid)
+    with pytest.raises(GuestError, match="another client took the command over"):
+        taken.wait(10)
+    assert b"".join(seen) == b"got two\n"  # its output while the second had it
+    final.write_stdin(b"three\n")
+    final.close_stdin()
+    result = final.wait(30)
+    assert (result.exit_code, result.stdout, result.pid) == (5, b"got three\neof\n", kept.pid)
+    assert third.processes.list() == []
+    with pytest.raises(GuestError, match=f"no kept command has pid {kept.pid}") as gone:
+        third.processes.connect(kept.pid)
+    assert gone.value.errno == 3  # ESRCH
+
+    # A terminal's, and a signal: a kept shell on a terminal, resized, killed.
+    shown: list[bytes] = []
+    term = third.processes.start(["sh"], tty=(24, 80), keep=b"term", on_stdout=shown.append)
+    assert third.processes.list()[0].tty
+    term.resize(40, 132)
+    term.write_stdin(b"stty size\n")
+    deadline = time.monotonic() + 20
+    while b"40 132" not in b"".join(shown) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    term.kill()
+    assert term.wait(10).signal == 9 and not term.running
+    for bad, message in [
+        (lambda: third.processes.start([]), "a process needs a command"),
+        (lambda: third.processes.start(["true"], keep=b"x" * 65537), "a note of 65537 bytes"),
+        (lambda: third.processes.connect(0), "no process has pid 0"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            bad()
+    with pytest.raises(GuestError, match="no-such-command"):
+        third.processes.start(["no-such-command"], keep=b"")
+    second.leave()
+    third.stop()
+    third.remove()
+
+
+def test_the_readme_s_kept_process_example(kernel, state):
+    from qemubox import Sandbox, Session
+
+    sb = Sandbox.create("clock", Session(kernel=kernel))
+    ticks = ["sh", "-c", "while sleep 1; do date; done"]
+    server = sb.processes.start(ticks, keep=b'{"tag": "clock"}')
+    sb.detach()
+    later = Sandbox.attach("clock")
+    (kept,) = later.processes.list()
+    assert (kept.pid, kept.note) == (server.pid, b'{"tag": "clock"}')
+    dates: list[bytes] = []
+    taken = later.processes.connect(kept.pid, on_stdout=dates.append)
+    deadline = time.monotonic() + 20
+    while not dates and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dates and b"UTC" in dates[0]
+    taken.kill()
+    assert taken.wait().signal == 9
+    later.remove(force=True)
 
 
 def test_run_with_a_name_keeps_the_sandbox_and_run_d_returns_at_once(kernel, state):

@@ -43,8 +43,12 @@ def test_agent_c_frame_types_match():
         ("EXEC_USER", p.EXEC_USER),
         ("MAX_GROUPS", p.MAX_GROUPS),
         ("FS_USER", p.FS_USER),
+        ("EXEC_KEEP", p.EXEC_KEEP),
+        ("MAX_NOTE", p.MAX_NOTE),
+        ("MAX_EXECS", p.MAX_EXECS),
         ("MAX_DEPTH", p.MAX_DEPTH),
         ("MAX_ENTRIES", p.MAX_ENTRIES),
+        ("MAX_LISTING", p.MAX_LISTING),
     ],
 )
 def test_agent_c_limits_match(name, value):
@@ -324,6 +328,41 @@ def test_a_listing_longer_than_the_bound_is_a_violation(pair):
         agent.send(Frame.ENTRIES, ident, part)
     t.join(5)
     assert "more entries than a listing has" in str(failed["err"])
+
+
+def test_kept_commands_on_the_wire(pair):
+    kept = p.Kept(77, True, False, b'{"tag": "t"}')
+    assert p.decode_command(p.command(kept)) == kept
+    payload = p.exec_request([b"sh"], [], b"/", False, keep=b"note")
+    assert struct.unpack_from("<I", payload)[0] == p.EXEC_KEEP
+    assert payload.endswith(b"\4\0\0\0note")
+    with pytest.raises(ValueError, match="a note of 65537 bytes"):
+        p.exec_request([b"sh"], [], b"/", False, keep=b"x" * (p.MAX_NOTE + 1))
+    with pytest.raises(ProtocolViolation, match="extra bytes"):
+        p.decode_command(p.command(kept) + b"x")
+
+    client, agent = pair
+    got = {}
+    t = threading.Thread(target=lambda: got.update(k=client.kept()))
+    t.start()
+    kind, ident, _ = agent.next()
+    assert kind == Frame.KEPT
+    agent.send(Frame.COMMAND, ident, p.command(kept))
+    agent.send(Frame.COMMAND, ident, p.command(p.Kept(78, False, True, b"")))
+    agent.send(Frame.OK, ident)
+    t.join(5)
+    assert got["k"] == [kept, p.Kept(78, False, True, b"")]
+
+
+def test_a_taken_over_command_starts_again_with_its_pid(pair):
+    client, agent = pair
+    ident, pend = client.attach_command(77)
+    kind, sent_id, payload = agent.next()
+    assert (kind, sent_id, payload) == (Frame.ATTACH, ident, (77).to_bytes(4, "little"))
+    agent.send(Frame.STARTED, ident, (77).to_bytes(4, "little"))
+    agent.send(Frame.STDOUT, ident, b"later")
+    agent.send(Frame.EXIT, ident, p.exit_status(0))
+    assert client.wait(ident, pend, 5) and (pend.pid, pend.stdout) == (77, [b"later"])
 
 
 def test_garbage_is_a_violation(pair):

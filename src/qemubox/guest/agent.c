@@ -16,7 +16,8 @@
  * and the payload, little-endian; zero bytes between frames are padding. A client begins
  * with HELLO(nonce) and gets READY(nonce, version, release). When the host side of a
  * port closes, or a new client says HELLO on it, the commands of the port's previous client
- * are killed: nobody is left to read their output.
+ * are killed: nobody is left to read their output; but a command started as kept runs on,
+ * listed by KEPT, until a client ATTACHes to it (or it ends).
  *
  * Writes to the host never block: each port has an output queue, flushed as the port takes
  * it; a command's output is read only while its port's queue is short, so a slow (or
@@ -57,9 +58,10 @@
 
 enum {
 	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
-	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10, FR_FS = 11,
+	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10, FR_FS = 11, FR_KEPT = 12,
+	FR_ATTACH = 13,
 	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
-	FR_PONG = 26, FR_STDIN_ACK = 27, FR_ENTRIES = 28, FR_STARTED = 29,
+	FR_PONG = 26, FR_STDIN_ACK = 27, FR_ENTRIES = 28, FR_STARTED = 29, FR_COMMAND = 30,
 };
 
 /* FS operations */
@@ -68,6 +70,8 @@ enum { FS_STAT = 1, FS_LIST = 2, FS_MKDIR = 3, FS_MOVE = 4, FS_REMOVE = 5 };
 #define FS_USER 1
 #define MAX_DEPTH 64
 #define MAX_ENTRIES 100000
+/* bytes of ENTRIES payloads one request gets */
+#define MAX_LISTING (65536 * 1024)
 
 #define VERSION 4
 #define HEADER 9
@@ -80,6 +84,9 @@ enum { FS_STAT = 1, FS_LIST = 2, FS_MKDIR = 3, FS_MOVE = 4, FS_REMOVE = 5 };
 /* EXEC flag: uid, gid and the supplementary groups follow */
 #define EXEC_USER 4
 #define MAX_GROUPS 64
+/* EXEC flag: the command outlives its client (a note, the host's description, follows) */
+#define EXEC_KEEP 8
+#define MAX_NOTE (64 * 1024)
 #define MAX_EXECS 64
 #define MAX_PORTS 16
 #define QUEUE_HIGH (256 * 1024) /* a port's queue above this: its commands' output waits */
@@ -107,7 +114,12 @@ struct exec {
 	char *inbuf;            /* stdin received, not yet taken by the command */
 	size_t inlen;
 	int in_eof;             /* host closed stdin: close after the buffer drains */
+	char *note;             /* a kept command's (it outlives its client): the host's words */
+	uint32_t note_len;
 };
+
+/* Where a kept command's frames go while no client has it: nowhere (queue() drops them). */
+static struct port nobody = { .fd = -1 };
 
 static struct exec execs[MAX_EXECS];
 static struct port ports[MAX_PORTS];
@@ -214,22 +226,47 @@ static void close_fd(int *fd)
 	*fd = -1;
 }
 
+/* The slot is free again (the process, if any, is reap()'s). */
+static void forget(struct exec *e)
+{
+	free(e->inbuf);
+	free(e->note);
+	memset(e, 0, sizeof(*e));
+	e->out = e->err = e->in = -1;
+}
+
+/* Stdin the command has not taken yet: dropped when its client changes, whose window it
+ * was (the new client must not be acknowledged bytes it never sent). */
+static void drop_stdin(struct exec *e)
+{
+	free(e->inbuf);
+	e->inbuf = NULL;
+	e->inlen = 0;
+	if (e->in_eof)
+		close_fd(&e->in);
+}
+
 /* The client that started these commands is gone: kill them, forget them (reap() still
- * collects the processes). */
+ * collects the processes); kept ones go on with nobody's port until a client attaches
+ * (their output is read and dropped meanwhile; when they end they are forgotten). */
 static void end_all_commands(struct port *p)
 {
 	for (int i = 0; i < MAX_EXECS; i++) {
 		struct exec *e = &execs[i];
 		if (!e->used || e->port != p)
 			continue;
+		if (e->note) {
+			e->port = &nobody;
+			e->id = 0;
+			drop_stdin(e);
+			continue;
+		}
 		if (!e->exited)
 			kill(-e->pid, SIGKILL);
 		close_fd(&e->out);
 		close_fd(&e->err);
 		close_fd(&e->in);
-		free(e->inbuf);
-		memset(e, 0, sizeof(*e));
-		e->out = e->err = e->in = -1;
+		forget(e);
 	}
 }
 
@@ -252,8 +289,8 @@ static uint32_t get_u32(struct reader *r)
 	return v;
 }
 
-/* A string from the frame, NUL-terminated in a fresh allocation. */
-static char *get_str(struct reader *r)
+/* A string from the frame, NUL-terminated in a fresh allocation; its length in *len. */
+static char *get_bytes(struct reader *r, uint32_t *len)
 {
 	uint32_t n = get_u32(r);
 	char *s;
@@ -265,7 +302,14 @@ static char *get_str(struct reader *r)
 	memcpy(s, r->p, n);
 	s[n] = 0;
 	r->p += n;
+	*len = n;
 	return s;
+}
+
+static char *get_str(struct reader *r)
+{
+	uint32_t n;
+	return get_bytes(r, &n);
 }
 
 /* A user as the host names one: uid, gid, the supplementary groups. */
@@ -320,7 +364,8 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 {
 	uint32_t flags = get_u32(r), argc = get_u32(r), envc = 0, rows = 0, cols = 0;
 	char **argv = NULL, **envp = NULL;
-	char *cwd = NULL;
+	char *cwd = NULL, *note = NULL;
+	uint32_t note_len = 0;
 	char tty_name[128] = "";
 	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 }, report[2] = { -1, -1 };
 	int tty = flags & EXEC_TTY, master = -1;
@@ -351,7 +396,10 @@ static void do_exec(struct port *port, uint32_t id, struct reader *r)
 	}
 	if (flags & EXEC_USER)
 		get_ids(r, &who);
-	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535)) || bad_ids(&who)) {
+	if (flags & EXEC_KEEP)
+		note = get_bytes(r, &note_len);
+	if (r->bad || (tty && (!rows || !cols || rows > 65535 || cols > 65535)) || bad_ids(&who) ||
+	    note_len > MAX_NOTE) {
 		send_error(port, id, EINVAL, "bad exec request");
 		goto done;
 	}
@@ -467,6 +515,9 @@ report:
 	e->inbuf = NULL;
 	e->inlen = 0;
 	e->in_eof = 0;
+	e->note = note; /* kept: NUL-terminated, its length apart */
+	e->note_len = note_len;
+	note = NULL;
 	set_nonblock(e->out);
 	if (e->err >= 0)
 		set_nonblock(e->err);
@@ -494,6 +545,7 @@ done:
 	free(argv);
 	free(envp);
 	free(cwd);
+	free(note);
 }
 
 /* --- file operations ------------------------------------------------------------------- */
@@ -504,7 +556,7 @@ struct entries {
 	struct port *port;
 	uint32_t id;
 	unsigned char buf[MAX_PAYLOAD];
-	size_t len;
+	size_t len, bytes;
 	uint32_t count, total;
 };
 
@@ -518,6 +570,7 @@ static void flush_entries(struct entries *en)
 {
 	put_le32(en->buf, en->count);
 	send_frame(en->port, FR_ENTRIES, en->id, en->buf, en->len);
+	en->bytes += en->len;
 	en->len = 4;
 	en->count = 0;
 }
@@ -539,6 +592,8 @@ static int add_entry(struct entries *en, const char *path, const struct stat *st
 	}
 	if (plen > 4096)
 		return ENAMETOOLONG;
+	if (en->bytes + en->len + 36 + plen + tlen > MAX_LISTING)
+		return E2BIG;
 	if (en->len + 4 + plen + 4 * 3 + 8 * 2 + 4 + tlen > MAX_PAYLOAD)
 		flush_entries(en);
 	put_le32(en->buf + en->len, plen);
@@ -650,6 +705,7 @@ static void do_fs(struct port *port, uint32_t id, struct reader *r)
 	en.id = id;
 	en.len = 4;
 	en.count = en.total = 0;
+	en.bytes = 0;
 	switch (op) {
 	case FS_STAT:
 		err = add_entry(&en, path, NULL);
@@ -696,7 +752,8 @@ static void do_fs(struct port *port, uint32_t id, struct reader *r)
 	}
 	if (err) {
 		if (err == E2BIG)
-			snprintf(msg, sizeof(msg), "%s: more than %d entries", path, MAX_ENTRIES);
+			snprintf(msg, sizeof(msg), "%s: more than %d entries (or %d MiB of them)",
+				 path, MAX_ENTRIES, MAX_LISTING >> 20);
 		else
 			snprintf(msg, sizeof(msg), "%s: %s", op == FS_MOVE && err != ENOENT ? to : path,
 				 strerror(err));
@@ -709,6 +766,49 @@ static void do_fs(struct port *port, uint32_t id, struct reader *r)
 done:
 	free(path);
 	free(to);
+}
+
+/* A COMMAND frame for each kept command (u32 pid, u32 flags: 1 a client has it, 2 it runs
+ * on a terminal; its note), then OK. */
+static void list_kept(struct port *port, uint32_t id)
+{
+	static unsigned char buf[8 + 4 + MAX_NOTE];
+	for (int i = 0; i < MAX_EXECS; i++) {
+		struct exec *e = &execs[i];
+		if (!e->used || !e->note || e->exited)
+			continue;
+		put_le32(buf, (uint32_t)e->pid);
+		put_le32(buf + 4, (e->port != &nobody ? 1 : 0) | (e->tty ? 2 : 0));
+		put_le32(buf + 8, e->note_len);
+		memcpy(buf + 12, e->note, e->note_len);
+		send_frame(port, FR_COMMAND, id, buf, 12 + e->note_len);
+	}
+	send_frame(port, FR_OK, id, NULL, 0);
+}
+
+/* This request takes over the kept command with the pid: STARTED, then its output from now
+ * on and its end. A client that had it is told by an ERROR. */
+static void attach_kept(struct port *port, uint32_t id, struct reader *r)
+{
+	uint32_t pid = get_u32(r);
+	char msg[128];
+	struct exec *e = NULL;
+	unsigned char started[4];
+	for (int i = 0; i < MAX_EXECS && !r->bad; i++)
+		if (execs[i].used && execs[i].note && (uint32_t)execs[i].pid == pid)
+			e = &execs[i];
+	if (!e || r->bad || r->p != r->end) {
+		snprintf(msg, sizeof(msg), "no kept command has pid %u", pid);
+		send_error(port, id, ESRCH, msg);
+		return;
+	}
+	if (e->port != &nobody && (e->port != port || e->id != id))
+		send_error(e->port, e->id, EBUSY, "another client took the command over");
+	e->port = port;
+	e->id = id;
+	drop_stdin(e);
+	put_le32(started, pid);
+	send_frame(port, FR_STARTED, id, started, 4);
 }
 
 static void do_resize(struct port *port, uint32_t id, struct reader *r)
@@ -1002,6 +1102,12 @@ static void handle_frame(struct port *port, uint8_t type, uint32_t id, const uns
 	case FR_FS:
 		do_fs(port, id, &r);
 		break;
+	case FR_KEPT:
+		list_kept(port, id);
+		break;
+	case FR_ATTACH:
+		attach_kept(port, id, &r);
+		break;
 	case FR_POWEROFF:
 		sync();
 		send_frame(port, FR_OK, id, NULL, 0);
@@ -1133,8 +1239,7 @@ static void finish_if_done(struct exec *e, long long now)
 		put_le32(result + 4, WEXITSTATUS(e->status));
 	}
 	send_frame(e->port, FR_EXIT, e->id, result, sizeof(result));
-	memset(e, 0, sizeof(*e));
-	e->out = e->err = e->in = -1;
+	forget(e);
 }
 
 static void reap(long long now)

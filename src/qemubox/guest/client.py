@@ -68,9 +68,11 @@ class AgentClient(Connection):
         max_output: int | None = None,
         tty: tuple[int, int] | None = None,
         user: tuple[int, int, tuple[int, ...]] | None = None,
+        keep: bytes | None = None,
     ) -> tuple[int, Pending]:
-        """Start a command (on a pseudo-terminal of ``tty`` rows and columns, when given);
-        its frames then arrive in the returned Pending."""
+        """Start a command (on a pseudo-terminal of ``tty`` rows and columns, when given;
+        outliving this client, listed with the note ``keep``, when that is given); its frames
+        then arrive in the returned Pending."""
         payload = p.exec_request(
             [a.encode() if isinstance(a, str) else a for a in argv],
             [f"{k}={v}".encode() for k, v in env.items()],
@@ -78,16 +80,39 @@ class AgentClient(Connection):
             with_stdin,
             tty,
             user,
+            keep,
         )
+        return self._command(Frame.EXEC, payload, on_stdout, on_stderr, max_output)
+
+    def attach_command(
+        self,
+        pid: int,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        max_output: int | None = None,
+    ) -> tuple[int, Pending]:
+        """Take over the kept command ``pid`` (from whichever client had it): its output from
+        now on and its end arrive in the returned Pending, as a started command's do."""
+        if not 0 < pid < 1 << 32:
+            raise ValueError(f"no process has pid {pid}")
+        return self._command(
+            Frame.ATTACH, pid.to_bytes(4, "little"), on_stdout, on_stderr, max_output
+        )
+
+    def _command(self, kind, payload, on_stdout, on_stderr, max_output) -> tuple[int, Pending]:
         ident, pend = self._new(
             is_exec=True, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output
         )
         try:
-            self._send(Frame.EXEC, ident, payload, timeout=30)
+            self._send(kind, ident, payload, timeout=30)
         except (AgentGone, SendTimeout):
             self.finish(ident)
             raise
         return ident, pend
+
+    def kept(self, timeout: float = 10) -> list[p.Kept]:
+        """The guest's kept commands that run, whoever started them."""
+        return self._answer(Frame.KEPT, b"", timeout).commands
 
     def resize(self, ident: int, rows: int, columns: int) -> None:
         """Give a command's terminal a new size (its foreground job gets SIGWINCH)."""

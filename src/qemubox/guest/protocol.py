@@ -46,6 +46,8 @@ class Frame(IntEnum):
     RESIZE = 9  # u32 rows, u32 columns: the size of a command's terminal
     RENEW = 10  # u64 ns since the epoch, then seed bytes: a starting guest's clock and RNG
     FS = 11  # FsRequest: a file operation, answered by ENTRIES frames (if any), then OK
+    KEPT = 12  # empty: answered by a COMMAND frame per kept command, then OK
+    ATTACH = 13  # u32 pid: take over a kept command (STARTED, its output from now, its EXIT)
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes
@@ -57,6 +59,7 @@ class Frame(IntEnum):
     STDIN_ACK = 27  # u32 bytes of stdin the command has taken
     ENTRIES = 28  # u32 count, then Entry records: a file operation's answer, in parts
     STARTED = 29  # u32 pid: the command runs (before any of its output)
+    COMMAND = 30  # u32 pid, u32 flags (KEPT_*), the note: a kept command
 
 
 _VALUES = frozenset(f.value for f in Frame)
@@ -66,9 +69,16 @@ EXEC_STDIN = 1  # ExecRequest flag: the command reads stdin from the host
 EXEC_TTY = 2  # ExecRequest flag: the command runs on a pseudo-terminal (rows, columns follow)
 EXEC_USER = 4  # ExecRequest flag: uid, gid, the supplementary groups' count and ids follow
 MAX_GROUPS = 64
+MAX_EXECS = 64  # commands the agent runs at once
+EXEC_KEEP = 8  # ExecRequest flag: the command outlives its client; its note follows
+MAX_NOTE = 64 * 1024  # bytes of a kept command's note: what the host says of it
+KEPT_ATTACHED = 1  # COMMAND flag: a client has the command now
+KEPT_TTY = 2  # COMMAND flag: it runs on a terminal
 FS_USER = 1  # FsRequest flag: uid, gid, the supplementary groups' count and ids follow
 MAX_DEPTH = 64  # levels a listing goes down at most
 MAX_ENTRIES = 100_000  # entries of one listing at most
+MAX_LISTING = 64 * 1024 * 1024  # bytes of ENTRIES payloads one request gets at most
+MAX_PATH = 4096  # bytes of an entry's path, or of a symlink's target
 
 
 class FsOp(IntEnum):
@@ -146,12 +156,16 @@ def exec_request(
     with_stdin: bool,
     tty: tuple[int, int] | None = None,
     user: tuple[int, int, tuple[int, ...]] | None = None,
+    keep: bytes | None = None,
 ) -> bytes:
     """An EXEC payload; with ``tty`` (rows, columns) the command gets a pseudo-terminal for
     its stdin, stdout and stderr (its output then comes as STDOUT only); with ``user``
-    (uid, gid, supplementary groups) it runs as that user."""
+    (uid, gid, supplementary groups) it runs as that user; with ``keep`` (a note, up to
+    MAX_NOTE bytes) it outlives its client, listed with the note, until it ends."""
     flags = (EXEC_STDIN if with_stdin or tty else 0) | (EXEC_TTY if tty else 0)
-    flags |= EXEC_USER if user else 0
+    flags |= (EXEC_USER if user else 0) | (EXEC_KEEP if keep is not None else 0)
+    if keep is not None and len(keep) > MAX_NOTE:
+        raise ValueError(f"a note of {len(keep)} bytes (at most {MAX_NOTE})")
     payload = struct.pack("<II", flags, len(argv))
     payload += b"".join(_str(a) for a in argv)
     payload += struct.pack("<I", len(env)) + b"".join(_str(e) for e in env)
@@ -160,6 +174,8 @@ def exec_request(
         payload += resize_request(*tty)
     if user:
         payload += user_request(*user)
+    if keep is not None:
+        payload += _str(keep)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
             f"the command and its environment take {len(payload)} bytes (at most {MAX_PAYLOAD})"
@@ -246,6 +262,8 @@ def decode_entries(payload: bytes) -> list[Entry]:
         path = r.string().decode(errors="surrogateescape")
         mode, uid, gid, size, mtime = _ENTRY.unpack(r.take(_ENTRY.size))
         target = r.string().decode(errors="surrogateescape")
+        if len(path) > MAX_PATH or len(target) > MAX_PATH:
+            raise ProtocolViolation("an entry's path or target is longer than a path can be")
         out.append(Entry(path, mode, uid, gid, size, mtime, target))
     r.end()
     return out
@@ -259,6 +277,32 @@ def entries(items: list[Entry]) -> bytes:
         + _str(e.target.encode(errors="surrogateescape"))
         for e in items
     )
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A command that outlives its client, as the agent lists it."""
+
+    pid: int
+    attached: bool  # a client has it now
+    tty: bool
+    note: bytes  # what the client that started it said of it
+
+
+def decode_command(payload: bytes) -> Kept:
+    r = Reader(payload, "COMMAND")
+    pid, flags = r.u32(), r.u32()
+    note = r.string()
+    r.end()
+    if len(note) > MAX_NOTE:
+        raise ProtocolViolation(f"a kept command's note of {len(note)} bytes")
+    return Kept(pid, bool(flags & KEPT_ATTACHED), bool(flags & KEPT_TTY), note)
+
+
+def command(kept: Kept) -> bytes:
+    """A COMMAND payload (what the agent sends; for tests and fakes)."""
+    flags = (KEPT_ATTACHED if kept.attached else 0) | (KEPT_TTY if kept.tty else 0)
+    return struct.pack("<II", kept.pid, flags) + _str(kept.note)
 
 
 def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:

@@ -54,7 +54,10 @@ class Pending:
     error: GuestError | None = None
     payload: bytes = b""
     entries: list[p.Entry] = field(default_factory=list)  # a file operation's answer
+    answered: int = 0  # bytes of its ENTRIES payloads
+    commands: list[p.Kept] = field(default_factory=list)  # a listing of kept commands
     pid: int | None = None  # a command's, in the guest, once it runs
+    started: threading.Event = field(default_factory=threading.Event)  # pid known, or done
     in_flight: int = 0  # stdin bytes sent and not yet taken by the command
     window: threading.Condition = field(default_factory=threading.Condition)
 
@@ -274,11 +277,18 @@ class Connection:
         if kind == Frame.ERROR:
             pend.error = GuestError(*p.decode_error(payload))
             pend.done.set()
+            pend.started.set()
         elif not pend.is_exec:
             if kind == Frame.ENTRIES:
+                pend.answered += len(payload)
                 pend.entries += p.decode_entries(payload)
-                if len(pend.entries) > p.MAX_ENTRIES:
+                if len(pend.entries) > p.MAX_ENTRIES or pend.answered > p.MAX_LISTING:
                     raise ProtocolViolation("the guest sent more entries than a listing has")
+                return
+            if kind == Frame.COMMAND:
+                pend.commands.append(p.decode_command(payload))
+                if len(pend.commands) > p.MAX_EXECS:
+                    raise ProtocolViolation("the guest listed more commands than it can run")
                 return
             if kind not in (Frame.OK, Frame.PONG):
                 raise ProtocolViolation(f"{kind.name} frame answers a request that is no command")
@@ -299,9 +309,11 @@ class Connection:
             if pend.pid is not None:
                 raise ProtocolViolation("a command was said to start twice")
             pend.pid = p.decode_u32(payload, "STARTED")
+            pend.started.set()
         elif kind == Frame.EXIT:
             pend.status = p.decode_exit(payload)
             pend.done.set()
+            pend.started.set()
         else:
             raise ProtocolViolation(f"{kind.name} frame answers a command")
 

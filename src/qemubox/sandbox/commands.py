@@ -8,11 +8,18 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from qemubox.errors import GuestError, InputError, ProtocolViolation, TimedOut, VMDied
+from qemubox.errors import (
+    GuestError,
+    InputError,
+    ProtocolViolation,
+    SandboxError,
+    TimedOut,
+    VMDied,
+)
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
 
 DEFAULT_ENV = {
@@ -46,6 +53,16 @@ class Host(Protocol):
     def console_tail(self) -> str: ...
     def vm_gone(self, doing: str) -> None: ...
     def check_host_io(self) -> None: ...
+
+
+User = str | tuple[int, int, tuple[int, ...]] | None  # as Sandbox.exec takes it
+
+
+class UserHost(Host, Protocol):
+    """A sandbox that also knows its guest's users."""
+
+    def ids_of(self, user: User) -> tuple[int, int, tuple[int, ...]] | None: ...
+    def home_of(self, user: str) -> str: ...
 
 
 def execute(
@@ -126,6 +143,18 @@ def broken(box: Host, err: ProtocolViolation | AgentGone, doing: str) -> VMDied:
         return ProtocolViolation(f"protocol violation by the guest: {err}", box.console_tail())
     box.vm_gone(doing)
     return VMDied("the guest agent went away", box.console_tail())
+
+
+@contextlib.contextmanager
+def agent_faults(box: Host, doing: str) -> Iterator[None]:
+    """The agent's connection breaking (or not taking a request) ``doing`` something, raised
+    as the sandbox's error."""
+    try:
+        yield
+    except (ProtocolViolation, AgentGone) as err:
+        raise broken(box, err, doing) from None
+    except SendTimeout:
+        raise SandboxError(f"the guest agent took no request {doing}", box.console_tail()) from None
 
 
 def _kill(box: Host, agent: AgentClient, ident: int, pend) -> None:

@@ -4,27 +4,16 @@ user of the guest's root (``user`` as ``Sandbox.exec`` takes it)."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from qemubox.errors import InputError, ProtocolViolation
+from qemubox.errors import InputError
 from qemubox.guest.protocol import Entry, FsOp
-from qemubox.guest.transport import AgentGone
-from qemubox.sandbox.commands import Host, broken
-
-User = str | tuple[int, int, tuple[int, ...]] | None
-
-
-class FileHost(Host, Protocol):
-    """What file operations need of the sandbox they work in."""
-
-    def ids_of(self, user: User) -> tuple[int, int, tuple[int, ...]] | None: ...
+from qemubox.sandbox.commands import User, UserHost, agent_faults
 
 
 class Files:
     """``sandbox.files``. A refusal by the guest is a :class:`~qemubox.errors.GuestError`
     whose ``errno`` says why (``ENOENT``, ``EEXIST``, ``EACCES``...); paths are absolute."""
 
-    def __init__(self, box: FileHost) -> None:
+    def __init__(self, box: UserHost) -> None:
         self._box = box
 
     def stat(self, path: str, user: User = None) -> Entry:
@@ -56,8 +45,7 @@ class Files:
         ids = box.ids_of(user)
         agent = box.agent()
         try:
-            return agent.fs(op, path, to, depth, ids)
+            with agent_faults(box, "during a file operation"):
+                return agent.fs(op, path, to, depth, ids)
         except ValueError as err:
             raise InputError(str(err)) from None
-        except (ProtocolViolation, AgentGone) as err:
-            raise broken(box, err, "during a file operation") from None

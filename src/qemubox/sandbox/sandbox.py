@@ -38,7 +38,7 @@ from qemubox.model.size import parse_size
 from qemubox.model.state import State
 from qemubox.qemu.accel import tcg_warning
 from qemubox.qemu.cmdline import qemu_args
-from qemubox.sandbox import commands, files
+from qemubox.sandbox import commands, files, processes
 from qemubox.sandbox.commands import ExecResult
 from qemubox.sandbox.runstate import Runstate, require
 from qemubox.sandbox.spec import Session, writable_file
@@ -307,7 +307,8 @@ class Sandbox:
         return box
 
     def leave(self) -> None:
-        """Let go of the VM, which runs on: this client's commands end with it."""
+        """Let go of the VM, which runs on: this client's commands end with it (but for
+        kept ones: see :attr:`processes`)."""
         if self.machine is not None and self.runstate not in (Runstate.CLOSED, Runstate.LEFT):
             self.machine.detach()
         if self.runstate is not Runstate.CLOSED:
@@ -334,9 +335,12 @@ class Sandbox:
         self._raise_host_io(self.machine.io_errors)
 
     def _raise_host_io(self, errors: list[str]) -> None:
+        """The host's failure, named with its file: one line, whatever the guest's kernel
+        logged of the I/O errors it then saw (its console's tail, as timing has it, would
+        only say the same again)."""
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise HostIOError(errors[0] + more, self.console_tail())
+            raise HostIOError(errors[0] + more)
 
     # --- what the first API offered -------------------------------------------------------------
 
@@ -474,7 +478,7 @@ class Sandbox:
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
         if isinstance(user, str):
-            env = {"HOME": self.identity(user).home, **(env or {})}
+            env = {"HOME": self.home_of(user), **(env or {})}
         ids = self.ids_of(user)
         return commands.execute(
             self, argv, env, cwd, stdin, timeout, on_stdout, on_stderr,
@@ -488,6 +492,10 @@ class Sandbox:
         if user is not None:
             return (int(user[0]), int(user[1]), tuple(int(g) for g in user[2]))
         return None
+
+    def home_of(self, user: str) -> str:
+        """``user``'s home in the guest's root (``/`` when it has none)."""
+        return self.identity(user).home
 
     @require(Runstate.RUNNING)
     def identity(self, user: str):
@@ -528,6 +536,11 @@ class Sandbox:
     def files(self) -> files.Files:
         """File operations in the guest, one agent request each (no command run)."""
         return files.Files(self)
+
+    @property
+    def processes(self) -> processes.Processes:
+        """Commands followed through handles; kept ones outlive this client."""
+        return processes.Processes(self)
 
     # --- memory (virtio-balloon over QMP) -------------------------------------------------------
 
