@@ -3,6 +3,7 @@ a socketpair (no VM)."""
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import struct
@@ -46,6 +47,8 @@ def test_agent_c_frame_types_match():
         ("EXEC_KEEP", p.EXEC_KEEP),
         ("MAX_NOTE", p.MAX_NOTE),
         ("MAX_EXECS", p.MAX_EXECS),
+        ("WATCH_RECURSIVE", p.WATCH_RECURSIVE),
+        ("MAX_WATCHES", p.MAX_WATCHES),
         ("MAX_DEPTH", p.MAX_DEPTH),
         ("MAX_ENTRIES", p.MAX_ENTRIES),
         ("MAX_LISTING", p.MAX_LISTING),
@@ -60,6 +63,8 @@ def test_agent_c_limits_match(name, value):
 def test_agent_c_file_operations_match():
     c_ops = dict(re.findall(r"\bFS_([A-Z]+) = (\d+)", agent_c()))
     assert {k: int(v) for k, v in c_ops.items()} == {op.name: op.value for op in p.FsOp}
+    c_events = dict(re.findall(r"\bEV_([A-Z]+) = (\d+)", agent_c()))
+    assert {k: int(v) for k, v in c_events.items()} == {ev.name: ev.value for ev in p.FsEvent}
 
 
 # --- framing ------------------------------------------------------------------------------------
@@ -363,6 +368,38 @@ def test_a_taken_over_command_starts_again_with_its_pid(pair):
     agent.send(Frame.STDOUT, ident, b"later")
     agent.send(Frame.EXIT, ident, p.exit_status(0))
     assert client.wait(ident, pend, 5) and (pend.pid, pend.stdout) == (77, [b"later"])
+
+
+def test_a_watch_streams_events_until_its_error(pair):
+    client, agent = pair
+    ident, pend = client.watch("/w", recursive=True)
+    kind, sent_id, payload = agent.next()
+    assert (kind, sent_id, payload) == (Frame.WATCH, ident, p.watch_request("/w", True))
+    agent.send(Frame.STARTED, ident, (2).to_bytes(4, "little"))
+    created, gone = p.Event(p.FsEvent.CREATE, "/w/a"), p.Event(p.FsEvent.REMOVE, "/w/a")
+    agent.send(Frame.EVENT, ident, p.event(created))
+    agent.send(Frame.EVENT, ident, p.event(gone))
+    agent.send(Frame.ERROR, ident, p.error(errno.EOVERFLOW, "events came faster"))
+    assert pend.done.wait(5) and pend.pid == 2
+    assert client.take_events(ident, pend) == [created, gone]  # what came before the end
+    with pytest.raises(GuestError, match="events came faster") as caught:
+        client.take_events(ident, pend)
+    assert caught.value.errno == errno.EOVERFLOW
+    with pytest.raises(ProtocolViolation, match="no file operation is"):
+        p.decode_event(struct.pack("<I", 9) + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="'w' is not an absolute path"):
+        p.watch_request("w", False)
+
+
+def test_an_event_before_the_watch_started_is_a_violation(pair):
+    client, agent = pair
+    ident, _ = client.watch("/w", recursive=False)
+    agent.next()
+    agent.send(Frame.EVENT, ident, p.event(p.Event(p.FsEvent.WRITE, "/w/x")))
+    deadline = time.monotonic() + 5
+    while client.violation is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "EVENT frame answers a watch" in str(client.violation)
 
 
 def test_garbage_is_a_violation(pair):

@@ -238,6 +238,64 @@ def test_file_operations_as_a_user(sb):
     sb.exec(["rm", "-rf", "/tmp/u", "/tmp/closed"])
 
 
+def events_until(watch, wanted: set, timeout: float = 20) -> set:
+    """The watch's events, as (kind name, path), once they include ``wanted`` (or time is
+    up)."""
+    seen: set = set()
+    deadline = time.monotonic() + timeout
+    while not wanted <= seen and time.monotonic() < deadline:
+        seen |= {(e.kind.name, e.path) for e in watch.events()}
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_watched_directory_tells_what_happens_in_it(sb):
+    sb.exec(["sh", "-c", "rm -rf /tmp/w && mkdir -p /tmp/w/old/older"])
+    with sb.files.watch("/tmp/w", recursive=True) as w:
+        assert w.directories == 3 and w.active
+        script = (
+            "cd /tmp/w && echo a > f && chmod 600 f && mv f g && rm g && "
+            "mkdir -p new/deeper && echo b > new/deeper/inner && echo c > old/older/y"
+        )
+        assert sb.exec(["sh", "-c", script]).exit_code == 0
+        wanted = {
+            ("CREATE", "/tmp/w/f"), ("WRITE", "/tmp/w/f"), ("CHMOD", "/tmp/w/f"),
+            ("RENAME", "/tmp/w/f"), ("CREATE", "/tmp/w/g"), ("REMOVE", "/tmp/w/g"),
+            ("CREATE", "/tmp/w/new"), ("CREATE", "/tmp/w/new/deeper"),
+            ("CREATE", "/tmp/w/new/deeper/inner"), ("CREATE", "/tmp/w/old/older/y"),
+        }  # fmt: skip
+        seen = events_until(w, wanted)
+        assert wanted <= seen, wanted - seen
+    assert not w.active
+    sb.exec(["touch", "/tmp/w/after"])
+    assert w.events() == []  # stopped
+
+    got: list = []
+    flat = sb.files.watch("/tmp/w", on_event=got.append)  # not recursive
+    assert flat.directories == 1
+    sb.exec(["sh", "-c", "touch /tmp/w/old/z /tmp/w/top"])
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert [(e.kind.name, e.path) for e in got] == [("CREATE", "/tmp/w/top")]
+    assert flat.events() == []  # they went to the callback
+    sb.exec(["rm", "-rf", "/tmp/w"])  # the watched directory goes: so does the watch
+    deadline = time.monotonic() + 20
+    while flat.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not flat.active and ("REMOVE", "/tmp/w") in {(e.kind.name, e.path) for e in got}
+    flat.stop()  # already over: nothing to do
+
+    sb.exec(["touch", "/tmp/plain"])
+    for path, err in [("/tmp/nope", errno.ENOENT), ("/tmp/plain", errno.ENOTDIR)]:
+        with pytest.raises(GuestError, match=f"^{path}: ") as caught:
+            sb.files.watch(path)
+        assert caught.value.errno == err
+    with pytest.raises(InputError, match="'tmp' is not an absolute path"):
+        sb.files.watch("tmp")
+
+
 def test_a_listing_of_many_entries_comes_in_parts_and_has_a_bound(sb):
     """A listing larger than one frame arrives whole; one over MAX_ENTRIES is refused."""
     name = "n" * 100

@@ -40,6 +40,7 @@
 #include <string.h>
 #include <linux/random.h>
 #include <sys/fsuid.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -59,10 +60,17 @@
 enum {
 	FR_HELLO = 1, FR_EXEC = 2, FR_STDIN = 3, FR_SIGNAL = 4, FR_MOUNT = 5, FR_PING = 6,
 	FR_POWEROFF = 7, FR_BYE = 8, FR_RESIZE = 9, FR_RENEW = 10, FR_FS = 11, FR_KEPT = 12,
-	FR_ATTACH = 13,
+	FR_ATTACH = 13, FR_WATCH = 14, FR_UNWATCH = 15,
 	FR_READY = 20, FR_STDOUT = 21, FR_STDERR = 22, FR_EXIT = 23, FR_ERROR = 24, FR_OK = 25,
 	FR_PONG = 26, FR_STDIN_ACK = 27, FR_ENTRIES = 28, FR_STARTED = 29, FR_COMMAND = 30,
+	FR_EVENT = 31,
 };
+
+/* EVENT kinds */
+enum { EV_CREATE = 1, EV_WRITE = 2, EV_REMOVE = 3, EV_RENAME = 4, EV_CHMOD = 5 };
+/* WATCH flag: the directories under the path too, those made later included */
+#define WATCH_RECURSIVE 1
+#define MAX_WATCHES 32
 
 /* FS operations */
 enum { FS_STAT = 1, FS_LIST = 2, FS_MKDIR = 3, FS_MOVE = 4, FS_REMOVE = 5 };
@@ -117,6 +125,20 @@ struct exec {
 	char *note;             /* a kept command's (it outlives its client): the host's words */
 	uint32_t note_len;
 };
+
+/* A directory watch: an inotify instance of its own (two watches of one directory must not
+ * share a watch descriptor), the path of each directory it watches by descriptor. */
+struct watch {
+	int used;
+	struct port *port;
+	uint32_t id;
+	int fd;
+	int recursive;
+	char **dirs; /* by watch descriptor */
+	int ndirs;
+};
+
+static struct watch watches[MAX_WATCHES];
 
 /* Where a kept command's frames go while no client has it: nowhere (queue() drops them). */
 static struct port nobody = { .fd = -1 };
@@ -249,8 +271,13 @@ static void drop_stdin(struct exec *e)
 /* The client that started these commands is gone: kill them, forget them (reap() still
  * collects the processes); kept ones go on with nobody's port until a client attaches
  * (their output is read and dropped meanwhile; when they end they are forgotten). */
+static void end_watch(struct watch *w);
+
 static void end_all_commands(struct port *p)
 {
+	for (int i = 0; i < MAX_WATCHES; i++)
+		if (watches[i].used && watches[i].port == p)
+			end_watch(&watches[i]);
 	for (int i = 0; i < MAX_EXECS; i++) {
 		struct exec *e = &execs[i];
 		if (!e->used || e->port != p)
@@ -811,6 +838,195 @@ static void attach_kept(struct port *port, uint32_t id, struct reader *r)
 	send_frame(port, FR_STARTED, id, started, 4);
 }
 
+/* --- directory watches ----------------------------------------------------------------- */
+
+#define WATCH_MASK                                                                             \
+	(IN_CREATE | IN_MOVED_TO | IN_MODIFY | IN_DELETE | IN_MOVED_FROM | IN_ATTRIB |         \
+	 IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
+
+static void end_watch(struct watch *w)
+{
+	close_fd(&w->fd);
+	for (int i = 0; i < w->ndirs; i++)
+		free(w->dirs[i]);
+	free(w->dirs);
+	memset(w, 0, sizeof(*w));
+	w->fd = -1;
+}
+
+static void send_event(struct watch *w, uint32_t kind, const char *dir, const char *name);
+
+/* Watch dir (and, for a recursive watch, the directories under it); errno on failure. A
+ * directory made under a watched one (announce) may have been filled before it was
+ * watched: what it holds is announced as made. */
+static int watch_dir(struct watch *w, const char *dir, int top, int announce)
+{
+	int wd = inotify_add_watch(w->fd, dir, WATCH_MASK);
+	if (wd < 0)
+		return top || errno == ENOSPC ? errno : 0; /* a subdirectory gone meanwhile: fine */
+	if (wd >= w->ndirs) {
+		int n = wd + 16;
+		char **more = realloc(w->dirs, n * sizeof(char *));
+		if (!more)
+			return ENOMEM;
+		memset(more + w->ndirs, 0, (n - w->ndirs) * sizeof(char *));
+		w->dirs = more;
+		w->ndirs = n;
+	}
+	free(w->dirs[wd]);
+	w->dirs[wd] = strdup(dir);
+	if (w->recursive) {
+		DIR *d = opendir(dir);
+		struct dirent *de;
+		int err = 0;
+		while (d && !err && (de = readdir(d))) {
+			char path[4096];
+			if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+				continue;
+			if (announce)
+				send_event(w, EV_CREATE, dir, de->d_name);
+			if (de->d_type != DT_DIR)
+				continue;
+			if (snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") ? dir : "",
+				     de->d_name) < (int)sizeof(path))
+				err = watch_dir(w, path, 0, announce);
+		}
+		if (d)
+			closedir(d);
+		return err;
+	}
+	return 0;
+}
+
+/* Start watching: STARTED (u32: how many directories), then EVENT frames under this id
+ * (u32 kind, the path) until UNWATCH (then OK), the watched directory going (OK), or an
+ * error (ERROR: EOVERFLOW when events were lost). */
+static void do_watch(struct port *port, uint32_t id, struct reader *r)
+{
+	uint32_t flags = get_u32(r);
+	char *path = get_str(r), msg[1024];
+	struct watch *w = NULL;
+	int err;
+	if (r->bad || r->p != r->end || !path || path[0] != '/') {
+		send_error(port, id, EINVAL, "bad watch request");
+		goto done;
+	}
+	for (int i = 0; i < MAX_WATCHES; i++)
+		if (!watches[i].used) {
+			w = &watches[i];
+			break;
+		}
+	if (!w) {
+		send_error(port, id, EAGAIN, "too many directories watched at once");
+		goto done;
+	}
+	w->fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+	if (w->fd < 0) {
+		send_error(port, id, errno, "inotify");
+		w->fd = -1;
+		goto done;
+	}
+	w->used = 1;
+	w->port = port;
+	w->id = id;
+	w->recursive = flags & WATCH_RECURSIVE;
+	err = watch_dir(w, path, 1, 0);
+	if (err) {
+		snprintf(msg, sizeof(msg), "%s: %s", path,
+			 err == ENOSPC ? "too many directories to watch" : strerror(err));
+		send_error(port, id, err, msg);
+		end_watch(w);
+		goto done;
+	}
+	{
+		unsigned char watching[4];
+		uint32_t ndirs = 0;
+		for (int i = 0; i < w->ndirs; i++)
+			ndirs += w->dirs[i] != NULL;
+		put_le32(watching, ndirs);
+		send_frame(port, FR_STARTED, id, watching, 4); /* watching: events follow */
+	}
+done:
+	free(path);
+}
+
+static void send_event(struct watch *w, uint32_t kind, const char *dir, const char *name)
+{
+	unsigned char buf[4 + 4 + 4096 + 256];
+	int n = snprintf((char *)buf + 8, sizeof(buf) - 8, "%s%s%s", dir,
+			 *name && strcmp(dir, "/") ? "/" : "", name);
+	if (n < 0 || n >= (int)sizeof(buf) - 8)
+		return;
+	put_le32(buf, kind);
+	put_le32(buf + 4, n);
+	send_frame(w->port, FR_EVENT, w->id, buf, 8 + n);
+}
+
+/* What the watch's inotify instance has, as EVENT frames. */
+static void read_watch(struct watch *w)
+{
+	char buf[16384] __attribute__((aligned(__alignof__(struct inotify_event))));
+	for (;;) {
+		ssize_t n = read(w->fd, buf, sizeof(buf));
+		if (n <= 0)
+			return;
+		for (char *at = buf; at < buf + n;) {
+			struct inotify_event *ev = (struct inotify_event *)at;
+			const char *dir = ev->wd >= 0 && ev->wd < w->ndirs ? w->dirs[ev->wd] : NULL;
+			uint32_t m = ev->mask;
+			at += sizeof(*ev) + ev->len;
+			if (m & IN_Q_OVERFLOW) {
+				send_error(w->port, w->id, EOVERFLOW, "events came faster than they were read");
+				end_watch(w);
+				return;
+			}
+			if (!dir)
+				continue;
+			if (m & (IN_DELETE_SELF | IN_MOVE_SELF)) {
+				if (ev->wd == 1) { /* the watched directory: its instance's first */
+					send_event(w, m & IN_DELETE_SELF ? EV_REMOVE : EV_RENAME, dir, "");
+					send_frame(w->port, FR_OK, w->id, NULL, 0);
+					end_watch(w);
+					return;
+				}
+				continue; /* a subdirectory's: its parent reports it */
+			}
+			if (m & (IN_CREATE | IN_MOVED_TO)) {
+				send_event(w, EV_CREATE, dir, ev->name);
+				if (w->recursive && (m & IN_ISDIR)) {
+					char path[4096];
+					if (snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") ? dir : "",
+						     ev->name) < (int)sizeof(path))
+						watch_dir(w, path, 0, 1);
+				}
+			}
+			if (m & IN_MODIFY)
+				send_event(w, EV_WRITE, dir, ev->name);
+			if (m & IN_DELETE)
+				send_event(w, EV_REMOVE, dir, ev->name);
+			if (m & IN_MOVED_FROM)
+				send_event(w, EV_RENAME, dir, ev->name);
+			if (m & IN_ATTRIB)
+				send_event(w, EV_CHMOD, dir, ev->name);
+			if (m & IN_IGNORED) {
+				free(w->dirs[ev->wd]);
+				w->dirs[ev->wd] = NULL;
+			}
+		}
+	}
+}
+
+static void do_unwatch(struct port *port, uint32_t id)
+{
+	for (int i = 0; i < MAX_WATCHES; i++)
+		if (watches[i].used && watches[i].port == port && watches[i].id == id) {
+			end_watch(&watches[i]);
+			send_frame(port, FR_OK, id, NULL, 0);
+			return;
+		}
+	/* it ended already (its end is on its way): nothing to say */
+}
+
 static void do_resize(struct port *port, uint32_t id, struct reader *r)
 {
 	struct exec *e = find_exec(port, id);
@@ -1107,6 +1323,12 @@ static void handle_frame(struct port *port, uint8_t type, uint32_t id, const uns
 		break;
 	case FR_ATTACH:
 		attach_kept(port, id, &r);
+		break;
+	case FR_WATCH:
+		do_watch(port, id, &r);
+		break;
+	case FR_UNWATCH:
+		do_unwatch(port, id);
 		break;
 	case FR_POWEROFF:
 		sync();
@@ -1509,6 +1731,8 @@ int main(void)
 	}
 	for (int i = 0; i < MAX_EXECS; i++)
 		execs[i].out = execs[i].err = execs[i].in = -1;
+	for (int i = 0; i < MAX_WATCHES; i++)
+		watches[i].fd = -1;
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGPIPE);
@@ -1525,9 +1749,10 @@ int main(void)
 	}
 
 	for (;;) {
-		struct pollfd pfds[1 + MAX_PORTS + 3 * MAX_EXECS];
-		struct exec *owner[1 + MAX_PORTS + 3 * MAX_EXECS];
-		int kind[1 + MAX_PORTS + 3 * MAX_EXECS];
+		struct pollfd pfds[1 + MAX_PORTS + 3 * MAX_EXECS + MAX_WATCHES];
+		struct exec *owner[1 + MAX_PORTS + 3 * MAX_EXECS + MAX_WATCHES];
+		struct watch *watcher[1 + MAX_PORTS + 3 * MAX_EXECS + MAX_WATCHES];
+		int kind[1 + MAX_PORTS + 3 * MAX_EXECS + MAX_WATCHES];
 		int n = 0, timeout = -1, any_absent = 0;
 		long long now = now_ms();
 
@@ -1582,10 +1807,23 @@ int main(void)
 					timeout = (int)left;
 			}
 		}
+		for (int i = 0; i < MAX_WATCHES; i++) {
+			struct watch *w = &watches[i];
+			if (!w->used || w->port->olen >= QUEUE_HIGH)
+				continue;
+			watcher[n] = w;
+			kind[n] = 5;
+			pfds[n++] = (struct pollfd){ .fd = w->fd, .events = POLLIN };
+		}
 		if (poll(pfds, n, timeout) < 0 && errno != EINTR)
 			die("poll");
 		now = now_ms();
 		for (int i = 1 + nports; i < n; i++) {
+			if (pfds[i].revents && kind[i] == 5) {
+				if (watcher[i]->used)
+					read_watch(watcher[i]);
+				continue;
+			}
 			if (!pfds[i].revents || !owner[i]->used)
 				continue;
 			if (kind[i] == 2)

@@ -110,6 +110,45 @@ class AgentClient(Connection):
             raise
         return ident, pend
 
+    def watch(
+        self, path: str, recursive: bool, on_event: Callable[[p.Event], None] | None = None
+    ) -> tuple[int, Pending]:
+        """Watch directory ``path`` (and those under it, when ``recursive``): its events go
+        to ``on_event`` or are kept in the Pending (whose ``pid`` is the number of
+        directories watched, once ``started``) until :meth:`unwatch`."""
+        payload = p.watch_request(path, recursive)
+        ident, pend = self._new(is_watch=True, on_event=on_event)
+        try:
+            self._send(Frame.WATCH, ident, payload, timeout=30)
+        except (AgentGone, SendTimeout):
+            self.finish(ident)
+            raise
+        return ident, pend
+
+    def unwatch(self, ident: int, pend: Pending, timeout: float = 10) -> None:
+        """End a watch (its events not yet taken stay in the Pending)."""
+        if not pend.done.is_set():
+            self._send(Frame.UNWATCH, ident, b"", timeout=5)
+            pend.done.wait(timeout)
+            self._check(pend)
+        self.finish(ident)
+
+    def take_events(self, ident: int, pend: Pending) -> list[p.Event]:
+        """A watch's events kept since the last call. Once none are left, the error that
+        ended it (a GuestError: EOVERFLOW when events were lost); AgentGone or
+        ProtocolViolation when the connection broke."""
+        n = len(pend.events)
+        taken = pend.events[:n]
+        del pend.events[:n]
+        if taken:
+            return taken
+        if not pend.done.is_set():
+            self._check(pend)
+        elif pend.error is not None:
+            self.finish(ident)
+            raise pend.error
+        return taken
+
     def kept(self, timeout: float = 10) -> list[p.Kept]:
         """The guest's kept commands that run, whoever started them."""
         return self._answer(Frame.KEPT, b"", timeout).commands

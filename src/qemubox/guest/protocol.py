@@ -48,6 +48,8 @@ class Frame(IntEnum):
     FS = 11  # FsRequest: a file operation, answered by ENTRIES frames (if any), then OK
     KEPT = 12  # empty: answered by a COMMAND frame per kept command, then OK
     ATTACH = 13  # u32 pid: take over a kept command (STARTED, its output from now, its EXIT)
+    WATCH = 14  # u32 flags (WATCH_*), path: STARTED (u32 directories), EVENTs, then OK
+    UNWATCH = 15  # empty, on a watch's id: it ends (OK)
     # guest -> host
     READY = 20  # nonce, u32 version, release string
     STDOUT = 21  # bytes
@@ -58,8 +60,10 @@ class Frame(IntEnum):
     PONG = 26  # the PING's payload
     STDIN_ACK = 27  # u32 bytes of stdin the command has taken
     ENTRIES = 28  # u32 count, then Entry records: a file operation's answer, in parts
-    STARTED = 29  # u32 pid: the command runs (before any of its output)
+    STARTED = 29  # u32 pid: the command runs (before any of its output); for a watch, u32
+    # directories watched
     COMMAND = 30  # u32 pid, u32 flags (KEPT_*), the note: a kept command
+    EVENT = 31  # u32 kind (FsEvent), path: what happened under a watched directory
 
 
 _VALUES = frozenset(f.value for f in Frame)
@@ -79,6 +83,20 @@ MAX_DEPTH = 64  # levels a listing goes down at most
 MAX_ENTRIES = 100_000  # entries of one listing at most
 MAX_LISTING = 64 * 1024 * 1024  # bytes of ENTRIES payloads one request gets at most
 MAX_PATH = 4096  # bytes of an entry's path, or of a symlink's target
+
+
+WATCH_RECURSIVE = 1  # WATCH flag: the directories under the path too, later ones included
+MAX_WATCHES = 32  # directories watched at once (each with its subdirectories)
+
+
+class FsEvent(IntEnum):
+    """What happened to a path under a watched directory (E2B's event types)."""
+
+    CREATE = 1  # made, or moved in
+    WRITE = 2
+    REMOVE = 3
+    RENAME = 4  # moved away (or the watched directory itself moved)
+    CHMOD = 5  # its attributes changed
 
 
 class FsOp(IntEnum):
@@ -303,6 +321,33 @@ def command(kept: Kept) -> bytes:
     """A COMMAND payload (what the agent sends; for tests and fakes)."""
     flags = (KEPT_ATTACHED if kept.attached else 0) | (KEPT_TTY if kept.tty else 0)
     return struct.pack("<II", kept.pid, flags) + _str(kept.note)
+
+
+def watch_request(path: str, recursive: bool) -> bytes:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return struct.pack("<I", WATCH_RECURSIVE if recursive else 0) + _str(path)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: FsEvent
+    path: str
+
+
+def decode_event(payload: bytes) -> Event:
+    r = Reader(payload, "EVENT")
+    kind = r.u32()
+    path = r.string().decode(errors="surrogateescape")
+    r.end()
+    if kind not in FsEvent.__members__.values():
+        raise ProtocolViolation(f"an EVENT of kind {kind}, which no file operation is")
+    return Event(FsEvent(kind), path)
+
+
+def event(ev: Event) -> bytes:
+    """An EVENT payload (what the agent sends; for tests and fakes)."""
+    return struct.pack("<I", ev.kind) + _str(ev.path.encode(errors="surrogateescape"))
 
 
 def mount_request(source: str, target: str, fstype: str, options: str, flags: int) -> bytes:

@@ -25,6 +25,7 @@ from qemubox.errors import GuestError, ProtocolViolation
 from qemubox.guest import protocol as p
 from qemubox.guest.protocol import Frame
 
+MAX_EVENTS_KEPT = 100_000  # a watch's events not yet taken (more: dropped, and it says so)
 PATIENCE = 1.0  # seconds for a READY before asking again on a new connection (doubling)
 
 
@@ -42,6 +43,9 @@ class Pending:
     """A request in flight; for a command, also its output and stdin window."""
 
     is_exec: bool = False
+    is_watch: bool = False
+    on_event: Callable[[p.Event], None] | None = None  # a watch's
+    events: list[p.Event] = field(default_factory=list)  # a watch's, without on_event
     done: threading.Event = field(default_factory=threading.Event)
     on_stdout: Callable[[bytes], None] | None = None
     on_stderr: Callable[[bytes], None] | None = None
@@ -278,6 +282,8 @@ class Connection:
             pend.error = GuestError(*p.decode_error(payload))
             pend.done.set()
             pend.started.set()
+        elif pend.is_watch:
+            self._watch_frame(pend, kind, payload)
         elif not pend.is_exec:
             if kind == Frame.ENTRIES:
                 pend.answered += len(payload)
@@ -316,6 +322,25 @@ class Connection:
             pend.started.set()
         else:
             raise ProtocolViolation(f"{kind.name} frame answers a command")
+
+    @staticmethod
+    def _watch_frame(pend: Pending, kind: Frame, payload: bytes) -> None:
+        if kind == Frame.STARTED and not pend.started.is_set():
+            pend.pid = p.decode_u32(payload, "STARTED")  # the directories watched
+            pend.started.set()
+        elif kind == Frame.EVENT and pend.started.is_set():
+            ev = p.decode_event(payload)
+            if pend.on_event is not None:
+                pend.on_event(ev)
+            elif len(pend.events) < MAX_EVENTS_KEPT:
+                pend.events.append(ev)
+            else:
+                pend.truncated = True
+        elif kind == Frame.OK:
+            pend.done.set()
+            pend.started.set()
+        else:
+            raise ProtocolViolation(f"{kind.name} frame answers a watch")
 
     def _new(self, **kw) -> tuple[int, Pending]:
         with self._lock:

@@ -4,9 +4,15 @@ user of the guest's root (``user`` as ``Sandbox.exec`` takes it)."""
 
 from __future__ import annotations
 
-from qemubox.errors import InputError
-from qemubox.guest.protocol import Entry, FsOp
+from collections.abc import Callable
+
+from qemubox.errors import GuestError, InputError
+from qemubox.guest.client import AgentClient
+from qemubox.guest.protocol import Entry, Event, FsOp
+from qemubox.guest.transport import Pending
 from qemubox.sandbox.commands import User, UserHost, agent_faults
+
+WATCH_TIMEOUT = 30  # seconds for the guest to say it watches
 
 
 class Files:
@@ -38,6 +44,25 @@ class Files:
         """Remove ``path``; a directory with everything in it."""
         self._op(FsOp.REMOVE, path, user=user)
 
+    def watch(
+        self,
+        path: str,
+        recursive: bool = False,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Watch:
+        """Watch directory ``path`` (with ``recursive``, the directories under it too, those
+        made later included) from now on: each event (``kind``: CREATE, WRITE, REMOVE,
+        RENAME, CHMOD; ``path``) goes to ``on_event`` (on the connection's thread: keep it
+        short) or is kept for :meth:`Watch.events`."""
+        box = self._box
+        agent = box.agent()
+        try:
+            with agent_faults(box, "while starting a watch"):
+                ident, pend = agent.watch(path, recursive, on_event)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        return Watch(box, agent, ident, pend)
+
     def _op(
         self, op: FsOp, path: str, to: str = "", depth: int = 0, user: User = None
     ) -> list[Entry]:
@@ -49,3 +74,36 @@ class Files:
                 return agent.fs(op, path, to, depth, ids)
         except ValueError as err:
             raise InputError(str(err)) from None
+
+
+class Watch:
+    """A directory watched in the guest, until :meth:`stop` (or its client leaves, or the
+    directory goes, or events come faster than they are taken: a GuestError, EOVERFLOW)."""
+
+    def __init__(self, box: UserHost, agent: AgentClient, ident: int, pend: Pending) -> None:
+        self._box, self._agent, self._ident, self._pend = box, agent, ident, pend
+        with agent_faults(box, "while starting a watch"):
+            if not pend.started.wait(WATCH_TIMEOUT) or pend.error is not None:
+                agent.finish(ident)
+                late = f"the guest did not start watching in {WATCH_TIMEOUT} s"
+                raise pend.error or GuestError(0, late)
+        self.directories: int = pend.pid or 0  # how many it watches now
+
+    def events(self) -> list[Event]:
+        """The events since the last call (kept ones: without ``on_event``)."""
+        with agent_faults(self._box, "while watching"):
+            return self._agent.take_events(self._ident, self._pend)
+
+    @property
+    def active(self) -> bool:
+        return not self._pend.done.is_set()
+
+    def stop(self) -> None:
+        with agent_faults(self._box, "while ending a watch"):
+            self._agent.unwatch(self._ident, self._pend)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
