@@ -402,6 +402,16 @@ def test_an_event_before_the_watch_started_is_a_violation(pair):
     assert "EVENT frame answers a watch" in str(client.violation)
 
 
+def test_a_request_the_agent_never_answers_is_an_agent_timeout(pair):
+    from qemubox.errors import AgentTimeout, Exit
+
+    client, agent = pair
+    with pytest.raises(AgentTimeout, match=r"did not answer within 0\.3 s") as caught:
+        client.ping(timeout=0.3)
+    assert agent.next()[0] == Frame.PING
+    assert isinstance(caught.value, TimeoutError) and caught.value.exit_code == Exit.VM_DIED
+
+
 def test_garbage_is_a_violation(pair):
     client, agent = pair
     ident, pend = client.start(["x"], {}, "/", False)

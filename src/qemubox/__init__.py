@@ -18,6 +18,7 @@ _LAZY = {
     "KernelError": "qemubox.errors",
     "ProtocolViolation": "qemubox.errors",
     "BusyError": "qemubox.errors",
+    "AgentTimeout": "qemubox.errors",
     "GuestError": "qemubox.errors",
     "InputError": "qemubox.errors",
     "QemuboxError": "qemubox.errors",

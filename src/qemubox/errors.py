@@ -126,6 +126,13 @@ class ProtocolViolation(VMDied):
     """The guest sent what the agent protocol does not allow; the sandbox was stopped."""
 
 
+class AgentTimeout(SandboxError, TimeoutError):
+    """The guest agent did not answer a request in time: the guest hangs, or the host is too
+    busy to run it. A TimeoutError too, for callers that wait on it as on any timeout."""
+
+    exit_code = Exit.VM_DIED
+
+
 class HostIOError(SandboxError):
     """The host could not read or write a disk image under the VM (its filesystem full,
     say); the guest saw an I/O error."""

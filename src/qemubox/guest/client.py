@@ -35,10 +35,11 @@ class AgentClient(Connection):
     ) -> None:
         self.request(Frame.MOUNT, p.mount_request(source, target, fstype, options, flags))
 
-    def renew(self) -> None:
+    def renew(self, timeout: float = 30) -> None:
         """Give the guest the host's time and fresh randomness (its RNG reseeded): at each
         start, booted or restored, and at each resume."""
-        self.request(Frame.RENEW, p.renew_request(time.time_ns(), os.urandom(p.RENEW_SEED)))
+        seed = os.urandom(p.RENEW_SEED)
+        self.request(Frame.RENEW, p.renew_request(time.time_ns(), seed), timeout)
 
     def fs(
         self,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemubox.errors import GuestError, ProtocolViolation
+from qemubox.errors import AgentTimeout, GuestError, ProtocolViolation
 from qemubox.guest import protocol as p
 from qemubox.guest.protocol import Frame
 
@@ -367,7 +367,7 @@ class Connection:
     # --- requests -----------------------------------------------------------------------------
 
     def request(self, kind: Frame, payload: bytes = b"", timeout: float | None = 30) -> bytes:
-        """A request answered by OK or PONG; raises GuestError, AgentGone or TimeoutError."""
+        """A request answered by OK or PONG; raises GuestError, AgentGone or AgentTimeout."""
         return self._answer(kind, payload, timeout).payload
 
     def _answer(self, kind: Frame, payload: bytes, timeout: float | None) -> Pending:
@@ -377,12 +377,12 @@ class Connection:
             finished = pend.done.wait(timeout)
             self._check(pend)
             if not finished:
-                raise TimeoutError(f"the guest agent did not answer within {timeout} s")
+                raise AgentTimeout(f"the guest agent did not answer within {timeout} s")
             if pend.error:
                 raise pend.error
             return pend
         except SendTimeout:
-            raise TimeoutError(f"the guest agent did not answer within {timeout} s") from None
+            raise AgentTimeout(f"the guest agent did not answer within {timeout} s") from None
         finally:
             self.finish(ident)
 

@@ -218,7 +218,7 @@ class Sandbox:
         # Before anything runs, the host's time to the nanosecond and fresh randomness: a
         # clone has its snapshot's, a booted guest the RTC's whole second (and a slow emulated
         # boot behind it), a recorded one a clock that stood still while it was saved.
-        agent.renew()
+        agent.renew(self.spec.boot_timeout)  # part of the start: as long as a boot may take
         self.runstate = Runstate.RUNNING
         self._setup()
         self.phase(Phase.SETUP)
