@@ -391,6 +391,28 @@ def test_a_watch_streams_events_until_its_error(pair):
         p.watch_request("w", False)
 
 
+def test_events_kept_past_the_bound_are_dropped_and_said_to_be(pair, monkeypatch):
+    from qemubox.guest import client as client_module
+    from qemubox.guest import transport
+
+    monkeypatch.setattr(transport, "MAX_EVENTS_KEPT", 3)
+    monkeypatch.setattr(client_module, "MAX_EVENTS_KEPT", 3)
+    client, agent = pair
+    ident, pend = client.watch("/w", recursive=False)
+    agent.next()
+    agent.send(Frame.STARTED, ident, (1).to_bytes(4, "little"))
+    for i in range(5):
+        agent.send(Frame.EVENT, ident, p.event(p.Event(p.FsEvent.CREATE, f"/w/{i}")))
+    deadline = time.monotonic() + 5
+    while not pend.truncated and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [e.path for e in client.take_events(ident, pend)] == ["/w/0", "/w/1", "/w/2"]
+    with pytest.raises(GuestError, match="events were dropped: more than 3") as caught:
+        client.take_events(ident, pend)
+    assert caught.value.errno == errno.EOVERFLOW
+    assert client.take_events(ident, pend) == [] and not pend.done.is_set()  # it goes on
+
+
 def test_an_event_before_the_watch_started_is_a_violation(pair):
     client, agent = pair
     ident, _ = client.watch("/w", recursive=False)

@@ -17,6 +17,7 @@ from qemubox.errors import GuestError, ProtocolViolation
 from qemubox.guest import protocol as p
 from qemubox.guest.protocol import Frame
 from qemubox.guest.transport import (
+    MAX_EVENTS_KEPT,
     AgentGone,
     Connection,
     Pending,
@@ -136,13 +137,20 @@ class AgentClient(Connection):
 
     def take_events(self, ident: int, pend: Pending) -> list[p.Event]:
         """A watch's events kept since the last call. Once none are left, the error that
-        ended it (a GuestError: EOVERFLOW when events were lost); AgentGone or
-        ProtocolViolation when the connection broke."""
+        ended it (a GuestError: EOVERFLOW when events were lost), or, once, an EOVERFLOW
+        GuestError when more were kept than MAX_EVENTS_KEPT (those were dropped; the watch
+        goes on); AgentGone or ProtocolViolation when the connection broke."""
         n = len(pend.events)
         taken = pend.events[:n]
         del pend.events[:n]
         if taken:
             return taken
+        if pend.truncated:
+            pend.truncated = False
+            raise GuestError(
+                errno_mod.EOVERFLOW,
+                f"events were dropped: more than {MAX_EVENTS_KEPT} were not taken",
+            )
         if not pend.done.is_set():
             self._check(pend)
         elif pend.error is not None:

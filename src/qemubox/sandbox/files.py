@@ -90,7 +90,9 @@ class Watch:
         self.directories: int = pend.pid or 0  # how many it watches now
 
     def events(self) -> list[Event]:
-        """The events since the last call (kept ones: without ``on_event``)."""
+        """The events since the last call (kept ones: without ``on_event``). Events not
+        taken pile up to 100,000; past that they are dropped, and a call says so once (a
+        GuestError, EOVERFLOW) while the watch goes on."""
         with agent_faults(self._box, "while watching"):
             return self._agent.take_events(self._ident, self._pend)
 
