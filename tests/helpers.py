@@ -140,6 +140,16 @@ def assert_sleeps(box) -> None:
     assert (r.exit_code, r.stdout) == (0, b"slept\n") and time.monotonic() - start >= 1
 
 
+def wait_for(check, timeout: float = 20) -> bool:
+    """Whether ``check()`` came true within ``timeout`` seconds (asked every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def assert_clock_is_now(box, script: str = "date +%s") -> list[bytes]:
     """The guest's clock reads the host's time (within the second `date` truncates to) while
     the command runs, whatever time its snapshot or pool member was taken at; the window is

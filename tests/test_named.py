@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import qemubox
+from helpers import qemubox, wait_for
 from qemubox.errors import InputError
 from qemubox.qemu import process
 
@@ -188,12 +188,15 @@ def test_kept_processes_outlive_their_client_and_are_taken_over_by_pid(kernel, s
 
     first = Sandbox.create("procs", Session(memory="256M", kernel=kernel))
     script = 'echo "up $$"; while read line; do echo "got $line"; done; echo eof; exit 5'
-    kept = first.processes.start(["sh", "-c", script], stdin=True, keep=b'{"tag": "server"}')
-    seen = []
-    first.processes.start(["sh", "-c", "sleep 1000"])  # not kept: it ends with its client
+    said: list[bytes] = []
+    kept = first.processes.start(
+        ["sh", "-c", script], stdin=True, keep=b'{"tag": "server"}', on_stdout=said.append
+    )
+    mortal = first.processes.start(["sleep", "1000"])  # not kept: it ends with its client
     ended = first.processes.start(["true"], keep=b"gone")
     assert ended.wait(30).exit_code == 0
     assert kept.write_stdin(b"one\n") and kept.running
+    assert wait_for(lambda: b"got one" in b"".join(said))
     listed = first.processes.list()
     assert [(k.pid, k.attached, k.tty, k.note) for k in listed] == [
         (kept.pid, True, False, b'{"tag": "server"}')
@@ -203,11 +206,12 @@ def test_kept_processes_outlive_their_client_and_are_taken_over_by_pid(kernel, s
     second = Sandbox.attach("procs")
     (again,) = second.processes.list()
     assert (again.pid, again.attached, again.note) == (kept.pid, False, b'{"tag": "server"}')
-    r = second.exec(["sh", "-c", "pgrep -f 'sleep 1000' || echo none"])
-    assert r.stdout == b"none\n"  # the one not kept went with its client
+    assert second.exec(["kill", "-0", str(mortal.pid)]).exit_code == 1  # gone with its client
+    seen: list[bytes] = []
     taken = second.processes.connect(kept.pid, on_stdout=seen.append)
     assert taken.pid == kept.pid and second.processes.list()[0].attached
     assert taken.write_stdin(b"two\n")
+    assert wait_for(lambda: seen)  # answered before it changes hands
     third = Sandbox.attach("procs")  # a third client takes it over from the second
     final = third.processes.connect(kept.pid)
     with pytest.raises(GuestError, match="another client took the command over"):
@@ -228,9 +232,7 @@ def test_kept_processes_outlive_their_client_and_are_taken_over_by_pid(kernel, s
     assert third.processes.list()[0].tty
     term.resize(40, 132)
     term.write_stdin(b"stty size\n")
-    deadline = time.monotonic() + 20
-    while b"40 132" not in b"".join(shown) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert wait_for(lambda: b"40 132" in b"".join(shown))
     term.kill()
     assert term.wait(10).signal == 9 and not term.running
     for bad, message in [
@@ -259,10 +261,7 @@ def test_the_readme_s_kept_process_example(kernel, state):
     assert (kept.pid, kept.note) == (server.pid, b'{"tag": "clock"}')
     dates: list[bytes] = []
     taken = later.processes.connect(kept.pid, on_stdout=dates.append)
-    deadline = time.monotonic() + 20
-    while not dates and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert dates and b"UTC" in dates[0]
+    assert wait_for(lambda: dates) and b"UTC" in dates[0]
     taken.kill()
     assert taken.wait().signal == 9
     later.remove(force=True)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from helpers import assert_clock_is_now, qemubox
+from helpers import assert_clock_is_now, qemubox, wait_for
 from qemubox import Pool, Sandbox, Session
 from qemubox.vm import pool
 
@@ -30,15 +30,6 @@ def running(machine_ids: set[str]) -> set[str]:
         except InputError:  # its directory is gone with it
             pass
     return up
-
-
-def wait_for(check, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 CLONE = "cat /proc/sys/kernel/random/uuid; date +%s"
