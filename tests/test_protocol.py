@@ -424,6 +424,20 @@ def test_an_event_before_the_watch_started_is_a_violation(pair):
     assert "EVENT frame answers a watch" in str(client.violation)
 
 
+def test_a_renew_sent_ahead_is_not_waited_for(pair):
+    client, agent = pair
+    client.renew(wait=False)  # returns with no answer
+    kind, ident, payload = agent.next()
+    assert kind == Frame.RENEW and len(payload) == 8 + p.RENEW_SEED
+    agent.send(Frame.OK, ident)  # answered later: for nobody
+    pinging = threading.Thread(target=client.ping, kwargs={"timeout": 5})
+    pinging.start()
+    kind, ident, payload = agent.next()
+    agent.send(Frame.PONG, ident, payload)
+    pinging.join(5)
+    assert kind == Frame.PING and not pinging.is_alive() and client.violation is None
+
+
 def test_a_request_the_agent_never_answers_is_an_agent_timeout(pair):
     from qemubox.errors import AgentTimeout, Exit
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from qemubox.errors import GuestError, ProtocolViolation
+from qemubox.errors import AgentTimeout, GuestError, ProtocolViolation
 from qemubox.guest import protocol as p
 from qemubox.guest.protocol import Frame
 from qemubox.guest.transport import (
@@ -36,11 +36,21 @@ class AgentClient(Connection):
     ) -> None:
         self.request(Frame.MOUNT, p.mount_request(source, target, fstype, options, flags))
 
-    def renew(self, timeout: float = 30) -> None:
+    def renew(self, timeout: float = 30, wait: bool = True) -> None:
         """Give the guest the host's time and fresh randomness (its RNG reseeded): at each
-        start, booted or restored, and at each resume."""
-        seed = os.urandom(p.RENEW_SEED)
-        self.request(Frame.RENEW, p.renew_request(time.time_ns(), seed), timeout)
+        start, booted or restored, and at each resume. Without ``wait`` the request is only
+        sent (the agent takes this client's requests in order; its answer is not awaited)."""
+        payload = p.renew_request(time.time_ns(), os.urandom(p.RENEW_SEED))
+        if wait:
+            self.request(Frame.RENEW, payload, timeout)
+            return
+        ident, _ = self._new()
+        try:
+            self._send(Frame.RENEW, ident, payload, timeout)
+        except SendTimeout:
+            raise AgentTimeout(f"the guest agent took no request within {timeout} s") from None
+        finally:
+            self.finish(ident)  # its answer, when it comes, is for nobody
 
     def fs(
         self,

@@ -216,9 +216,11 @@ class Sandbox:
         if role == "record":
             agent = self._record()
         # Before anything runs, the host's time to the nanosecond and fresh randomness: a
-        # clone has its snapshot's, a booted guest the RTC's whole second (and a slow emulated
-        # boot behind it), a recorded one a clock that stood still while it was saved.
-        agent.renew(self.spec.boot_timeout)  # part of the start: as long as a boot may take
+        # clone has its snapshot's, and must not run on with them (the start waits for the
+        # answer); a booted guest has the RTC's whole second (and a slow emulated boot behind
+        # it), a recorded one a clock that stood still while it was saved: for them it is
+        # sent ahead of the first command, which the agent takes after it.
+        agent.renew(self.spec.boot_timeout, wait=role == "restore")
         self.runstate = Runstate.RUNNING
         self._setup()
         self.phase(Phase.SETUP)
