@@ -193,6 +193,8 @@ def test_kept_processes_outlive_their_client_and_are_taken_over_by_pid(kernel, s
         ["sh", "-c", script], stdin=True, keep=b'{"tag": "server"}', on_stdout=said.append
     )
     mortal = first.processes.start(["sleep", "1000"])  # not kept: it ends with its client
+    as_user = first.processes.start(["sh", "-c", 'id -u; echo "$HOME"'], user="1000:1000")
+    assert as_user.wait(30).stdout == b"1000\n/\n"  # no passwd entry: home is /
     ended = first.processes.start(["true"], keep=b"gone")
     assert ended.wait(30).exit_code == 0
     assert kept.write_stdin(b"one\n") and kept.running

@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qemubox.errors import (
     GuestError,
@@ -21,6 +21,9 @@ from qemubox.errors import (
     VMDied,
 )
 from qemubox.guest.client import AgentClient, AgentGone, SendTimeout, exec_exit_code
+
+if TYPE_CHECKING:
+    from qemubox.image.ociconfig import Identity
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -62,7 +65,7 @@ class UserHost(Host, Protocol):
     """A sandbox that also knows its guest's users."""
 
     def ids_of(self, user: User) -> tuple[int, int, tuple[int, ...]] | None: ...
-    def home_of(self, user: str) -> str: ...
+    def identity(self, user: str) -> Identity: ...
 
 
 def execute(

@@ -109,7 +109,9 @@ class Processes:
             raise InputError("a process needs a command")
         box = self._box
         if isinstance(user, str):
-            env = {"HOME": box.home_of(user), **(env or {})}
+            who = box.identity(user)
+            env = {"HOME": who.home, **(env or {})}
+            user = who.to_tuple()
         ids = box.ids_of(user)
         agent = box.agent()
         try:

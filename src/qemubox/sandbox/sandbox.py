@@ -480,7 +480,9 @@ class Sandbox:
         if timeout is None and self.spec is not None:
             timeout = self.spec.timeout
         if isinstance(user, str):
-            env = {"HOME": self.home_of(user), **(env or {})}
+            who = self.identity(user)
+            env = {"HOME": who.home, **(env or {})}
+            user = who.to_tuple()
         ids = self.ids_of(user)
         return commands.execute(
             self, argv, env, cwd, stdin, timeout, on_stdout, on_stderr,
@@ -494,10 +496,6 @@ class Sandbox:
         if user is not None:
             return (int(user[0]), int(user[1]), tuple(int(g) for g in user[2]))
         return None
-
-    def home_of(self, user: str) -> str:
-        """``user``'s home in the guest's root (``/`` when it has none)."""
-        return self.identity(user).home
 
     @require(Runstate.RUNNING)
     def identity(self, user: str):
