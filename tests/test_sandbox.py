@@ -283,6 +283,11 @@ def test_a_watched_directory_tells_what_happens_in_it(sb):
     assert ("REMOVE", "/tmp/w") in {(e.kind.name, e.path) for e in got}
     flat.stop()  # already over: nothing to do
 
+    sb.exec(["sh", "-c", "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m"])
+    mounted = sb.files.watch("/tmp/m")
+    assert sb.exec(["umount", "/tmp/m"]).exit_code == 0
+    assert wait_for(lambda: not mounted.active)  # its file system went: so did the watch
+
     sb.exec(["touch", "/tmp/plain"])
     for path, err in [("/tmp/nope", errno.ENOENT), ("/tmp/plain", errno.ENOTDIR)]:
         with pytest.raises(GuestError, match=f"^{path}: ") as caught:

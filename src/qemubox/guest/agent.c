@@ -1011,6 +1011,11 @@ static void read_watch(struct watch *w)
 			if (m & IN_IGNORED) {
 				free(w->dirs[ev->wd]);
 				w->dirs[ev->wd] = NULL;
+				if (ev->wd == 1) { /* the watched directory's file system went */
+					send_frame(w->port, FR_OK, w->id, NULL, 0);
+					end_watch(w);
+					return;
+				}
 			}
 		}
 	}
