@@ -267,6 +267,17 @@ def test_a_command_s_pid_arrives_before_its_output(pair):
     assert client.wait(ident, pend, 5) and pend.pid == 4242
 
 
+def test_a_connection_lost_before_a_command_started_says_so_at_once(pair):
+    client, agent = pair
+    ident, pend = client.start(["x"], {}, "/", False)
+    agent.next()
+    agent.sock.close()
+    began = time.monotonic()
+    with pytest.raises(AgentGone):
+        client.started(ident, pend, timeout=20)
+    assert time.monotonic() - began < 5  # not the whole timeout
+
+
 def test_a_command_said_to_start_twice_is_a_violation(pair):
     client, agent = pair
     ident, pend = client.start(["x"], {}, "/", False)

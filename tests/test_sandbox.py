@@ -242,10 +242,12 @@ def events_until(watch, wanted: set, timeout: float = 20) -> set:
     """The watch's events, as (kind name, path), once they include ``wanted`` (or time is
     up)."""
     seen: set = set()
-    deadline = time.monotonic() + timeout
-    while not wanted <= seen and time.monotonic() < deadline:
-        seen |= {(e.kind.name, e.path) for e in watch.events()}
-        time.sleep(0.05)
+
+    def all_seen() -> bool:
+        seen.update((e.kind.name, e.path) for e in watch.events())
+        return wanted <= seen
+
+    wait_for(all_seen, timeout)
     return seen
 
 

@@ -168,6 +168,22 @@ class AgentClient(Connection):
             raise pend.error
         return taken
 
+    def started(self, ident: int, pend: Pending, timeout: float = 30) -> int:
+        """Wait for a command's (or a watch's) STARTED: its pid (a watch's count of
+        directories). Raises its GuestError, AgentGone or ProtocolViolation when the
+        connection broke, AgentTimeout when nothing came in time."""
+        came = pend.started.wait(timeout)
+        try:
+            self._check(pend)
+            if pend.error is not None:
+                raise pend.error
+            if not came or pend.pid is None:
+                raise AgentTimeout(f"the guest agent did not start it within {timeout} s")
+        except BaseException:
+            self.finish(ident)
+            raise
+        return pend.pid
+
     def kept(self, timeout: float = 10) -> list[p.Kept]:
         """The guest's kept commands that run, whoever started them."""
         return self._answer(Frame.KEPT, b"", timeout).commands

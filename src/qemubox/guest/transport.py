@@ -266,6 +266,7 @@ class Connection:
                 pending = list(self._pending.values())
             for pend in pending:
                 pend.done.set()
+                pend.started.set()
                 with pend.window:
                     pend.window.notify_all()
 

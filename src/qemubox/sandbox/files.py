@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qemubox.errors import GuestError, InputError
+from qemubox.errors import InputError
 from qemubox.guest.client import AgentClient
 from qemubox.guest.protocol import Entry, Event, FsOp
 from qemubox.guest.transport import Pending
@@ -83,11 +83,7 @@ class Watch:
     def __init__(self, box: UserHost, agent: AgentClient, ident: int, pend: Pending) -> None:
         self._box, self._agent, self._ident, self._pend = box, agent, ident, pend
         with agent_faults(box, "while starting a watch"):
-            if not pend.started.wait(WATCH_TIMEOUT) or pend.error is not None:
-                agent.finish(ident)
-                late = f"the guest did not start watching in {WATCH_TIMEOUT} s"
-                raise pend.error or GuestError(0, late)
-        self.directories: int = pend.pid or 0  # how many it watches now
+            self.directories: int = agent.started(ident, pend, WATCH_TIMEOUT)  # watched now
 
     def events(self) -> list[Event]:
         """The events since the last call (kept ones: without ``on_event``). Events not

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from qemubox.errors import GuestError, InputError
+from qemubox.errors import InputError
 from qemubox.guest.client import AgentClient
 from qemubox.guest.protocol import Kept
 from qemubox.guest.transport import Pending
@@ -24,14 +24,7 @@ class Process:
     def __init__(self, box: UserHost, agent: AgentClient, ident: int, pend: Pending) -> None:
         self._box, self._agent, self._ident, self._pend = box, agent, ident, pend
         with agent_faults(box, "while a command started"):
-            if not pend.started.wait(START_TIMEOUT):
-                agent.finish(ident)
-                raise GuestError(0, f"the guest did not start the command in {START_TIMEOUT} s")
-            if pend.error is not None:
-                agent.finish(ident)
-                raise pend.error
-        assert pend.pid is not None
-        self.pid: int = pend.pid
+            self.pid: int = agent.started(ident, pend, START_TIMEOUT)
 
     def wait(self, timeout: float | None = None) -> ExecResult | None:
         """The command's end (None if it runs on after ``timeout`` seconds); a GuestError
