@@ -577,6 +577,14 @@ done:
 
 /* --- file operations ------------------------------------------------------------------- */
 
+/* dir/name into out (dir itself when name is empty; no doubled slash under "/"): 0, or -1
+ * when it does not fit. */
+static int join_path(char *out, size_t size, const char *dir, const char *name)
+{
+	int n = snprintf(out, size, "%s%s%s", dir, *name && strcmp(dir, "/") ? "/" : "", name);
+	return n < 0 || (size_t)n >= size ? -1 : n;
+}
+
 /* ENTRIES frames under construction: u32 count, then per entry the path, u32 mode, uid and
  * gid, u64 size, u64 mtime (ns since the epoch) and the symlink's target (empty otherwise). */
 struct entries {
@@ -653,8 +661,7 @@ static int list_dir(struct entries *en, const char *dir, uint32_t depth)
 		struct stat st;
 		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
 			continue;
-		if (snprintf(path, sizeof(path), "%s%s%s", dir, strcmp(dir, "/") ? "/" : "",
-			     de->d_name) >= (int)sizeof(path)) {
+		if (join_path(path, sizeof(path), dir, de->d_name) < 0) {
 			err = ENAMETOOLONG;
 			break;
 		}
@@ -887,8 +894,7 @@ static int watch_dir(struct watch *w, const char *dir, int top, int announce)
 				send_event(w, EV_CREATE, dir, de->d_name);
 			if (de->d_type != DT_DIR)
 				continue;
-			if (snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") ? dir : "",
-				     de->d_name) < (int)sizeof(path))
+			if (join_path(path, sizeof(path), dir, de->d_name) >= 0)
 				err = watch_dir(w, path, 0, announce);
 		}
 		if (d)
@@ -953,9 +959,8 @@ done:
 static void send_event(struct watch *w, uint32_t kind, const char *dir, const char *name)
 {
 	unsigned char buf[4 + 4 + 4096 + 256];
-	int n = snprintf((char *)buf + 8, sizeof(buf) - 8, "%s%s%s", dir,
-			 *name && strcmp(dir, "/") ? "/" : "", name);
-	if (n < 0 || n >= (int)sizeof(buf) - 8)
+	int n = join_path((char *)buf + 8, sizeof(buf) - 8, dir, name);
+	if (n < 0)
 		return;
 	put_le32(buf, kind);
 	put_le32(buf + 4, n);
@@ -995,8 +1000,7 @@ static void read_watch(struct watch *w)
 				send_event(w, EV_CREATE, dir, ev->name);
 				if (w->recursive && (m & IN_ISDIR)) {
 					char path[4096];
-					if (snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") ? dir : "",
-						     ev->name) < (int)sizeof(path))
+					if (join_path(path, sizeof(path), dir, ev->name) >= 0)
 						watch_dir(w, path, 0, 1);
 				}
 			}
