@@ -41,6 +41,7 @@ COMMANDS = {
     "pool": ("pools", "pool"),
     "vm": ("vmpy", "vm"),
     "mcp": ("mcp", "mcp"),
+    "serve": ("serve", "serve"),
 }
 
 

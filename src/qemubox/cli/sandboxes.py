@@ -175,10 +175,11 @@ start = _for_each(
 
 @click.command("rm", context_settings=CONTEXT)
 @click.option("-f", "--force", is_flag=True, help="Kill running ones first.")
+@click.option("--expired", is_flag=True, hidden=True)
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
-def rm(names, force):
+def rm(names, force, expired):
     """Remove sandboxes and the files they own (disks given a PATH stay)."""
-    perform(actions.Remove(names, force))
+    perform(actions.Remove(names, force, expired))
 
 
 @click.command(context_settings=CONTEXT)

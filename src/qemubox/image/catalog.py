@@ -23,7 +23,9 @@ BUILTIN = {
     "minimal": "the busybox initramfs, in memory",
     "host": "this machine's / read-only, writes kept in guest memory",
     "debian": "Debian minbase with python3 and ca-certificates",
+    "base": "Debian with bash, curl, python3, sudo and a user `user` (E2B's base template)",
 }
+RECIPES = {"debian": recipe.debian, "base": recipe.e2b_base}  # the built-ins built by recipe
 QCOW2_MAGIC = b"QFI\xfb"
 EXT4_MAGIC_AT, EXT4_MAGIC = 1024 + 0x38, b"\x53\xef"
 
@@ -87,18 +89,18 @@ def check(image: str) -> tuple[str, str]:
         return image, "share"
     if ":" in image:
         reference.parse(image)  # an unknown transport: the error names it
-    if image == "debian" or IMAGES.exists(IMAGES.check_name(image)):
+    if image in RECIPES or IMAGES.exists(IMAGES.check_name(image)):
         return image, "disk"
     raise InputError(
-        f"unknown image {image!r}: minimal, host, debian, a name from 'qemubox image ls', "
+        f"unknown image {image!r}: minimal, host, debian, base, a name from 'qemubox image ls', "
         "a container image (oci-archive:FILE, docker-archive:FILE, oci:DIR:TAG, ...) "
         "or the path of an ext4 or qcow2 image file"
     )
 
 
 def recipe_of(name: str, arch: str) -> recipe.Recipe:
-    if name == "debian":
-        return recipe.debian(arch)
+    if name in RECIPES:
+        return RECIPES[name](arch)
     if name in BUILTIN:
         raise InputError(f"image {name!r} is not built from a recipe")
     data = IMAGES.read(name)
@@ -179,8 +181,8 @@ def build(name: str, base: str, packages: tuple[str, ...], arch: str, mirror_uri
     from qemubox.image.sources import mirror
 
     check_new_name(name)
-    if base != "debian" and (base in BUILTIN or is_path(base)):
-        raise InputError(f"--from {base}: images are built from debian or an image built so")
+    if base not in RECIPES and (base in BUILTIN or is_path(base)):
+        raise InputError(f"--from {base}: images are built from debian, base or an image built so")
     r = recipe_of(base, arch).with_packages(packages)
     debian.build(r, mirror_uri or mirror(r.suite), f"building image {name}")
     record = {"name": name, "from": base, "recipe": r.to_dict(), "created": time.time()}
@@ -281,7 +283,7 @@ def list_all(arch: str) -> list[ImageInfo]:
     out = [
         ImageInfo("minimal", "initramfs", BUILTIN["minimal"], (), None, 0, ""),
         ImageInfo("host", "share", BUILTIN["host"], (), None, 0, ""),
-        _info("debian", recipe.debian(arch), BUILTIN["debian"]),
+        *(_info(name, make(arch), BUILTIN[name]) for name, make in RECIPES.items()),
     ]
     for name in IMAGES.names():
         record = IMAGES.read(name)
@@ -297,10 +299,10 @@ def list_all(arch: str) -> list[ImageInfo]:
 def remove(name: str, arch: str, used: dict[str, list[str]]) -> None:
     """Forget image ``name`` and delete its built file unless another name or a sandbox
     (``used``: built file -> sandbox names) still needs it. ``debian`` only loses its
-    built file."""
+    built file (``base`` too)."""
     if name in ("minimal", "host"):
         raise InputError(f"{name!r} is built in and has nothing to remove")
-    if name != "debian" and is_container(data := IMAGES.read(IMAGES.check_name(name))):
+    if name not in RECIPES and is_container(data := IMAGES.read(IMAGES.check_name(name))):
         path = oci.base_path(data["digest"])
     else:
         path = debian.built_path(recipe_of(name, arch))
@@ -309,7 +311,7 @@ def remove(name: str, arch: str, used: dict[str, list[str]]) -> None:
             f"image {name!r} is used by sandbox {', '.join(sorted(used[str(path)]))}: "
             "remove those first"
         )
-    if name != "debian":
+    if name not in RECIPES:
         IMAGES.remove(name)
     still = [i.name for i in list_all(arch) if i.base == str(path) and i.name != name]
     if not still and path.parent.is_dir():

@@ -33,6 +33,36 @@ _ETC = {
 }
 
 
+def add_user(tree: Path, name: str) -> None:
+    """Make account ``name`` in the root ``tree`` by its files (no program of the tree is run:
+    any architecture's tree): the next free uid from 1000, a group of its own, a home from
+    /etc/skel, bash, no password, passwordless sudo."""
+    etc = tree / "etc"
+    passwd = (etc / "passwd").read_text()
+    used = {int(line.split(":")[2]) for line in passwd.splitlines() if line.count(":") >= 6}
+    uid = next(n for n in range(1000, 60000) if n not in used)
+    home = tree / "home" / name
+    with open(etc / "passwd", "a") as fh:
+        fh.write(f"{name}:x:{uid}:{uid}::/home/{name}:/bin/bash\n")
+    with open(etc / "shadow", "a") as fh:
+        fh.write(f"{name}:*:19000:0:99999:7:::\n")
+    for group_file, line in (("group", f"{name}:x:{uid}:\n"), ("gshadow", f"{name}:!::\n")):
+        text = (etc / group_file).read_text() + line
+        text = "\n".join(
+            (f"{g}{',' if g.split(':')[-1] else ''}{name}" if g.startswith("sudo:") else g)
+            for g in text.splitlines()
+        )
+        (etc / group_file).write_text(text + "\n")
+    shutil.copytree(etc / "skel", home, symlinks=True, dirs_exist_ok=True)
+    for root, dirs, files in os.walk(home):
+        for entry in (root, *(os.path.join(root, f) for f in dirs + files)):
+            os.lchown(entry, uid, uid)
+    home.chmod(0o750)
+    sudoers = etc / "sudoers.d" / name
+    sudoers.write_text(f"{name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+
+
 def images_dir() -> Path:
     return paths.cache_dir() / "images"
 
@@ -148,6 +178,8 @@ def build(recipe: Recipe, mirror: str, label: str, console: Console | None = Non
         for name, text in _ETC.items():
             (tree / name).unlink(missing_ok=True)
             (tree / name).write_text(text)
+        for user in recipe.users:
+            add_user(tree, user)
         for deb in (tree / "var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
         image = tmp / IMAGE_FILE

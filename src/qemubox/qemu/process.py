@@ -30,6 +30,8 @@ _PR_SET_PDEATHSIG = 1
 # - when ``idle`` seconds pass with no client attached (no ``attach*.lock`` locked, as
 #   /proc/locks says: trying the lock would race a client) and ``active`` untouched, it
 #   runs ``on_idle`` (a shell command), and again after as long if QEMU still runs;
+# - once the time in ``deadline`` (its first line: seconds since the epoch) has come, it
+#   runs the shell command of its second line, once (the file is renamed);
 # - it writes QEMU's exit status to ``exit``, holding ``alive.lock`` (its standard input,
 #   and QEMU's fd 3) until then, so that whoever finds the lock free also finds the status.
 # Its children other than QEMU do not inherit the lock.
@@ -53,6 +55,13 @@ read -r _ _ _ ppid _ < /proc/$$/stat
     set -- $(stat -c '%s %b' "$log" 2>/dev/null)
     if [ $# = 2 ] && [ $(($2 * 512)) -gt $((2 * keep)) ]; then
       fallocate -p -o 0 -l $(($1 - keep)) "$log" 2>/dev/null
+    fi
+    if [ -r "$d/deadline" ]; then
+      { read -r at; read -r cmd; } < "$d/deadline"
+      if [ "$(date +%s)" -ge "${at:-0}" ]; then
+        mv -f "$d/deadline" "$d/deadline.passed"
+        sh -c "$cmd" </dev/null >>"$d/keeper.log" 2>&1 &
+      fi
     fi
     [ "$idle" -gt 0 ] || continue
     for f in "$d"/attach*.lock; do

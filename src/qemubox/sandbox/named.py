@@ -11,6 +11,7 @@ a VM that died, or a host that restarted, shows as stopped or failed, never as r
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -42,6 +43,7 @@ STARTING, RUNNING, STOPPED, FAILED = State.STARTING, State.RUNNING, State.STOPPE
 PAUSED = State.PAUSED
 PAUSED_STATE = "paused.state"
 SAVE_TIMEOUT = 300  # seconds writing or reading a paused guest may take
+DEADLINE = "deadline"  # in a machine's runtime directory: when its keeper removes the sandbox
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ def status(name: str) -> Status:
                 expires = (d / "active").stat().st_mtime + ttl
             if expires is None and record.get("started"):
                 expires = record["started"] + ttl
+    if state.live and record.get("deadline"):
+        expires = min(expires or record["deadline"], record["deadline"])
     return Status(
         name=name,
         state=state,
@@ -386,6 +390,7 @@ def resume(name: str) -> None:
                 raise SandboxError(f"cannot resume {name!r}: {said[0]}") from None
             raise
         paths.atomic_write(machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
+        _tell_keeper(name, machine.dir, record.get("deadline"))
         machine.release()
         machine.detach()
         record = {k: v for k, v in record.items() if k != "paused"}
@@ -403,6 +408,44 @@ def _idle_action(name: str, record: dict) -> tuple[int, str]:
     return int(ttl), shlex.join([sys.executable, "-m", "qemubox", "stop", "--expired", name])
 
 
+def _tell_keeper(name: str, runtime_dir: Path, deadline: float | None) -> None:
+    """Have the machine's keeper remove the sandbox at ``deadline`` (seconds since the
+    epoch; None: never), whether or not anyone is still using it or serving it."""
+    path = runtime_dir / DEADLINE
+    if deadline is None:
+        path.unlink(missing_ok=True)
+        return
+    command = shlex.join([sys.executable, "-m", "qemubox", "rm", "-f", "--expired", name])
+    paths.atomic_write(path, f"{math.ceil(deadline)}\n{command}\n")
+
+
+def set_deadline(name: str, deadline: float | None) -> None:
+    """End the sandbox at ``deadline`` (seconds since the epoch; None: no deadline): its
+    keeper removes it then, even if no qemubox process runs. A paused sandbox keeps it for
+    when it is resumed."""
+    with SANDBOXES.locked(name):
+        record, state, _ = _up_to_date(name)
+        SANDBOXES.write(name, {**record, "deadline": deadline})
+        if state.live and record.get("machine"):
+            _tell_keeper(name, paths.machine_runtime_dir(record["machine"]), deadline)
+
+
+def annotate(name: str, key: str, value) -> None:
+    """Keep ``value`` (plain JSON data) in the sandbox's record under ``key``: what a door
+    says of the sandbox (the E2B API's owner, metadata, token), with the sandbox, removed
+    with it."""
+    if key in {"name", "created", "session", "ttl", "machine", "ready", "last", "note"}:
+        raise InputError(f"{key!r} is the record's own")
+    with SANDBOXES.locked(name):
+        SANDBOXES.write(name, {**SANDBOXES.read(name), key: value})
+
+
+def expired(name: str) -> bool:
+    """Whether the sandbox's deadline has passed."""
+    deadline = SANDBOXES.read(name).get("deadline")
+    return deadline is not None and deadline <= time.time()
+
+
 def _boot(name: str, cls: type[Sandbox]):
     with SANDBOXES.locked(name):
         record, state, _ = _up_to_date(name)
@@ -417,6 +460,7 @@ def _boot(name: str, cls: type[Sandbox]):
             raise
         assert box.machine is not None
         paths.atomic_write(box.machine.dir / OWNER, str(SANDBOXES.dir(name) / "record.json"))
+        _tell_keeper(name, box.machine.dir, record.get("deadline"))
         kernel = box.machine.plan.kernel
         record = {
             **record,
@@ -500,10 +544,13 @@ def _kill(name: str) -> bool:
     return True
 
 
-def remove(name: str, force: bool = False) -> None:
+def remove(name: str, force: bool = False, expired_only: bool = False) -> None:
     """Remove a stopped sandbox and the files it owns (disks given a path stay); a running
-    one only with ``force`` (it is killed)."""
+    one only with ``force`` (it is killed). With ``expired_only``, only if its deadline has
+    passed (its keeper's removal: the deadline may have moved meanwhile)."""
     with SANDBOXES.locked(name):
+        if expired_only and not expired(name):
+            return
         _, state, _ = _up_to_date(name)
         if state.live:
             if not force:

@@ -139,6 +139,7 @@ class Resume:
 class Remove:
     names: tuple[str, ...]
     force: bool = False
+    expired: bool = False  # only if its deadline has passed (its keeper's own removal)
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,9 @@ def _remove(action: Remove, streams) -> None:
     from qemubox.sandbox import named
 
     for name in action.names:
-        named.remove(name, action.force)
+        if action.expired and not named.exists(name):
+            continue  # removed meanwhile
+        named.remove(name, action.force, action.expired)
 
 
 def _logs(action: Logs, streams) -> Iterator[bytes]:

@@ -1,0 +1,169 @@
+"""The one ASGI application ``qemubox serve`` listens with, for the API and every sandbox's
+envd: a request naming a sandbox (``E2b-Sandbox-Id``, as the SDKs send when
+``E2B_SANDBOX_URL`` is set) goes to that sandbox's envd — once it is known to run, and its
+access token (or a signed URL's signature) checked when it has one; any other request is
+the control plane's, once its API key is checked.
+
+What each door holds:
+- the control plane: no key or a wrong one, 401; a sandbox of another key, 404; bodies
+  over 1 MiB, 413 (read no further);
+- envd: a sandbox that does not run, 502 with E2B's proxy's words (the SDKs rely on them);
+  a secure sandbox without its token, 401 (constant-time comparison); a Connect message
+  over 4 MiB refused; uploads over 256 MiB refused."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from qemubox.serve import files
+from qemubox.serve.control import Control
+from qemubox.serve.envd import (
+    Context,
+    FilesystemService,
+    ProcessService,
+    Service,
+    not_found_message,
+)
+from qemubox.serve.guests import Gone
+from qemubox.serve.keys import KeyRing
+from qemubox.serve.proto import filesystem_pb, process_pb
+from qemubox.serve.registry import Registry
+
+SAMPLE_EVERY = 5  # seconds between metrics samples
+
+
+def _json(status: int, message: str, **more) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message, **more}, status_code=status)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class App:
+    def __init__(self, registry: Registry, keys: KeyRing, session_of) -> None:
+        self.registry = registry
+        self.keys = keys
+        self.control = Starlette(routes=Control(registry, session_of).routes())
+        self.control.add_route("/health", self._health, methods=["GET"])
+        context = Context(registry.guest)
+        self.services = {
+            "/process.Process/": Service(process_pb, "process.Process", ProcessService(context)),
+            "/filesystem.Filesystem/": Service(
+                filesystem_pb, "filesystem.Filesystem", FilesystemService(context)
+            ),
+        }
+        self.files = Starlette(routes=[Route("/files", self._files, methods=["GET", "POST"])])
+        self.envd_health = Starlette(routes=[Route("/health", self._envd_health)])
+        self._sampler: asyncio.Task | None = None
+
+    async def _health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def _envd_health(self, request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def _files(self, request: Request) -> Response:
+        guest = request.scope["qemubox.guest"]
+        if request.method == "GET":
+            return await files.download(request, guest)
+        return await files.upload(request, guest)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if (
+            sandbox_id is None
+            and scope["path"] == "/files"
+            and b"signature=" in scope.get("query_string", b"")
+        ):
+            sandbox_id = await asyncio.to_thread(self._signed_for, scope)
+        if sandbox_id is not None:
+            await self._envd(sandbox_id, scope, receive, send)
+            return
+        key = _header(scope, b"x-api-key")
+        bearer = _header(scope, b"authorization")
+        if key is None and bearer and bearer.lower().startswith("bearer "):
+            key = bearer[7:].strip()
+        owner = self.keys.owner(key)
+        if owner is None and scope["path"] != "/health":
+            response = _json(401, "Invalid API key" if key else "An API key is needed")
+            await response(scope, receive, send)
+            return
+        scope["qemubox.owner"] = owner
+        await self.control(scope, receive, send)
+
+    def _signed_for(self, scope) -> str | None:
+        """The secure sandbox whose token signed this URL (a signed URL names no sandbox)."""
+        request = Request(scope)
+        for served in self.registry.secure():
+            if served.token and files.signed(request, served.token, files.operation_of(request)):
+                return served.id
+        return None
+
+    async def _envd(self, sandbox_id: str, scope, receive, send) -> None:
+        if not await asyncio.to_thread(self.registry.running, sandbox_id):
+            await _json(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
+                scope, receive, send
+            )
+            return
+        try:
+            guest = await asyncio.to_thread(self.registry.guest, sandbox_id)
+        except Gone:
+            await _json(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
+                scope, receive, send
+            )
+            return
+        path = scope["path"]
+        token = guest.served.token
+        if token and path != "/health":
+            given = _header(scope, b"x-access-token") or ""
+            request = Request(scope)
+            allowed = hmac.compare_digest(given.encode(), token.encode()) or (
+                path == "/files" and files.signed(request, token, files.operation_of(request))
+            )
+            if not allowed:
+                await _json(401, "the sandbox's access token is needed")(scope, receive, send)
+                return
+        scope["qemubox.guest"] = guest
+        for prefix, service in self.services.items():
+            if path.startswith(prefix):
+                await service(scope, receive, send)
+                return
+        if path == "/files":
+            await self.files(scope, receive, send)
+        elif path == "/health":
+            await self.envd_health(scope, receive, send)
+        else:
+            await _json(404, f"envd has no {path}")(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._sampler = asyncio.create_task(self._sample())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._sampler is not None:
+                    self._sampler.cancel()
+                await asyncio.to_thread(self.registry.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.to_thread(self.registry.sample)
+            await asyncio.sleep(SAMPLE_EVERY)

@@ -1,0 +1,67 @@
+"""``qemubox serve``: the templates made ready (``base`` built once, with progress), the
+served sandboxes of an earlier server adopted, then the application on uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+from qemubox.errors import InputError
+from qemubox.sandbox.spec import Session
+from qemubox.serve.model import DEFAULT_TEMPLATE
+from qemubox.serve.registry import MEMORY
+
+REFUSED_TEMPLATES = {"host"}  # an API client never reads this machine's own files
+
+
+def session_of(template: str, base: Session | None = None) -> Session:
+    """The session of a sandbox made from ``template``: an image known by name (a path, a
+    container transport or ``host`` is no template: they would name this machine's files)."""
+    from qemubox.image import catalog
+
+    if (
+        template in REFUSED_TEMPLATES
+        or catalog.is_path(template)
+        or ":" in template
+        or (template not in catalog.BUILTIN and not catalog.IMAGES.exists(template))
+    ):
+        raise InputError(f"unknown template {template!r}: see `qemubox image ls`")
+    session = replace(base or Session(memory=MEMORY), image=template)
+    session.validate()
+    return session
+
+
+def prepare(template: str) -> None:
+    """Build the template's image now if it is not built (a first server's ``base``)."""
+    from qemubox import arch
+    from qemubox.image import catalog
+
+    session = session_of(template)
+    name, kind = catalog.check(session.image)
+    record = arch.get(session.arch) if session.arch else arch.host()
+    catalog.ensure_built(catalog.root_plan(name, kind, record.debian_arch, "9p"), record.name)
+
+
+def serve(host: str, port: int) -> None:
+    import uvicorn
+
+    from qemubox.serve.app import App
+    from qemubox.serve.keys import KeyRing
+    from qemubox.serve.registry import Registry
+
+    keys = KeyRing()
+    prepare(DEFAULT_TEMPLATE)
+    registry = Registry()
+    adopted = registry.adopt()
+    if not len(keys):
+        print(
+            "qemubox serve: no API key yet: make one with `qemubox serve key add NAME`",
+            file=sys.stderr,
+        )
+    if adopted:
+        print(f"qemubox serve: adopted {len(adopted)} sandbox(es)", file=sys.stderr)
+    print(f"qemubox serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    app = App(registry, keys, session_of)
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+    )
