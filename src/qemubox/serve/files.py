@@ -92,8 +92,8 @@ async def download(request: Request, guest: Guest) -> Response:
         except GuestError as err:
             if err.errno == errno.ENOENT:
                 raise _Refused(404, f"path '{path}' does not exist") from None
-            if err.errno == errno.EACCES:
-                raise _Refused(401, f"permission denied: '{path}'") from None
+            if err.errno in (errno.EACCES, errno.EPERM):
+                raise _Refused(500, f"error opening file '{path}': permission denied") from None
             raise _Refused(400, str(err)) from None
         if entry.kind == "dir":
             raise _Refused(400, f"path '{path}' is a directory")
@@ -102,7 +102,7 @@ async def download(request: Request, guest: Guest) -> Response:
         result = await asyncio.to_thread(_run, guest, who, READ, path)
         if result.exit_code != 0:
             said = result.stderr.decode(errors="replace").strip()
-            raise _Refused(403 if "denied" in said else 500, f"cannot read '{path}': {said}")
+            raise _Refused(500, f"error reading file '{path}': {said}")
         data = result.stdout
     except _Refused as err:
         return error(err.status, str(err))
@@ -175,8 +175,8 @@ async def upload(request: Request, guest: Guest) -> Response:
             result = await asyncio.to_thread(_run, guest, who, WRITE, path, data)
             if result.exit_code != 0:
                 said = result.stderr.decode(errors="replace").strip()
-                status = 507 if "space" in said else (401 if "denied" in said else 400)
-                raise _Refused(status, f"cannot write '{path}': {said}")
+                status = 507 if "space" in said else 500  # as envd: 500 for a refusal
+                raise _Refused(status, f"error writing file '{path}': {said}")
             written.append({"name": path.rpartition("/")[2], "type": "file", "path": path})
     except _Refused as err:
         return error(err.status, str(err))
