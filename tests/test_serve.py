@@ -6,8 +6,6 @@ killed and restarted, creates at once, bad requests."""
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 import os
 import signal
 import socket
@@ -15,19 +13,13 @@ import subprocess
 import sys
 import time
 
+import e2b
 import httpx
 import pytest
+from e2b import AsyncSandbox, Sandbox
+from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException
 
 pytestmark = pytest.mark.qemu
-
-e2b = pytest.importorskip("e2b")
-from e2b import AsyncSandbox, Sandbox  # noqa: E402
-from e2b.exceptions import (  # noqa: E402
-    AuthenticationException,
-    InvalidArgumentException,
-    NotFoundException,
-    SandboxException,
-)
 
 
 def _free_port() -> int:
@@ -220,3 +212,206 @@ def test_a_sandbox_through_the_sdk(server):
     assert not Sandbox.kill(sbx.sandbox_id, **opts)  # gone
     with pytest.raises(SandboxException):
         sbx.commands.run("true")
+
+
+def _api(server, method: str, path: str, key: str | None, **kw) -> httpx.Response:
+    headers = kw.pop("headers", {})
+    if key is not None:
+        headers["X-API-Key"] = key
+    return httpx.request(method, server.url + path, headers=headers, timeout=120, **kw)
+
+
+def test_keys_owners_lists_and_bad_requests(server):
+    alice, bob = server.opts(server.keys["alice"]), server.opts(server.keys["bob"])
+    made = [
+        Sandbox.create(metadata={"team": "x", "n": str(i)}, timeout=120, **alice)
+        for i in range(3)
+    ]
+    try:
+        # list: filtered by metadata and state, paged with the SDK's paginator
+        found = Sandbox.list(query=e2b.SandboxQuery(metadata={"team": "x"}), **alice)
+        ids = []
+        pages = 0
+        paginator = Sandbox.list(query=e2b.SandboxQuery(metadata={"team": "x"}), limit=2, **alice)
+        while paginator.has_next:
+            ids += [s.sandbox_id for s in paginator.next_items()]
+            pages += 1
+        assert sorted(ids) == sorted(s.sandbox_id for s in made) and pages == 2
+        assert [s.metadata["n"] for s in found.next_items()] == ["2", "1", "0"]  # newest first
+        one = Sandbox.list(query=e2b.SandboxQuery(metadata={"n": "1"}), **alice).next_items()
+        assert [s.sandbox_id for s in one] == [made[1].sandbox_id]
+        query = e2b.SandboxQuery(state=[e2b.SandboxState.PAUSED])
+        assert Sandbox.list(query=query, **alice).next_items() == []
+
+        # another key sees nothing of them
+        assert Sandbox.list(**bob).next_items() == []
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(made[0].sandbox_id, **bob)
+        assert not Sandbox.kill(made[0].sandbox_id, **bob)
+        assert _api(server, "POST", f"/sandboxes/{made[0].sandbox_id}/pause",
+                    server.keys["bob"]).status_code == 404  # fmt: skip
+        assert made[0].is_running()
+
+        # no key, a wrong key; a key removed
+        assert _api(server, "GET", "/v2/sandboxes", None).status_code == 401
+        assert _api(server, "GET", "/v2/sandboxes", "e2b_" + "0" * 40).status_code == 401
+        with pytest.raises(AuthenticationException):
+            Sandbox.list(**server.opts("e2b_nope")).next_items()
+        r = server.cli("serve", "key", "add", "carol")
+        carol = r.stdout.strip()
+        assert _api(server, "GET", "/v2/sandboxes", carol).status_code == 200
+        assert "carol" in server.cli("serve", "key", "ls").stdout
+        assert carol not in server.cli("serve", "key", "ls").stdout  # kept hashed
+        assert carol not in (server.state / "serve" / "keys.json").read_text()
+        server.cli("serve", "key", "rm", "carol")
+        assert _api(server, "GET", "/v2/sandboxes", carol).status_code == 401
+        r = server.cli("serve", "key", "rm", "carol")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "carol" in r.stderr
+
+        # bad requests: 400 naming the field; a huge body refused, the server lives on
+        key = server.keys["alice"]
+        cases = [
+            (b"{nope", "not JSON"),
+            (b'{"templateID": "no-such-image"}', "templateID"),
+            (b'{"templateID": "host"}', "templateID"),
+            (b'{"templateID": "/etc/passwd"}', "templateID"),
+            (b'{"templateID": "base", "timeout": -1}', "timeout"),
+            (b'{"templateID": "base", "timeout": "60"}', "timeout"),
+            (b'{"templateID": "base", "metadata": {"a": 1}}', "metadata"),
+            (b'{"templateID": "base", "envVars": []}', "envVars"),
+            (b"[]", "object"),
+        ]
+        for body, field in cases:
+            r = _api(server, "POST", "/v2/sandboxes", key, content=body,
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["code"] == 400 and field in r.json()["message"], (body, r.text)
+        r = _api(server, "POST", "/sandboxes", key, content=b"x" * (64 << 20))
+        assert r.status_code == 413, r.text
+        r = _api(server, "GET", "/v2/sandboxes?state=gone", key)
+        assert r.status_code == 400 and "state" in r.json()["message"]
+        r = _api(server, "POST", f"/sandboxes/{made[0].sandbox_id}/timeout", key, json={})
+        assert r.status_code == 400 and "timeout" in r.json()["message"]
+        assert _api(server, "GET", "/v2/sandboxes", key).status_code == 200
+
+        # the older create (POST /sandboxes), as E2B's 2.4 SDKs send it
+        r = _api(server, "POST", "/sandboxes", key, json={"templateID": "base", "timeout": 60})
+        assert r.status_code == 201 and r.json()["envdVersion"]
+        old = r.json()["sandboxID"]
+        assert Sandbox.connect(old, **alice).commands.run("echo old").stdout == "old\n"
+        assert Sandbox.kill(old, **alice)
+    finally:
+        for sbx in made:
+            sbx.kill()
+
+
+def test_a_secure_sandbox_and_signed_urls(server):
+    opts = server.opts(server.keys["alice"])
+    sbx = Sandbox.create(secure=True, timeout=120, **opts)
+    try:
+        assert sbx.commands.run("echo ok").stdout == "ok\n"  # the SDK sends its token
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        r = httpx.get(f"{server.url}/files", params={"path": "/etc/hostname"}, headers=headers)
+        assert r.status_code == 401
+        wrong = {**headers, "X-Access-Token": "x" * 32}
+        r = httpx.get(f"{server.url}/files", params={"path": "/etc/hostname"}, headers=wrong)
+        assert r.status_code == 401
+        r = httpx.post(
+            f"{server.url}/process.Process/List", headers={**headers, "Content-Type":
+            "application/json"}, content=b"{}",
+        )  # fmt: skip
+        assert r.status_code == 401
+
+        # signed URLs name no sandbox: the signature finds it
+        up = sbx.upload_url("/home/user/up.txt", use_signature_expiration=60)
+        assert httpx.post(up, files={"file": ("up.txt", b"signed")}).status_code == 200
+        down = sbx.download_url("/home/user/up.txt", use_signature_expiration=60)
+        assert httpx.get(down).content == b"signed"
+        tampered = down.replace("up.txt", "upx.txt")
+        assert httpx.get(tampered).status_code in (401, 404)
+        expired = sbx.download_url("/home/user/up.txt", use_signature_expiration=-10)
+        assert httpx.get(expired).status_code in (401, 404)
+    finally:
+        sbx.kill()
+
+
+def test_timeouts_pause_resume_and_a_restarted_server(server):
+    opts = server.opts(server.keys["alice"])
+    short = Sandbox.create(timeout=2, **opts)
+    kept = Sandbox.create(timeout=300, **opts)
+    paused = Sandbox.create(timeout=300, **opts)
+    try:
+        # a deadline ends a sandbox (its keeper removes it)
+        deadline = time.monotonic() + 30
+        while short.is_running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not short.is_running()
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(short.sandbox_id, **opts)
+        with pytest.raises(SandboxException):
+            short.commands.run("true")
+
+        # pause keeps memory and processes; connect resumes
+        paused.files.write("/tmp/in-memory", "kept")
+        bg = paused.commands.run("sleep 1000", background=True)
+        paused.pause()
+        assert Sandbox.get_info(paused.sandbox_id, **opts).state.value == "paused"
+        query = e2b.SandboxQuery(state=[e2b.SandboxState.PAUSED])
+        listed = Sandbox.list(query=query, **opts).next_items()
+        assert [s.sandbox_id for s in listed] == [paused.sandbox_id]
+        resumed = Sandbox.connect(paused.sandbox_id, timeout=300, **opts)
+        assert resumed.files.read("/tmp/in-memory") == "kept"
+        assert bg.pid in {p.pid for p in resumed.commands.list()}
+
+        # a server killed with SIGKILL: its sandboxes run on, a new one adopts them
+        kept.files.write("/home/user/f", "still here")
+        kept.set_timeout(8)
+        worker = kept.commands.run("sleep 1000", background=True)
+        server.kill()
+        assert kept.sandbox_id in server.cli("ls").stdout
+        server.start()
+        again = Sandbox.connect(kept.sandbox_id, **opts)
+        assert again.files.read("/home/user/f") == "still here"
+        assert worker.pid in {p.pid for p in again.commands.list()}
+        info = Sandbox.get_info(kept.sandbox_id, **opts)
+        assert info.metadata == {} and info.end_at.timestamp() < time.time() + 60
+        # its deadline came with it: it ends, though nobody asked again
+        deadline = time.monotonic() + 40
+        while kept.sandbox_id in server.cli("ls").stdout and time.monotonic() < deadline:
+            time.sleep(1)
+        assert kept.sandbox_id not in server.cli("ls").stdout
+    finally:
+        for sbx in (short, kept, paused):
+            Sandbox.kill(sbx.sandbox_id, **opts)
+
+
+def test_creates_at_once_with_the_async_sdk(server):
+    opts = server.opts(server.keys["bob"])
+
+    async def one(i: int):
+        sbx = await AsyncSandbox.create(timeout=300, **opts)
+        r = await sbx.commands.run(f"echo {i}")
+        return sbx, r.stdout
+
+    async def main():
+        made = await asyncio.gather(*(one(i) for i in range(24)))
+        try:
+            assert [out for _, out in made] == [f"{i}\n" for i in range(24)]
+            assert len({s.sandbox_id for s, _ in made}) == 24
+            # a watch, streamed (the asynchronous SDK's WatchDir)
+            sbx = made[0][0]
+            events = []
+            watch = await sbx.files.watch_dir("/tmp", on_event=events.append)
+            await sbx.files.write("/tmp/streamed", "x")
+            for _ in range(200):
+                if any(e.name == "streamed" for e in events):
+                    break
+                await asyncio.sleep(0.1)
+            await watch.stop()
+            assert any(e.name == "streamed" and e.type.name == "CREATE" for e in events)
+        finally:
+            await asyncio.gather(*(s.kill() for s, _ in made))
+
+    asyncio.run(main())
+    left = subprocess.run(["pgrep", "-f", str(server.state)], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout  # no QEMU of theirs is left

@@ -60,7 +60,7 @@ class Control:
         r = self.guarded
         return [
             Route("/sandboxes", r(self.create), methods=["POST"]),
-            Route("/v2/sandboxes", r(self.create), methods=["POST"]),
+            Route("/v2/sandboxes", r(self.create_v2), methods=["POST"]),
             Route("/sandboxes", r(self.list_v1), methods=["GET"]),
             Route("/v2/sandboxes", r(self.list_v2), methods=["GET"]),
             Route("/sandboxes/metrics", r(self.many_metrics), methods=["GET"]),
@@ -102,8 +102,12 @@ class Control:
 
     # --- routes ---------------------------------------------------------------------------------
 
-    async def create(self, request: Request, owner: str):
-        parsed = model.CreateRequest.parse(await body_json(request))
+    async def create_v2(self, request: Request, owner: str):
+        """The current create: every sandbox's envd takes requests with its token only."""
+        return await self.create(request, owner, secure=True)
+
+    async def create(self, request: Request, owner: str, secure: bool = False):
+        parsed = model.CreateRequest.parse(await body_json(request), secure)
         try:
             session = await self._do(self.session_of, parsed.template)
         except InputError as err:
@@ -146,7 +150,7 @@ class Control:
         body = await body_json(request)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        seconds = model.timeout_of(body.get("timeout"), default=None)
+        seconds = model.timeout_of(body.get("timeout"))
         sandbox_id = request.path_params["id"]
         served, resumed = await self._do(self.registry.connect, sandbox_id, owner, seconds)
         return JSONResponse(served.created(), status_code=201 if resumed else 200)

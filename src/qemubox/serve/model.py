@@ -104,7 +104,9 @@ class CreateRequest:
     auto_pause: bool
 
     @classmethod
-    def parse(cls, body) -> CreateRequest:
+    def parse(cls, body, always_secure: bool = False) -> CreateRequest:
+        """E2B's ``NewSandbox`` (``always_secure``: ``NewSandboxV2``, whose sandboxes all
+        have an access token)."""
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         template = body.get("templateID")
@@ -121,7 +123,7 @@ class CreateRequest:
             timeout=timeout_of(body.get("timeout")),
             metadata=_strings(body.get("metadata"), "metadata", MAX_METADATA),
             env=_strings(body.get("envVars"), "envVars", MAX_ENV),
-            secure=secure,
+            secure=secure or always_secure,
             network=network_of(allow, body.get("network")),
             allow_internet=allow,
             auto_pause=auto_pause,
