@@ -6,6 +6,7 @@ killed and restarted, creates at once, bad requests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -224,8 +225,7 @@ def _api(server, method: str, path: str, key: str | None, **kw) -> httpx.Respons
 def test_keys_owners_lists_and_bad_requests(server):
     alice, bob = server.opts(server.keys["alice"]), server.opts(server.keys["bob"])
     made = [
-        Sandbox.create(metadata={"team": "x", "n": str(i)}, timeout=120, **alice)
-        for i in range(3)
+        Sandbox.create(metadata={"team": "x", "n": str(i)}, timeout=120, **alice) for i in range(3)
     ]
     try:
         # list: filtered by metadata and state, paged with the SDK's paginator
@@ -415,3 +415,43 @@ def test_creates_at_once_with_the_async_sdk(server):
     asyncio.run(main())
     left = subprocess.run(["pgrep", "-f", str(server.state)], capture_output=True, text=True)
     assert left.stdout == "", left.stdout  # no QEMU of theirs is left
+
+
+JS_SDK = "e2b@2.51.0"  # npm's e2b, run by the machine's Node.js
+JS_SCRIPT = """
+import { Sandbox } from 'e2b'
+const s = await Sandbox.create({ metadata: { from: 'js' } })
+const r = await s.commands.run('whoami; echo $0')
+await s.files.write('/home/user/js.txt', 'from js')
+const listed = (await Sandbox.list({ query: { metadata: { from: 'js' } } }).nextItems())
+console.log(JSON.stringify({
+  out: r.stdout, exit: r.exitCode, file: await s.files.read('/home/user/js.txt'),
+  listed: listed.map((x) => x.sandboxId), id: s.sandboxId,
+}))
+await s.kill()
+console.log(JSON.stringify({ running: await s.isRunning() }))
+"""
+
+
+def test_the_javascript_sdk(server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("js")
+    r = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", JS_SDK],
+        cwd=work, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (work / "t.mjs").write_text(JS_SCRIPT)
+    env = {
+        **os.environ,
+        "E2B_API_URL": server.url,
+        "E2B_SANDBOX_URL": server.url,
+        "E2B_API_KEY": server.keys["alice"],
+    }
+    r = subprocess.run(
+        ["node", "t.mjs"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    first, second = (json.loads(line) for line in r.stdout.splitlines())
+    assert first["out"] == "user\n/bin/bash\n" and first["exit"] == 0
+    assert first["file"] == "from js" and first["listed"] == [first["id"]]
+    assert second == {"running": False}
