@@ -17,8 +17,16 @@ from qemubox.cli.mcp import _address
     metavar="HOST:PORT",
     help="One address for the API and every sandbox's envd.",
 )
+@click.option(
+    "--pool",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    metavar="N",
+    help="Sandboxes booted ahead per template, so that a create only takes one.",
+)
 @click.pass_context
-def serve(ctx, listen):
+def serve(ctx, listen, pool):
     """Serve sandboxes over the E2B API, so that E2B's SDKs drive qemubox unchanged
     (E2B_API_URL and E2B_SANDBOX_URL set to http://HOST:PORT, E2B_API_KEY to a key of
     `qemubox serve key add`). Sandboxes are named sandboxes: `qemubox ls` shows them, they
@@ -28,7 +36,7 @@ def serve(ctx, listen):
     from qemubox.serve import server
 
     host, port = _address(listen)
-    server.serve(host, port)
+    server.serve(host, port, pool)
 
 
 @serve.group(context_settings=CONTEXT)

@@ -21,6 +21,7 @@ from qemubox.sandbox import named
 from qemubox.sandbox.spec import Session
 from qemubox.serve.guests import Gone, Guest
 from qemubox.serve.model import BadRequest, CreateRequest, Served, new_id, new_token
+from qemubox.serve.spares import Spares
 from qemubox.store import NAME_RE
 
 SERVED = "served"  # the key of E2B's facts in a named sandbox's record
@@ -49,7 +50,8 @@ def _served(name: str) -> Served | None:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, spares: Spares | None = None) -> None:
+        self.spares = spares or Spares(0, lambda template: None, SERVED)
         self._guests: dict[str, Guest] = {}
         self._lock = threading.Lock()
         self._samples: dict[str, list[dict]] = {}
@@ -62,6 +64,10 @@ class Registry:
         found = []
         for name in named.SANDBOXES.names():
             served = _served(name)
+            if served is not None and not served.owner:
+                if self.running(name):
+                    self.spares.adopt(name, served)
+                continue
             if served is not None:
                 with self._lock:
                     self._guests.setdefault(name, Guest(served))
@@ -71,7 +77,7 @@ class Registry:
     def served(self, sandbox_id: str, owner: str | None) -> Served:
         """The sandbox's facts, if it exists and belongs to ``owner`` (None: anyone)."""
         served = _served(sandbox_id) if _valid(sandbox_id) else None
-        if served is None or (owner is not None and served.owner != owner):
+        if served is None or not served.owner or (owner is not None and served.owner != owner):
             with self._lock:
                 guest = self._guests.pop(sandbox_id, None)
             if guest is not None and served is None:
@@ -95,7 +101,7 @@ class Registry:
             guest = self._guests.get(sandbox_id)
         if guest is None:
             served = _served(sandbox_id) if _valid(sandbox_id) else None
-            if served is None:
+            if served is None or not served.owner:  # a spare waits for its owner
                 raise Gone(f"sandbox {sandbox_id} not found")
             with self._lock:
                 guest = self._guests.setdefault(sandbox_id, Guest(served))
@@ -129,7 +135,9 @@ class Registry:
     def create(self, owner: str, request: CreateRequest, session: Session) -> Served:
         if request.auto_pause:
             raise BadRequest("autoPause: not offered; a sandbox ends at its timeout")
-        sandbox_id = new_id()
+        self.spares.want(request.template)
+        taken = self.spares.take(request.template, request.network)
+        sandbox_id, guest = taken if taken is not None else (new_id(), None)
         served = Served(
             id=sandbox_id,
             owner=owner,
@@ -143,17 +151,19 @@ class Registry:
             cpus=session.cpus,
             memory_mb=_megabytes(str(session.memory)),
         )
-        box = named.create(sandbox_id, replace(session, network=request.network))
+        if guest is None:
+            guest = Guest(served)
+            if taken is None:
+                guest._box = named.create(sandbox_id, replace(session, network=request.network))
+        guest.served = served
         try:
             named.annotate(sandbox_id, SERVED, served.to_dict())
             named.set_deadline(sandbox_id, served.started + request.timeout)
         except BaseException:
-            box.detach()
+            guest.close()
             with contextlib.suppress(QemuboxError):
                 named.remove(sandbox_id, force=True)
             raise
-        guest = Guest(served)
-        guest._box = box  # the client that started it serves it
         with self._lock:
             self._guests[sandbox_id] = guest
         return served
@@ -205,6 +215,7 @@ class Registry:
 
     def close(self) -> None:
         """Let go of every guest (they run on, their deadlines kept by their keepers)."""
+        self.spares.stop()
         with self._lock:
             guests, self._guests = list(self._guests.values()), {}
         for guest in guests:
@@ -218,7 +229,7 @@ class Registry:
         now = time.time()
         for name in named.SANDBOXES.names():
             served = _served(name)
-            if served is None:
+            if served is None or not served.owner:
                 continue
             with contextlib.suppress(QemuboxError, OSError, ValueError, KeyError):
                 sample = self._measure(name, served, now)

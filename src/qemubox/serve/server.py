@@ -42,17 +42,24 @@ def prepare(template: str) -> None:
     catalog.ensure_built(catalog.root_plan(name, kind, record.debian_arch, "9p"), record.name)
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, pool: int = 0) -> None:
+    import threading
+
     import uvicorn
 
     from qemubox.serve.app import App
     from qemubox.serve.keys import KeyRing
-    from qemubox.serve.registry import Registry
+    from qemubox.serve.registry import SERVED, Registry
+    from qemubox.serve.spares import Spares
 
     keys = KeyRing()
     prepare(DEFAULT_TEMPLATE)
-    registry = Registry()
+    spares = Spares(pool, session_of, SERVED)
+    registry = Registry(spares)
     adopted = registry.adopt()
+    if pool:
+        spares.want(DEFAULT_TEMPLATE)
+        threading.Thread(target=spares.run, name="spares", daemon=True).start()
     if not len(keys):
         print(
             "qemubox serve: no API key yet: make one with `qemubox serve key add NAME`",
