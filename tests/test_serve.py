@@ -32,9 +32,9 @@ def _free_port() -> int:
 class Server:
     """A `qemubox serve` of its own state directory, started and restarted as a user would."""
 
-    def __init__(self, state, port: int) -> None:
-        self.state, self.port = state, port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, state, port: int, tls: tuple[str, str] | None = None) -> None:
+        self.state, self.port, self.tls = state, port, tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.env = {**os.environ, "QEMUBOX_STATE_DIR": str(state)}
         self.proc: subprocess.Popen | None = None
         self.log = state.parent / "serve.log"
@@ -48,7 +48,8 @@ class Server:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qemubox", "serve", "--listen", f"127.0.0.1:{self.port}"],
+                [sys.executable, "-m", "qemubox", "serve", "--listen", f"127.0.0.1:{self.port}",
+                 *(["--tls-cert", self.tls[0], "--tls-key", self.tls[1]] if self.tls else [])],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )  # fmt: skip
@@ -56,7 +57,8 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                verify = self.tls[0] if self.tls else True
+                if httpx.get(f"{self.url}/health", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -455,3 +457,63 @@ def test_the_javascript_sdk(server, tmp_path_factory):
     assert first["out"] == "user\n/bin/bash\n" and first["exit"] == 0
     assert first["file"] == "from js" and first["listed"] == [first["id"]]
     assert second == {"running": False}
+
+
+OLD_SDK = "e2b==2.4.3"  # the 2.4 line: POST /sandboxes, envd at https://PORT-ID.DOMAIN
+OLD_SCRIPT = """
+import socket, sys
+real = socket.getaddrinfo
+def resolve(host, port, *rest, **kw):  # the DNS of a domain pointed at the server
+    if isinstance(host, str) and host.endswith(".qemubox.test"):
+        return real("127.0.0.1", int(sys.argv[1]), *rest, **kw)
+    return real(host, port, *rest, **kw)
+socket.getaddrinfo = resolve
+from e2b import Sandbox
+s = Sandbox.create(metadata={"sdk": "2.4"})
+print(s.commands.run("echo old sdk; whoami").stdout, end="")
+s.files.write("/home/user/old.txt", "2.4")
+print(s.files.read("/home/user/old.txt"))
+print(len(Sandbox.list().next_items()))
+s.kill()
+"""
+
+
+def test_the_older_python_sdk_by_domain(tmp_path_factory):
+    """E2B's 2.4 SDKs know no E2B_SANDBOX_URL: they create with POST /sandboxes and reach a
+    sandbox at https://PORT-ID.DOMAIN; the server answers both on one TLS listener."""
+    work = tmp_path_factory.mktemp("old-sdk")
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=qemubox.test", "-keyout", str(key), "-out", str(cert),
+         "-addext", "subjectAltName=DNS:*.qemubox.test,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", OLD_SDK]
+    r = subprocess.run([*pip, "--disable-pip-version-check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    state = work / "state"
+    state.mkdir(mode=0o700)
+    srv = Server(state, _free_port(), (str(cert), str(key)))
+    api_key = srv.cli("serve", "key", "add", "old").stdout.strip()
+    srv.start()
+    try:
+        (work / "old.py").write_text(OLD_SCRIPT)
+        env = {
+            **os.environ,
+            "E2B_DOMAIN": "qemubox.test",
+            "E2B_API_KEY": api_key,
+            "SSL_CERT_FILE": str(cert),  # the client trusts the server's certificate
+        }
+        r = subprocess.run(
+            [str(venv / "bin" / "python"), str(work / "old.py"), str(srv.port)],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout == "old sdk\nuser\n2.4\n1\n", r.stdout
+    finally:
+        srv.stop()
+        for name in os.listdir(state / "sandboxes") if (state / "sandboxes").is_dir() else []:
+            srv.cli("rm", "-f", name)

@@ -25,18 +25,28 @@ from qemubox.cli.mcp import _address
     metavar="N",
     help="Sandboxes booted ahead per template, so that a create only takes one.",
 )
+@click.option("--tls-cert", metavar="FILE", help="Serve HTTPS with this certificate (PEM).")
+@click.option("--tls-key", metavar="FILE", help="The certificate's private key (PEM).")
 @click.pass_context
-def serve(ctx, listen, pool):
+def serve(ctx, listen, pool, tls_cert, tls_key):
     """Serve sandboxes over the E2B API, so that E2B's SDKs drive qemubox unchanged
     (E2B_API_URL and E2B_SANDBOX_URL set to http://HOST:PORT, E2B_API_KEY to a key of
     `qemubox serve key add`). Sandboxes are named sandboxes: `qemubox ls` shows them, they
     outlive the server, and a restarted server adopts them."""
     if ctx.invoked_subcommand is not None:
         return
+    from pathlib import Path
+
+    from qemubox.errors import InputError
     from qemubox.serve import server
 
     host, port = _address(listen)
-    server.serve(host, port, pool)
+    if bool(tls_cert) != bool(tls_key):
+        raise InputError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path and not Path(path).is_file():
+            raise InputError(f"{option} {path}: no such file")
+    server.serve(host, port, pool, tls_cert, tls_key)
 
 
 @serve.group(context_settings=CONTEXT)

@@ -1,6 +1,7 @@
 """The one ASGI application ``qemubox serve`` listens with, for the API and every sandbox's
 envd: a request naming a sandbox (``E2b-Sandbox-Id``, as the SDKs send when
-``E2B_SANDBOX_URL`` is set) goes to that sandbox's envd — once it is known to run, and its
+``E2B_SANDBOX_URL`` is set; or a ``Host`` of E2B's ``PORT-ID.DOMAIN``, as older SDKs
+address it) goes to that sandbox's envd — once it is known to run, and its
 access token (or a signed URL's signature) checked when it has one; any other request is
 the control plane's, once its API key is checked.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,10 +34,13 @@ from qemubox.serve.envd import (
 )
 from qemubox.serve.guests import Gone
 from qemubox.serve.keys import KeyRing
+from qemubox.serve.model import ENVD_PORT
 from qemubox.serve.proto import filesystem_pb, process_pb
 from qemubox.serve.registry import Registry
 
 SAMPLE_EVERY = 5  # seconds between metrics samples
+# A sandbox's port by name, as E2B's SDKs before E2B_SANDBOX_URL address it (PORT-ID.DOMAIN).
+_SANDBOX_HOST = re.compile(r"(\d{1,5})-([a-z0-9]{1,63})\.")
 
 
 def _json(status: int, message: str, **more) -> JSONResponse:
@@ -85,6 +90,9 @@ class App:
         if scope["type"] != "http":
             return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
+        port = _header(scope, b"e2b-sandbox-port") or str(ENVD_PORT)
+        if sandbox_id is None and (host := _SANDBOX_HOST.match(_header(scope, b"host") or "")):
+            port, sandbox_id = host.group(1), host.group(2)  # E2B's PORT-ID.DOMAIN
         if (
             sandbox_id is None
             and scope["path"] == "/files"
@@ -92,6 +100,10 @@ class App:
         ):
             sandbox_id = await asyncio.to_thread(self._signed_for, scope)
         if sandbox_id is not None:
+            if port != str(ENVD_PORT):  # only envd's port is served
+                said = f"The sandbox {sandbox_id} is running but port {port[:8]} is not open"
+                await _json(502, said, sandboxId=sandbox_id, port=port[:8])(scope, receive, send)
+                return
             await self._envd(sandbox_id, scope, receive, send)
             return
         key = _header(scope, b"x-api-key")
@@ -139,6 +151,9 @@ class App:
                 await _json(401, "the sandbox's access token is needed")(scope, receive, send)
                 return
         scope["qemubox.guest"] = guest
+        if _header(scope, b"e2b-sandbox-id") != sandbox_id:  # found by its host or signature
+            headers = [(k, v) for k, v in scope["headers"] if k != b"e2b-sandbox-id"]
+            scope["headers"] = [*headers, (b"e2b-sandbox-id", sandbox_id.encode())]
         for prefix, service in self.services.items():
             if path.startswith(prefix):
                 await service(scope, receive, send)

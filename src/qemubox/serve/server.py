@@ -42,7 +42,9 @@ def prepare(template: str) -> None:
     catalog.ensure_built(catalog.root_plan(name, kind, record.debian_arch, "9p"), record.name)
 
 
-def serve(host: str, port: int, pool: int = 0) -> None:
+def serve(
+    host: str, port: int, pool: int = 0, tls_cert: str | None = None, tls_key: str | None = None
+) -> None:
     import threading
 
     import uvicorn
@@ -67,8 +69,10 @@ def serve(host: str, port: int, pool: int = 0) -> None:
         )
     if adopted:
         print(f"qemubox serve: adopted {len(adopted)} sandbox(es)", file=sys.stderr)
-    print(f"qemubox serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    scheme = "https" if tls_cert else "http"
+    print(f"qemubox serve: listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
     app = App(registry, keys, session_of)
     uvicorn.run(
-        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
-    )
+        app, host=host, port=port, log_level="warning", lifespan="on",
+        timeout_graceful_shutdown=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+    )  # fmt: skip
