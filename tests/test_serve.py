@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import e2b
 import httpx
@@ -57,7 +60,7 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                verify = self.tls[0] if self.tls else True
+                verify = ssl.create_default_context(cafile=self.tls[0]) if self.tls else True
                 if httpx.get(f"{self.url}/health", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
@@ -215,6 +218,14 @@ def test_a_sandbox_through_the_sdk(server):
     assert not Sandbox.kill(sbx.sandbox_id, **opts)  # gone
     with pytest.raises(SandboxException):
         sbx.commands.run("true")
+
+
+def qemu_pid(server, sandbox_id: str) -> int:
+    """The pid of a served sandbox's QEMU, from its record and its machine's files."""
+    from qemubox import paths
+
+    record = json.loads((server.state / "sandboxes" / sandbox_id / "record.json").read_text())
+    return int((paths.machine_runtime_dir(record["machine"]) / "qemu.pid").read_text())
 
 
 def _api(server, method: str, path: str, key: str | None, **kw) -> httpx.Response:
@@ -397,6 +408,7 @@ def test_creates_at_once_with_the_async_sdk(server):
 
     async def main():
         made = await asyncio.gather(*(one(i) for i in range(24)))
+        pids = [qemu_pid(server, s.sandbox_id) for s, _ in made]
         try:
             assert [out for _, out in made] == [f"{i}\n" for i in range(24)]
             assert len({s.sandbox_id for s, _ in made}) == 24
@@ -413,10 +425,12 @@ def test_creates_at_once_with_the_async_sdk(server):
             assert any(e.name == "streamed" and e.type.name == "CREATE" for e in events)
         finally:
             await asyncio.gather(*(s.kill() for s, _ in made))
+        return pids
 
-    asyncio.run(main())
-    left = subprocess.run(["pgrep", "-f", str(server.state)], capture_output=True, text=True)
-    assert left.stdout == "", left.stdout  # no QEMU of theirs is left
+    pids = asyncio.run(main())
+    assert all(pids)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    assert alive == [], alive  # no QEMU of theirs is left
 
 
 JS_SDK = "e2b@2.51.0"  # npm's e2b, run by the machine's Node.js
@@ -435,23 +449,33 @@ console.log(JSON.stringify({ running: await s.isRunning() }))
 """
 
 
-def test_the_javascript_sdk(server, tmp_path_factory):
+@pytest.fixture(scope="module")
+def js_sdk(tmp_path_factory):
+    """A directory where `npm install e2b` was run, for node scripts."""
     work = tmp_path_factory.mktemp("js")
     r = subprocess.run(
         ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", JS_SDK],
         cwd=work, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    (work / "t.mjs").write_text(JS_SCRIPT)
-    env = {
+    return work
+
+
+def sdk_env(server, key: str = "alice") -> dict:
+    return {
         **os.environ,
         "E2B_API_URL": server.url,
         "E2B_SANDBOX_URL": server.url,
-        "E2B_API_KEY": server.keys["alice"],
+        "E2B_API_KEY": server.keys[key],
     }
+
+
+def test_the_javascript_sdk(server, js_sdk):
+    (js_sdk / "t.mjs").write_text(JS_SCRIPT)
     r = subprocess.run(
-        ["node", "t.mjs"], cwd=work, env=env, capture_output=True, text=True, timeout=120
-    )
+        ["node", "t.mjs"], cwd=js_sdk, env=sdk_env(server), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     first, second = (json.loads(line) for line in r.stdout.splitlines())
     assert first["out"] == "user\n/bin/bash\n" and first["exit"] == 0
@@ -517,3 +541,28 @@ def test_the_older_python_sdk_by_domain(tmp_path_factory):
         srv.stop()
         for name in os.listdir(state / "sandboxes") if (state / "sandboxes").is_dir() else []:
             srv.cli("rm", "-f", name)
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("### Serving the E2B API")
+    return text[start : text.index("\n### ", start + 1)]
+
+
+def test_the_readme_s_examples_as_written(server, js_sdk):
+    section = readme_section()
+    python = next(line for line in section.splitlines() if line.startswith(".venv/bin/python -c '"))
+    repo = Path(__file__).parent.parent
+    r = subprocess.run(
+        ["bash", "-c", python], cwd=repo, env=sdk_env(server), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*\n\n", r.stdout), r.stdout  # the guest's release
+    js = section.split("```js\n", 1)[1].split("```", 1)[0]
+    (js_sdk / "readme.mjs").write_text(js)
+    r = subprocess.run(
+        ["node", "readme.mjs"], cwd=js_sdk, env=sdk_env(server), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "user\n\n"), r.stderr

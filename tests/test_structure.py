@@ -41,7 +41,7 @@ FLOORS = [
     {"sandbox"},
     {"matrix", "vmpy", "bisect"},
     {"service"},
-    {"mcpserver"},
+    {"mcpserver", "serve"},
     {"cli"},
     {"__init__", "__main__"},
 ]

@@ -161,8 +161,8 @@ class Control:
             raise BadRequest("the body must be a JSON object")
         seconds = model.timeout_of(body.get("timeout"))
         sandbox_id = request.path_params["id"]
-        state, _ = await self._do(self.registry.state, sandbox_id)
         await self._do(self.registry.served, sandbox_id, owner)
+        state, _ = await self._do(self.registry.state, sandbox_id)
         if state == "running":
             raise Conflict(f"sandbox {sandbox_id!r} is already running")
         served, _ = await self._do(self.registry.connect, sandbox_id, owner, seconds)

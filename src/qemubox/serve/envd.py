@@ -81,7 +81,11 @@ class Context:
 
     def of(self, ctx) -> tuple[Guest, str | None]:
         headers = ctx.request_headers
-        guest = self._lookup(headers.get("e2b-sandbox-id", ""))
+        sandbox_id = headers.get("e2b-sandbox-id", "")
+        try:
+            guest = self._lookup(sandbox_id)
+        except Gone:
+            raise ConnectError(Code.UNAVAILABLE, not_found_message(sandbox_id)) from None
         return guest, user_of(headers.get("authorization"))
 
 
@@ -127,9 +131,11 @@ class Listener:
 
     def __call__(self, event) -> None:  # on the connection's thread
         size = len(event[1]) if event[0] in ("stdout", "stderr", "pty") else 0
-        if self.queued + size > QUEUED_MAX:
-            self.dropped = True
+        if self.dropped:
             return
+        if self.queued + size > QUEUED_MAX:  # said once, then this stream ends
+            self.dropped = True
+            event, size = ("dropped",), 0
         self.queued += size
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
@@ -149,6 +155,12 @@ class Listener:
             if kind == "end":
                 yield pr.ProcessEvent(event=Oneof("end", end_event(*event[1:])))
                 return
+            if kind == "dropped":
+                raise ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"over {QUEUED_MAX >> 20} MiB of output waited for this client: it runs "
+                    "on; connect again to follow it",
+                )
 
 
 def end_event(code: int, signal: int | None, error: str | None) -> pr.ProcessEvent.EndEvent:

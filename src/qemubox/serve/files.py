@@ -151,7 +151,13 @@ async def upload(request: Request, guest: Guest) -> Response:
             raise _Refused(400, f"Content-Encoding: {encoding} (identity or gzip)")
         files: list[tuple[str, bytes]] = []
         if kind.startswith("multipart/form-data"):
-            async with request.form(max_files=1000, max_part_size=MAX_FILE) as form:
+            body = await _body(request)  # bounded as a whole, then parsed
+
+            async def replay() -> dict:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form_request = Request(request.scope, replay)
+            async with form_request.form(max_files=1000, max_part_size=MAX_FILE) as form:
                 for key, part in form.multi_items():
                     if key != "file" or isinstance(part, str):
                         continue

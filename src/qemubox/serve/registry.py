@@ -77,11 +77,12 @@ class Registry:
     def served(self, sandbox_id: str, owner: str | None) -> Served:
         """The sandbox's facts, if it exists and belongs to ``owner`` (None: anyone)."""
         served = _served(sandbox_id) if _valid(sandbox_id) else None
-        if served is None or not served.owner or (owner is not None and served.owner != owner):
+        if served is None:  # gone (its deadline came): let go of its guest
             with self._lock:
                 guest = self._guests.pop(sandbox_id, None)
-            if guest is not None and served is None:
+            if guest is not None:
                 guest.close()
+        if served is None or not served.owner or (owner is not None and served.owner != owner):
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return served
 
