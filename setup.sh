@@ -32,6 +32,12 @@ if [ "$dev" = 1 ]; then
          gcc-mips64el-linux-gnuabi64 libc6-dev-mips64el-cross openssl)
 fi
 
+# The serve tests drive E2B's JavaScript SDK through node and npm (where the machine has
+# no npm of its own, Debian's).
+if [ "$dev" = 1 ] && ! command -v npm >/dev/null; then
+  pkgs+=(nodejs npm)
+fi
+
 missing=()
 for p in "${pkgs[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

@@ -25,10 +25,16 @@ from qemubox.cli.mcp import _address
     metavar="N",
     help="Sandboxes booted ahead per template, so that a create only takes one.",
 )
+@click.option(
+    "--kernel",
+    metavar="KERNEL",
+    help="The sandboxes' kernel, as `run --kernel` takes it (default: the newest qemubox "
+    "build, else Debian's).",
+)
 @click.option("--tls-cert", metavar="FILE", help="Serve HTTPS with this certificate (PEM).")
 @click.option("--tls-key", metavar="FILE", help="The certificate's private key (PEM).")
 @click.pass_context
-def serve(ctx, listen, pool, tls_cert, tls_key):
+def serve(ctx, listen, pool, kernel, tls_cert, tls_key):
     """Serve sandboxes over the E2B API, so that E2B's SDKs drive qemubox unchanged
     (E2B_API_URL and E2B_SANDBOX_URL set to http://HOST:PORT, E2B_API_KEY to a key of
     `qemubox serve key add`). Sandboxes are named sandboxes: `qemubox ls` shows them, they
@@ -46,7 +52,7 @@ def serve(ctx, listen, pool, tls_cert, tls_key):
     for option, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path and not Path(path).is_file():
             raise InputError(f"{option} {path}: no such file")
-    server.serve(host, port, pool, tls_cert, tls_key)
+    server.serve(host, port, pool, tls_cert, tls_key, kernel)
 
 
 @serve.group(context_settings=CONTEXT)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemubox.errors import SandboxError
+
 _PR_SET_PDEATHSIG = 1
 
 # Every QEMU runs under this keeper, its parent, in a session of its own:
@@ -97,13 +99,13 @@ class Keeping:
     helpers: tuple[tuple[tuple[str, ...], str], ...] = ()  # (command, the socket it makes)
 
     def _helpers(self) -> str:
-        """Shell lines starting each helper without the lock, then waiting (5 s at most,
+        """Shell lines starting each helper without the lock, then waiting (30 s at most,
         and only while it lives) for its socket."""
         lines = []
         for command, socket in self.helpers:
             lines.append(
                 f'{shlex.join(command)} </dev/null 3<&- & h="$h $!"; n=0; '
-                f"while [ ! -S {shlex.quote(socket)} ] && [ $n -lt 500 ] && "
+                f"while [ ! -S {shlex.quote(socket)} ] && [ $n -lt 3000 ] && "
                 "kill -0 $! 2>/dev/null; do sleep 0.01; n=$((n + 1)); done"
             )
         return "\n".join(lines)
@@ -196,17 +198,33 @@ def release(keeper: int, started: int | None) -> None:
         os.kill(keeper, signal.SIGUSR1)
 
 
-def qemu_pid(proc: subprocess.Popen, runtime_dir: Path, timeout: float = 5) -> int:
-    """QEMU's pid, as its keeper writes it (its helpers are its children too)."""
+# Seconds a keeper may take to start QEMU: its helpers first, each waited for (30 s at most)
+# until its socket is there — on a loaded host, much of that time.
+QEMU_PID_TIMEOUT = 120
+
+
+def qemu_pid(proc: subprocess.Popen, runtime_dir: Path, timeout: float = QEMU_PID_TIMEOUT) -> int:
+    """QEMU's pid, as its keeper writes it once it started QEMU (its helpers are its
+    children too); the keeper's own when it has ended (QEMU is gone: the keeper stands for
+    it). A keeper that says nothing in time is ended with all it started (its session), and
+    that is an error: taking the keeper for QEMU would leave QEMU running, unkillable, once
+    the keeper was killed in its place."""
     written = runtime_dir / "qemu.pid"
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
+    pause = 0.001
+    while proc.poll() is None:
         with contextlib.suppress(OSError, ValueError):
             text = written.read_text()
             if text.endswith("\n"):
                 return int(text)
-        time.sleep(0.001)
-    return proc.pid  # QEMU is already gone: the keeper stands for it
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise SandboxError(f"QEMU did not start within {timeout:g} s (the host is overloaded?)")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.02)  # at once when it is quick; no busy wait when not
+    return proc.pid
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

@@ -271,9 +271,17 @@ def exists(name: str) -> bool:
     return SANDBOXES.exists(name)
 
 
-def create(name: str, session: Session, ttl: float | None = None, cls: type[Sandbox] = Sandbox):
+def create(
+    name: str,
+    session: Session,
+    ttl: float | None = None,
+    cls: type[Sandbox] = Sandbox,
+    crash_dumps: bool = True,
+):
     """Make a sandbox and start it; returns the started sandbox, a ``cls`` (attached, its
-    machine released: detach or close it). A failed start leaves nothing."""
+    machine released: detach or close it). A failed start leaves nothing. Without
+    ``crash_dumps``, its runs are not ready for ``exec --vmcore`` (no helper process of its
+    own waits for a panic: a service's many sandboxes each save one)."""
     SANDBOXES.check_name(name)
     if ttl is not None and ttl <= 0:
         raise InputError(f"ttl must be positive, got {ttl}")
@@ -292,6 +300,7 @@ def create(name: str, session: Session, ttl: float | None = None, cls: type[Sand
                 "ready": False,
                 "last": STOPPED,
                 "note": "",
+                "crash_dumps": crash_dumps,
             },
         )
         box = _boot(name, cls)
@@ -451,8 +460,10 @@ def _boot(name: str, cls: type[Sandbox]):
         record, state, _ = _up_to_date(name)
         if state.live:
             return None
-        # Every named sandbox is ready for `exec --vmcore` (those made earlier too)
-        box = cls(replace(session_from_dict(record["session"]), crash_dumps=True))
+        # Named sandboxes are ready for `exec --vmcore` (those made earlier too) unless made
+        # without (a served one)
+        dumps = record.get("crash_dumps", True)
+        box = cls(replace(session_from_dict(record["session"]), crash_dumps=dumps))
         try:
             box.launch(True, *_idle_action(name, record))
         except BaseException:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,6 +40,7 @@ from qemubox.serve.proto import filesystem_pb, process_pb
 from qemubox.serve.registry import Registry
 
 SAMPLE_EVERY = 5  # seconds between metrics samples
+WORKER_THREADS = 256
 # A sandbox's port by name, as E2B's SDKs before E2B_SANDBOX_URL address it (PORT-ID.DOMAIN).
 _SANDBOX_HOST = re.compile(r"(\d{1,5})-([a-z0-9]{1,63})\.")
 
@@ -169,6 +171,10 @@ class App:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # Blocking calls (a boot, a guest's answer) each hold a worker thread: enough
+                # that creates waiting their turn to boot never hold up other sandboxes' calls.
+                workers = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="serve")
+                asyncio.get_running_loop().set_default_executor(workers)
                 self._sampler = asyncio.create_task(self._sample())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

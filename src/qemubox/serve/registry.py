@@ -27,6 +27,9 @@ from qemubox.store import NAME_RE
 SERVED = "served"  # the key of E2B's facts in a named sandbox's record
 MEMORY = "512M"
 SAMPLES_KEPT = 120  # metrics samples per sandbox
+# Boots at once: more would share the CPUs so thinly (under TCG) that each could pass its
+# boot timeout; creates beyond them wait their turn.
+BOOTS_AT_ONCE = 2 * (os.cpu_count() or 2)
 
 
 class NotFound(LookupError):
@@ -54,6 +57,7 @@ class Registry:
         self.spares = spares or Spares(0, lambda template: None, SERVED)
         self._guests: dict[str, Guest] = {}
         self._lock = threading.Lock()
+        self._boots = threading.BoundedSemaphore(BOOTS_AT_ONCE)
         self._samples: dict[str, list[dict]] = {}
         self._cpu: dict[str, tuple[float, float]] = {}  # id -> (time, cpu seconds)
 
@@ -155,7 +159,9 @@ class Registry:
         if guest is None:
             guest = Guest(served)
             if taken is None:
-                guest._box = named.create(sandbox_id, replace(session, network=request.network))
+                with self._boots:
+                    net = replace(session, network=request.network)
+                    guest._box = named.create(sandbox_id, net, crash_dumps=False)
         guest.served = served
         try:
             named.annotate(sandbox_id, SERVED, served.to_dict())

@@ -3,6 +3,7 @@ served sandboxes of an earlier server adopted, then the application on uvicorn."
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import replace
 
@@ -31,19 +32,27 @@ def session_of(template: str, base: Session | None = None) -> Session:
     return session
 
 
-def prepare(template: str) -> None:
-    """Build the template's image now if it is not built (a first server's ``base``)."""
+def prepare(template: str, base: Session | None = None) -> None:
+    """Build the template's image now if it is not built (a first server's ``base``), and
+    find the kernel (a bad ``--kernel`` is said before the server listens)."""
     from qemubox import arch
     from qemubox.image import catalog
+    from qemubox.kernel.artifacts import choose_kernel
 
-    session = session_of(template)
+    session = session_of(template, base)
+    choose_kernel(session.kernel, arch=session.arch)
     name, kind = catalog.check(session.image)
     record = arch.get(session.arch) if session.arch else arch.host()
     catalog.ensure_built(catalog.root_plan(name, kind, record.debian_arch, "9p"), record.name)
 
 
 def serve(
-    host: str, port: int, pool: int = 0, tls_cert: str | None = None, tls_key: str | None = None
+    host: str,
+    port: int,
+    pool: int = 0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    kernel: str | None = None,
 ) -> None:
     import threading
 
@@ -55,8 +64,10 @@ def serve(
     from qemubox.serve.spares import Spares
 
     keys = KeyRing()
-    prepare(DEFAULT_TEMPLATE)
-    spares = Spares(pool, session_of, SERVED)
+    base = Session(memory=MEMORY, kernel=kernel)
+    sessions = functools.partial(session_of, base=base)
+    prepare(DEFAULT_TEMPLATE, base)
+    spares = Spares(pool, sessions, SERVED)
     registry = Registry(spares)
     adopted = registry.adopt()
     if pool:
@@ -71,7 +82,7 @@ def serve(
         print(f"qemubox serve: adopted {len(adopted)} sandbox(es)", file=sys.stderr)
     scheme = "https" if tls_cert else "http"
     print(f"qemubox serve: listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
-    app = App(registry, keys, session_of)
+    app = App(registry, keys, sessions)
     uvicorn.run(
         app, host=host, port=port, log_level="warning", lifespan="on",
         timeout_graceful_shutdown=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key,

@@ -94,7 +94,7 @@ class Spares:
 
         sandbox_id = new_id()
         session = replace(self.session_of(template), network=POOLED_NETWORK)
-        box = named.create(sandbox_id, session)
+        box = named.create(sandbox_id, session, crash_dumps=False)
         spare = Served(sandbox_id, "", template, time.time(), SPARE_TTL)
         guest = Guest(spare)
         guest._box = box
