@@ -100,6 +100,8 @@ async def download(request: Request, guest: Guest) -> Response:
         if entry.size > MAX_FILE:
             raise _Refused(400, f"path '{path}': {entry.size} bytes, at most {MAX_FILE}")
         result = await asyncio.to_thread(_run, guest, who, READ, path)
+        if result.truncated:  # a device, or a file that grew: no more than the bound
+            raise _Refused(400, f"path '{path}': more than {MAX_FILE} bytes")
         if result.exit_code != 0:
             said = result.stderr.decode(errors="replace").strip()
             raise _Refused(500, f"error reading file '{path}': {said}")
