@@ -195,3 +195,33 @@ def test_the_base_image_recipe_and_its_user(tmp_path):
     assert (tmp_path / "home/user/.profile").stat().st_uid == 1000
     assert (etc / "sudoers.d/user").read_text() == "user ALL=(ALL:ALL) NOPASSWD: ALL\n"
     assert oct((etc / "sudoers.d/user").stat().st_mode & 0o777) == "0o440"
+
+
+def test_the_application_s_doors_without_a_guest(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from qemubox.serve.app import App
+    from qemubox.serve.registry import Registry
+
+    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(tmp_path / "state"))
+    key = keys.add("t")
+    client = TestClient(App(Registry(), keys.KeyRing(), lambda template: None))
+    auth = {"X-API-Key": key}
+    assert client.get("/health").status_code == 200  # no key needed
+    assert client.get("/v2/sandboxes").json() == {"code": 401, "message": "An API key is needed"}
+    assert client.get("/v2/sandboxes", headers={"X-API-Key": "e2b_x"}).status_code == 401
+    bearer = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v2/sandboxes", headers=bearer).json() == []
+    assert client.get("/nope", headers=auth).json()["code"] == 404
+    assert client.put("/v2/sandboxes", headers=auth).json()["code"] == 405
+    r = client.post("/v2/sandboxes", headers=auth, content=b"x" * (2 << 20))
+    assert r.status_code == 413 and "body" in r.json()["message"]
+    r = client.get("/sandboxes/nosuch", headers=auth)
+    assert r.status_code == 404 and "nosuch" in r.json()["message"]
+    envd_headers = {"E2b-Sandbox-Id": "nosuch", "E2b-Sandbox-Port": "49983"}
+    r = client.get("/files?path=/x", headers=envd_headers)
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    r = client.get("/health", headers={"Host": "49983-nosuch.example.test"})
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    r = client.get("/", headers={**envd_headers, "E2b-Sandbox-Port": "8080"})
+    assert r.status_code == 502 and "port 8080 is not open" in r.json()["message"]

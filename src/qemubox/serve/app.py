@@ -60,7 +60,10 @@ class App:
     def __init__(self, registry: Registry, keys: KeyRing, session_of) -> None:
         self.registry = registry
         self.keys = keys
-        self.control = Starlette(routes=Control(registry, session_of).routes())
+        self.control = Starlette(
+            routes=Control(registry, session_of).routes(),
+            exception_handlers={404: self._no_route, 405: self._no_route},
+        )
         self.control.add_route("/health", self._health, methods=["GET"])
         context = Context(registry.guest)
         self.services = {
@@ -72,6 +75,10 @@ class App:
         self.files = Starlette(routes=[Route("/files", self._files, methods=["GET", "POST"])])
         self.envd_health = Starlette(routes=[Route("/health", self._envd_health)])
         self._sampler: asyncio.Task | None = None
+
+    async def _no_route(self, request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return _json(status, f"no {request.method} {request.url.path[:200]} in this API")
 
     async def _health(self, request: Request) -> Response:
         return Response(status_code=200)
