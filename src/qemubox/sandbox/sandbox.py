@@ -503,11 +503,17 @@ class Sandbox:
         guest's root (its ``/etc/passwd`` and ``/etc/group`` now)."""
         from qemubox.image.ociconfig import resolve_user
 
+        return resolve_user(user, *self.accounts())
+
+    @require(Runstate.RUNNING)
+    def accounts(self) -> tuple[str, str]:
+        """The guest root's ``/etc/passwd`` and ``/etc/group`` as they are now (one command;
+        a missing file is empty)."""
         files = ("/etc/passwd", "/etc/group")
         r = self.exec(own_shell('for f; do cat -- "$f" 2>/dev/null; printf "\\0"; done', *files))
         texts = r.stdout.decode(errors="replace").split("\0")
         passwd, group = ([*texts, "", ""])[:2]
-        return resolve_user(user, passwd, group)
+        return passwd, group
 
     @require(Runstate.RUNNING)
     def resize_terminals(self, rows: int, columns: int) -> None:

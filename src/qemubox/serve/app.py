@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from qemubox.serve import files
-from qemubox.serve.control import Control
+from qemubox.serve.control import Control, error
 from qemubox.serve.envd import (
     Context,
     FilesystemService,
@@ -43,10 +43,6 @@ SAMPLE_EVERY = 5  # seconds between metrics samples
 WORKER_THREADS = 256
 # A sandbox's port by name, as E2B's SDKs before E2B_SANDBOX_URL address it (PORT-ID.DOMAIN).
 _SANDBOX_HOST = re.compile(r"(\d{1,5})-([a-z0-9]{1,63})\.")
-
-
-def _json(status: int, message: str, **more) -> JSONResponse:
-    return JSONResponse({"code": status, "message": message, **more}, status_code=status)
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -78,7 +74,7 @@ class App:
 
     async def _no_route(self, request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
-        return _json(status, f"no {request.method} {request.url.path[:200]} in this API")
+        return error(status, f"no {request.method} {request.url.path[:200]} in this API")
 
     async def _health(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -111,7 +107,7 @@ class App:
         if sandbox_id is not None:
             if port != str(ENVD_PORT):  # only envd's port is served
                 said = f"The sandbox {sandbox_id} is running but port {port[:8]} is not open"
-                await _json(502, said, sandboxId=sandbox_id, port=port[:8])(scope, receive, send)
+                await error(502, said, sandboxId=sandbox_id, port=port[:8])(scope, receive, send)
                 return
             await self._envd(sandbox_id, scope, receive, send)
             return
@@ -121,7 +117,7 @@ class App:
             key = bearer[7:].strip()
         owner = self.keys.owner(key)
         if owner is None and scope["path"] != "/health":
-            response = _json(401, "Invalid API key" if key else "An API key is needed")
+            response = error(401, "Invalid API key" if key else "An API key is needed")
             await response(scope, receive, send)
             return
         scope["qemubox.owner"] = owner
@@ -137,14 +133,14 @@ class App:
 
     async def _envd(self, sandbox_id: str, scope, receive, send) -> None:
         if not await asyncio.to_thread(self.registry.running, sandbox_id):
-            await _json(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
+            await error(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
                 scope, receive, send
             )
             return
         try:
             guest = await asyncio.to_thread(self.registry.guest, sandbox_id)
         except Gone:
-            await _json(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
+            await error(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
                 scope, receive, send
             )
             return
@@ -157,7 +153,7 @@ class App:
                 path == "/files" and files.signed(request, token, files.operation_of(request))
             )
             if not allowed:
-                await _json(401, "the sandbox's access token is needed")(scope, receive, send)
+                await error(401, "the sandbox's access token is needed")(scope, receive, send)
                 return
         scope["qemubox.guest"] = guest
         if _header(scope, b"e2b-sandbox-id") != sandbox_id:  # found by its host or signature
@@ -172,7 +168,7 @@ class App:
         elif path == "/health":
             await self.envd_health(scope, receive, send)
         else:
-            await _json(404, f"envd has no {path}")(scope, receive, send)
+            await error(404, f"envd has no {path}")(scope, receive, send)
 
     async def _lifespan(self, receive, send) -> None:
         while True:

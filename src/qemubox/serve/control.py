@@ -26,8 +26,9 @@ class TooLarge(Exception):
     pass
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"code": status, "message": message}, status_code=status)
+def error(status: int, message: str, **more) -> JSONResponse:
+    """E2B's ``{code, message}`` error (and ``more`` fields, as its proxy adds)."""
+    return JSONResponse({"code": status, "message": message, **more}, status_code=status)
 
 
 async def body_json(request: Request, required: bool = True):

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from qemubox.errors import GuestError, InputError, QemuboxError
 from qemubox.guest.protocol import own_shell
+from qemubox.serve.control import error
 from qemubox.serve.envd import not_found_message, resolve
 from qemubox.serve.guests import Gone, Guest, Who
 
@@ -27,10 +28,6 @@ MAX_FILE = 256 << 20  # bytes of one file read or written
 MAX_UPLOAD = MAX_FILE + (1 << 20)  # bytes of a request body
 READ = 'cat -- "$1"'
 WRITE = 'd=$(dirname -- "$1") && mkdir -p -- "$d" && cat > "$1"'
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"code": status, "message": message}, status_code=status)
 
 
 def signature(path: str, operation: str, user: str, token: str, expiration: int | None) -> str:
@@ -54,6 +51,15 @@ def signed(request: Request, token: str, operation: str) -> bool:
     exp = int(expiration) if expiration is not None else None
     want = signature(q.get("path", ""), operation, q.get("username", ""), token, exp)
     return hmac.compare_digest(want.encode(), given.encode())
+
+
+def refusal(err: Exception, guest: Guest) -> JSONResponse:
+    """A failed read or write as envd answers it."""
+    if isinstance(err, _Refused):
+        return error(err.status, str(err))
+    if isinstance(err, Gone):
+        return error(502, not_found_message(guest.id))
+    return error(500, str(err))
 
 
 def operation_of(request: Request) -> str:
@@ -106,12 +112,8 @@ async def download(request: Request, guest: Guest) -> Response:
             said = result.stderr.decode(errors="replace").strip()
             raise _Refused(500, f"error reading file '{path}': {said}")
         data = result.stdout
-    except _Refused as err:
-        return error(err.status, str(err))
-    except Gone:
-        return error(502, not_found_message(guest.id))
-    except QemuboxError as err:
-        return error(500, str(err))
+    except (_Refused, Gone, QemuboxError) as err:
+        return refusal(err, guest)
     headers = {"Content-Disposition": f'attachment; filename="{entry.name}"'}
     if "gzip" in request.headers.get("accept-encoding", ""):
         data = await asyncio.to_thread(gzip.compress, data, 1)
@@ -186,10 +188,6 @@ async def upload(request: Request, guest: Guest) -> Response:
                 status = 507 if "space" in said else 500  # as envd: 500 for a refusal
                 raise _Refused(status, f"error writing file '{path}': {said}")
             written.append({"name": path.rpartition("/")[2], "type": "file", "path": path})
-    except _Refused as err:
-        return error(err.status, str(err))
-    except Gone:
-        return error(502, not_found_message(guest.id))
-    except QemuboxError as err:
-        return error(500, str(err))
+    except (_Refused, Gone, QemuboxError) as err:
+        return refusal(err, guest)
     return JSONResponse(written)

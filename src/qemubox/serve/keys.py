@@ -17,10 +17,10 @@ from pathlib import Path
 
 from qemubox import paths
 from qemubox.errors import InputError
+from qemubox.store import NAME_RE  # a key is named as a record is
 
 PREFIX = "e2b_"  # what the SDKs' keys look like
 KEY_RE = re.compile(r"e2b_[0-9a-f]{40}")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True)
