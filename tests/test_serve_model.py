@@ -225,3 +225,21 @@ def test_the_application_s_doors_without_a_guest(tmp_path, monkeypatch):
     assert r.status_code == 502 and "was not found" in r.json()["message"]
     r = client.get("/", headers={**envd_headers, "E2b-Sandbox-Port": "8080"})
     assert r.status_code == 502 and "port 8080 is not open" in r.json()["message"]
+
+
+def test_serve_names_an_address_it_cannot_listen_on(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "qemubox", "serve", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "QEMUBOX_STATE_DIR": str(tmp_path / "state")},
+        )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"qemubox: error: --listen 127.0.0.1:{port}: Address already in use"

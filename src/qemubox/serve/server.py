@@ -46,6 +46,19 @@ def prepare(template: str, base: Session | None = None) -> None:
     catalog.ensure_built(catalog.root_plan(name, kind, record.debian_arch, "9p"), record.name)
 
 
+def check_address(host: str, port: int) -> None:
+    """That ``host:port`` can be listened on now: one line naming it when it cannot."""
+    import socket
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(info[4])
+    except OSError as err:
+        raise InputError(f"--listen {host}:{port}: {err.strerror or err}") from None
+
+
 def serve(
     host: str,
     port: int,
@@ -63,6 +76,7 @@ def serve(
     from qemubox.serve.registry import SERVED, Registry
     from qemubox.serve.spares import Spares
 
+    check_address(host, port)  # before anything is built or adopted
     keys = KeyRing()
     base = Session(memory=MEMORY, kernel=kernel)
     sessions = functools.partial(session_of, base=base)
