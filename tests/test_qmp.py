@@ -66,3 +66,56 @@ for t in threads: t.join()
     r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert threading.active_count() >= 1
+
+
+def test_a_command_a_stuck_qemu_never_answers_is_an_error_in_time(tmp_path, monkeypatch):
+    """A monitor that greets and negotiates, then answers nothing more (a QEMU stuck): the
+    command fails with a one-line error after COMMAND_TIMEOUT, not waited for forever."""
+    import json
+    import socket
+    import time
+
+    from qemubox.errors import SandboxError
+    from qemubox.qemu import qmp
+
+    monkeypatch.setattr(qmp, "COMMAND_TIMEOUT", 0.5)
+    path = str(tmp_path / "qmp.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    seen: list[str] = []
+
+    def silent_qemu():
+        conn, _ = server.accept()
+        version = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}
+        greeting = {"QMP": {"version": version, "capabilities": []}}
+        conn.sendall(json.dumps(greeting).encode() + b"\r\n")
+        buffer, decoder = "", json.JSONDecoder()
+        while data := conn.recv(4096):  # messages as they come (no line ends needed)
+            buffer = (buffer + data.decode()).lstrip()
+            while buffer:
+                try:
+                    message, end = decoder.raw_decode(buffer)
+                except ValueError:
+                    break
+                buffer = buffer[end:].lstrip()
+                seen.append(message["execute"])
+                if message["execute"] == "qmp_capabilities":
+                    reply = {"return": {}, "id": message.get("id")}
+                    conn.sendall(json.dumps(reply).encode() + b"\r\n")
+        conn.close()
+
+    peer = threading.Thread(target=silent_qemu, daemon=True)
+    peer.start()
+    mon = Monitor(path)
+    start = time.monotonic()
+    try:
+        mon.command("query-status")
+    except SandboxError as err:
+        assert str(err) == "QEMU did not answer query-status within 0.5 s (it is stuck)"
+    else:
+        raise AssertionError("a command nobody answered returned")
+    assert 0.4 < time.monotonic() - start < 5
+    assert seen == ["qmp_capabilities", "query-status"]
+    mon.close()
+    server.close()

@@ -978,10 +978,29 @@ def _stop_detached(machine_id: str) -> None:
         Machine.open(machine_id).kill()
 
 
+def _ended(proc: subprocess.Popen, deadline: float) -> tuple[str, str]:
+    """A process's output once it ended by ``deadline``; else its stacks (and what runs
+    under it) in the failure."""
+    try:
+        return proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-e", "--forest", "-o", "pid,stat,etime,time,args"],
+                              capture_output=True, text=True).stdout  # fmt: skip
+        tree = "\n".join(  # kernel threads left out
+            line
+            for line in tree.splitlines()
+            if not re.search(r"^\s*\S+\s+\S+\s+\S+\s+\S+[\s\\_]+\[", line)
+        )
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{proc.args} hangs:\n{err[-12000:]}\n{tree[-6000:]}") from None
+
+
 def test_eight_runs_at_once_on_an_empty_cache(kernel, tmp_path):
     """Every cache fill is safe under concurrency: 8 processes start together on an empty
     cache (agent, initramfs, KVM verdict), twice, and all are right."""
-    env = {**os.environ, "QEMUBOX_CACHE_DIR": str(tmp_path / "cache")}
+    # A run that hangs is made to say where: SIGABRT prints every thread's stack.
+    env = {**os.environ, "QEMUBOX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONFAULTHANDLER": "1"}
     for round_ in range(2):
         procs = [
             subprocess.Popen(
@@ -1006,7 +1025,8 @@ def test_eight_runs_at_once_on_an_empty_cache(kernel, tmp_path):
             )
             for i in range(8)
         ]
-        results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+        deadline = time.monotonic() + 600
+        results = [(_ended(p, deadline), p.returncode) for p in procs]
         for i, ((out, err), code) in enumerate(results):
             assert (code, out) == (0, f"{round_}-{i}\n"), err[-2000:]
     agents = list((tmp_path / "cache" / "agent").glob("qemubox-agent-*"))

@@ -286,8 +286,8 @@ def copy_sparse(src: Path, dst: Path) -> None:
             end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
             while pos < end:
                 done = os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
-                if done == 0:  # shrunk meanwhile
-                    break
+                if done == 0:  # shrunk meanwhile: nothing more to read (not ever, here)
+                    end = size = pos
                 pos += done
         fout.truncate(size)
 

@@ -22,6 +22,11 @@ from qemubox.errors import SandboxError
 # not the library's to log.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
+# Seconds QEMU may take to answer one command: it answers at once (a migration or a stop is
+# waited for by polling), so a monitor silent this long is a QEMU stuck, said as an error
+# rather than waited for forever.
+COMMAND_TIMEOUT = 60.0
+
 
 class Monitor:
     """A QMP connection. QEMU serves one monitor client at a time: the attached client of a
@@ -53,6 +58,7 @@ class Monitor:
             raise
         finally:
             asyncio.set_event_loop(None)  # none left set on the thread (this one is ours)
+        self._qmp.settimeout(COMMAND_TIMEOUT)
         self._closing = weakref.finalize(self, _shut, self._qmp, self.loop)
         self._events: list[dict[str, Any]] = []
 
@@ -64,6 +70,10 @@ class Monitor:
             return self._qmp.cmd(name, **args)
         except ExecuteError as err:
             raise SandboxError(f"QEMU refused {name}: {err}") from None
+        except TimeoutError:
+            raise SandboxError(
+                f"QEMU did not answer {name} within {COMMAND_TIMEOUT:g} s (it is stuck)"
+            ) from None
 
     def send_fd(self, name: str, fd: int) -> None:
         """Hand QEMU an open file (SCM_RIGHTS), known to it as ``name`` (``fd:NAME``)."""
