@@ -351,6 +351,141 @@ def test_a_secure_sandbox_and_signed_urls(server):
         sbx.kill()
 
 
+# A service in the guest, on its loopback only: echoes what it is sent (length-framed or
+# chunked), streams a body that ends with its connection, serves 5 MiB.
+GUEST_SERVICE = r"""
+import http.server, sys, time
+BIG = bytes(range(256)) * (5 * 4096)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline().split(b";")[0], 16)):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        reply = b" ".join([self.path.encode(), self.headers.get("X-Test", "").encode(), body])
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(reply)))
+        self.send_header("X-Reply", "yes")
+        self.end_headers()
+        self.wfile.write(reply)
+    def do_GET(self):
+        if self.path in ("/stream", "/hold"):  # no length: the body ends with the connection
+            self.protocol_version = "HTTP/1.0"
+            self.close_connection = True
+            self.send_response(200)
+            self.end_headers()
+            for word in (b"one", b"two", b"three"):
+                self.wfile.write(word + b"\n")
+                self.wfile.flush()
+                time.sleep(0.5 if self.path == "/stream" else 60)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BIG)))
+        self.end_headers()
+        self.wfile.write(BIG)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+# How many relays (qemubox's busybox nc) run in the guest.
+RELAYS_LEFT = """
+import os
+own = b"/run/qemubox/busybox\\0nc\\0"
+print(sum(open(f"/proc/{p}/cmdline", "rb").read().startswith(own) for p in os.listdir("/proc")
+          if p.isdigit()))
+"""
+
+
+def _until_open(url: str, headers: dict) -> None:
+    deadline = time.monotonic() + 120
+    while httpx.get(url, headers=headers, timeout=60).status_code == 502:
+        assert time.monotonic() < deadline, "the guest's service did not listen"
+        time.sleep(0.5)
+
+
+def test_a_sandbox_s_other_ports_reach_its_services(server):
+    """E2B's ports other than envd's: relayed into the guest (its loopback too, no network
+    needed), by header or by host; a port nothing listens on is E2B's 502; a sandbox made
+    with allowPublicTraffic false wants its traffic token."""
+    import hashlib
+
+    opts = server.opts(server.keys["alice"])
+    sbx = Sandbox.create(timeout=300, **opts)
+    try:
+        sbx.files.write("/home/user/service.py", GUEST_SERVICE)
+        sbx.commands.run("python3 service.py 8000", background=True)
+        port = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        _until_open(f"{server.url}/big", port)
+
+        r = httpx.post(f"{server.url}/echo?q=1", headers={**port, "X-Test": "t"}, content=b"hi")
+        assert (r.status_code, r.content, r.headers["x-reply"]) == (201, b"/echo?q=1 t hi", "yes")
+        chunks = (part for part in [b"a" * 70000, b"b" * 3, b"c"])  # sent chunked
+        r = httpx.post(f"{server.url}/c", headers=port, content=chunks, timeout=60)
+        assert r.status_code == 201 and r.content == b"/c  " + b"a" * 70000 + b"bbbc"
+        r = httpx.get(f"{server.url}/big", headers=port, timeout=120)
+        expected = hashlib.sha256(bytes(range(256)) * (5 * 4096)).hexdigest()
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == expected
+        with httpx.stream("GET", f"{server.url}/stream", headers=port, timeout=60) as r:
+            arrived = [(time.monotonic(), piece) for piece in r.iter_raw() if piece]
+        assert b"".join(p for _, p in arrived) == b"one\ntwo\nthree\n"
+        assert arrived[-1][0] - arrived[0][0] > 0.5  # streamed as written, not held to the end
+
+        # E2B's host form (PORT-ID.DOMAIN), as the SDK's get_host names it
+        host = {"Host": sbx.get_host(8000)}
+        assert host["Host"].startswith(f"8000-{sbx.sandbox_id}.")
+        r = httpx.post(f"{server.url}/h", headers={**host, "X-Test": "by-host"}, content=b"x")
+        assert r.content == b"/h by-host x"
+
+        # a client that leaves mid-response ends its relay: no nc is left in the guest
+        sbx.files.write("/home/user/relays.py", RELAYS_LEFT)
+        count = "python3 relays.py"
+        with httpx.stream("GET", f"{server.url}/hold", headers=port, timeout=60) as r:
+            body = r.iter_raw()  # (a generator dropped would close the response)
+            assert next(body) == b"one\n"
+            assert sbx.commands.run(count).stdout == "1\n"  # this one's
+        deadline = time.monotonic() + 30
+        while (left := sbx.commands.run(count).stdout.strip()) != "0":
+            assert time.monotonic() < deadline, f"{left} relays left running"
+            time.sleep(0.5)
+
+        r = httpx.get(f"{server.url}/", headers={**port, "E2b-Sandbox-Port": "8001"})
+        assert r.status_code == 502
+        assert (
+            r.json()["message"]
+            == f"The sandbox {sbx.sandbox_id} is running but port 8001 is not open"
+        )
+    finally:
+        sbx.kill()
+    r = httpx.get(f"{server.url}/big", headers=port)
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+
+    # no network device, and the ports kept to the traffic token's holders
+    closed = Sandbox.create(
+        timeout=300, allow_internet_access=False, network={"allow_public_traffic": False}, **opts
+    )
+    try:
+        token = closed.traffic_access_token
+        assert token
+        closed.commands.run("python3 -m http.server 8000 --bind 127.0.0.1 -d /etc", background=True)
+        port = {"E2b-Sandbox-Id": closed.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        assert httpx.get(f"{server.url}/hostname", headers=port).status_code == 403
+        wrong = {**port, "e2b-traffic-access-token": "x" * len(token)}
+        assert httpx.get(f"{server.url}/hostname", headers=wrong).status_code == 403
+        allowed = {**port, "e2b-traffic-access-token": token}
+        _until_open(f"{server.url}/hostname", allowed)
+        r = httpx.get(f"{server.url}/hostname", headers=allowed)
+        assert r.status_code == 200 and r.text == closed.files.read("/etc/hostname")
+        devices = closed.commands.run("ls /sys/class/net").stdout.split()
+        assert not set(devices) - {"lo", "sit0"}, devices  # no network device but tunnels
+    finally:
+        closed.kill()
+
+
 def test_timeouts_pause_resume_and_a_restarted_server(server):
     opts = server.opts(server.keys["alice"])
     short = Sandbox.create(timeout=2, **opts)

@@ -17,7 +17,7 @@ from qemubox.image import debian, recipe
 from qemubox.serve import envd, files, keys, model
 from qemubox.serve.control import _make_token, _read_token
 from qemubox.serve.guests import Who, note_of, parse_note
-from qemubox.serve.model import BadRequest, CreateRequest
+from qemubox.serve.model import BadRequest, CreateRequest, Served
 
 
 def test_a_create_request_is_checked_field_by_field():
@@ -224,7 +224,65 @@ def test_the_application_s_doors_without_a_guest(tmp_path, monkeypatch):
     r = client.get("/health", headers={"Host": "49983-nosuch.example.test"})
     assert r.status_code == 502 and "was not found" in r.json()["message"]
     r = client.get("/", headers={**envd_headers, "E2b-Sandbox-Port": "8080"})
-    assert r.status_code == 502 and "port 8080 is not open" in r.json()["message"]
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    for bad in ("0", "65536", "80x", "123456"):
+        r = client.get("/", headers={**envd_headers, "E2b-Sandbox-Port": bad})
+        assert r.status_code == 400 and "is not a port" in r.json()["message"], bad
+
+
+def test_a_relayed_request_is_the_client_s_less_its_connection_s_headers():
+    import h11
+
+    from qemubox.serve import ports
+
+    scope = {
+        "method": "POST",
+        "path": "/a b",
+        "raw_path": b"/a%20b",
+        "query_string": b"x=1",
+        "headers": [
+            (b"host", b"8000-abc.example.test"),
+            (b"connection", b"keep-alive"),
+            (b"transfer-encoding", b"chunked"),
+            (b"e2b-sandbox-id", b"abc"),
+            (b"e2b-traffic-access-token", b"secret"),
+            (b"x-kept", b"1"),
+        ],
+    }
+    request = ports.request_of(scope)
+    assert request.target == b"/a%20b?x=1"
+    assert request.headers.raw_items() == [
+        (b"host", b"8000-abc.example.test"),
+        (b"x-kept", b"1"),
+        (b"transfer-encoding", b"chunked"),  # the body framed anew
+        (b"connection", b"close"),
+    ]
+    get = ports.request_of(scope | {"method": "GET", "headers": [(b"content-length", b"0")]})
+    assert get.headers.raw_items() == [
+        (b"content-length", b"0"),
+        (b"host", b"localhost"),
+        (b"connection", b"close"),
+    ]
+    wire = h11.Connection(h11.CLIENT).send(request)
+    assert wire.startswith(b"POST /a%20b?x=1 HTTP/1.1\r\nhost: 8000-abc.example.test\r\n")
+    kept = ports.response_headers([(b"Connection", b"close"), (b"Content-Type", b"text/plain")])
+    assert kept == [(b"Content-Type", b"text/plain")]
+    assert [ports.parse_port(t) for t in ("1", "65535", "0", "65536", "", "8o")] == [
+        1, 65535, None, None, None, None,
+    ]  # fmt: skip
+    assert ports.relay_argv(8000) == ["/run/qemubox/busybox", "nc", "127.0.0.1", "8000"]
+
+
+def test_a_create_may_keep_its_ports_to_holders_of_its_traffic_token():
+    base = {"templateID": "base"}
+    assert CreateRequest.parse(base).public_traffic
+    closed = CreateRequest.parse(base | {"network": {"allowPublicTraffic": False}})
+    assert not closed.public_traffic and closed.network == "user"
+    with pytest.raises(BadRequest, match=r"network\.allowPublicTraffic: expected true or false"):
+        CreateRequest.parse(base | {"network": {"allowPublicTraffic": "no"}})
+    served = Served("abc", "k", "base", 0.0, 15, traffic_token="t0k")
+    assert served.created()["trafficAccessToken"] == "t0k"
+    assert Served.from_dict(served.to_dict()).traffic_token == "t0k"
 
 
 def test_serve_names_an_address_it_cannot_listen_on(tmp_path):

@@ -2,15 +2,19 @@
 envd: a request naming a sandbox (``E2b-Sandbox-Id``, as the SDKs send when
 ``E2B_SANDBOX_URL`` is set; or a ``Host`` of E2B's ``PORT-ID.DOMAIN``, as older SDKs
 address it) goes to that sandbox's envd — once it is known to run, and its
-access token (or a signed URL's signature) checked when it has one; any other request is
-the control plane's, once its API key is checked.
+access token (or a signed URL's signature) checked when it has one — or, for another port
+(``E2b-Sandbox-Port``, or the host's), to what listens on that port in its guest; any other
+request is the control plane's, once its API key is checked.
 
 What each door holds:
 - the control plane: no key or a wrong one, 401; a sandbox of another key, 404; bodies
   over 1 MiB, 413 (read no further);
 - envd: a sandbox that does not run, 502 with E2B's proxy's words (the SDKs rely on them);
   a secure sandbox without its token, 401 (constant-time comparison); a Connect message
-  over 4 MiB refused; uploads over 256 MiB refused."""
+  over 4 MiB refused; uploads over 256 MiB refused;
+- other ports: open to whoever knows the sandbox's id, as E2B's are by default; a sandbox
+  made with ``network.allowPublicTraffic: false`` wants its traffic access token in
+  ``e2b-traffic-access-token`` (403 without; constant-time comparison)."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from qemubox.serve import files
+from qemubox.serve import files, ports
 from qemubox.serve.control import Control, error
 from qemubox.serve.envd import (
     Context,
@@ -33,7 +37,7 @@ from qemubox.serve.envd import (
     Service,
     not_found_message,
 )
-from qemubox.serve.guests import Gone
+from qemubox.serve.guests import Gone, Guest
 from qemubox.serve.keys import KeyRing
 from qemubox.serve.model import ENVD_PORT
 from qemubox.serve.proto import filesystem_pb, process_pb
@@ -105,11 +109,10 @@ class App:
         ):
             sandbox_id = await asyncio.to_thread(self._signed_for, scope)
         if sandbox_id is not None:
-            if port != str(ENVD_PORT):  # only envd's port is served
-                said = f"The sandbox {sandbox_id} is running but port {port[:8]} is not open"
-                await error(502, said, sandboxId=sandbox_id, port=port[:8])(scope, receive, send)
-                return
-            await self._envd(sandbox_id, scope, receive, send)
+            if port == str(ENVD_PORT):
+                await self._envd(sandbox_id, scope, receive, send)
+            else:
+                await self._port(sandbox_id, port, scope, receive, send)
             return
         key = _header(scope, b"x-api-key")
         bearer = _header(scope, b"authorization")
@@ -131,18 +134,38 @@ class App:
                 return served.id
         return None
 
-    async def _envd(self, sandbox_id: str, scope, receive, send) -> None:
-        if not await asyncio.to_thread(self.registry.running, sandbox_id):
-            await error(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
-                scope, receive, send
-            )
-            return
+    async def _running(self, sandbox_id: str, scope, receive, send) -> Guest | None:
+        """The sandbox's guest; None when it does not run (E2B's proxy's 502 is sent)."""
         try:
-            guest = await asyncio.to_thread(self.registry.guest, sandbox_id)
+            if await asyncio.to_thread(self.registry.running, sandbox_id):
+                return await asyncio.to_thread(self.registry.guest, sandbox_id)
         except Gone:
-            await error(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(
-                scope, receive, send
-            )
+            pass
+        await error(502, not_found_message(sandbox_id), sandboxId=sandbox_id)(scope, receive, send)
+        return None
+
+    async def _port(self, sandbox_id: str, text: str, scope, receive, send) -> None:
+        """Another port of the sandbox: relayed into its guest (see ports.py), once its
+        traffic token is checked where it has one."""
+        port = ports.parse_port(text)
+        if port is None:
+            said = f"{text[:8]!r} is not a port"
+            await error(400, said, sandboxId=sandbox_id)(scope, receive, send)
+            return
+        guest = await self._running(sandbox_id, scope, receive, send)
+        if guest is None:
+            return
+        token = guest.served.traffic_token
+        given = _header(scope, b"e2b-traffic-access-token") or ""
+        if token and not hmac.compare_digest(given.encode(), token.encode()):
+            why = "the sandbox's traffic access token is needed (e2b-traffic-access-token)"
+            await error(403, why, sandboxId=sandbox_id)(scope, receive, send)
+            return
+        await ports.relay(guest, port, scope, receive, send)
+
+    async def _envd(self, sandbox_id: str, scope, receive, send) -> None:
+        guest = await self._running(sandbox_id, scope, receive, send)
+        if guest is None:
             return
         path = scope["path"]
         token = guest.served.token

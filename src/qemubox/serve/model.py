@@ -102,6 +102,7 @@ class CreateRequest:
     network: str
     allow_internet: bool | None
     auto_pause: bool
+    public_traffic: bool = True  # its ports open to anyone who knows its id (E2B's default)
 
     @classmethod
     def parse(cls, body, always_secure: bool = False) -> CreateRequest:
@@ -118,15 +119,20 @@ class CreateRequest:
             if not isinstance(value, bool):
                 raise BadRequest(f"{name}: expected true or false")
         allow = body.get("allow_internet_access")
+        network = body.get("network")
+        public = network.get("allowPublicTraffic") if isinstance(network, dict) else None
+        if public is not None and not isinstance(public, bool):
+            raise BadRequest("network.allowPublicTraffic: expected true or false")
         return cls(
             template=template,
             timeout=timeout_of(body.get("timeout")),
             metadata=_strings(body.get("metadata"), "metadata", MAX_METADATA),
             env=_strings(body.get("envVars"), "envVars", MAX_ENV),
             secure=secure or always_secure,
-            network=network_of(allow, body.get("network")),
+            network=network_of(allow, network),
             allow_internet=allow,
             auto_pause=auto_pause,
+            public_traffic=public is not False,
         )
 
 
@@ -142,6 +148,7 @@ class Served:
     metadata: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     token: str | None = None  # envd's access token, for a secure sandbox
+    traffic_token: str | None = None  # its ports' token, when not open to anyone
     allow_internet: bool | None = None
     auto_pause: bool = False
     cpus: int = 1
@@ -165,7 +172,7 @@ class Served:
             "clientID": CLIENT_ID,
             "envdVersion": ENVD_VERSION,
             "domain": None,
-            "trafficAccessToken": None,
+            "trafficAccessToken": self.traffic_token,
         }
         if self.token:
             out["envdAccessToken"] = self.token

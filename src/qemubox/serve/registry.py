@@ -152,6 +152,7 @@ class Registry:
             metadata=request.metadata,
             env=request.env,
             token=new_token() if request.secure else None,
+            traffic_token=None if request.public_traffic else new_token(),
             allow_internet=request.allow_internet,
             cpus=session.cpus,
             memory_mb=_megabytes(str(session.memory)),
