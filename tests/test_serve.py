@@ -486,6 +486,47 @@ def test_a_sandbox_s_other_ports_reach_its_services(server):
         closed.kill()
 
 
+def test_the_code_interpreter_sdk_on_its_default_template(server):
+    """`e2b-code-interpreter` (unchanged) on `code-interpreter-v1`: its service of qemubox's
+    own in the guest, reached through the port relay."""
+    from e2b import SandboxException, TimeoutException
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    sbx = CodeSandbox.create(timeout=300, **server.opts(server.keys["alice"]))
+    try:
+        assert sbx.get_info().template_id == "code-interpreter-v1"
+        streamed = []
+        run = sbx.run_code(
+            "import os, time\nx = 20 + 1\nprint('hi')\nos.system('echo from a child')\nx * 2",
+            on_stdout=lambda m: streamed.append(m.line),
+        )
+        assert run.text == "42" and run.error is None
+        assert run.logs.stdout == ["hi\n", "from a child\n"] == streamed
+        assert sbx.run_code("x").text == "21"  # the context keeps its variables
+        failed = sbx.run_code("1 / 0")
+        assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+        assert "1 / 0" not in failed.error.value and "division by zero" in failed.error.value
+        code = "import os, pwd; os.environ['ASKED'] + pwd.getpwuid(os.getuid()).pw_name"
+        assert sbx.run_code(code, envs={"ASKED": "a:"}).text == "'a:user'"
+        context = sbx.create_code_context(cwd="/tmp")
+        assert sbx.run_code("import os; os.getcwd()", context=context).text == "'/tmp'"
+        assert sbx.run_code("x", context=context).error.name == "NameError"  # its own
+        assert context.id in {c.id for c in sbx.list_code_contexts()}
+        sbx.restart_code_context(context)
+        sbx.remove_code_context(context)
+        assert context.id not in {c.id for c in sbx.list_code_contexts()}
+        with pytest.raises(SandboxException, match="only python"):
+            sbx.run_code("1", language="r")
+        # a run past its timeout: the SDK leaves, the code is interrupted, the context lives on
+        with pytest.raises(TimeoutException):
+            sbx.run_code("import time; y = 1; time.sleep(600)", timeout=3)
+        after = sbx.run_code("y", request_timeout=60, timeout=60)
+        assert after.text == "1", after
+        assert sbx.commands.run("echo $USER").stdout == "user\n"  # a base sandbox as well
+    finally:
+        sbx.kill()
+
+
 def test_timeouts_pause_resume_and_a_restarted_server(server):
     opts = server.opts(server.keys["alice"])
     short = Sandbox.create(timeout=2, **opts)
@@ -718,6 +759,12 @@ def test_the_readme_s_examples_as_written(server, js_sdk):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*\n\n", r.stdout), r.stdout  # the guest's release
+    interpreter = next(line.strip() for line in section.splitlines() if "run_code(" in line)
+    r = subprocess.run(
+        ["bash", "-c", interpreter], cwd=repo, env=sdk_env(server), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
     js = section.split("```js\n", 1)[1].split("```", 1)[0]
     (js_sdk / "readme.mjs").write_text(js)
     r = subprocess.run(

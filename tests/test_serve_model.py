@@ -301,3 +301,54 @@ def test_serve_names_an_address_it_cannot_listen_on(tmp_path):
         )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == f"qemubox: error: --listen 127.0.0.1:{port}: Address already in use"
+
+
+def test_templates_name_images_and_the_interpreter_speaks_e2b_s_protocol(tmp_path):
+    """The interpreter program on this machine's python3 (in a sandbox it is the guest's;
+    test_serve.py drives it there with e2b-code-interpreter): contexts, streamed output,
+    results, errors, refusals."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    from qemubox.serve import templates
+
+    assert templates.image_of("code-interpreter-v1") == "base"
+    assert templates.image_of("mine") == "mine"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    program = Path(templates.__file__).with_name("interpreter.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(program), str(port)], cwd=tmp_path, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        url = f"http://127.0.0.1:{port}"
+        lines = [
+            json.loads(line)
+            for line in httpx.post(
+                f"{url}/execute", json={"code": "print('a')\n6 * 7"}
+            ).iter_lines()
+        ]
+        assert [m["type"] for m in lines] == ["stdout", "result", "number_of_executions"]
+        assert lines[0]["text"] == "a\n" and lines[1]["text"] == "42"
+        failed = httpx.post(f"{url}/execute", json={"code": "def f(:"}).text
+        assert '"name": "SyntaxError"' in failed
+        contexts = httpx.get(f"{url}/contexts").json()
+        assert [c["cwd"] for c in contexts] == [str(tmp_path)]
+        made = httpx.post(f"{url}/contexts", json={"cwd": "/"}).json()
+        assert made["language"] == "python" and made["cwd"] == "/"
+        assert httpx.delete(f"{url}/contexts/{made['id']}").status_code == 200
+        assert httpx.delete(f"{url}/contexts/{made['id']}").status_code == 404
+        r = httpx.post(f"{url}/execute", json={"code": "1", "context_id": "nosuch"})
+        assert r.status_code == 404
+        assert httpx.post(f"{url}/execute", json={"code": "1", "language": "js"}).status_code == 400
+        assert httpx.post(f"{url}/execute", content=b"[1]").status_code == 400
+        assert httpx.post(f"{url}/execute", json={"code": 1}).status_code == 400
+    finally:
+        proc.kill()
+        proc.wait()

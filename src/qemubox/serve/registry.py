@@ -19,6 +19,7 @@ from qemubox.errors import InputError, QemuboxError
 from qemubox.model.state import State
 from qemubox.sandbox import named
 from qemubox.sandbox.spec import Session
+from qemubox.serve import templates
 from qemubox.serve.guests import Gone, Guest
 from qemubox.serve.model import BadRequest, CreateRequest, Served, new_id, new_token
 from qemubox.serve.spares import Spares
@@ -165,6 +166,8 @@ class Registry:
                     guest._box = named.create(sandbox_id, net, crash_dumps=False)
         guest.served = served
         try:
+            if taken is None:  # a spare's service was started as it was booted
+                templates.start_service(guest, request.template)
             named.annotate(sandbox_id, SERVED, served.to_dict())
             named.set_deadline(sandbox_id, served.started + request.timeout)
         except BaseException:

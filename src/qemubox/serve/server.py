@@ -16,18 +16,21 @@ REFUSED_TEMPLATES = {"host"}  # an API client never reads this machine's own fil
 
 
 def session_of(template: str, base: Session | None = None) -> Session:
-    """The session of a sandbox made from ``template``: an image known by name (a path, a
-    container transport or ``host`` is no template: they would name this machine's files)."""
+    """The session of a sandbox made from ``template``: one of E2B's templates qemubox makes
+    (templates.py), or an image known by name (a path, a container transport or ``host`` is
+    no template: they would name this machine's files)."""
     from qemubox.image import catalog
+    from qemubox.serve.templates import image_of
 
+    image = image_of(template)
     if (
-        template in REFUSED_TEMPLATES
-        or catalog.is_path(template)
-        or ":" in template
-        or (template not in catalog.BUILTIN and not catalog.IMAGES.exists(template))
+        image in REFUSED_TEMPLATES
+        or catalog.is_path(image)
+        or ":" in image
+        or (image not in catalog.BUILTIN and not catalog.IMAGES.exists(image))
     ):
         raise InputError(f"unknown template {template!r}: see `qemubox image ls`")
-    session = replace(base or Session(memory=MEMORY), image=template)
+    session = replace(base or Session(memory=MEMORY), image=image)
     session.validate()
     return session
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from qemubox.errors import GuestError, QemuboxError
 from qemubox.sandbox import named
+from qemubox.serve import templates
 from qemubox.serve.guests import Guest
 from qemubox.serve.model import Served, new_id
 
@@ -102,6 +103,7 @@ class Spares:
             box.exec(WARM_UP)  # its first command's work (under TCG, translating) done ahead
             with contextlib.suppress(GuestError):
                 guest.who(None)  # the default user, looked up ahead
+            templates.start_service(guest, template)
             named.annotate(sandbox_id, self.record_key, spare.to_dict())
             named.set_deadline(sandbox_id, time.time() + SPARE_TTL)
         except BaseException:

@@ -1,0 +1,80 @@
+"""What a template id names: an image (by its name), or one of E2B's templates that qemubox
+makes from an image and a service of its own started in each sandbox before it is handed
+out — the code interpreter (``interpreter.py``) on its port, for ``e2b-code-interpreter``,
+whose default template is ``code-interpreter-v1``."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemubox.errors import SandboxError
+from qemubox.serve.guests import note_of
+
+INTERPRETER_PORT = 49999  # where e2b-code-interpreter looks for it
+READY_TIMEOUT = 120  # seconds a service may take to listen (a loaded host, under TCG)
+SERVICE_DIR = "/run/qemubox-serve"  # in the guest: tmpfs, gone with the sandbox
+SAID_KEPT = 4096  # bytes of a service's output kept (its words when it fails to start)
+
+
+@dataclass(frozen=True)
+class Service:
+    program: str  # a file beside this module, run with the guest's python3
+    port: int
+    user: str  # the account it runs as (root where the image has none of that name)
+
+
+@dataclass(frozen=True)
+class Template:
+    image: str
+    service: Service | None = None
+
+
+_INTERPRETER = Template("base", Service("interpreter.py", INTERPRETER_PORT, "user"))
+TEMPLATES = {"code-interpreter-v1": _INTERPRETER, "code-interpreter": _INTERPRETER}
+
+
+def image_of(template: str) -> str:
+    """The image a template's sandboxes boot (a template id not listed names an image)."""
+    known = TEMPLATES.get(template)
+    return known.image if known is not None else template
+
+
+def start_service(guest, template: str) -> None:
+    """Start the template's service in a freshly booted sandbox (``guest``: its
+    :class:`~qemubox.serve.guests.Guest`, attached) and wait until it listens; nothing for
+    a template that is an image."""
+    known = TEMPLATES.get(template)
+    if known is None or known.service is None:
+        return
+    service = known.service
+    program = (Path(__file__).parent / service.program).read_text()
+    path = f"{SERVICE_DIR}/{service.program}"
+    who = guest.who(service.user)
+    box = guest.box()
+    box.exec(["mkdir", "-p", SERVICE_DIR])
+    box.write_file(path, program.encode(), 0o644)
+    ready = threading.Event()
+    said = bytearray()  # its last words, should it fail
+
+    def output(data: bytes) -> None:
+        said.extend(data)
+        del said[:-SAID_KEPT]
+        if b"ready\n" in said:
+            ready.set()
+
+    argv = ["python3", path, str(service.port)]
+    process = box.processes.start(
+        argv,
+        {"HOME": who.home, "USER": who.name},
+        who.home,
+        who.ids,
+        keep=note_of({"cmd": argv[0], "args": argv[1:], "envs": {}, "cwd": who.home}, None),
+        on_stdout=output,
+        on_stderr=output,
+    )
+    if not ready.wait(READY_TIMEOUT) or not process.running:
+        process.kill()
+        text = bytes(said).decode(errors="replace").strip()[-300:]
+        raise SandboxError(f"the {template} service did not start: {text or 'no word from it'}")
