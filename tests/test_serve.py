@@ -35,8 +35,11 @@ def _free_port() -> int:
 class Server:
     """A `qemubox serve` of its own state directory, started and restarted as a user would."""
 
-    def __init__(self, state, port: int, kernel: str, tls: tuple[str, str] | None = None):
+    def __init__(
+        self, state, port: int, kernel: str, tls: tuple[str, str] | None = None, *extra: str
+    ):
         self.state, self.port, self.tls, self.kernel = state, port, tls, kernel
+        self.extra = extra
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.env = {**os.environ, "QEMUBOX_STATE_DIR": str(state)}
         self.proc: subprocess.Popen | None = None
@@ -52,7 +55,7 @@ class Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qemubox", "serve", "--listen", f"127.0.0.1:{self.port}",
-                 "--kernel", self.kernel,
+                 "--kernel", self.kernel, *self.extra,
                  *(["--tls-cert", self.tls[0], "--tls-key", self.tls[1]] if self.tls else [])],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
@@ -525,6 +528,55 @@ def test_the_code_interpreter_sdk_on_its_default_template(server):
         assert sbx.commands.run("echo $USER").stdout == "user\n"  # a base sandbox as well
     finally:
         sbx.kill()
+
+
+def _spares(state: Path) -> dict[str, str]:
+    """The sandboxes waiting in a server's pool: id -> template."""
+    found = {}
+    for d in (state / "sandboxes").iterdir() if (state / "sandboxes").is_dir() else []:
+        try:
+            served = json.loads((d / "record.json").read_text()).get("served")
+        except (OSError, ValueError):
+            continue
+        if served and not served.get("owner"):
+            found[d.name] = served["template"]
+    return found
+
+
+def test_a_pool_hands_out_sandboxes_booted_ahead_and_refills(tmp_path_factory, kernel):
+    """`--pool 1`: a template's first create boots and asks for a spare of it; the next
+    create is handed that spare (a code interpreter's service started in it as it was
+    booted), and another boots behind it. The spares end with the server's state."""
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    state = tmp_path_factory.mktemp("pool") / "state"
+    state.mkdir(mode=0o700)
+    srv = Server(state, _free_port(), kernel, None, "--pool", "1")
+    key = srv.cli("serve", "key", "add", "pool").stdout.strip()
+    srv.start()
+    made = []
+    try:
+        opts = srv.opts(key)
+        made.append(CodeSandbox.create(timeout=300, **opts))
+
+        def spare() -> str:
+            deadline = time.monotonic() + 300
+            while not (ids := [i for i, t in _spares(state).items() if t == "code-interpreter-v1"]):
+                assert time.monotonic() < deadline, srv.log.read_text()[-3000:]
+                time.sleep(0.2)
+            return ids[0]
+
+        waiting = spare()
+        made.append(CodeSandbox.create(timeout=300, **opts))
+        assert made[-1].sandbox_id == waiting
+        assert made[-1].run_code("6 * 7").text == "42"
+        assert spare() not in (waiting, made[0].sandbox_id)  # refilled
+    finally:
+        for sbx in made:
+            sbx.kill()
+        srv.stop()
+        for name in os.listdir(state / "sandboxes"):
+            srv.cli("rm", "-f", name)
 
 
 def test_timeouts_pause_resume_and_a_restarted_server(server):
