@@ -123,7 +123,8 @@ class Kernel:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        self.chan.close()
+        for pipe in (self.chan, self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            pipe.close()
 
     def as_json(self) -> dict:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -132,7 +133,7 @@ class Kernel:
         """Run ``code``; each message to ``emit``. A client that leaves (``emit`` says False,
         or its connection ends while the code is silent) has the code interrupted."""
         if self.proc.poll() is not None:  # killed (out of memory, os._exit): a new one
-            self.chan.close()
+            self.stop()
             self.start()
         request = json.dumps({"code": code, "env": env}) + "\n"
         self.proc.stdin.write(request.encode())
@@ -183,9 +184,13 @@ class Kernel:
                         stop_code()
 
     def _drain(self, emit) -> None:
-        """What its subprocesses wrote just before the code ended, said with it."""
+        """What its subprocesses wrote just before the code ended, said with it (for a
+        second at most: one left running in the background may write on)."""
         pipes = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
-        while ready := select.select(list(pipes), [], [], 0.05)[0]:
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and (
+            ready := select.select(list(pipes), [], [], 0.05)[0]
+        ):
             for fd in ready:
                 data = os.read(fd, 65536)
                 if not data:

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import h11
 
 from qemubox.guest.protocol import GUEST_BUSYBOX
+from qemubox.serve.control import error
+from qemubox.serve.envd import not_found_message
 from qemubox.serve.guests import Gone, Guest
 
 MAX_BUFFERED = 16 << 20  # bytes of a response read from the guest, not yet sent on
@@ -113,8 +115,6 @@ class _Relay:
         self.process = None
 
     async def _error(self, status: int, message: str, **fields) -> None:
-        from qemubox.serve.control import error
-
         response = error(status, message, sandboxId=self.guest.id, **fields)
         await response(self.scope, self.receive, self.send)
 
@@ -135,8 +135,6 @@ class _Relay:
         self.incoming.put_nowait(data)
 
     async def run(self) -> None:
-        from qemubox.serve.envd import not_found_message
-
         try:
             self.process = await asyncio.to_thread(self.guest.call, self._start)
         except Gone:
