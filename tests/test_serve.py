@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -452,6 +453,39 @@ def test_a_sandbox_s_other_ports_reach_its_services(server):
             assert next(body) == b"one\n"
             assert sbx.commands.run(count).stdout == "1\n"  # this one's
         deadline = time.monotonic() + 30
+        while (left := sbx.commands.run(count).stdout.strip()) != "0":
+            assert time.monotonic() < deadline, f"{left} relays left running"
+            time.sleep(0.5)
+
+        # more connections at once than the guest runs commands (64, the service one of
+        # them): those past it are 503 with a word, the others served; none is left behind
+        release, lock, outcomes = threading.Event(), threading.Lock(), []
+
+        def hold() -> None:
+            with httpx.stream("GET", f"{server.url}/hold", headers=port, timeout=300) as r:
+                if r.status_code == 200:
+                    body = r.iter_raw()
+                    next(body)
+                with lock:
+                    outcomes.append((r.status_code, r.read() if r.status_code != 200 else b""))
+                if r.status_code == 200:
+                    release.wait(300)
+
+        holders = [threading.Thread(target=hold) for _ in range(70)]
+        for t in holders:
+            t.start()
+        deadline = time.monotonic() + 300
+        while len(outcomes) < 70 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        release.set()
+        for t in holders:
+            t.join(60)
+        statuses = sorted(code for code, _ in outcomes)
+        assert len(statuses) == 70 and set(statuses) == {200, 503}, statuses
+        assert statuses.count(200) >= 60, statuses
+        refused = next(text for code, text in outcomes if code == 503)
+        assert b"too many commands running at once" in refused, refused
+        deadline = time.monotonic() + 60
         while (left := sbx.commands.run(count).stdout.strip()) != "0":
             assert time.monotonic() < deadline, f"{left} relays left running"
             time.sleep(0.5)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Iterable
 
 import h11
 
+from qemubox.errors import QemuboxError
 from qemubox.guest.protocol import GUEST_BUSYBOX
 from qemubox.serve.control import error
 from qemubox.serve.envd import not_found_message
@@ -140,8 +142,12 @@ class _Relay:
         except Gone:
             await self._error(502, not_found_message(self.guest.id))
             return
-        ended = asyncio.ensure_future(asyncio.to_thread(self.process.wait))
-        ended.add_done_callback(lambda _: self.incoming.put_nowait(None))
+        except QemuboxError as err:  # the guest's commands at their bound (64 at once)
+            await self._error(503, f"port {self.port}: no connection relayed now: {err}")
+            return
+        # nc's end, waited for on a thread of its own (a relay may be held open for long:
+        # none of the worker threads creates and envd calls need is held by it)
+        threading.Thread(target=self._wait_end, name="relay-end", daemon=True).start()
         sender = asyncio.ensure_future(self._send_request())
         try:
             await self._answer()
@@ -162,8 +168,12 @@ class _Relay:
             if self.process.running:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.process.signal, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await ended
+
+    def _wait_end(self) -> None:
+        with contextlib.suppress(Exception):  # a broken connection ends it as well
+            self.process.wait()
+        with contextlib.suppress(RuntimeError):  # the server's loop closed meanwhile
+            self.loop.call_soon_threadsafe(self.incoming.put_nowait, None)  # after its output
 
     async def _answer(self) -> None:
         """Pass the response on as it comes, until its end."""
