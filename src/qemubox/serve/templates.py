@@ -5,11 +5,13 @@ whose default template is ``code-interpreter-v1``."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemubox.errors import SandboxError
+from qemubox.errors import QemuboxError, SandboxError
 from qemubox.serve.guests import note_of
 
 INTERPRETER_PORT = 49999  # where e2b-code-interpreter looks for it
@@ -74,7 +76,11 @@ def start_service(guest, template: str) -> None:
         on_stdout=output,
         on_stderr=output,
     )
-    if not ready.wait(READY_TIMEOUT) or not process.running:
-        process.kill()
-        text = bytes(said).decode(errors="replace").strip()[-300:]
-        raise SandboxError(f"the {template} service did not start: {text or 'no word from it'}")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not ready.wait(0.05):
+        if not process.running or time.monotonic() > deadline:  # ended, or silent too long
+            with contextlib.suppress(QemuboxError):
+                process.kill()
+            text = bytes(said).decode(errors="replace").strip()[-300:]
+            why = text or "no word from it"
+            raise SandboxError(f"the {template} service did not start: {why}")
