@@ -564,6 +564,42 @@ def test_the_code_interpreter_sdk_on_its_default_template(server):
         sbx.kill()
 
 
+def test_a_template_service_that_cannot_listen_fails_at_once_with_its_words(
+    server, kernel, tmp_path, monkeypatch
+):
+    """The interpreter started twice in one sandbox: the second cannot listen (its port is
+    the first's) and ends; that is an error with its own words as soon as it ended, not
+    after the wait for a silent one."""
+    from qemubox.errors import SandboxError
+    from qemubox.sandbox import named
+    from qemubox.sandbox.spec import Session
+    from qemubox.serve import templates
+    from qemubox.serve.guests import Guest
+    from qemubox.serve.model import Served
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("QEMUBOX_STATE_DIR", str(state))
+    monkeypatch.setattr(templates, "READY_TIMEOUT", 600)
+    box = named.create(
+        "svc", Session(image="base", memory="512M", kernel=kernel), crash_dumps=False
+    )
+    guest = Guest(Served("svc", "", "code-interpreter-v1", time.time(), 300))
+    guest._box = box
+    try:
+        templates.start_service(guest, "code-interpreter-v1")
+        start = time.monotonic()
+        with pytest.raises(SandboxError) as failed:
+            templates.start_service(guest, "code-interpreter-v1")
+        said = "the code-interpreter-v1 service did not start: OSError: [Errno 98] Address "
+        said += "already in use"
+        assert str(failed.value) == said  # one line: its traceback's last
+        assert time.monotonic() - start < 120  # when it ended, not at READY_TIMEOUT
+    finally:
+        guest.close()
+        named.remove("svc", force=True)
+
+
 def _spares(state: Path) -> dict[str, str]:
     """The sandboxes waiting in a server's pool: id -> template."""
     found = {}

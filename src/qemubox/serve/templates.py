@@ -81,6 +81,6 @@ def start_service(guest, template: str) -> None:
         if not process.running or time.monotonic() > deadline:  # ended, or silent too long
             with contextlib.suppress(QemuboxError):
                 process.kill()
-            text = bytes(said).decode(errors="replace").strip()[-300:]
-            why = text or "no word from it"
+            lines = bytes(said).decode(errors="replace").strip().splitlines()
+            why = lines[-1][-300:] if lines else "no word from it"  # a traceback's last line
             raise SandboxError(f"the {template} service did not start: {why}")
