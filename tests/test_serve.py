@@ -753,6 +753,9 @@ def test_creates_at_once_with_the_async_sdk(server):
     while qemus_left() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert qemus_left() == []  # no QEMU of theirs is left
+    # why guests run under TCG (where they do) is said once by a server, not at each boot
+    log = server.log.read_text()
+    assert log.count("warning: using TCG") <= log.count("qemubox serve: listening on"), log
 
 
 JS_SDK = "e2b@2.51.0"  # npm's e2b, run by the machine's Node.js

@@ -66,8 +66,17 @@ def cli() -> None:
 # --- entry point ------------------------------------------------------------------------------
 
 
+_warned: set[str] = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    say(f"qemubox: warning: {message}")
+    """A warning, said once by this process however often it comes: the filters' own "once"
+    is forgotten whenever anything changes them, which the standard library does on every
+    subprocess start (a long-lived command — serve, a pool, a matrix — boots many guests)."""
+    text = f"qemubox: warning: {message}"
+    if text not in _warned:
+        _warned.add(text)
+        say(text)
 
 
 def _internal_error(exc: Exception) -> int:

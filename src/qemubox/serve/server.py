@@ -62,27 +62,6 @@ def check_address(host: str, port: int) -> None:
         raise InputError(f"--listen {host}:{port}: {err.strerror or err}") from None
 
 
-def _say_accel_once() -> None:
-    """Why sandboxes run under TCG, said at the first boot only, not at every boot of a
-    long-lived server. (A filter's "once" is not enough: its registry is cleared whenever
-    anything in the process changes the warning filters.)"""
-    import warnings
-
-    from qemubox.sandbox.sandbox import AccelWarning
-
-    said: set[str] = set()
-    show = warnings.showwarning
-
-    def once(message, category, *args, **kwargs) -> None:
-        if issubclass(category, AccelWarning):
-            if str(message) in said:
-                return
-            said.add(str(message))
-        show(message, category, *args, **kwargs)
-
-    warnings.showwarning = once
-
-
 def serve(
     host: str,
     port: int,
@@ -101,7 +80,6 @@ def serve(
     from qemubox.serve.spares import Spares
 
     check_address(host, port)  # before anything is built or adopted
-    _say_accel_once()
     keys = KeyRing()
     base = Session(memory=MEMORY, kernel=kernel)
     sessions = functools.partial(session_of, base=base)
