@@ -388,10 +388,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.5 if self.path == "/stream" else 60)
             return
+        if self.path == "/broken":  # promises more than it sends
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.close_connection = True
+            return
+        times = int(self.path.partition("?times=")[2] or 1)  # /big?times=N: N times 5 MiB
         self.send_response(200)
-        self.send_header("Content-Length", str(len(BIG)))
+        self.send_header("Content-Length", str(len(BIG) * times))
         self.end_headers()
-        self.wfile.write(BIG)
+        for _ in range(times):
+            self.wfile.write(BIG)
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
@@ -444,6 +453,23 @@ def test_a_sandbox_s_other_ports_reach_its_services(server):
         assert host["Host"].startswith(f"8000-{sbx.sandbox_id}.")
         r = httpx.post(f"{server.url}/h", headers={**host, "X-Test": "by-host"}, content=b"x")
         assert r.content == b"/h by-host x"
+
+        # a service that breaks off, and a client that takes a response too slowly: the
+        # response is cut (the client's connection dropped, never ended as if whole), the
+        # server says so in one line, no traceback
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(f"{server.url}/broken", headers=port, timeout=60)
+        with httpx.stream("GET", f"{server.url}/big?times=12", headers=port, timeout=120) as r:
+            assert r.status_code == 200
+            deadline = time.monotonic() + 120
+            while "its client took it too slowly" not in server.log.read_text():
+                assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+                time.sleep(0.5)
+            with pytest.raises(httpx.RemoteProtocolError):
+                r.read()
+        log = server.log.read_text()
+        assert f"sandbox {sbx.sandbox_id} port 8000: a response cut short: " in log
+        assert "Traceback" not in log
 
         # a client that leaves mid-response ends its relay: no nc is left in the guest
         sbx.files.write("/home/user/relays.py", RELAYS_LEFT)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterable
 
@@ -88,12 +89,6 @@ class _Closed(Exception):
     closed the connection without a word."""
 
 
-class _Cut(Exception):
-    """The response could not be passed on whole (the guest's service broke off, or the
-    client read too slowly): the client's connection is dropped, not the response ended
-    as if it were complete."""
-
-
 _CLIENT_GONE = object()  # queued when the client disconnects
 
 
@@ -115,6 +110,8 @@ class _Relay:
         self.said: list[bytes] = []  # nc's stderr
         self.connection = h11.Connection(h11.CLIENT)
         self.process = None
+        self.answering: asyncio.Future | None = None
+        self.too_slow = False  # its client left more than MAX_BUFFERED untaken
 
     async def _error(self, status: int, message: str, **fields) -> None:
         response = error(status, message, sandboxId=self.guest.id, **fields)
@@ -135,6 +132,9 @@ class _Relay:
     def _arrived(self, data: bytes) -> None:
         self.buffered += len(data)
         self.incoming.put_nowait(data)
+        if self.buffered > MAX_BUFFERED and not self.too_slow and self.answering is not None:
+            self.too_slow = True  # the answer waits on the client: it is stopped, not awaited
+            self.answering.cancel()
 
     async def run(self) -> None:
         try:
@@ -149,8 +149,13 @@ class _Relay:
         # none of the worker threads creates and envd calls need is held by it)
         threading.Thread(target=self._wait_end, name="relay-end", daemon=True).start()
         sender = asyncio.ensure_future(self._send_request())
+        self.answering = asyncio.ensure_future(self._answer())
         try:
-            await self._answer()
+            await self.answering
+        except asyncio.CancelledError:
+            if not self.too_slow:
+                raise
+            self._cut("its client took it too slowly")
         except _Closed:
             said = b"".join(self.said).decode(errors="replace")
             if "can't connect" in said or not said:
@@ -160,14 +165,22 @@ class _Relay:
                 await self._error(502, why[:500], port=self.port)
         except h11.RemoteProtocolError as err:
             if self.started:
-                raise _Cut(f"port {self.port}: {err}") from None
-            why = f"the sandbox's service on port {self.port} gave no HTTP response: {err}"
-            await self._error(502, why[:500], port=self.port)
+                self._cut(str(err))
+            else:
+                why = f"the sandbox's service on port {self.port} gave no HTTP response: {err}"
+                await self._error(502, why[:500], port=self.port)
         finally:
             sender.cancel()
             if self.process.running:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.process.signal, signal.SIGKILL)
+
+    def _cut(self, why: str) -> None:
+        """A response that cannot be passed on whole (its service broke off, or its client
+        reads too slowly): left unfinished, so that the server drops the client's connection
+        rather than end the response as if it were complete; one line for the operator."""
+        where = f"sandbox {self.guest.id} port {self.port}"
+        print(f"qemubox serve: {where}: a response cut short: {why}", file=sys.stderr)
 
     def _wait_end(self) -> None:
         with contextlib.suppress(Exception):  # a broken connection ends it as well
@@ -187,8 +200,6 @@ class _Relay:
             if data is not None:
                 self.got_any = True
                 self.buffered -= len(data)
-            if self.buffered > MAX_BUFFERED:
-                raise _Cut(f"port {self.port}: the client took the response too slowly")
             c.receive_data(data or b"")
             while (event := c.next_event()) is not h11.NEED_DATA:
                 if isinstance(event, h11.Response):
