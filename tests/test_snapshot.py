@@ -281,6 +281,26 @@ def test_a_sparse_copy_keeps_data_and_holes(tmp_path):
     assert dst.stat().st_blocks * 512 <= 3 * 4096 * 4  # holes stay holes
 
 
+def test_a_sparse_copy_of_a_file_that_shrinks_ends(tmp_path, monkeypatch):
+    """The source shrinks while it is copied (the kernel copies nothing more): the copy
+    ends, as long as what was read (it looped on the same data before)."""
+    from qemubox import paths
+
+    src, dst = tmp_path / "ram", tmp_path / "copy"
+    src.write_bytes(b"a" * 8192 + b"b" * 8192)
+    real, calls = os.copy_file_range, []
+
+    def shrinking(fd_in, fd_out, count, offset_src=None, offset_dst=None):
+        calls.append(offset_src)
+        if len(calls) > 1:
+            return 0  # at the end of the file now
+        return real(fd_in, fd_out, min(count, 8192), offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", shrinking)
+    paths.copy_sparse(src, dst)
+    assert dst.read_bytes() == b"a" * 8192 and calls == [0, 8192]
+
+
 @pytest.fixture
 def shm(tmp_path, monkeypatch):
     """A stand-in for /dev/shm: the real caches' RAM files are neither counted nor taken."""

@@ -6,6 +6,7 @@ whose default template is ``code-interpreter-v1``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from qemubox.serve.guests import note_of
 
 INTERPRETER_PORT = 49999  # where e2b-code-interpreter looks for it
 READY_TIMEOUT = 120  # seconds a service may take to listen (a loaded host, under TCG)
-SERVICE_DIR = "/run/qemubox-serve"  # in the guest: tmpfs, gone with the sandbox
 SAID_KEPT = 4096  # bytes of a service's output kept (its words when it fails to start)
 
 
@@ -43,6 +43,12 @@ def image_of(template: str) -> str:
     return known.image if known is not None else template
 
 
+@functools.cache
+def _program(name: str) -> bytes:
+    """A service's program, read once (every create of its template writes it in)."""
+    return (Path(__file__).parent / name).read_bytes()
+
+
 def start_service(guest, template: str) -> None:
     """Start the template's service in a freshly booted sandbox (``guest``: its
     :class:`~qemubox.serve.guests.Guest`, attached) and wait until it listens; nothing for
@@ -51,12 +57,10 @@ def start_service(guest, template: str) -> None:
     if known is None or known.service is None:
         return
     service = known.service
-    program = (Path(__file__).parent / service.program).read_text()
-    path = f"{SERVICE_DIR}/{service.program}"
+    path = f"/run/qemubox-{service.program}"  # the guest's tmpfs: gone with the sandbox
     who = guest.who(service.user)
     box = guest.box()
-    box.exec(["mkdir", "-p", SERVICE_DIR])
-    box.write_file(path, program.encode(), 0o644)
+    box.write_file(path, _program(service.program), 0o644)
     ready = threading.Event()
     said = bytearray()  # its last words, should it fail
 
