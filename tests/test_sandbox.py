@@ -984,13 +984,10 @@ def _ended(proc: subprocess.Popen, deadline: float) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        tree = subprocess.run(["ps", "-e", "--forest", "-o", "pid,stat,etime,time,args"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-        tree = "\n".join(  # kernel threads left out
-            line
-            for line in tree.splitlines()
-            if not re.search(r"^\s*\S+\s+\S+\s+\S+\s+\S+[\s\\_]+\[", line)
-        )
+        tree = subprocess.run(  # every process but the kernel's threads (kthreadd's)
+            ["ps", "--forest", "-o", "pid,stat,etime,time,args", "-N", "--ppid", "2", "--pid", "2"],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
         proc.send_signal(signal.SIGABRT)
         _, err = proc.communicate(timeout=30)
         raise AssertionError(f"{proc.args} hangs:\n{err[-12000:]}\n{tree[-6000:]}") from None
